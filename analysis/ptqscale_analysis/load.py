@@ -1,0 +1,166 @@
+"""Records -> a tidy DataFrame with the derived columns every analysis step uses.
+
+Sources: the local store (:func:`load_study`, the source of truth) and a W&B project
+through its public API (:func:`load_wandb`, the mirror). Both end in :func:`add_derived`.
+
+Derived columns (names are part of this package's contract, see docs/analysis.md):
+
+- ``dnll``                  ``metrics.nll - metrics.nll_fp`` (nats)
+- ``bits_per_weight``       ``format.bits_per_weight`` (effective, scales included)
+- ``params.non_quantized``  ``params.total - params.quantized``
+- ``params.non_embedding``  ``params.total - params.embedding - params.head``
+- ``model_bytes``           ``metrics.model_bytes`` when recorded, else quantized weights at
+                            their effective bits plus every other parameter at 16 bits
+- ``bits_per_param``        ``8 * model_bytes / params.total``
+- ``rtn_sqnr_db``           weight SQNR of the RTN record of the same (model, format); the
+                            format's mean over models where that record is missing
+- ``is_baseline``           the unquantized reference rows (``format.family == 'baseline'`` or
+                            ``method.name == 'none'``)
+
+Example::
+
+    >>> frame = load_study("results", "quickstart")              # doctest: +SKIP
+    >>> frame.groupby("format.name")["dnll"].mean()              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from ptqscale.store import read_records
+
+from ptqscale_analysis.errors import AnalysisError
+
+# Columns every analysis step needs; a record set without them cannot be analysed.
+REQUIRED_COLUMNS = (
+    "model.name", "model.family", "model.size", "format.name", "format.bits_per_weight",
+    "method.name", "metrics.nll", "metrics.nll_fp", "params.total",
+)
+
+
+def load_study(root: str | os.PathLike, study: str) -> pd.DataFrame:
+    """The complete records of ``study`` under ``root`` with derived columns.
+
+    Raises :class:`AnalysisError` for a missing folder or a study without complete records.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise AnalysisError(f"results folder not found: {root}")
+    frame = read_records(root, study)
+    if frame.empty:
+        present = list_studies(root)
+        failed = len(read_records(root, study, status=None))
+        why = f" ({failed} failed records)" if failed else ""
+        raise AnalysisError(
+            f"no complete records for study {study!r} under {root}{why}; "
+            f"studies with records: {present or 'none (the store is empty)'}")
+    return add_derived(frame)
+
+
+def list_studies(root: str | os.PathLike) -> list[str]:
+    """Names of the studies under ``root`` that hold at least one record file."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir()
+                  if (p / "records").is_dir() and any((p / "records").glob("*.json")))
+
+
+def add_derived(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` with the derived columns listed in the module docstring."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise AnalysisError(f"records lack the columns {missing}; every complete record needs "
+                            f"{list(REQUIRED_COLUMNS)} (see docs/records.md)")
+    df = frame.copy()
+    for col in ("metrics.nll", "metrics.nll_fp", "format.bits_per_weight", "params.total"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    df["dnll"] = df["metrics.nll"] - df["metrics.nll_fp"]
+    df["bits_per_weight"] = df["format.bits_per_weight"]
+    df["is_baseline"] = (df["method.name"] == "none") | (df.get("format.family") == "baseline")
+    _add_param_splits(df)
+    df["model_bytes"] = _model_bytes(df)
+    df["bits_per_param"] = 8.0 * df["model_bytes"] / df["params.total"]
+    df["rtn_sqnr_db"] = _rtn_sqnr(df)
+    return df
+
+
+def _add_param_splits(df: pd.DataFrame) -> None:
+    quantized = df.get("params.quantized")
+    if quantized is not None:
+        df["params.non_quantized"] = df["params.total"] - quantized
+    if "params.embedding" in df and "params.head" in df:
+        df["params.non_embedding"] = df["params.total"] - df["params.embedding"] - df["params.head"]
+
+
+def _model_bytes(df: pd.DataFrame) -> pd.Series:
+    # Quantized weights at their effective bits, everything else at 16 bits: the rule the
+    # runner uses for metrics.model_bytes, applied where an older record lacks the field.
+    if "params.quantized" in df:
+        quantized = df["params.quantized"].fillna(0)
+    else:
+        quantized = pd.Series(0.0, index=df.index)
+    computed = quantized * df["bits_per_weight"] / 8.0 + (df["params.total"] - quantized) * 2.0
+    recorded = df["metrics.model_bytes"] if "metrics.model_bytes" in df else np.nan
+    return pd.Series(recorded, index=df.index, dtype=float).fillna(computed)
+
+
+def _rtn_sqnr(df: pd.DataFrame) -> pd.Series:
+    """RTN weight SQNR per (model, format): the format descriptor GPTQ rows share with RTN."""
+    if "metrics.weight_sqnr_db" not in df:
+        return pd.Series(np.nan, index=df.index)
+    rtn = df[df["method.name"] == "rtn"]
+    by_pair = rtn.groupby(["model.name", "format.name"])["metrics.weight_sqnr_db"].mean()
+    by_format = rtn.groupby("format.name")["metrics.weight_sqnr_db"].mean()
+    pair = pd.MultiIndex.from_frame(df[["model.name", "format.name"]])
+    out = pd.Series(by_pair.reindex(pair).to_numpy(), index=df.index)
+    return out.fillna(df["format.name"].map(by_format))
+
+
+def load_wandb(project: str, study: str | None = None, api=None) -> pd.DataFrame:
+    """Records mirrored to the W&B ``project`` ("entity/project"), with derived columns.
+
+    Each run's ``config`` and ``summary`` are flattened to dotted columns ("/" and nested
+    dicts both become "."), the summary winning on a clash; ``study`` keeps one study.
+    ``api`` defaults to ``wandb.Api()`` (needs network and, for private projects, a key).
+    """
+    if api is None:
+        try:
+            import wandb
+
+            api = wandb.Api()
+        except Exception as e:  # no network, no key, or wandb missing: say so plainly
+            raise AnalysisError(f"W&B is not reachable ({type(e).__name__}: {e}); "
+                                "read the local store with load_study instead") from e
+    rows = [_wandb_row(run) for run in api.runs(project)]
+    frame = pd.DataFrame(rows)
+    if not frame.empty and study is not None:
+        frame = frame[frame.get("study") == study]
+    if not frame.empty and "status" in frame:
+        frame = frame[frame["status"] == "complete"]
+    if frame.empty:
+        what = f"study {study!r} in " if study else ""
+        raise AnalysisError(f"no complete records for {what}W&B project {project!r}")
+    return add_derived(frame.reset_index(drop=True))
+
+
+def _wandb_row(run) -> dict:
+    row: dict = {}
+    for source in (dict(run.config), dict(run.summary)):
+        _flatten_into(row, "", source)
+    row.setdefault("wandb.run_id", getattr(run, "id", None))
+    return row
+
+
+def _flatten_into(out: dict, prefix: str, node: dict) -> None:
+    for key, value in node.items():
+        if str(key).startswith("_"):  # W&B internals (_step, _runtime, _wandb)
+            continue
+        name = f"{prefix}{str(key).replace('/', '.')}"
+        if isinstance(value, dict):
+            _flatten_into(out, f"{name}.", value)
+        else:
+            out[name] = value

@@ -1,0 +1,6 @@
+"""Embedded data and models (see README.md here); ``ASSETS`` is this folder."""
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent
+DATA = ASSETS / "data"

@@ -1,0 +1,258 @@
+"""The :class:`Format` contract, the :class:`Encoded` record and the block layout.
+
+Every scaled format works on a *blocked view* of the tensor: the quantization axis is moved
+last, zero-padded up to a multiple of the group length ``g`` and reshaped to
+``(..., n_groups, g)``. A subclass implements four small tensor functions on that view:
+
+- ``_fit(xb, tensor_amax)``   -> :class:`GroupParams` (one scale per group, broadcastable)
+- ``_fake(xb, p)``            -> float32 values on the grid (the fast, fused path)
+- ``_codes(xb, p)``           -> integer codes;  ``_values(codes, p)`` -> float32 values
+- ``_store(p)`` / ``_load(enc)`` -> scales in their storage format (fp16, e8m0 codes, ...)
+
+and the base class turns them into ``fake_quantize`` / ``encode`` / ``decode`` / ``fit`` /
+``quantize_with``. Zero padding never changes a scale: absmax ignores zeros and the
+asymmetric INT range always contains 0.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GroupParams:
+    """Fitted parameters of scale groups; each tensor broadcasts against the group values.
+
+    ``scale`` is the float32 multiplier of the element grid (already rounded to its storage
+    format); ``zero`` the integer zero point (asymmetric INT); ``tensor_scale`` the float32
+    second-level scale of NVFP4 (``scale`` is then the E4M3 block scale).
+    """
+
+    scale: torch.Tensor
+    zero: torch.Tensor | None = None
+    tensor_scale: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Codes and scales of one tensor: enough to decode it and to count its bits exactly.
+
+    ``codes`` has the blocked shape ``(..., n_groups, g)`` (quantization axis moved last,
+    ``pad`` zeros appended along it); one code per element in an integer dtype (not bit-packed).
+    ``scale`` is stored in its format's own dtype: float16 / float32 values, or uint8 codes
+    for E8M0 (MX) and E4M3 (NVFP4) scales.
+    """
+
+    format: str
+    codes: torch.Tensor
+    scale: torch.Tensor | None
+    zero: torch.Tensor | None
+    tensor_scale: torch.Tensor | None
+    shape: tuple[int, ...]
+    axis: int
+    pad: int
+    dtype: torch.dtype
+    element_bits: int
+    scale_bits: int
+    zero_bits: int
+
+    @property
+    def padded(self) -> bool:
+        return self.pad > 0
+
+    def nbits(self) -> int:
+        """Stored bits: codes (padding included), scales, zero points and the tensor scale."""
+        bits = self.codes.numel() * self.element_bits
+        bits += 0 if self.scale is None else self.scale.numel() * self.scale_bits
+        bits += 0 if self.zero is None else self.zero.numel() * self.zero_bits
+        return bits + (0 if self.tensor_scale is None else 32)
+
+
+def _normalize_axis(x: torch.Tensor, axis: int) -> int:
+    if not isinstance(axis, int) or not -x.ndim <= axis < max(x.ndim, 1):
+        raise ValueError(f"axis={axis!r} out of range for a tensor of shape {tuple(x.shape)}")
+    return axis % x.ndim
+
+
+class Format(abc.ABC):
+    """A number format. Obtain one with ``get_format(name)``; see the package docstring.
+
+    Example:
+        >>> fmt = get_format("mxint4_b128")
+        >>> w = torch.randn(8, 256, dtype=torch.bfloat16)
+        >>> fmt.fake_quantize(w).shape, fmt.bits_per_weight
+        (torch.Size([8, 256]), 4.0625)
+    """
+
+    family: str
+    element_bits: int
+    block_size: int | None = None  # group length along the axis; None: per-tensor or per-channel
+    per_tensor: bool = False  # one scale for the whole tensor
+    scale_format: str = "none"
+    scale_bits: int = 0
+    zero_bits: int = 0
+    needs_tensor_amax: bool = False  # fit() needs the amax of the whole tensor (NVFP4)
+
+    # ---- identity -------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """Canonical short name; ``get_format(fmt.name) == fmt``."""
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Element bits + block scale/zero-point bits amortised over the block.
+
+        Per-tensor and per-channel scales are not counted (they vanish as the tensor or row
+        grows); :meth:`storage_bits` counts everything for a given shape.
+        """
+        if self.block_size is None:
+            return float(self.element_bits)
+        return self.element_bits + (self.scale_bits + self.zero_bits) / self.block_size
+
+    def describe(self) -> dict:
+        """Flat, JSON-able features for result records."""
+        return {
+            "name": self.name, "family": self.family, "element": self.element_name,
+            "element_bits": self.element_bits, "block_size": self.block_size,
+            "granularity": self.granularity, "scale_format": self.scale_format,
+            "scale_bits": self.scale_bits, "zero_point": self.zero_bits > 0,
+            "symmetric": self.symmetric, "bits_per_weight": self.bits_per_weight,
+            "element_max": self.element_max, "scale_rule": self.scale_rule,
+        }
+
+    element_name: str = ""
+    symmetric: bool = True
+    element_max: float | None = None
+    scale_rule: str = "absmax"
+
+    @property
+    def granularity(self) -> str:
+        if self.per_tensor:
+            return "tensor"
+        return "channel" if self.block_size is None else "block"
+
+    def __repr__(self) -> str:
+        return f"get_format({self.name!r})"
+
+    # ---- layout ---------------------------------------------------------------------------
+    def scale_group_size(self, n_in: int) -> int | None:
+        """Columns sharing one scale along an axis of length n_in (None: the whole tensor)."""
+        if self.per_tensor:
+            return None
+        return n_in if self.block_size is None else self.block_size
+
+    def padding_needed(self, n: int) -> int:
+        """Zeros appended to an axis of length n so that it splits into whole blocks."""
+        return 0 if self.block_size is None else (-n) % self.block_size
+
+    def storage_bits(self, shape: tuple[int, ...], axis: int = -1) -> int:
+        """Exact stored bits of a tensor of this shape (padding, every scale and zero point)."""
+        shape = tuple(shape)
+        n = shape[axis]
+        g = self.block_size or n
+        groups = math.prod(shape) // max(n, 1) * ((n + self.padding_needed(n)) // max(g, 1))
+        elems = groups * g
+        n_scales = 1 if self.per_tensor else groups
+        extra = 32 if self.needs_tensor_amax else 0
+        n_scales = n_scales if self.scale_bits else 0
+        return elems * self.element_bits + n_scales * (self.scale_bits + self.zero_bits) + extra
+
+    def _blocks(self, x: torch.Tensor, axis: int) -> tuple[torch.Tensor, int, int]:
+        if not (x.is_floating_point() and x.ndim >= 1 and x.numel() > 0):
+            raise ValueError(f"{self.name}: need a non-empty floating tensor with ndim >= 1, got "
+                             f"dtype={x.dtype} shape={tuple(x.shape)}")
+        axis = _normalize_axis(x, axis)
+        xm = x.movedim(axis, -1).to(torch.float32)
+        n = xm.shape[-1]
+        pad = self.padding_needed(n)
+        if pad:
+            xm = F.pad(xm, (0, pad))
+        g = self.block_size or n
+        return xm.reshape(*xm.shape[:-1], (n + pad) // g, g), axis, pad
+
+    @staticmethod
+    def _unblock(yb: torch.Tensor, shape, axis: int, pad: int, dtype) -> torch.Tensor:
+        y = yb.reshape(*yb.shape[:-2], -1)
+        if pad:
+            y = y[..., : y.shape[-1] - pad]
+        return y.movedim(-1, axis).to(dtype).reshape(shape)
+
+    # ---- public tensor API ----------------------------------------------------------------
+    def fake_quantize(self, x: torch.Tensor, axis: int = -1) -> torch.Tensor:
+        """decode(encode(x)) without materialising codes; same shape and dtype as ``x``."""
+        xb, ax, pad = self._blocks(x, axis)
+        yb = self._fake(xb, self._fit(xb, None))
+        return self._unblock(yb, x.shape, ax, pad, x.dtype)
+
+    def encode(self, x: torch.Tensor, axis: int = -1) -> Encoded:
+        """Integer codes and stored scales of ``x`` (groups along ``axis``)."""
+        xb, ax, pad = self._blocks(x, axis)
+        p = self._fit(xb, None)
+        scale, zero, tscale = self._store(p)
+        return Encoded(self.name, self._codes(xb, p), scale, zero, tscale, tuple(x.shape),
+                       ax, pad, x.dtype, self.element_bits, self.scale_bits, self.zero_bits)
+
+    def decode(self, enc: Encoded) -> torch.Tensor:
+        """The tensor (original shape and dtype) that ``enc`` represents."""
+        if enc.format != self.name:
+            raise ValueError(f"cannot decode a {enc.format!r} record with format {self.name!r}")
+        yb = self._values(enc.codes, self._load(enc))
+        return self._unblock(yb, enc.shape, enc.axis, enc.pad, enc.dtype)
+
+    def fit(self, w_cols: torch.Tensor, tensor_amax: torch.Tensor | float | None = None):
+        """Fit the parameters of ONE scale group: ``w_cols`` is (rows, k), k <= group length.
+
+        Returns per-row :class:`GroupParams` (per-tensor formats: one scale for all of
+        ``w_cols``). NVFP4 also needs ``tensor_amax``, the absmax of the whole tensor.
+        Missing columns of a partial group behave like the zero padding of fake_quantize.
+        """
+        if w_cols.ndim != 2:
+            raise ValueError(f"{self.name}.fit: w_cols must be (rows, k), got {tuple(w_cols.shape)}")
+        if self.needs_tensor_amax and tensor_amax is None:
+            raise ValueError(f"{self.name}.fit needs tensor_amax=W.abs().amax() of the whole tensor")
+        ta = None if tensor_amax is None else torch.as_tensor(tensor_amax, dtype=torch.float32)
+        return self._fit(w_cols.to(torch.float32).unsqueeze(-2), ta)
+
+    def quantize_with(self, w_cols: torch.Tensor, params: GroupParams) -> torch.Tensor:
+        """Round columns of a group with frozen ``params`` (from :meth:`fit`); keeps dtype."""
+        if w_cols.ndim != 2:
+            raise ValueError(f"{self.name}.quantize_with: w_cols must be (rows, k)")
+        y = self._fake(w_cols.to(torch.float32).unsqueeze(-2), params)
+        return y.squeeze(-2).to(w_cols.dtype)
+
+    # ---- what a family implements -----------------------------------------------------------
+    @abc.abstractmethod
+    def _fit(self, xb: torch.Tensor, tensor_amax: torch.Tensor | None) -> GroupParams: ...
+
+    @abc.abstractmethod
+    def _fake(self, xb: torch.Tensor, p: GroupParams) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def _codes(self, xb: torch.Tensor, p: GroupParams) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def _values(self, codes: torch.Tensor, p: GroupParams) -> torch.Tensor: ...
+
+    def _store(self, p: GroupParams):
+        return p.scale, p.zero, p.tensor_scale
+
+    def _load(self, enc: Encoded) -> GroupParams:
+        return GroupParams(enc.scale.to(torch.float32), enc.zero, enc.tensor_scale)
+
+    def _amax(self, xb: torch.Tensor) -> torch.Tensor:
+        """absmax per group (keepdim), or of everything for per-tensor formats."""
+        a = xb.abs()
+        if self.per_tensor:
+            return a.amax().reshape([1] * xb.ndim)
+        return a.amax(dim=-1, keepdim=True)
+
+
+def config_fields(obj) -> dict:
+    """The dataclass fields of a format (its configuration)."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}

@@ -1,0 +1,199 @@
+"""Element formats: the scalar grids that every scaled format rounds onto.
+
+- :class:`MinifloatSpec` — sign + E exponent bits + M mantissa bits with subnormals (eXmY).
+- :class:`FixedPointSpec` — signed integers ``k * 2**-frac_bits`` with a symmetric clamp
+  (``|k| <= 2**(bits-1) - 1``); plain INT is ``frac_bits = 0``, an MXINT-b element has
+  ``frac_bits = b - 2``.
+- ``NF4_LEVELS`` — the 16 NormalFloat levels of QLoRA (bitsandbytes' exact float32 table).
+
+Every rounding here takes and returns float32, rounds to nearest with ties to even, and
+saturates (clamps to the largest finite magnitude) instead of overflowing. Rounding uses the
+fp32 bit pattern (exponent field) and power-of-two multiplies only, so it is exact and fuses
+into a single kernel under ``torch.compile``.
+
+Example:
+    >>> spec = MinifloatSpec(4, 3)          # OCP FP8 E4M3
+    >>> spec.max_value, round_minifloat(torch.tensor([500.0, 0.3]), spec).tolist()
+    (448.0, 448.0, 0.3125)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# QLoRA's NF4 table, copied from bitsandbytes (functional.get_4bit_type("nf4")), exact fp32 values.
+NF4_LEVELS: tuple[float, ...] = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
+_F32_BIAS = 127
+_F32_MANT = 23
+
+
+def pow2(n: torch.Tensor) -> torch.Tensor:
+    """2**n as float32 for integer tensors n in [-126, 127], built from the bit pattern (exact)."""
+    return ((n.to(torch.int32) + _F32_BIAS) << _F32_MANT).view(torch.float32)
+
+
+def mul_pow2(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """x * 2**n for integer n in [-252, 254], exact: two normal power-of-two factors, no pow()."""
+    half = torch.div(n, 2, rounding_mode="floor")
+    return x * pow2(half) * pow2(n - half)
+
+
+def floor_log2(a: torch.Tensor) -> torch.Tensor:
+    """floor(log2(a)) for float32 a > 0 read from the exponent field (int32); -127 for a <= 2**-127.
+
+    Why not ``torch.log2``: it is not exact near powers of two, and a wrong binade changes
+    the rounding step or an MX shared scale.
+    """
+    return (a.view(torch.int32) >> _F32_MANT) - _F32_BIAS
+
+
+@dataclass(frozen=True)
+class MinifloatSpec:
+    """An eXmY minifloat with the OCP conventions.
+
+    ``e4m3`` is OCP FP8 E4M3 (no infinities; S.1111.111 is NaN; max 448); ``e5m2`` is OCP FP8
+    E5M2 (IEEE-like: the top exponent is inf/NaN; max 57344); every other eXmY uses every
+    code for finite values, as OCP FP6 E3M2 / E2M3 and FP4 E2M1 do (max 28, 7.5, 6).
+    """
+
+    ebits: int
+    mbits: int
+
+    def __post_init__(self) -> None:
+        if not (2 <= self.ebits <= 6 and 1 <= self.mbits <= 7 and 4 <= self.bits <= 8):
+            raise ValueError(
+                f"minifloat e{self.ebits}m{self.mbits}: need 2 <= E <= 6, 1 <= M <= 7 and "
+                f"4 <= 1+E+M <= 8 bits")
+
+    @property
+    def bits(self) -> int:
+        return 1 + self.ebits + self.mbits
+
+    @property
+    def name(self) -> str:
+        return f"e{self.ebits}m{self.mbits}"
+
+    @property
+    def bias(self) -> int:
+        return 2 ** (self.ebits - 1) - 1
+
+    @property
+    def emin(self) -> int:
+        """Exponent of the smallest normal (subnormals share its step 2**(emin - M))."""
+        return 1 - self.bias
+
+    @property
+    def convention(self) -> str:
+        return {"e4m3": "ocp_fn", "e5m2": "ieee"}.get(self.name, "finite")
+
+    @property
+    def emax(self) -> int:
+        """Exponent of the largest finite value (the OCP "emax" of the element format)."""
+        top_field = 2**self.ebits - 1 - (self.convention == "ieee")
+        return top_field - self.bias
+
+    @property
+    def max_value(self) -> float:
+        # OCP E4M3 gives up mantissa 111 of the top exponent to NaN: 1.110b instead of 1.111b
+        top_mant = 2**self.mbits - 1 - (self.convention == "ocp_fn")
+        return math.ldexp(1.0 + top_mant / 2**self.mbits, self.emax)
+
+
+def round_minifloat(y: torch.Tensor, spec: MinifloatSpec) -> torch.Tensor:
+    """Round float32 ``y`` to the nearest value of ``spec`` (ties to even), saturating; keeps -0."""
+    a = y.abs().clamp(max=spec.max_value)
+    e = floor_log2(a).clamp(min=spec.emin)
+    step_exp = e - spec.mbits  # the grid in [2**e, 2**(e+1)) (and subnormals) has step 2**step_exp
+    q = torch.round(a * pow2(-step_exp)) * pow2(step_exp)  # torch.round is half-to-even
+    return torch.copysign(q, y)
+
+
+def minifloat_to_codes(q: torch.Tensor, spec: MinifloatSpec) -> torch.Tensor:
+    """Bit patterns (uint8, sign|exponent|mantissa) of float32 values already on the grid."""
+    a = q.abs()
+    e = floor_log2(a).clamp(min=spec.emin)
+    normal = a >= 2.0**spec.emin
+    field = torch.where(normal, e + spec.bias, torch.zeros_like(e))
+    mant = (a * pow2(spec.mbits - e)).to(torch.int32) - normal.to(torch.int32) * 2**spec.mbits
+    sign = torch.signbit(q).to(torch.int32) << (spec.ebits + spec.mbits)
+    return (sign | (field << spec.mbits) | mant).to(torch.uint8)
+
+
+def codes_to_minifloat(codes: torch.Tensor, spec: MinifloatSpec) -> torch.Tensor:
+    """float32 values of minifloat bit patterns (NaN/inf for the special codes of e4m3/e5m2)."""
+    c = codes.to(torch.int32)
+    mant = c & (2**spec.mbits - 1)
+    field = (c >> spec.mbits) & (2**spec.ebits - 1)
+    normal = field > 0
+    e = torch.where(normal, field - spec.bias, torch.full_like(field, spec.emin))
+    sig = mant + normal.to(torch.int32) * 2**spec.mbits
+    val = sig.to(torch.float32) * pow2(e - spec.mbits)
+    top = field == 2**spec.ebits - 1
+    if spec.convention == "ocp_fn":
+        val = torch.where(top & (mant == 2**spec.mbits - 1), torch.nan, val)
+    elif spec.convention == "ieee":
+        val = torch.where(top, torch.where(mant == 0, torch.inf, torch.nan), val)
+    negative = ((c >> (spec.ebits + spec.mbits)) & 1).bool()
+    return torch.where(negative, -val, val)
+
+
+@dataclass(frozen=True)
+class FixedPointSpec:
+    """Signed fixed point: values ``k * 2**-frac_bits``, ``|k| <= 2**(bits-1) - 1``.
+
+    INT-b symmetric elements are ``FixedPointSpec(b, 0)``; MXINT-b elements are
+    ``FixedPointSpec(b, b - 2)`` (MXINT8: 1.6 fixed point, max 127/64 = 1.984375).
+    """
+
+    bits: int
+    frac_bits: int
+
+    def __post_init__(self) -> None:
+        if not (2 <= self.bits <= 16 and 0 <= self.frac_bits <= 16):
+            raise ValueError(f"fixed point: bits={self.bits} not in 2..16 or "
+                             f"frac_bits={self.frac_bits} not in 0..16")
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def max_value(self) -> float:
+        return math.ldexp(self.qmax, -self.frac_bits)
+
+    @property
+    def emax(self) -> int:
+        """floor(log2(max_value)): 0 for every MXINT element (max in [1, 2))."""
+        return math.frexp(self.max_value)[1] - 1
+
+
+def round_fixed_point(y: torch.Tensor, spec: FixedPointSpec) -> torch.Tensor:
+    """Integer codes (int32) of float32 ``y``: round half to even, clamp to +-qmax."""
+    k = torch.round(y * 2.0**spec.frac_bits)
+    return k.clamp(-spec.qmax, spec.qmax).to(torch.int32)
+
+
+def round_nf4(y: torch.Tensor) -> torch.Tensor:
+    """Index (uint8, 0..15) of the nearest NF4 level to float32 ``y`` in [-1, 1].
+
+    At an exact midpoint the lower level wins, as in bitsandbytes (``x > threshold`` picks
+    the upper one). Midpoints are the fp32 means of neighbouring levels.
+    """
+    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=y.device)
+    mids = (levels[1:] + levels[:-1]) / 2
+    return torch.bucketize(y.contiguous(), mids, right=False).to(torch.uint8)
+
+
+def nf4_values(idx: torch.Tensor) -> torch.Tensor:
+    """float32 NF4 level of each index."""
+    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=idx.device)
+    return levels[idx.long()]

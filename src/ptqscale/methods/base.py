@@ -1,0 +1,151 @@
+"""The method registry, the shared config fields, target selection and the report."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ptqscale.errors import ConfigError
+
+
+@dataclass
+class TargetsConfig:
+    """Which linear layers a method quantizes.
+
+    The decoder blocks' linear layers are the targets; ``include``/``exclude`` are
+    fnmatch patterns on full module names (exclude wins). The embeddings and the LM
+    head are left alone unless asked for explicitly.
+    """
+
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    head: bool = False
+    embeddings: bool = False
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method shares. ``format`` is a name for ``ptqscale.formats.get_format``."""
+
+    # Whether the method reads calibration data (the runner then samples ``calib``).
+    needs_calibration: ClassVar[bool] = False
+
+    name: str = "none"
+    format: str = "bf16"
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    # A dimension that the format's block/group does not divide is zero-padded to the next
+    # multiple (the record says so); with allow_padding=False such a config is refused.
+    allow_padding: bool = True
+
+
+@dataclass
+class QuantContext:
+    """What a method may need beyond the model: calibration tokens, a cache, a device."""
+
+    calibration: torch.Tensor | None = None   # LongTensor [nsamples, seqlen]
+    calibration_hash: str | None = None
+    cache_dir: str | None = None
+    device: torch.device | None = None
+    progress: bool = False
+
+
+@dataclass
+class QuantReport:
+    """What quantization did: per-layer statistics and the global weight SQNR."""
+
+    method: str
+    format: str
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def weight_sqnr_db(self) -> float | None:
+        """Global SQNR: 10*log10(sum ||W||^2 / sum ||W - Q(W)||^2) over all quantized layers."""
+        signal = sum(layer["signal"] for layer in self.layers)
+        noise = sum(layer["noise"] for layer in self.layers)
+        if not self.layers or noise == 0:
+            return None  # nothing quantized, or exact: JSON has no +inf
+        return 10 * math.log10(signal / noise)
+
+    @property
+    def quantized_numel(self) -> int:
+        return sum(layer["numel"] for layer in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "format": self.format, "seconds": self.seconds,
+                "weight_sqnr_db": self.weight_sqnr_db, "quantized_numel": self.quantized_numel,
+                **self.extra}
+
+
+QuantizeFn = Callable[[nn.Module, MethodConfig, QuantContext], QuantReport]
+METHODS: dict[str, tuple[type[MethodConfig], QuantizeFn]] = {}
+
+
+def register_method(name: str, config_cls: type[MethodConfig]) -> Callable[[QuantizeFn], QuantizeFn]:
+    """Register ``fn`` as the implementation of method ``name`` (a duplicate name raises)."""
+
+    def deco(fn: QuantizeFn) -> QuantizeFn:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        METHODS[name] = (config_cls, fn)
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> tuple[type[MethodConfig], QuantizeFn]:
+    """The (config class, function) of a method; an unknown name lists what exists."""
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, METHODS, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"method.name={name!r} is not a known method; known: "
+                          f"{', '.join(sorted(METHODS))}.{hint}")
+    return METHODS[name]
+
+
+def quantize(model: nn.Module, cfg: MethodConfig, ctx: QuantContext | None = None) -> QuantReport:
+    """Quantize ``model`` in place with the method that ``cfg``'s ``name`` names."""
+    _, fn = get_method(cfg.name)
+    start = time.perf_counter()
+    report = fn(model, cfg, ctx or QuantContext())
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def select_targets(model: nn.Module, anatomy: Any, targets: TargetsConfig) -> dict[str, nn.Linear]:
+    """The linear layers to quantize, in block and execution order.
+
+    ``anatomy`` is ``ptqscale.models.get_anatomy(model)``: its block targets, plus the
+    head and the embeddings when the config asks for them.
+    """
+    chosen: dict[str, nn.Module] = dict(anatomy.targets)
+    if targets.head and anatomy.head:
+        chosen[anatomy.head] = model.get_submodule(anatomy.head)
+    if targets.embeddings:
+        for name in anatomy.embeddings:
+            chosen[name] = model.get_submodule(name)
+
+    def keep(name: str) -> bool:
+        inc = any(fnmatch.fnmatchcase(name, p) for p in targets.include)
+        return inc and not any(fnmatch.fnmatchcase(name, p) for p in targets.exclude)
+
+    return {name: mod for name, mod in chosen.items() if keep(name)}
+
+
+def layer_stats(name: str, weight: torch.Tensor, quantized: torch.Tensor, padded: int) -> dict[str, Any]:
+    """Per-layer record entry: sizes, signal and noise energy (fp64 sums), SQNR in dB."""
+    w = weight.detach().double()
+    signal = float(w.square().sum())
+    noise = float((w - quantized.detach().double()).square().sum())
+    sqnr = 10 * math.log10(signal / noise) if noise > 0 else None
+    return {"name": name, "shape": list(weight.shape), "numel": weight.numel(),
+            "signal": signal, "noise": noise, "sqnr_db": sqnr, "padded": padded}

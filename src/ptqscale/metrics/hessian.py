@@ -1,0 +1,249 @@
+"""Second-order probes of a loss w.r.t. a list of weight tensors (protocol v1).
+
+Paper-shaped cores, free of any model plumbing:
+
+- Hessian-vector products ``v -> H v``: exact by double backward (Pearlmutter's trick,
+  ``autograd_hvp``) or by a central difference of gradients (``finite_difference_hvp``),
+  the documented fallback for kernels without double backward.
+- Hutchinson's estimator ``tr(H) = E[v^T H v]`` with Rademacher probes
+  (Hutchinson 1990; Yao et al. 2020, PyHessian), kept per weight block so that
+  ``tr(H_l) = E[v_l^T (H v)_l]`` comes out of the same probes.
+- Power iteration with the Rayleigh quotient for the eigenvalue of largest magnitude.
+- ``double_backward_ready``: the context every HVP runs in (fp32, eager attention,
+  eval mode, gradients only for the probed weights), restored on exit.
+
+Each HVP is over one batch; the loss of several batches is their token-weighted mean,
+so callers sum ``fraction_b * H_b v`` (``hutchinson_samples`` and ``power_iteration`` take
+the per-batch HVP factories for that reason).
+
+Example::
+
+    >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    >>> hvp = autograd_hvp(lambda: (w ** 3).sum(), [w])
+    >>> hvp([torch.tensor([1.0, 0.0])])[0]          # diag(6 w) @ e_0
+    tensor([6., 0.])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+Vector = list[torch.Tensor]  # one tensor per probed weight, same shapes
+HVP = Callable[[Vector], Vector]
+LossFn = Callable[[], torch.Tensor]
+
+
+def autograd_hvp(loss_fn: LossFn, weights: Sequence[torch.Tensor]) -> HVP:
+    """``v -> H v`` of ``loss_fn()`` w.r.t. ``weights`` by double backward.
+
+    The gradient graph is built once here and kept, so many probes against the same batch
+    cost one forward/backward plus one double backward each.
+    """
+    loss = loss_fn()
+    grads = torch.autograd.grad(loss, list(weights), create_graph=True)
+
+    def hvp(v: Vector) -> Vector:
+        hv = torch.autograd.grad(
+            grads, list(weights), grad_outputs=v, retain_graph=True, allow_unused=True
+        )
+        # a block the gradient does not depend on (loss linear in it) has H v = 0 there
+        return [torch.zeros_like(w) if h is None else h for w, h in zip(weights, hv)]
+
+    return hvp
+
+
+def finite_difference_hvp(
+    loss_fn: LossFn, weights: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], eps: float
+) -> HVP:
+    """``v -> (g(W + h v) - g(W - h v)) / 2h``, the central-difference HVP.
+
+    The step ``h = eps * ||W|| / ||v||`` makes the perturbation a fixed fraction ``eps`` of
+    the weights' global norm, so one ``eps`` suits every model size. ``reference`` holds the
+    unperturbed weights; they are copied back exactly after each gradient.
+    """
+    w_norm = math.sqrt(sum(float(r.double().pow(2).sum()) for r in reference))
+
+    def grad_at(v: Vector, h: float) -> Vector:
+        with torch.no_grad():
+            for w, r, d in zip(weights, reference, v):
+                w.copy_(r).add_(d, alpha=h)
+        try:
+            return list(torch.autograd.grad(loss_fn(), list(weights)))
+        finally:
+            with torch.no_grad():
+                for w, r in zip(weights, reference):
+                    w.copy_(r)
+
+    def hvp(v: Vector) -> Vector:
+        v_norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in v))
+        h = eps * w_norm / v_norm
+        g_plus, g_minus = grad_at(v, h), grad_at(v, -h)
+        return [(a - b) / (2 * h) for a, b in zip(g_plus, g_minus)]
+
+    return hvp
+
+
+def rademacher(weights: Sequence[torch.Tensor], seed: int) -> Vector:
+    """A probe of +-1 entries shaped like ``weights``; the same seed gives the same probe.
+
+    Each block draws from its own generator on its own device (seeded by ``seed`` and the
+    block index), so a probe can be regenerated for every batch instead of being stored.
+    """
+    probe = []
+    for i, w in enumerate(weights):
+        gen = torch.Generator(device=w.device).manual_seed(_block_seed(seed, i))
+        bits = torch.randint(0, 2, w.shape, generator=gen, device=w.device, dtype=torch.int8)
+        probe.append(bits.to(torch.float32).mul_(2).sub_(1))
+    return probe
+
+
+def gaussian(weights: Sequence[torch.Tensor], seed: int) -> Vector:
+    """Standard-normal noise shaped like ``weights`` (per-block generators, as ``rademacher``)."""
+    out = []
+    for i, w in enumerate(weights):
+        gen = torch.Generator(device=w.device).manual_seed(_block_seed(seed, i))
+        out.append(torch.randn(w.shape, generator=gen, device=w.device, dtype=torch.float32))
+    return out
+
+
+def _block_seed(seed: int, block: int) -> int:
+    # distinct, reproducible streams per (seed, block); 2**61 - 1 is prime, within int64
+    return (seed * 1_000_003 + block) % (2**61 - 1)
+
+
+def blockwise_dot(a: Vector, b: Vector) -> torch.Tensor:
+    """``[a_l . b_l for each block l]`` as one float64 tensor on the CPU."""
+    return torch.stack([(x.double() * y.double()).sum().cpu() for x, y in zip(a, b)])
+
+
+def hutchinson_samples(
+    batch_hvps: Sequence[tuple[float, Callable[[], HVP]]],
+    weights: Sequence[torch.Tensor],
+    probes: int,
+    seed: int,
+) -> torch.Tensor:
+    """Per-probe, per-block samples ``v_l^T (H v)_l`` of the full loss, shape ``[probes, L]``.
+
+    ``batch_hvps`` lists ``(fraction, make_hvp)`` per batch (fractions sum to 1): the full
+    Hessian is ``sum_b fraction_b H_b``. Probe k is regenerated for every batch from
+    ``seed + k``, so each batch's gradient graph is built once and serves all probes.
+    The column means estimate ``tr(H_l)``; a row sum is one sample of ``tr(H)``.
+    """
+    samples = torch.zeros(probes, len(weights), dtype=torch.float64)
+    for fraction, make_hvp in batch_hvps:
+        hvp = make_hvp()
+        for k in range(probes):
+            v = rademacher(weights, seed + k)
+            samples[k] += fraction * blockwise_dot(v, hvp(v))
+        del hvp  # frees this batch's retained graph before the next one is built
+    return samples
+
+
+def power_iteration(
+    full_hvp: HVP, weights: Sequence[torch.Tensor], iters: int, tol: float, seed: int
+) -> tuple[float, int, bool]:
+    """Eigenvalue of largest magnitude of H: ``(eigenvalue, iterations run, converged)``.
+
+    Starts from seeded Gaussian noise; the estimate is the Rayleigh quotient ``v^T H v``
+    of the unit iterate, which for symmetric H converges at twice the rate of the iterate.
+    Stops early when it changes by less than ``tol`` relative (``tol=0`` runs all ``iters``).
+    """
+    v = _normalize(gaussian(weights, seed))
+    eig, converged = float("nan"), False
+    for it in range(1, iters + 1):
+        hv = full_hvp(v)
+        new = float(blockwise_dot(v, hv).sum())
+        converged = it > 1 and abs(new - eig) <= tol * abs(new)
+        eig = new
+        if converged:
+            break
+        v = _normalize(hv)
+    return eig, it, converged
+
+
+def _normalize(v: Vector) -> Vector:
+    norm = math.sqrt(sum(float(x.double().pow(2).sum()) for x in v))
+    if norm == 0.0:
+        raise FloatingPointError("power iteration hit H v = 0 (the Hessian vanishes on this vector)")
+    return [x / norm for x in v]
+
+
+@contextmanager
+def double_backward_ready(model: nn.Module, weights: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Run ``model`` so that HVPs w.r.t. ``weights`` are exact fp32 double backwards.
+
+    Inside: every floating parameter and buffer in fp32 (bf16/fp16 -> fp32 is exact, and so
+    is the way back), attention switched to ``"eager"`` (flash/SDPA kernels have no double
+    backward), eval mode (no dropout), and ``requires_grad`` only on ``weights``. All of it
+    is restored on exit, also after an error.
+    """
+    with fp32(model), eager_attention(model), _eval(model), _grad_only(model, weights):
+        yield
+
+
+@contextmanager
+def fp32(model: nn.Module) -> Iterator[None]:
+    """Upcast floating parameters and buffers to fp32, and back to their own dtypes on exit."""
+    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    dtypes = [t.dtype for t in tensors]
+    for t in tensors:
+        t.data = t.data.to(torch.float32)  # .data keeps the Parameter objects the caller holds
+    try:
+        yield
+    finally:
+        for t, dt in zip(tensors, dtypes):
+            t.data = t.data.to(dt)
+
+
+@contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Switch a transformers model to eager attention (no-op for models without a config)."""
+    config = getattr(model, "config", None)
+    old = getattr(config, "_attn_implementation", None)
+    if config is None or old in (None, "eager"):
+        yield
+        return
+    _set_attn(model, "eager")
+    try:
+        yield
+    finally:
+        _set_attn(model, old)
+
+
+def _set_attn(model: nn.Module, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):  # transformers >= 4.56 dispatches to submodels
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+    if model.config._attn_implementation != name:
+        raise RuntimeError(f"could not switch {type(model).__name__} to {name!r} attention")
+
+
+@contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def _grad_only(model: nn.Module, weights: Sequence[torch.Tensor]) -> Iterator[None]:
+    # Gradients of the other parameters would only cost memory in the double backward.
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)

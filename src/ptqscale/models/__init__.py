@@ -1,0 +1,50 @@
+"""Loading causal LMs and their family-agnostic anatomy.
+
+Example::
+
+    >>> from ptqscale.models import ModelConfig, load_model, get_anatomy, count_parameters
+    >>> cfg = ModelConfig(name="stories260k", max_seqlen=512,
+    ...                   path="../shared/data/models/stories260K/stories260K.gguf")
+    >>> model, tokenizer = load_model(cfg)              # doctest: +SKIP
+    >>> anat = get_anatomy(model)                       # doctest: +SKIP
+    >>> len(anat.targets), anat.context_length          # doctest: +SKIP
+    (35, 512)
+
+How to add a family: nothing is written per family. Build a tiny config of it in
+``tests/models/test_anatomy.py`` (hidden 32-64, 2 layers), assert the target names the anatomy
+finds, and add its ``model_type`` to ``SUPPORTED_ARCHITECTURES`` in ``anatomy.py``. If it uses a
+Linear-like layer that is not ``nn.Linear`` (as GPT-2's ``Conv1D``), convert it in
+``loading.py`` the way ``replace_conv1d`` does.
+"""
+
+from ptqscale.models.anatomy import SUPPORTED_ARCHITECTURES, Anatomy, count_parameters, get_anatomy
+from ptqscale.models.config import DTYPES, ModelConfig, ModelSource, validate_model_config
+from ptqscale.models.errors import (
+    ModelNotFoundError,
+    UnsafeCheckpointError,
+    UnsupportedArchitectureError,
+)
+from ptqscale.models.loading import (
+    load_gguf_tokenizer,
+    load_model,
+    replace_conv1d,
+    resolve_device,
+)
+
+__all__ = [
+    "DTYPES",
+    "SUPPORTED_ARCHITECTURES",
+    "Anatomy",
+    "ModelConfig",
+    "ModelNotFoundError",
+    "ModelSource",
+    "UnsafeCheckpointError",
+    "UnsupportedArchitectureError",
+    "count_parameters",
+    "get_anatomy",
+    "load_gguf_tokenizer",
+    "load_model",
+    "replace_conv1d",
+    "resolve_device",
+    "validate_model_config",
+]

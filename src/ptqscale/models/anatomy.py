@@ -1,0 +1,158 @@
+"""One family-agnostic anatomy: decoder blocks, their Linear targets, embeddings and head.
+
+Nothing here is written per family. The blocks are the ``nn.ModuleList`` whose length is the
+config's ``num_hidden_layers``; the targets are the ``nn.Linear`` modules inside each block, in
+the order one forward pass calls them (found once with hooks on block 0 and applied to every
+block, since all blocks share one structure); the embeddings are the ``nn.Embedding`` modules
+outside the blocks; the head is ``get_output_embeddings()``.
+
+To support a new family: build a tiny config of it in ``tests/models/test_anatomy.py``, check the
+targets it reports, then add its ``model_type`` to ``SUPPORTED_ARCHITECTURES``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ptqscale.models.errors import UnsupportedArchitectureError
+from ptqscale.models.loading import context_length
+
+# model_type values whose anatomy is checked in tests (tests/models/test_anatomy.py).
+SUPPORTED_ARCHITECTURES = (
+    "bloom", "gemma", "gemma2", "gpt2", "gpt_neox", "llama", "mistral", "opt", "phi", "phi3",
+    "qwen2", "qwen3",
+)
+
+
+@dataclass
+class Anatomy:
+    """Where the parts of a causal LM live (module names are full ``named_modules`` names).
+
+    Example::
+
+        >>> anat = get_anatomy(model)  # doctest: +SKIP
+        >>> anat.block_prefix, list(anat.block_targets(0))[:2]  # doctest: +SKIP
+        ('model.layers', ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.k_proj'])
+    """
+
+    architecture: str
+    block_prefix: str
+    blocks: list[nn.Module]
+    targets: dict[str, nn.Linear]
+    embeddings: list[str]
+    head: str | None
+    tied_head: bool
+    context_length: int
+    block_order: list[str] = field(default_factory=list)  # target names relative to a block
+
+    def block_targets(self, i: int) -> dict[str, nn.Linear]:
+        """The targets of block ``i``, in execution order (q, k, v, o, gate, up, down ...)."""
+        if not 0 <= i < len(self.blocks):
+            raise IndexError(f"block {i} out of range (the model has {len(self.blocks)})")
+        prefix = f"{self.block_prefix}.{i}."
+        return {prefix + rel: self.targets[prefix + rel] for rel in self.block_order}
+
+
+def get_anatomy(model: nn.Module) -> Anatomy:
+    """Find blocks, targets, embeddings and head of a supported causal LM.
+
+    Raises :class:`UnsupportedArchitectureError` (listing the supported ones) otherwise.
+    """
+    config = model.config
+    arch = getattr(config, "model_type", type(model).__name__)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"architecture {arch!r} is not supported; supported: {list(SUPPORTED_ARCHITECTURES)}"
+        )
+    prefix, blocks = _find_blocks(model, config.num_hidden_layers)
+    order = _execution_order(model, blocks[0])
+    targets = {f"{prefix}.{i}.{rel}": blocks[i].get_submodule(rel)
+               for i in range(len(blocks)) for rel in order}
+    head, tied = _find_head(model)
+    embeddings = [n for n, m in model.named_modules()
+                  if isinstance(m, nn.Embedding) and not n.startswith(prefix + ".")]
+    context = getattr(config, "ptqscale_max_seqlen", None) or context_length(config)
+    return Anatomy(arch, prefix, list(blocks), targets, embeddings, head, tied, context, order)
+
+
+def count_parameters(model: nn.Module, anat: Anatomy) -> dict[str, int]:
+    """Parameter counts: total, embedding, head, blocks, quantizable (weights of the targets).
+
+    Each parameter is counted once: a head tied to the input embedding counts under
+    ``embedding`` and adds 0 to ``head``. ``total`` also holds what is in none of the groups
+    (final norm, BLOOM's embedding norm, OPT's projections).
+    """
+    seen: set[int] = set()
+
+    def size(modules) -> int:
+        n = 0
+        for module in modules:
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    n += p.numel()
+        return n
+
+    modules = dict(model.named_modules())
+    counts = {"embedding": size(modules[n] for n in anat.embeddings)}
+    counts["head"] = size([modules[anat.head]]) if anat.head else 0
+    counts["blocks"] = size(anat.blocks)
+    counts["quantizable"] = sum(m.weight.numel() for m in anat.targets.values())
+    counts["total"] = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return {k: counts[k] for k in ("total", "embedding", "head", "blocks", "quantizable")}
+
+
+def _find_blocks(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) == n_layers and name]
+    if not found:
+        raise UnsupportedArchitectureError(
+            f"no ModuleList of {n_layers} decoder blocks in {type(model).__name__}"
+        )
+    # the outermost one: nested lists of the same length (e.g. per-block experts) come later
+    return min(found, key=lambda item: item[0].count("."))
+
+
+def _execution_order(model: nn.Module, block: nn.Module) -> list[str]:
+    """Linear names of ``block`` in the order a forward pass calls them.
+
+    Registration order is not call order (OPT registers k_proj before q_proj; MLPs register
+    gate/up/down in different orders), so one forward of 4 tokens with hooks decides it.
+    """
+    linears = {m: n for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    if any(type(m).__name__ == "Conv1D" for m in block.modules()):
+        raise UnsupportedArchitectureError(
+            "block holds transformers Conv1D layers; load through ptqscale.models.load_model "
+            "(or call ptqscale.models.replace_conv1d) first"
+        )
+    called: list[str] = []
+
+    def hook(module, args, output):
+        if linears[module] not in called:
+            called.append(linears[module])
+
+    handles = [m.register_forward_hook(hook) for m in linears]
+    try:
+        device = next(model.parameters()).device
+        vocab = int(model.config.vocab_size)
+        ids = torch.arange(4, device=device).remainder(vocab).unsqueeze(0)
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    # anything the forward did not call keeps its registration order, at the end
+    return called + [n for n in linears.values() if n not in called]
+
+
+def _find_head(model: nn.Module) -> tuple[str | None, bool]:
+    head = model.get_output_embeddings()
+    if head is None:
+        return None, False
+    name = next(n for n, m in model.named_modules() if m is head)
+    inp = model.get_input_embeddings()
+    tied = inp is not None and head.weight is inp.weight
+    return name, tied

@@ -1,0 +1,195 @@
+"""``load_model``: a causal LM and its tokenizer from a hub id, a local folder or a GGUF file.
+
+Every model comes back the same way: eval mode, ``requires_grad`` off, on the configured device
+and dtype, GPT-2's ``Conv1D`` layers turned into ``nn.Linear`` (so every quantization target is a
+plain Linear), and the usable context recorded on ``model.config.ptqscale_max_seqlen``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ptqscale.errors import ConfigError
+from ptqscale.models.config import ModelConfig, ModelSource, looks_like_path, validate_model_config
+
+# Attribute names under which families store their trained context, most specific first.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_seq_len")
+# ALiBi families have no position table; their published training context stands in.
+_DEFAULT_CONTEXT = {"bloom": 2048}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_GGUF_SPECIAL = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
+
+
+def load_model(cfg: ModelConfig):
+    """Load ``(model, tokenizer)`` as configured; all path checks run before any weight is read.
+
+    Example::
+
+        >>> cfg = ModelConfig(name="s", path="../shared/data/models/stories260K/stories260K.gguf",
+        ...                   max_seqlen=512)
+        >>> model, tok = load_model(cfg)  # doctest: +SKIP
+        >>> model.config.ptqscale_max_seqlen  # doctest: +SKIP
+        512
+    """
+    source = validate_model_config(cfg)
+    config = _load_config(cfg, source)
+    config.ptqscale_max_seqlen = _usable_context(config, cfg.max_seqlen)
+    model = _load_weights(cfg, source, config)
+    model.eval().requires_grad_(False)
+    replace_conv1d(model)
+    model.to(resolve_device(cfg.device))
+    return model, _load_tokenizer(cfg, source)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def context_length(config) -> int:
+    """The trained context of a transformers config (``_DEFAULT_CONTEXT`` for ALiBi families)."""
+    for key in _CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    if config.model_type in _DEFAULT_CONTEXT:
+        return _DEFAULT_CONTEXT[config.model_type]
+    raise ConfigError(
+        f"cannot tell the context length of model_type {config.model_type!r} "
+        f"(none of {_CONTEXT_KEYS} is set); set model.max_seqlen"
+    )
+
+
+def _usable_context(config, max_seqlen: int | None) -> int:
+    trained = context_length(config)
+    if max_seqlen is None:
+        return trained
+    if max_seqlen > trained:
+        raise ConfigError(
+            f"model.max_seqlen={max_seqlen} exceeds the checkpoint's context {trained}"
+        )
+    return max_seqlen
+
+
+def _sanitize_special_ids(config) -> None:
+    # GGUF files write "no token" as uint32 -1 (4294967295); transformers then refuses the
+    # config or indexes out of range. An id outside the vocabulary means "none".
+    vocab = getattr(config, "vocab_size", None)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and vocab and not 0 <= value < vocab:
+            setattr(config, key, None)
+
+
+def _load_config(cfg: ModelConfig, source: ModelSource):
+    from transformers import AutoConfig
+
+    if source.kind == "gguf":
+        folder, name = os.path.split(os.path.abspath(source.path))
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    else:
+        config = AutoConfig.from_pretrained(
+            source.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    _sanitize_special_ids(config)
+    return config
+
+
+def _load_weights(cfg: ModelConfig, source: ModelSource, config):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(config=config, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    if source.kind == "gguf":
+        folder, name = os.path.split(os.path.abspath(source.path))
+        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **kwargs)
+    if not cfg.allow_pickle:
+        # For hub ids this is the only guard: transformers then refuses pickle-only repos.
+        kwargs["use_safetensors"] = True
+    return AutoModelForCausalLM.from_pretrained(source.path, revision=cfg.revision, **kwargs)
+
+
+def _load_tokenizer(cfg: ModelConfig, source: ModelSource):
+    from transformers import AutoTokenizer
+
+    name = cfg.tokenizer or source.path
+    if name.endswith(".gguf"):
+        return load_gguf_tokenizer(os.path.expanduser(name))
+    revision = cfg.revision if cfg.tokenizer is None else None
+    if looks_like_path(name):
+        name = os.path.expanduser(name)
+    return AutoTokenizer.from_pretrained(
+        name, revision=revision, trust_remote_code=cfg.trust_remote_code
+    )
+
+
+def load_gguf_tokenizer(path: str):
+    """The tokenizer embedded in a GGUF file, built with transformers' GGUF converter.
+
+    transformers' own GGUF tokenizer path indexes the vocabulary with every special-token id the
+    file states, and some files (stories260K) store "none" as 4294967295, which fails. Here the
+    metadata is read with the ``gguf`` package, ids outside the vocabulary are dropped, and the
+    same converter builds the tokenizer; tests check it tokenizes like transformers' path.
+    """
+    import gguf
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    reader = gguf.GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    tdict = {
+        name: meta[f"tokenizer.{key}"]
+        for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
+        if f"tokenizer.{key}" in meta
+    }
+    tokens = tdict["tokens"]
+    for key in ("bos_token_id", "eos_token_id", "unk_token_id", "pad_token_id"):
+        if key in tdict and not 0 <= tdict[key] < len(tokens):
+            del tdict[key]
+    special = {}
+    for name, key in _GGUF_SPECIAL.items():
+        index = meta.get(f"tokenizer.ggml.{key}")
+        if index is not None and 0 <= index < len(tokens):
+            special[name] = tokens[index]
+    architecture = reader.fields["general.architecture"].contents()
+    backend, _ = convert_gguf_tokenizer(architecture, tdict)
+    # llama.cpp adds BOS to sentencepiece vocabularies unless the file says otherwise.
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", tdict.get("tokenizer_type") == "llama"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, add_bos_token=add_bos, **special)
+
+
+def replace_conv1d(model: nn.Module) -> int:
+    """Swap transformers' ``Conv1D`` (GPT-2's transposed Linear) for an equal ``nn.Linear``.
+
+    Returns how many were replaced. The output is bitwise the same up to matmul order
+    (``x @ W + b`` vs ``x @ W.T.T + b``), and every quantizer then sees (out, in) weights.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    replaced = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                setattr(parent, child_name, _linear_from_conv1d(child))
+                replaced += 1
+    return replaced
+
+
+def _linear_from_conv1d(conv) -> nn.Linear:
+    in_features, out_features = conv.weight.shape
+    linear = nn.Linear(in_features, out_features, bias=conv.bias is not None,
+                       device=conv.weight.device, dtype=conv.weight.dtype)
+    linear.weight.data.copy_(conv.weight.data.t())
+    if conv.bias is not None:
+        linear.bias.data.copy_(conv.bias.data)
+    linear.requires_grad_(conv.weight.requires_grad)
+    return linear

@@ -1,0 +1,88 @@
+"""The root config of a job and its registration with Hydra's ConfigStore.
+
+Every group in ``conf/`` is typed by a dataclass of the module it configures
+(``model`` -> ``ptqscale.models.ModelConfig``, ``data`` -> ``ptqscale.data.DataConfig``,
+``eval`` -> ``ptqscale.metrics.EvalConfig``, ``method`` -> one ``MethodConfig`` subclass
+per method), so an unknown or misspelt key is a composition error. YAML files only pick
+and override; the defaults live here and in those dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from ptqscale.assets import DATA as ASSETS_DATA
+from ptqscale.data import CalibConfig, DataConfig
+from ptqscale.errors import ConfigError
+from ptqscale.metrics import EvalConfig, LandscapeConfig
+from ptqscale.models import ModelConfig
+
+
+@dataclass
+class PathsConfig:
+    """Where results, caches and offline data live (none of these enter the job key)."""
+
+    results: str = "results"
+    cache: str = "${paths.results}/_cache"
+    # Folder laid out like ../shared/data; named corpora with a local ``path`` are
+    # looked up under it. Defaults to the data the package embeds.
+    data: str = str(ASSETS_DATA)
+
+
+@dataclass
+class WandbConfig:
+    """The W&B mirror. ``auto``: online when an API key is configured, else offline."""
+
+    mode: str = "auto"  # auto | online | offline | disabled
+    project: str = "ptqscale"
+    entity: str | None = None
+    dir: str = "${paths.results}/_wandb"
+
+    def __post_init__(self) -> None:
+        allowed = ("auto", "online", "offline", "disabled")
+        if self.mode not in allowed:
+            raise ConfigError(f"wandb.mode={self.mode!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass
+class RunConfig:
+    """One job: a model, quantized by a method into a format, measured on a corpus."""
+
+    study: str = "adhoc"
+    # The format axis of a sweep. Methods take it through ``method.format: ${format}``;
+    # ``none`` ignores it (it measures the model as loaded).
+    format: str = "bf16"
+    seed: int = 0
+    progress: bool = True
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Typed per method: each conf/method/<name>.yaml starts from ``<name>_schema``.
+    method: Any = MISSING
+    # Calibration data for methods that need it (GPTQ, AWQ, ...); unused by none/rtn.
+    calib: CalibConfig = MISSING
+    landscape: LandscapeConfig = field(default_factory=LandscapeConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def register_configs() -> None:
+    """Register the root schema and each method's schema with Hydra (idempotent)."""
+    from ptqscale.methods import METHODS
+    from ptqscale.runner.gpus import gpu_count
+
+    OmegaConf.register_new_resolver("ptqscale_gpu_workers", lambda: max(1, gpu_count()),
+                                    replace=True)
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for name, (config_cls, _) in METHODS.items():
+        cs.store(group="method", name=f"{name}_schema", node=config_cls)
+
+
+def to_object(node: Any) -> Any:
+    """A composed (typed) config node as its dataclass instance; runs ``__post_init__``."""
+    return OmegaConf.to_object(node)

@@ -1,0 +1,36 @@
+"""Library versions, git SHA and device of a job, for its record."""
+
+from __future__ import annotations
+
+import functools
+import platform
+import socket
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+@functools.cache
+def git_sha() -> str | None:
+    """The checkout's HEAD (with ``+dirty`` when the tree has changes), or None outside git."""
+    repo = Path(__file__).resolve().parents[3]
+    try:
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], check=True,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "-uno"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("+dirty" if dirty else "")
+
+
+def environment(model: torch.nn.Module | None = None) -> dict:
+    import transformers
+
+    device = next(model.parameters()).device if model is not None else torch.device("cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "git_sha": git_sha(),
+            "device": str(device), "device_name": name or platform.machine(),
+            "hostname": socket.gethostname()}

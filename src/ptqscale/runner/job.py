@@ -1,0 +1,181 @@
+"""One job: validate -> key -> skip if done -> load -> measure -> quantize -> measure -> record.
+
+See DESIGN "Data flow of one job". A job that fails after validation writes a failure
+record (and re-raises, so that the launcher reports it); a config error writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import traceback
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ptqscale.errors import ConfigError, PTQScaleError
+from ptqscale.runner import keys
+from ptqscale.runner.config import to_object
+from ptqscale.runner.environment import environment
+from ptqscale.runner.gpus import claim_gpu
+from ptqscale.runner.measure import model_level, quantize_and_measure
+from ptqscale.store import read_record, write_record
+
+log = logging.getLogger("ptqscale")
+
+
+class JobFailed(PTQScaleError):
+    """Raised after a failure record was written, so that launchers count the failure."""
+
+
+@dataclass
+class JobSpec:
+    """A validated job: typed configs, the parsed format and the keys."""
+
+    study: str
+    model: Any
+    data: Any
+    eval: Any
+    method: Any
+    calib: Any | None
+    landscape: Any | None
+    fmt: Any
+    seed: int
+    key: str
+    results: str
+    cache: str
+    progress: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.study}/{self.model.name}/{self.fmt.name}/{self.method.name}"
+
+
+def validate_job(cfg: DictConfig) -> JobSpec:
+    """Check the whole config without loading a model; raise ConfigError naming the key."""
+    from ptqscale.data import validate_data_config
+    from ptqscale.formats import get_format
+    from ptqscale.methods import get_method
+    from ptqscale.models import validate_model_config
+
+    method_name = OmegaConf.select(cfg, "method.name")
+    config_cls, _ = get_method(str(method_name))
+    method = to_object(cfg.method)
+    if not isinstance(method, config_cls):
+        raise ConfigError(f"method={method_name!r}: the config is not a {config_cls.__name__}; "
+                          f"start conf/method/{method_name}.yaml from '{method_name}_schema'")
+    try:
+        fmt = get_format(method.format)
+    except ValueError as e:
+        raise ConfigError(f"format={method.format!r}: {e}") from e
+    model, data, eval_cfg = to_object(cfg.model), to_object(cfg.data), to_object(cfg.eval)
+    calib = to_object(cfg.calib) if config_cls.needs_calibration else None
+    landscape = to_object(cfg.landscape)
+    landscape = landscape if landscape.enabled else None
+    shapes = validate_model_config(model, seqlen=eval_cfg.seqlen)
+    validate_data_config(data)
+    if calib is not None:
+        validate_data_config(calib.data)
+    if not method.allow_padding:
+        _check_divisible(fmt, shapes)
+    key = keys.job_key(cfg.study, model, data, eval_cfg, method, calib, landscape, cfg.seed)
+    return JobSpec(study=cfg.study, model=model, data=data, eval=eval_cfg, method=method,
+                   calib=calib, landscape=landscape, fmt=fmt, seed=cfg.seed, key=key,
+                   results=cfg.paths.results, cache=cfg.paths.cache, progress=cfg.progress)
+
+
+def _check_divisible(fmt: Any, shapes: dict[str, tuple[int, int]]) -> None:
+    for name, (_, n_in) in shapes.items():
+        if fmt.padding_needed(n_in):
+            raise ConfigError(
+                f"format={fmt.name!r}: its block of {fmt.block_size} does not divide the "
+                f"{n_in} input features of {name}; pick a block that divides it or set "
+                f"method.allow_padding=true")
+
+
+def run_job(cfg: DictConfig) -> dict:
+    """Run (or skip) the job ``cfg`` describes and return its record."""
+    spec = validate_job(cfg)
+    done = read_record(spec.results, spec.study, spec.key)
+    if done is not None and done["status"] == "complete":
+        log.info("[skip] %s (%s) already complete", spec.name, spec.key)
+        return done
+    record = _base_record(spec, cfg)
+    start = time.perf_counter()
+    failure: BaseException | None = None
+    try:
+        record.update(_execute(spec))
+        record["status"] = "complete"
+    except Exception as e:  # noqa: BLE001 - any failure becomes a failure record
+        failure = e
+        record["status"] = "failed"
+        record["error"] = {"type": type(e).__name__, "message": str(e),
+                           "traceback": traceback.format_exc()[-4000:]}
+    record.setdefault("timings", {})["total"] = time.perf_counter() - start
+    record["wandb"] = {"status": "pending"}
+    write_record(spec.results, record)      # the store first: it is the truth
+    record["wandb"] = _mirror(record, cfg)
+    write_record(spec.results, record)
+    log.info(_summary_line(record))
+    if failure is not None:
+        raise JobFailed(f"{spec.name} failed: {type(failure).__name__}: {failure}") from failure
+    return record
+
+
+def _execute(spec: JobSpec) -> dict:
+    with claim_gpu() as gpu:
+        if gpu is not None and spec.model.device == "auto":
+            spec.model = replace(spec.model, device=f"cuda:{gpu}")
+        return _execute_on_device(spec)
+
+
+def _execute_on_device(spec: JobSpec) -> dict:
+    from ptqscale.models import load_model
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(spec.model)
+    timings["load"] = time.perf_counter() - t0
+    level = model_level(spec, model, tokenizer, timings)
+    result = quantize_and_measure(spec, model, tokenizer, level, timings)
+    result["timings"] = timings
+    result["env"] = environment(model)
+    return result
+
+
+def _base_record(spec: JobSpec, cfg: DictConfig) -> dict:
+    from ptqscale.metrics import PROTOCOL_VERSION
+
+    return {
+        "job_key": spec.key, "study": spec.study, "name": spec.name,
+        "protocol_version": PROTOCOL_VERSION,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": {"name": spec.model.name, "family": spec.model.family,
+                  "size": spec.model.size, "path": spec.model.path, "dtype": spec.model.dtype},
+        "data": {"name": spec.data.name, "split": spec.data.split},
+        "eval": asdict(spec.eval),
+        "method": asdict(spec.method),
+        "format": spec.fmt.describe(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def _mirror(record: dict, cfg: DictConfig) -> dict:
+    from ptqscale.runner.tracking import mirror_record
+
+    return mirror_record(record, to_object(cfg.wandb))
+
+
+def _summary_line(record: dict) -> str:
+    m = record.get("metrics", {})
+
+    def f(key: str, fmt: str = ".4f") -> str:
+        v = m.get(key)
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+    return (f"[{record['status']}] {record['name']} nll={f('nll')} dnll={f('dnll', '+.4f')} "
+            f"sqnr={f('weight_sqnr_db', '.2f')}dB bits={record['format'].get('bits_per_weight')} "
+            f"{record['timings']['total']:.1f}s wandb={record['wandb'].get('status')}")

@@ -1,0 +1,73 @@
+"""Job keys: hashes of the semantic config (what changes a result), nothing else.
+
+Left out on purpose: paths (results, caches, where a checkpoint or corpus file lies),
+logging and tracking options, progress bars, the device. A model is identified by its
+``name`` (+ revision and dtype), a corpus by its name and split: the same study run
+from another folder or machine finds its finished jobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+from ptqscale.metrics import PROTOCOL_VERSION
+
+_MODEL_IGNORED = ("path", "device", "tokenizer")
+_DATA_IGNORED = ("path",)
+
+
+def digest(obj: Any, n: int = 16) -> str:
+    """sha256 of the canonical JSON of ``obj`` (sorted keys), first ``n`` hex digits."""
+    text = json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def _plain(obj: Any) -> Any:
+    return asdict(obj) if is_dataclass(obj) else obj
+
+
+def _without(obj: Any, ignored: tuple[str, ...]) -> dict:
+    return {k: v for k, v in _plain(obj).items() if k not in ignored}
+
+
+def model_identity(model_cfg: Any) -> dict:
+    return _without(model_cfg, _MODEL_IGNORED)
+
+
+def data_identity(data_cfg: Any) -> dict:
+    return _without(data_cfg, _DATA_IGNORED)
+
+
+def fp_eval_key(model_cfg: Any, data_cfg: Any, eval_cfg: Any) -> str:
+    """Key of the model-level full-precision measurement shared by every job of a model."""
+    return digest({"model": model_identity(model_cfg), "data": data_identity(data_cfg),
+                   "eval": _plain(eval_cfg), "protocol": PROTOCOL_VERSION})
+
+
+def landscape_key(model_cfg: Any, data_cfg: Any, eval_cfg: Any, landscape_cfg: Any) -> str:
+    return digest({"model": model_identity(model_cfg), "data": data_identity(data_cfg),
+                   "eval": _plain(eval_cfg), "landscape": _plain(landscape_cfg),
+                   "protocol": PROTOCOL_VERSION})
+
+
+def job_key(study: str, model_cfg: Any, data_cfg: Any, eval_cfg: Any, method_cfg: Any,
+            calib_cfg: Any | None, landscape_cfg: Any | None, seed: int) -> str:
+    """The key of one job; calibration and landscape settings count only when used."""
+    semantic = {
+        "study": study,
+        "model": model_identity(model_cfg),
+        "data": data_identity(data_cfg),
+        "eval": _plain(eval_cfg),
+        "method": _plain(method_cfg),
+        "seed": seed,
+        "protocol": PROTOCOL_VERSION,
+    }
+    if calib_cfg is not None:
+        calib = _plain(calib_cfg)
+        semantic["calib"] = {**calib, "data": data_identity(calib["data"])}
+    if landscape_cfg is not None:
+        semantic["landscape"] = _plain(landscape_cfg)
+    return digest(semantic)

@@ -1,0 +1,147 @@
+"""The measuring half of a job: model-level results (cached) and the quantized model's."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ptqscale.runner import keys
+from ptqscale.store import cache_get, cache_put
+
+# Bytes per parameter that a method leaves unquantized (embeddings, norms, head): the
+# 16-bit deployment baseline, whatever dtype the model was loaded in for measuring.
+UNQUANTIZED_BYTES = 2
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock file, so parallel workers compute a shared result only once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _cached(root: str, kind: str, key: str, compute) -> tuple[dict, bool]:
+    """``compute()`` once per key across jobs and processes; returns (value, was_cached)."""
+    hit = cache_get(root, kind, key)
+    if hit is not None:
+        return hit, True
+    with _locked(Path(root) / "_cache" / kind / f".{key}.lock"):
+        hit = cache_get(root, kind, key)
+        if hit is not None:
+            return hit, True
+        value = compute()
+        cache_put(root, kind, key, value)
+        return value, False
+
+
+def model_level(spec: Any, model: torch.nn.Module, tokenizer: Any, timings: dict) -> dict:
+    """Everything that depends on the model but not on the method: computed once per model."""
+    from ptqscale.data import tokenize_corpus
+    from ptqscale.metrics import measure_perplexity
+    from ptqscale.models import count_parameters, get_anatomy
+
+    anatomy = get_anatomy(model)
+    t0 = time.perf_counter()
+    stream = tokenize_corpus(spec.data, tokenizer, cache_dir=os.path.join(spec.cache, "tokens"),
+                             preset=spec.eval.preset)
+    timings["tokenize"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    fp_key = keys.fp_eval_key(spec.model, spec.data, spec.eval)
+    fp, fp_hit = _cached(spec.results, "fp_eval", fp_key,
+                         lambda: measure_perplexity(model, stream, spec.eval,
+                                                    progress=spec.progress).to_dict())
+    timings["fp_eval"] = time.perf_counter() - t0
+    level = {"anatomy": anatomy, "stream": stream, "fp": fp, "fp_cached": fp_hit,
+             "params": count_parameters(model, anatomy), "landscape": None}
+    if spec.landscape is not None:
+        t0 = time.perf_counter()
+        level["landscape"], level["landscape_cached"] = _cached(
+            spec.results, "landscape",
+            keys.landscape_key(spec.model, spec.data, spec.eval, spec.landscape),
+            lambda: _measure_landscape(spec, model, anatomy, stream))
+        timings["landscape"] = time.perf_counter() - t0
+    return level
+
+
+def _measure_landscape(spec: Any, model, anatomy, stream: torch.Tensor) -> dict:
+    from ptqscale.metrics import measure_landscape
+
+    seqlen = spec.landscape.seqlen or spec.eval.seqlen
+    n = max(1, min(spec.landscape.max_tokens, stream.numel()) // seqlen)
+    batches = stream[: n * seqlen].view(n, seqlen)
+    return measure_landscape(model, dict(anatomy.targets), batches, spec.landscape)
+
+
+def quantize_and_measure(spec: Any, model: torch.nn.Module, tokenizer: Any, level: dict,
+                         timings: dict) -> dict:
+    """Quantize with the job's method and format; measure; return the record's result part."""
+    from ptqscale.methods import QuantContext, quantize
+    from ptqscale.metrics import measure_perplexity
+
+    ctx = QuantContext(device=next(model.parameters()).device, progress=spec.progress,
+                       cache_dir=os.path.join(spec.cache, "methods"))
+    if spec.calib is not None:
+        from ptqscale.data import sample_calibration
+
+        t0 = time.perf_counter()
+        ctx.calibration, ctx.calibration_hash = sample_calibration(
+            spec.calib, tokenizer, cache_dir=os.path.join(spec.cache, "tokens"))
+        timings["calibration"] = time.perf_counter() - t0
+    torch.manual_seed(spec.seed)
+    report = quantize(model, spec.method, ctx)
+    timings["quantize"] = report.seconds
+
+    fp = level["fp"]
+    if report.layers:
+        t0 = time.perf_counter()
+        quant = measure_perplexity(model, level["stream"], spec.eval,
+                                   progress=spec.progress).to_dict()
+        timings["eval"] = time.perf_counter() - t0
+    else:  # nothing was quantized: the full-precision numbers are the answer
+        quant = dict(fp)
+    params = level["params"]
+    metrics = {
+        "nll": quant["nll"], "perplexity": quant["perplexity"],
+        "nll_sum": quant["nll_sum"], "tokens": quant["tokens"],
+        "nll_fp": fp["nll"], "perplexity_fp": fp["perplexity"],
+        "dnll": quant["nll"] - fp["nll"],
+        "weight_sqnr_db": report.weight_sqnr_db,
+        "model_bytes": model_bytes(params["total"], report.quantized_numel,
+                                   spec.fmt.bits_per_weight),
+        "fp_cached": level["fp_cached"],
+    }
+    result: dict[str, Any] = {"metrics": metrics, "params": params,
+                              "quantization": report.to_dict(), "layers": report.layers}
+    if ctx.calibration_hash:
+        result["quantization"]["calibration_hash"] = ctx.calibration_hash
+    if level["landscape"] is not None:
+        result["landscape"] = _job_landscape(level["landscape"], report.weight_sqnr_db)
+    return result
+
+
+def model_bytes(total_params: int, quantized_params: int, bits_per_weight: float) -> int:
+    """Bytes of the deployed model: quantized weights at their effective bits, the rest at 16."""
+    quantized = quantized_params * bits_per_weight / 8
+    return int(round(quantized + (total_params - quantized_params) * UNQUANTIZED_BYTES))
+
+
+def _job_landscape(features: dict, sqnr_db: float | None) -> dict:
+    from ptqscale.metrics import noise_equivalent_dnll
+
+    out = {k: v for k, v in features.items() if not isinstance(v, (list, dict))}
+    if sqnr_db is not None and features.get("kappa") is not None:
+        out["noise_equivalent_dnll"] = noise_equivalent_dnll(features["kappa"], sqnr_db)
+    return out
