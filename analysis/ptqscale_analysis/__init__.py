@@ -13,7 +13,8 @@ runs on a laptop. Modules, in dependency order:
 - ``cli``        the ``ptqscale-fit/-predict/-pareto/-report`` console scripts
 
 To add a law: write ``log_<law>(theta, X)`` and a :class:`~ptqscale_analysis.laws.LawSpec`
-in ``laws.py``, a ``fit_<law>`` wrapper, and a line in ``study_fits.LAW_TABLE``.
+in ``laws.py``, a ``fit_<law>`` wrapper, its name in ``study_fits.ALL_LAWS`` and a call in
+``study_fits._fit_dnll_laws``.
 
 Example::
 

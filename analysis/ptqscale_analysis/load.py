@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from ptqscale.store import read_records
 
+from ptqscale.store import read_records
 from ptqscale_analysis.errors import AnalysisError
 
 # Columns every analysis step needs; a record set without them cannot be analysed.

@@ -182,15 +182,29 @@ def round_fixed_point(y: torch.Tensor, spec: FixedPointSpec) -> torch.Tensor:
     return k.clamp(-spec.qmax, spec.qmax).to(torch.int32)
 
 
-def round_nf4(y: torch.Tensor) -> torch.Tensor:
-    """Index (uint8, 0..15) of the nearest NF4 level to float32 ``y`` in [-1, 1].
+def _nf4_thresholds() -> tuple[float, ...]:
+    """Smallest float32 strictly above each exact midpoint of neighbouring NF4 levels.
 
-    At an exact midpoint the lower level wins, as in bitsandbytes (``x > threshold`` picks
-    the upper one). Midpoints are the fp32 means of neighbouring levels.
+    The midpoints need 25 bits, so comparing against their fp32 roundings would misplace
+    inputs within one ulp of them; ``y >= threshold`` is the exact test ``y > midpoint``.
     """
-    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=y.device)
-    mids = (levels[1:] + levels[:-1]) / 2
-    return torch.bucketize(y.contiguous(), mids, right=False).to(torch.uint8)
+    lv = torch.tensor(NF4_LEVELS, dtype=torch.float64)
+    mid = (lv[1:] + lv[:-1]) / 2  # exact in float64
+    c = mid.to(torch.float32)
+    up = torch.where(c.to(torch.float64) > mid, c, torch.nextafter(c, torch.full_like(c, math.inf)))
+    return tuple(up.tolist())
+
+
+_NF4_THRESHOLDS = _nf4_thresholds()
+
+
+def round_nf4(y: torch.Tensor) -> torch.Tensor:
+    """Index (uint8, 0..15) of the NF4 level nearest to float32 ``y``; an exact tie picks the lower.
+
+    (bitsandbytes, too, takes the upper level only when ``y`` is above the midpoint.)
+    """
+    t = torch.tensor(_NF4_THRESHOLDS, dtype=torch.float32, device=y.device)
+    return torch.bucketize(y.contiguous(), t, right=True).to(torch.uint8)
 
 
 def nf4_values(idx: torch.Tensor) -> torch.Tensor:

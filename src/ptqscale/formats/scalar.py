@@ -23,16 +23,14 @@ _FP16_MAX = 65504.0
 _FP16_TINY = 2.0**-24  # smallest positive (subnormal) fp16
 
 
-def ceil_fp16(s: torch.Tensor) -> torch.Tensor:
-    """Round float32 scales UP to fp16 (returned as float32), clamped to fp16's positive range.
+def to_fp16(s: torch.Tensor) -> torch.Tensor:
+    """Scales as stored: fp16 (round to nearest, clamped to its positive range), back in float32.
 
-    Why up: a scale rounded down would push the group's absmax past the largest code and
-    clip it; rounding up costs at most 2**-10 relative resolution.
+    Nearest (not up) keeps re-quantization exact: amax = qmax * s16 maps back to s16. The
+    cost, amax / s16 <= qmax * (1 + 2**-11), still rounds to qmax for b <= 8 bits (error < 1/2
+    step). Groups with absmax below ~1e-5 lose scale resolution in fp16 (as stored models do).
     """
-    s = s.clamp(_FP16_TINY, _FP16_MAX)
-    h = s.to(torch.float16)
-    h = torch.where(h.to(torch.float32) < s, torch.nextafter(h, torch.full_like(h, torch.inf)), h)
-    return h.to(torch.float32)
+    return s.clamp(_FP16_TINY, _FP16_MAX).to(torch.float16).to(torch.float32)
 
 
 def _guard(s: torch.Tensor) -> torch.Tensor:
@@ -91,7 +89,7 @@ class BaselineFormat(Format):
 
 @dataclass(frozen=True, repr=False)
 class IntFormat(Format):
-    """b-bit integers with an fp16 scale per tensor / channel / group of ``group`` elements.
+    """b-bit integers (b in 2..8), an fp16 scale per tensor / channel / group of ``group``.
 
     ``mode``: ``sym`` codes in +-(2**(b-1)-1), scale = amax / (2**(b-1)-1);
     ``full`` codes in [-2**(b-1), 2**(b-1)-1], scale = 2*amax / (2**b - 1) (GPTQ's symmetric
@@ -109,8 +107,8 @@ class IntFormat(Format):
     scale_bits = 16
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
-            raise ValueError(f"int bits={self.bits!r}: allowed 2..16")
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"int bits={self.bits!r}: allowed 2..8")
         if self.mode not in ("sym", "full", "asym"):
             raise ValueError(f"int mode={self.mode!r}: allowed 'sym', 'full', 'asym'")
         if self.group is not None and (not isinstance(self.group, int) or self.group < 2):
@@ -142,11 +140,11 @@ class IntFormat(Format):
     def _fit(self, xb, tensor_amax):
         if self.mode != "asym":
             div = 2 ** (self.bits - 1) - (1.0 if self.mode == "sym" else 0.5)
-            return GroupParams(ceil_fp16(_guard(self._amax(xb) / div)))
+            return GroupParams(to_fp16(_guard(self._amax(xb) / div)))
         dims = tuple(range(xb.ndim)) if self.per_tensor else (-1,)
         lo = xb.amin(dim=dims, keepdim=True).clamp(max=0)
         hi = xb.amax(dim=dims, keepdim=True).clamp(min=0)
-        s = ceil_fp16(_guard((hi - lo) / (2**self.bits - 1)))
+        s = to_fp16(_guard((hi - lo) / (2**self.bits - 1)))
         return GroupParams(s, torch.round(-lo / s).clamp(0, 2**self.bits - 1))
 
     def _round(self, xb, p):
@@ -158,9 +156,7 @@ class IntFormat(Format):
         return (k if p.zero is None else k - p.zero) * p.scale
 
     def _codes(self, xb, p):
-        small = self.bits <= 8
-        dtype = (torch.uint8 if self.mode == "asym" else torch.int8) if small else torch.int32
-        return self._round(xb, p).to(dtype)
+        return self._round(xb, p).to(torch.uint8 if self.mode == "asym" else torch.int8)
 
     def _values(self, codes, p):
         k = codes.to(torch.float32)

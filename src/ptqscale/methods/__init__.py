@@ -47,3 +47,7 @@ __all__ = [
     "register_method",
     "select_targets",
 ]
+from ptqscale.methods import gptq  # noqa: F401, E402  (registers "gptq")
+from ptqscale.methods.gptq import GPTQConfig  # noqa: E402
+
+__all__ += ["GPTQConfig"]

@@ -182,7 +182,7 @@ def double_backward_ready(model: nn.Module, weights: Sequence[torch.Tensor]) -> 
     backward), eval mode (no dropout), and ``requires_grad`` only on ``weights``. All of it
     is restored on exit, also after an error.
     """
-    with fp32(model), eager_attention(model), _eval(model), _grad_only(model, weights):
+    with fp32(model), eager_attention(model), eval_mode(model), _grad_only(model, weights):
         yield
 
 
@@ -225,7 +225,7 @@ def _set_attn(model: nn.Module, name: str) -> None:
 
 
 @contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     was_training = model.training
     model.eval()
     try:

@@ -9,16 +9,18 @@ and override; the defaults live here and in those dataclasses.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ptqscale.assets import DATA as ASSETS_DATA
 from ptqscale.data import CalibConfig, DataConfig
 from ptqscale.errors import ConfigError
-from ptqscale.metrics import EvalConfig, LandscapeConfig
+from ptqscale.metrics import EvalConfig
+from ptqscale.metrics.landscape import LandscapeConfig
 from ptqscale.models import ModelConfig
 
 
@@ -84,5 +86,22 @@ def register_configs() -> None:
 
 
 def to_object(node: Any) -> Any:
-    """A composed (typed) config node as its dataclass instance; runs ``__post_init__``."""
+    """A composed (typed) config node as its dataclass instance; runs ``__post_init__``.
+
+    Keys force-added with ``+key=value`` bypass the schema during composition and would be
+    dropped silently here, so they are refused instead (typos are fatal).
+    """
+    _refuse_unknown_keys(node, OmegaConf.get_type(node))
     return OmegaConf.to_object(node)
+
+
+def _refuse_unknown_keys(node: Any, schema: Any, where: str = "") -> None:
+    if not (isinstance(node, DictConfig) and dataclasses.is_dataclass(schema)):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    path = where or str(node._key() or "config")
+    for key in node.keys():
+        if key not in fields:
+            raise ConfigError(f"{path}.{key} is not a known key; allowed: {', '.join(fields)}")
+        child = node._get_node(key)
+        _refuse_unknown_keys(child, OmegaConf.get_type(child), f"{path}.{key}")

@@ -59,7 +59,7 @@ def validate_job(cfg: DictConfig) -> JobSpec:
     from ptqscale.data import validate_data_config
     from ptqscale.formats import get_format
     from ptqscale.methods import get_method
-    from ptqscale.models import validate_model_config
+    from ptqscale.models.skeleton import describe_model
 
     method_name = OmegaConf.select(cfg, "method.name")
     config_cls, _ = get_method(str(method_name))
@@ -73,14 +73,19 @@ def validate_job(cfg: DictConfig) -> JobSpec:
         raise ConfigError(f"format={method.format!r}: {e}") from e
     model, data, eval_cfg = to_object(cfg.model), to_object(cfg.data), to_object(cfg.eval)
     calib = to_object(cfg.calib) if config_cls.needs_calibration else None
+    to_object(cfg.wandb)  # validates wandb.mode
     landscape = to_object(cfg.landscape)
     landscape = landscape if landscape.enabled else None
-    shapes = validate_model_config(model, seqlen=eval_cfg.seqlen)
+    skeleton = describe_model(model)
+    if eval_cfg.seqlen > skeleton.context:
+        raise ConfigError(f"eval.seqlen={eval_cfg.seqlen} exceeds the context of model "
+                          f"{model.name!r} ({skeleton.context}; model.max_seqlen or the "
+                          f"checkpoint's max positions)")
     validate_data_config(data)
     if calib is not None:
         validate_data_config(calib.data)
     if not method.allow_padding:
-        _check_divisible(fmt, shapes)
+        _check_divisible(fmt, skeleton.target_shapes)
     key = keys.job_key(cfg.study, model, data, eval_cfg, method, calib, landscape, cfg.seed)
     return JobSpec(study=cfg.study, model=model, data=data, eval=eval_cfg, method=method,
                    calib=calib, landscape=landscape, fmt=fmt, seed=cfg.seed, key=key,

@@ -14,6 +14,10 @@ from typing import Any
 log = logging.getLogger("ptqscale")
 
 _LAYER_COLUMNS = ("name", "numel", "sqnr_db", "padded")
+# The run's config holds the record's descriptive fields under their record names
+# (model, format, method, ...); measured values go to the summary as "metrics/nll" etc.
+# ptqscale_analysis.load_wandb reads them back into the same columns as the store.
+_NOT_CONFIG = ("layers", "metrics", "params", "landscape", "timings", "wandb", "error", "status")
 
 
 def resolve_mode(mode: str) -> str:
@@ -54,7 +58,7 @@ def _log_run(record: dict, cfg: Any, mode: str) -> str:
         project=cfg.project, entity=cfg.entity, dir=cfg.dir, mode=mode,
         id=record["job_key"], resume="allow", name=record["name"],
         group=record["study"], job_type=record["method"]["name"],
-        config=record.get("config", {}),
+        config={k: v for k, v in record.items() if k not in _NOT_CONFIG},
         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
     )
     try:

@@ -25,14 +25,14 @@ class SizeSpec:
 
 # name -> shape. Head dim is 32 for every member (heads = hidden / 32), the SwiGLU width is
 # Llama's rule (8/3 of hidden, rounded up to a multiple of 32). Names are the approximate
-# non-embedding parameter counts; neighbours differ by about 2x.
+# non-embedding parameter counts (0.21M to 21M); neighbours differ by 1.8x to 2.7x.
 SIZES: dict[str, SizeSpec] = {
     "200k": SizeSpec(hidden=64, layers=4),
     "500k": SizeSpec(hidden=96, layers=5),
-    "1m": SizeSpec(hidden=128, layers=6),
-    "3m": SizeSpec(hidden=192, layers=7),
-    "6m": SizeSpec(hidden=256, layers=8),
-    "10m": SizeSpec(hidden=320, layers=8),
+    "1m": SizeSpec(hidden=128, layers=5),
+    "2m": SizeSpec(hidden=160, layers=6),
+    "4m": SizeSpec(hidden=224, layers=7),
+    "8m": SizeSpec(hidden=288, layers=8),
     "20m": SizeSpec(hidden=384, layers=12),
 }
 
@@ -185,7 +185,7 @@ def lr_at(cfg: ZooConfig, step: int) -> float:
 
     Example::
 
-        >>> cfg = ZooConfig(size="6m")
+        >>> cfg = ZooConfig(size="4m")
         >>> lr_at(cfg, 0) < lr_at(cfg, cfg.warmup_steps) == cfg.peak_lr
         True
         >>> round(lr_at(cfg, cfg.steps - 1) / cfg.peak_lr, 3)

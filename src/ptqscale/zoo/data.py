@@ -69,8 +69,8 @@ def tokenizer_corpus(data_dir: str | Path, chars: int) -> list[str]:
     frac = min(1.0, chars / sum(len(b) for b in books))
     out = []
     for book in books:
-        cut = book.rfind("\n", 0, int(len(book) * frac) + 1)
-        out.append(book if frac == 1.0 else book[: max(cut, 0)])
+        cut = book.rfind("\n", 0, int(len(book) * frac))  # keep whole lines, "\n" included
+        out.append(book if frac == 1.0 else book[: cut + 1])
     return out
 
 

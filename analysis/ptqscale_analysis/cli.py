@@ -1,0 +1,211 @@
+"""Console scripts: ptqscale-fit, ptqscale-predict, ptqscale-pareto, ptqscale-report.
+
+Every script takes ``--results DIR --study NAME``. Bad input ends with ``error: <why>`` on
+stderr and exit status 2, never a traceback.
+
+Example::
+
+    $ ptqscale-fit --results results --study quickstart
+    $ ptqscale-predict --results results --study quickstart --model zoo-16m \\
+          --format mxfp4 --method gptq
+    $ ptqscale-pareto --results results --study quickstart --budget 50MB
+    $ ptqscale-report --results results --study quickstart
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from ptqscale_analysis.errors import AnalysisError
+from ptqscale_analysis.laws import FitConfig
+from ptqscale_analysis.load import load_study
+from ptqscale_analysis.predictor import (
+    Predictor,
+    PredictorConfig,
+    load,
+    save,
+    train_predictor,
+)
+from ptqscale_analysis.study_fits import StudyFitConfig, fit_study_laws
+
+
+def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=doc)
+    p.add_argument("--results", required=True, help="results root of the store")
+    p.add_argument("--study", required=True, help="study name (the sweep file's name)")
+    return p
+
+
+def _predictor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--predictor", type=Path, default=None,
+                   help="saved predictor: loaded if present (and checked against the study's "
+                        "records), else trained and saved there")
+    p.add_argument("--n-estimators", type=int, default=PredictorConfig.n_estimators)
+    p.add_argument("--seed", type=int, default=PredictorConfig.seed)
+
+
+def _run(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
+    try:
+        return main(argv)
+    except AnalysisError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _get_predictor(args, frame: pd.DataFrame) -> Predictor:
+    path: Path | None = args.predictor
+    if path is not None and path.is_file():
+        return load(path, frame)
+    pred = train_predictor(frame, PredictorConfig(n_estimators=args.n_estimators, seed=args.seed))
+    if path is not None:
+        save(pred, path)
+        print(f"saved the predictor to {path} (records sha256 {pred.records_sha256[:12]})")
+    return pred
+
+
+# ---- ptqscale-fit -----------------------------------------------------------------------
+
+def _fit(argv):
+    p = _parser("ptqscale-fit", "Fit the scaling laws of a study and print them.")
+    p.add_argument("--n-boot", type=int, default=FitConfig.n_boot, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=FitConfig.seed)
+    p.add_argument("--size-column", default=StudyFitConfig.size_column)
+    p.add_argument("--csv", type=Path, default=None, help="also write the table here")
+    args = p.parse_args(argv)
+    cfg = StudyFitConfig(size_column=args.size_column,
+                         fit=FitConfig(n_boot=args.n_boot, seed=args.seed))
+    fits = fit_study_laws(load_study(args.results, args.study), cfg)
+    if not fits.fits:
+        raise AnalysisError("no law could be fitted for study "
+                            f"{args.study!r}:\n  " + "\n  ".join(fits.notes))
+    table = fits.table()
+    with pd.option_context("display.width", 160, "display.max_rows", None,
+                           "display.float_format", "{:.4g}".format):
+        for law, rows in table.groupby("law", sort=False):
+            print(f"\n{law}: {next(g.fit.formula for g in fits.fits if g.law == law)}")
+            print(rows.drop(columns="law").to_string(index=False))
+    for note in fits.notes:
+        print(f"note: {note}")
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+    return 0
+
+
+def fit_main(argv: list[str] | None = None) -> int:
+    return _run(_fit, argv)
+
+
+# ---- ptqscale-predict -------------------------------------------------------------------
+
+def _key_values(pairs: list[str]) -> dict[str, float]:
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise AnalysisError(f"--feature takes KEY=NUMBER (e.g. landscape.kappa=0.3), "
+                                f"got {pair!r}") from None
+    return out
+
+
+def _predict(argv):
+    from ptqscale_analysis.queries import predict_nll
+
+    p = _parser("ptqscale-predict", "Predict the NLL of a model in a format with a method.")
+    p.add_argument("--format", required=True)
+    p.add_argument("--method", required=True)
+    p.add_argument("--model", default=None, help="a model of the study (its features come "
+                                                 "from the store)")
+    p.add_argument("--params", type=float, default=None, help="params.total of a new model")
+    p.add_argument("--nll-fp", type=float, default=None, help="its full-precision NLL")
+    p.add_argument("--feature", action="append", default=[], metavar="KEY=VALUE",
+                   help="another model feature, e.g. landscape.kappa=0.3 (repeatable)")
+    _predictor_args(p)
+    args = p.parse_args(argv)
+    features = _key_values(args.feature)
+    if args.params is not None:
+        features["params.total"] = args.params
+    if args.nll_fp is not None:
+        features["metrics.nll_fp"] = args.nll_fp
+    frame = load_study(args.results, args.study)
+    pred = _get_predictor(args, frame)
+    r = predict_nll(pred, frame, args.format, args.method, model=args.model, features=features)
+    print(f"{r.model} {r.format} {r.method}: NLL {r.nll:.4f} "
+          f"[{r.nll_low:.4f}, {r.nll_high:.4f}] ({pred.cfg.interval:.0%} of trees), "
+          f"dNLL {r.dnll:.4g}, full precision {r.nll_fp:.4f}")
+    if r.measured_nll is not None:
+        print(f"measured: {r.measured_nll:.4f}")
+    print(f"features used: {', '.join(pred.features)}")
+    if pred.dropped:
+        print(f"features dropped (missing in some records): {', '.join(pred.dropped)}")
+    return 0
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    return _run(_predict, argv)
+
+
+# ---- ptqscale-pareto --------------------------------------------------------------------
+
+def _pareto(argv):
+    from ptqscale_analysis.queries import best_under_budget, pareto_frontier, parse_bytes
+
+    p = _parser("ptqscale-pareto", "Best (size, format, method) under a memory budget.")
+    p.add_argument("--budget", required=True, help="bytes, e.g. 500MB, 1.5GiB or 2e9")
+    p.add_argument("--no-predict", action="store_true", help="measured records only")
+    _predictor_args(p)
+    args = p.parse_args(argv)
+    budget = parse_bytes(args.budget)
+    frame = load_study(args.results, args.study)
+    pred = None if args.no_predict else _get_predictor(args, frame)
+    ans = best_under_budget(frame, budget, pred)
+    cols = ["model.name", "format.name", "method.name", "model_bytes", "metrics.nll"]
+    print(f"budget: {budget:.6g} bytes")
+    if ans.measured is not None:
+        m = ans.measured
+        print(f"best measured:  {m['model.name']} {m['format.name']} {m['method.name']}: "
+              f"NLL {m['metrics.nll']:.4f}, {m['model_bytes']:.6g} bytes")
+    else:
+        print("best measured:  none of the measured records fits")
+    if ans.predicted is not None:
+        b = ans.predicted
+        print(f"best predicted: {b['model.name']} {b['format.name']} {b['method.name']}: "
+              f"NLL {b['nll']:.4f}, {b['model_bytes']:.6g} bytes ({b['source']})")
+    front = pareto_frontier(frame)
+    print("\nmeasured Pareto frontier:")
+    print(front[front["model_bytes"] <= budget][cols].to_string(index=False))
+    return 0
+
+
+def pareto_main(argv: list[str] | None = None) -> int:
+    return _run(_pareto, argv)
+
+
+# ---- ptqscale-report --------------------------------------------------------------------
+
+def _report(argv):
+    from ptqscale_analysis.report import ReportConfig, write_report
+
+    p = _parser("ptqscale-report", "Write a Markdown and an HTML report of a study.")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: <results>/<study>/report)")
+    p.add_argument("--n-boot", type=int, default=FitConfig.n_boot)
+    p.add_argument("--n-estimators", type=int, default=PredictorConfig.n_estimators)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    out = args.out or Path(args.results) / args.study / "report"
+    cfg = ReportConfig(StudyFitConfig(fit=FitConfig(n_boot=args.n_boot, seed=args.seed)),
+                       PredictorConfig(n_estimators=args.n_estimators, seed=args.seed))
+    path = write_report(args.results, args.study, out, cfg)
+    print(f"wrote {path} and {path.with_suffix('.html')}")
+    return 0
+
+
+def report_main(argv: list[str] | None = None) -> int:
+    return _run(_report, argv)

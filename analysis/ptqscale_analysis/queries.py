@@ -1,0 +1,185 @@
+"""Questions a researcher asks of a study: "NLL of model X in format Y with method Z?" and
+"the best (size, format, method) under a memory budget?".
+
+Example::
+
+    >>> frame = load_study("results", "quickstart")                        # doctest: +SKIP
+    >>> p = predict_nll(train_predictor(frame), frame, "mxfp4", "gptq", model="zoo-16m")
+    >>> best_under_budget(frame, 50e6).measured                             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ptqscale_analysis.errors import AnalysisError
+from ptqscale_analysis.predictor import Predictor, add_features
+
+
+@dataclass
+class Prediction:
+    model: str
+    format: str
+    method: str
+    nll: float
+    nll_low: float
+    nll_high: float
+    dnll: float
+    nll_fp: float
+    measured_nll: float | None  # the store's value when this job was run
+    features: dict[str, float]
+
+
+def model_features(frame: pd.DataFrame, model: str) -> dict:
+    """Model-level columns of ``model`` from the store (first record of that model)."""
+    rows = frame[frame["model.name"] == model]
+    if rows.empty:
+        raise AnalysisError(f"model {model!r} is not in the study; models: "
+                            f"{sorted(frame['model.name'].unique())}")
+    return rows.iloc[0].to_dict()
+
+
+def _format_row(predictor: Predictor, fmt: str, frame: pd.DataFrame | None,
+                model: str | None) -> dict:
+    """Format features; RTN SQNR of this very (model, format) pair when it was measured."""
+    if predictor.formats is None or fmt not in predictor.formats.index:
+        seen = [] if predictor.formats is None else sorted(predictor.formats.index)
+        raise AnalysisError(f"format {fmt!r} was never seen in the training records, so its "
+                            f"features (RTN SQNR, bits) are unknown; seen formats: {seen}")
+    row = predictor.formats.loc[fmt].to_dict()
+    if frame is not None and model is not None:
+        pair = frame[(frame["model.name"] == model) & (frame["format.name"] == fmt)]
+        if pair["rtn_sqnr_db"].notna().any():
+            row["rtn_sqnr_db"] = float(pair["rtn_sqnr_db"].dropna().iloc[0])
+    return row
+
+
+def predict_nll(predictor: Predictor, frame: pd.DataFrame | None, fmt: str, method: str,
+                model: str | None = None, features: dict | None = None) -> Prediction:
+    """Predicted NLL of a model (from the store, or given ``features``) in ``fmt``/``method``.
+
+    ``features`` needs ``params.total`` and ``metrics.nll_fp`` and every landscape column the
+    predictor uses; it overrides store values when both are given.
+    """
+    if model is None and not features:
+        raise AnalysisError("give a model from the store or its features "
+                            "(params.total, metrics.nll_fp, ...)")
+    X = feature_rows(predictor, frame, [(model, fmt, method)], features)
+    out = predictor.predict(X).iloc[0]
+    nll_fp = float(X["metrics.nll_fp"].iloc[0])
+    return Prediction(model or "(given features)", fmt, method, float(nll_fp + out["dnll"]),
+                      float(nll_fp + out["dnll_low"]), float(nll_fp + out["dnll_high"]),
+                      float(out["dnll"]),
+                      nll_fp, _measured(frame, model, fmt, method),
+                      {f: float(X[f].iloc[0]) for f in predictor.features})
+
+
+def feature_rows(predictor: Predictor, frame: pd.DataFrame | None, queries: list[tuple],
+                 features: dict | None = None) -> pd.DataFrame:
+    """Feature frame for (model, format, method) queries, checked against the predictor."""
+    rows = []
+    for model, fmt, method in queries:
+        if method not in predictor.methods:
+            raise AnalysisError(f"method {method!r} was never seen in the training records; "
+                                f"seen methods: {predictor.methods}")
+        base = model_features(frame, model) if model is not None else {}
+        base |= dict(features or {})
+        base |= _format_row(predictor, fmt, frame, model)
+        rows.append(base | {"method.name": method, "format.name": fmt})
+    X = add_features(pd.DataFrame(rows), predictor.methods)
+    missing = [f for f in predictor.features if f not in X or X[f].isna().any()]
+    if missing:
+        raise AnalysisError(f"missing model features {missing}; the predictor uses "
+                            f"{predictor.features}")
+    return X
+
+
+def _measured(frame, model, fmt, method) -> float | None:
+    if frame is None or model is None:
+        return None
+    rows = frame[(frame["model.name"] == model) & (frame["format.name"] == fmt)
+                 & (frame["method.name"] == method)]
+    return float(rows["metrics.nll"].iloc[0]) if len(rows) else None
+
+
+# ---- memory budget ----------------------------------------------------------------------
+
+def pareto_frontier(frame: pd.DataFrame, x: str = "model_bytes",
+                    y: str = "metrics.nll") -> pd.DataFrame:
+    """Rows no other row beats on both ``x`` and ``y`` (smaller is better), sorted by ``x``."""
+    if frame.empty:
+        raise AnalysisError("no rows to build a Pareto frontier from")
+    df = frame.sort_values([x, y])
+    best = np.minimum.accumulate(df[y].to_numpy(float))
+    keep = np.r_[True, df[y].to_numpy(float)[1:] < best[:-1]]
+    return df[keep]
+
+
+def parse_bytes(text: str | float) -> float:
+    """'500MB', '1.5GiB', '2e9' -> bytes (SI for kB/MB/GB, binary for KiB/MiB/GiB)."""
+    units = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+    if not m or m.group(2) not in units:
+        raise AnalysisError(f"cannot read the budget {text!r}; write e.g. 500MB, 1.5GiB or "
+                            f"2e9 (units: {sorted(u for u in units if u)})")
+    value = float(m.group(1)) * units[m.group(2)]
+    if value <= 0:
+        raise AnalysisError(f"the budget must be > 0 bytes, got {text!r}")
+    return value
+
+
+@dataclass
+class BudgetAnswer:
+    budget_bytes: float
+    measured: pd.Series | None          # best measured record under the budget
+    predicted: pd.Series | None         # best predicted configuration (measured or not)
+    candidates: pd.DataFrame            # every (model, format, method) with bytes, NLL
+
+
+def candidate_table(frame: pd.DataFrame, predictor: Predictor) -> pd.DataFrame:
+    """Every model x seen format x seen method (plus 16-bit), with bytes and predicted NLL."""
+    models = frame.drop_duplicates("model.name").set_index("model.name")
+    queries = [(m, f, meth) for m in models.index for f in predictor.formats.index
+               for meth in predictor.methods]
+    X = feature_rows(predictor, frame, queries)
+    pred = predictor.predict(X)
+    names = [q[0] for q in queries]
+    total = models.loc[names, "params.total"].to_numpy(float)
+    quantized = models.loc[names].get("params.quantized")
+    quantized = total if quantized is None else quantized.to_numpy(float)
+    table = pd.DataFrame({
+        "model.name": [q[0] for q in queries], "format.name": [q[1] for q in queries],
+        "method.name": [q[2] for q in queries],
+        "model_bytes": quantized * X["bits_per_weight"].to_numpy(float) / 8 + (total - quantized) * 2,
+        "nll": X["metrics.nll_fp"].to_numpy(float) + pred["dnll"].to_numpy(),
+        "nll_low": X["metrics.nll_fp"].to_numpy(float) + pred["dnll_low"].to_numpy(),
+        "nll_high": X["metrics.nll_fp"].to_numpy(float) + pred["dnll_high"].to_numpy(),
+        "source": "predicted"})
+    fp = pd.DataFrame({"model.name": models.index, "format.name": "bf16", "method.name": "none",
+                       "model_bytes": 2.0 * models["params.total"].to_numpy(float),
+                       "nll": models["metrics.nll_fp"].to_numpy(float), "source": "measured fp"})
+    return pd.concat([fp, table], ignore_index=True)
+
+
+def best_under_budget(frame: pd.DataFrame, budget_bytes: float,
+                      predictor: Predictor | None = None) -> BudgetAnswer:
+    """Lowest-NLL configuration whose model fits in ``budget_bytes``: measured, and predicted."""
+    fits = frame[frame["model_bytes"] <= budget_bytes]
+    measured = fits.loc[fits["metrics.nll"].idxmin()] if len(fits) else None
+    candidates, predicted = pd.DataFrame(), None
+    if predictor is not None:
+        candidates = candidate_table(frame, predictor)
+        under = candidates[candidates["model_bytes"] <= budget_bytes]
+        predicted = under.loc[under["nll"].idxmin()] if len(under) else None
+    if measured is None and predicted is None:
+        smallest = frame.loc[frame["model_bytes"].idxmin()]
+        raise AnalysisError(
+            f"nothing fits in {budget_bytes:.4g} bytes; the smallest measured configuration is "
+            f"{smallest['model.name']}/{smallest['format.name']} at "
+            f"{smallest['model_bytes']:.4g} bytes")
+    return BudgetAnswer(budget_bytes, measured, predicted, candidates)

@@ -1,0 +1,212 @@
+"""A Markdown and an HTML report of one study: laws, predictor, Pareto frontier, figures.
+
+A section that cannot be computed for this study (one size: no size law; one family: no
+leave-one-family-out) is replaced by a note saying why, so the report renders for any
+study with at least one complete record.
+
+Example::
+
+    >>> write_report("results", "quickstart", "results/quickstart/report")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from ptqscale_analysis import plots
+from ptqscale_analysis.errors import AnalysisError
+from ptqscale_analysis.load import load_study
+from ptqscale_analysis.predictor import PredictorConfig, cross_validate, train_predictor
+from ptqscale_analysis.queries import pareto_frontier
+from ptqscale_analysis.study_fits import StudyFitConfig, fit_study_laws
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    fit: StudyFitConfig = field(default_factory=StudyFitConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+
+
+class _Doc:
+    """Blocks rendered twice: to Markdown and to HTML."""
+
+    def __init__(self):
+        self.blocks: list[tuple] = []
+
+    def h(self, level: int, text: str):
+        self.blocks.append(("h", level, text))
+
+    def p(self, text: str):
+        self.blocks.append(("p", text))
+
+    def items(self, items: list[str]):
+        if items:
+            self.blocks.append(("list", items))
+
+    def table(self, df: pd.DataFrame):
+        self.blocks.append(("table", df))
+
+    def img(self, rel: str, caption: str):
+        self.blocks.append(("img", rel, caption))
+
+    def markdown(self) -> str:
+        out = []
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append("#" * b[1] + " " + b[2])
+            elif b[0] == "p":
+                out.append(b[1])
+            elif b[0] == "list":
+                out.append("\n".join(f"- {i}" for i in b[1]))
+            elif b[0] == "table":
+                out.append(markdown_table(b[1]))
+            else:
+                out.append(f"![{b[2]}]({b[1]})")
+        return "\n\n".join(out) + "\n"
+
+    def html(self, title: str) -> str:
+        out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+               "</title><style>body{font-family:sans-serif;max-width:70em;margin:auto}"
+               "table{border-collapse:collapse;font-size:small}td,th{border:1px solid #ccc;"
+               "padding:2px 6px}img{max-width:100%}</style></head><body>"]
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
+            elif b[0] == "p":
+                out.append(f"<p>{html.escape(b[1])}</p>")
+            elif b[0] == "list":
+                out.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in b[1]) + "</ul>")
+            elif b[0] == "table":
+                out.append(b[1].to_html(index=False, float_format=_fmt, border=0))
+            else:
+                out.append(f"<figure><img src='{html.escape(b[1])}' alt='{html.escape(b[2])}'>"
+                           f"<figcaption>{html.escape(b[2])}</figcaption></figure>")
+        return "\n".join(out) + "\n</body></html>\n"
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (floats to 4 significant digits)."""
+    def cell(v) -> str:
+        return _fmt(v) if isinstance(v, float) else str(v).replace("|", "\\|")
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "---|" * len(df.columns)
+    rows = ["| " + " | ".join(cell(v) for v in r) + " |" for r in df.itertuples(index=False)]
+    return "\n".join([head, rule, *rows])
+
+
+def write_report(root: str | os.PathLike, study: str, out_dir: str | os.PathLike,
+                 cfg: ReportConfig | None = None) -> Path:
+    """Write ``report.md``, ``report.html`` and ``figures/*.png`` into ``out_dir``."""
+    cfg = cfg or ReportConfig()
+    frame = load_study(root, study)
+    out = Path(out_dir)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    doc = _Doc()
+    doc.h(1, f"PTQ scaling report: {study}")
+    _summary(doc, frame)
+    fits = _laws(doc, frame, cfg)
+    _predictor(doc, frame, cfg, out)
+    _pareto(doc, frame, out)
+    doc.h(2, "Figures")
+    _figure(doc, out, "nll_vs_params", "NLL vs parameters per format",
+            plots.plot_nll_vs_params, frame)
+    _figure(doc, out, "dnll_vs_sqnr", "dNLL vs weight SQNR per size, with the noise law",
+            plots.plot_dnll_vs_sqnr, frame, fits, cfg.fit.size_column)
+    _figure(doc, out, "noise_response", "noise-response curves", plots.plot_noise_response,
+            frame)
+    (out / "report.md").write_text(doc.markdown())
+    (out / "report.html").write_text(doc.html(f"PTQ scaling report: {study}"))
+    return out / "report.md"
+
+
+def _summary(doc: _Doc, frame: pd.DataFrame) -> None:
+    doc.h(2, "Study")
+    models = frame.drop_duplicates("model.name").sort_values(["model.family", "params.total"])
+    doc.items([f"{len(frame)} complete records",
+               f"models: {', '.join(models['model.name'])}",
+               f"formats: {', '.join(sorted(frame['format.name'].unique()))}",
+               f"methods: {', '.join(sorted(frame['method.name'].unique()))}"])
+    q = frame[~frame["is_baseline"]]
+    if len(q):
+        pivot = q.pivot_table(index="model.name", columns=["method.name", "format.name"],
+                              values="dnll", aggfunc="mean").reindex(models["model.name"])
+        pivot.columns = [f"{m}/{f}" for m, f in pivot.columns]
+        doc.p("dNLL (nats) of every quantized job:")
+        doc.table(pivot.reset_index())
+
+
+def _laws(doc: _Doc, frame: pd.DataFrame, cfg: ReportConfig):
+    doc.h(2, "Fitted laws")
+    try:
+        fits = fit_study_laws(frame, cfg.fit)
+    except AnalysisError as e:
+        doc.p(f"No law was fitted: {e}")
+        return None
+    doc.p(f"N = {cfg.fit.size_column}; Huber loss (delta {cfg.fit.fit.huber_delta:g}) on log "
+          f"values, {cfg.fit.fit.n_boot} {cfg.fit.fit.bootstrap} bootstrap resamples, "
+          f"{cfg.fit.fit.ci_level:.0%} intervals.")
+    table = fits.table()
+    if table.empty:
+        doc.p("No law could be fitted for this study (see the notes).")
+    else:
+        formulas = {g.law: g.fit.formula for g in fits.fits}
+        doc.items([f"{law}: {f}" for law, f in formulas.items()])
+        doc.table(table)
+    doc.items(fits.notes)
+    return fits
+
+
+def _predictor(doc: _Doc, frame: pd.DataFrame, cfg: ReportConfig, out: Path) -> None:
+    doc.h(2, "Predictor (random forest)")
+    try:
+        pred = train_predictor(frame, cfg.predictor)
+    except AnalysisError as e:
+        doc.p(f"Not trained: {e}")
+        return
+    doc.p(f"Features used: {', '.join(pred.features)}. Dropped (missing in some rows): "
+          f"{', '.join(pred.dropped) or 'none'}. Training records sha256 "
+          f"{pred.records_sha256[:16]}.")
+    doc.table(pred.importances().rename("importance").rename_axis("feature").reset_index())
+    for scheme in ("size", "family"):
+        try:
+            cv = cross_validate(frame, scheme, cfg.predictor, cfg.fit)
+        except AnalysisError as e:
+            doc.p(f"Leave-one-{scheme}-out skipped: {e}")
+            continue
+        doc.h(3, f"Leave-one-{scheme}-out")
+        doc.table(cv.metrics)
+        doc.p("MAE of dNLL per held-out group:")
+        doc.table(cv.per_group.reset_index())
+        _figure(doc, out, f"predicted_vs_measured_{scheme}",
+                f"predicted vs measured dNLL (leave-one-{scheme}-out)",
+                plots.plot_predicted_vs_measured, cv.predictions)
+
+
+def _pareto(doc: _Doc, frame: pd.DataFrame, out: Path) -> None:
+    doc.h(2, "Pareto frontier (model bytes vs NLL, measured)")
+    front = pareto_frontier(frame)
+    cols = ["model.name", "format.name", "method.name", "model_bytes", "metrics.nll"]
+    doc.table(front[cols])
+    _figure(doc, out, "pareto", "Pareto frontier", plots.plot_pareto, frame, front)
+
+
+def _figure(doc: _Doc, out: Path, name: str, caption: str, fn, *args) -> None:
+    try:
+        fig = fn(*args)
+    except AnalysisError as e:
+        doc.p(f"Figure '{caption}' skipped: {e}")
+        return
+    rel = f"figures/{name}.png"
+    fig.savefig(out / rel, dpi=110)
+    plt.close(fig)
+    doc.img(rel, caption)

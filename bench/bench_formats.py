@@ -1,0 +1,151 @@
+"""fake_quantize throughput of every study format, against device-to-device copy bandwidth.
+
+    python bench/bench_formats.py --out DIR            # CUDA: 4096x4096 and 8192x28672 bf16
+    python bench/bench_formats.py --out DIR --smoke    # tiny sizes (CPU is fine)
+
+GB/s = (bytes read + bytes written) / time = 2 * numel * 2 bytes (bf16 in, bf16 out) / time,
+the same accounting as ``y.copy_(x)``, whose bandwidth is measured in the same run. Times are
+the median of ``--repeats`` runs after ``--warmup`` runs (CUDA events on GPU). Each format runs
+eager and, on CUDA (or with ``--compile``), under ``torch.compile`` (dynamo reset per format;
+``fullgraph=True``, falling back to graph breaks, and to eager if compiling fails; the outcome
+is recorded). The compiled result is compared bitwise with eager. Writes DIR/bench_formats.md
+and DIR/bench_formats.json (device, date, torch version, every number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ptqscale.formats import get_format
+
+FORMATS = ["bf16", "int8", "int4_g128", "int3_g128", "int4_g128_asym", "fp8_e4m3", "mxfp8_e4m3",
+           "mxfp6_e2m3", "mxfp4", "mxint8", "mxint4_b32", "mxint3_b128", "nvfp4", "nf4"]
+SHAPES = [(4096, 4096), (8192, 28672)]
+SMOKE_SHAPES = [(64, 256), (96, 200)]
+TARGET_FAMILIES = ("int", "mx")  # target: >= 50% of copy bandwidth
+TARGET = 0.5
+
+
+def timer(device: torch.device, fn, warmup: int, repeats: int) -> float:
+    """Median seconds of fn() (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def compile_fn(fn, x):
+    """torch.compile(fn): fullgraph first, then with graph breaks; (compiled or None, status)."""
+    import torch._dynamo
+
+    for fullgraph in (True, False):
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(fn, fullgraph=fullgraph, dynamic=False)
+            compiled(x)
+            return compiled, "fullgraph" if fullgraph else "graph breaks"
+        except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
+            status = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+    return None, status
+
+
+def bench_shape(shape, names, device, args) -> list[dict]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = (torch.randn(shape, generator=gen, device=device) * 0.02).to(torch.bfloat16)
+    moved = 2 * x.numel() * x.element_size()  # bytes read + written
+    y = torch.empty_like(x)
+    copy_s = timer(device, lambda: y.copy_(x), args.warmup, args.repeats)
+    rows = []
+    for name in names:
+        fmt = get_format(name)
+        eager_s = timer(device, lambda f=fmt: f.fake_quantize(x), args.warmup, args.repeats)
+        row = {"shape": list(shape), "format": name, "family": fmt.family,
+               "copy_gbps": moved / copy_s / 1e9, "eager_gbps": moved / eager_s / 1e9}
+        if args.compile:
+            compiled, row["compile"] = compile_fn(fmt.fake_quantize, x)
+            if compiled is not None:
+                comp_s = timer(device, lambda c=compiled: c(x), args.warmup, args.repeats)
+                row["compiled_gbps"] = moved / comp_s / 1e9
+                diff = compiled(x) != fmt.fake_quantize(x)
+                row["compiled_mismatch_frac"] = diff.float().mean().item()
+        best = max(row["eager_gbps"], row.get("compiled_gbps", 0.0))
+        row["best_frac_of_copy"] = best / row["copy_gbps"]
+        row["meets_target"] = (row["best_frac_of_copy"] >= TARGET
+                               if fmt.family in TARGET_FAMILIES else None)
+        rows.append(row)
+        print(f"{shape} {name:16s} eager {row['eager_gbps']:8.1f} GB/s  compiled "
+              f"{row.get('compiled_gbps', float('nan')):8.1f} GB/s  copy {row['copy_gbps']:8.1f}",
+              flush=True)
+    return rows
+
+
+def render(meta: dict, rows: list[dict]) -> str:
+    out = [f"# fake_quantize throughput ({meta['device']})", "",
+           f"Date {meta['date']}, torch {meta['torch']}, {meta['note']}. GB/s = 2 x bytes of the "
+           "bf16 tensor / median time; copy = `y.copy_(x)` in the same run; target: INT and MX "
+           f">= {TARGET:.0%} of copy.", "",
+           "| shape | format | eager GB/s | compiled GB/s | copy GB/s | best / copy | target | "
+           "compile | compiled == eager |",
+           "|---|---|---:|---:|---:|---:|---|---|---|"]
+    for r in rows:
+        comp = f"{r['compiled_gbps']:.1f}" if "compiled_gbps" in r else "-"
+        same = ("-" if "compiled_mismatch_frac" not in r
+                else "yes" if r["compiled_mismatch_frac"] == 0 else f"{r['compiled_mismatch_frac']:.2e} differ")
+        target = {True: "met", False: "MISSED", None: "n/a"}[r["meets_target"]]
+        out.append(f"| {r['shape'][0]}x{r['shape'][1]} | `{r['format']}` | {r['eager_gbps']:.1f} | "
+                   f"{comp} | {r['copy_gbps']:.1f} | {r['best_frac_of_copy']:.0%} | {target} | "
+                   f"{r.get('compile', 'not run')} | {same} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, few repeats")
+    ap.add_argument("--formats", nargs="+", default=FORMATS)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="also time torch.compile (default: on CUDA only)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    args = ap.parse_args(argv)
+    names = [get_format(n).name for n in args.formats]  # bad names fail before any work
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.compile = device.type == "cuda" if args.compile is None else args.compile
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
+    args.repeats = args.repeats if args.repeats is not None else (3 if args.smoke else 20)
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    rows = [r for s in shapes for r in bench_shape(s, names, device, args)]
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else
+            f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "note": "smoke run (tiny shapes)" if args.smoke else f"shapes {shapes}",
+            "warmup": args.warmup, "repeats": args.repeats, "compile": args.compile}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_formats.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (args.out / "bench_formats.md").write_text(render(meta, rows))
+    print(f"wrote {args.out / 'bench_formats.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,446 @@
+"""Loss-landscape features around the trained weights (DESIGN "Measured quantities", protocol v1).
+
+The loss everywhere is the mean next-token NLL (nats) of the model over fixed token windows
+``batches[n, seqlen]``, with fp32 logits and float64 accumulation. Every feature is measured
+with the model temporarily in fp32 (bf16 -> fp32 -> bf16 is exact), so the noise response and
+the Hessian see the same function; the quantizable weights are restored bit-exactly after
+every perturbation, and that is asserted.
+
+- Noise response: Gaussian noise of per-layer variance ``||W_l||^2 / (numel_l 10^(s/10))``
+  at each SQNR level ``s``; ``dNLL(s) = NLL(noisy) - NLL(clean)``, mean over seeds. Seed k
+  draws one noise direction used at every level (common random numbers: the curve is
+  smooth in ``s``), and with ``antithetic`` both ``+noise`` and ``-noise`` are scored, which
+  cancels the first-order term ``g . noise`` exactly instead of only on average.
+- ``kappa``: ``dNLL ~= kappa * 10^(-s/10)`` fitted as ``sum dNLL / sum 10^(-s/10)`` over the
+  levels whose mean dNLL is at most ``kappa_max_dnll`` (the small-noise regime).
+- ``s_star_db``: the SQNR at which dNLL first reaches ``threshold`` going from high to low
+  SQNR, interpolated between the two bracketing levels in ``(s, log dNLL)``.
+- Second order (``measure_hessian``): Hutchinson trace, per-layer traces, top eigenvalue,
+  and ``kappa_h = 0.5 sum_l (||W_l||^2/numel_l) tr(H_l)``, the same small-noise coefficient
+  as ``kappa`` (``E[eps^T H eps] = sum_l sigma_l^2 tr(H_l)``): their ratio is a built-in check.
+- Directional profile: dNLL at ``W + t (Q(W) - W)`` for a job's quantizer ``Q``.
+
+Example::
+
+    >>> cfg = LandscapeConfig(enabled=True, max_tokens=4096)
+    >>> feats = measure_landscape(model, anat.targets, windows, cfg)   # doctest: +SKIP
+    >>> feats["kappa"], feats["kappa_h"], feats["s_star_db"]           # doctest: +SKIP
+    >>> noise_equivalent_dnll(feats["kappa"], sqnr_db=24.1)            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptqscale.errors import ConfigError
+
+from . import hessian as hs
+
+LANDSCAPE_PROTOCOL = 1
+HVP_METHODS = ("autograd", "finite_difference")
+
+
+@dataclass
+class LandscapeConfig:
+    """Budgets and definitions of the model-level landscape features (Hydra structured config)."""
+
+    enabled: bool = False
+    levels_db: list[float] = field(
+        default_factory=lambda: [50.0, 40.0, 35.0, 30.0, 25.0, 20.0, 15.0, 10.0]
+    )
+    seeds: int = 3  # noise draws per level (pairs when antithetic)
+    seed: int = 0  # base seed: draw k uses seed + k; Hutchinson probe k uses seed + k too
+    antithetic: bool = True  # score +noise and -noise (2 passes per draw)
+    max_tokens: int = 16384  # budget: the first max_tokens // seqlen windows are used
+    seqlen: int | None = None  # None -> the eval seqlen; when set, windows must have it
+    batch_size: int = 1  # windows per forward / per HVP batch (memory, not results)
+    threshold: float = 0.1  # dNLL (nats) that defines the basin edge s*
+    kappa_max_dnll: float = 0.02  # levels with mean dNLL <= this (nats) are used for kappa
+    hessian: bool = True  # also measure trace, kappa_h and top eigenvalue
+    hutchinson_probes: int = 64
+    power_iters: int = 30
+    power_tol: float = 1e-4  # relative change of the Rayleigh quotient that stops early
+    hvp: str = "autograd"  # "autograd" (double backward) | "finite_difference"
+    fd_eps: float = 1e-3  # finite-difference step as a fraction of the weights' global norm
+    directional_ts: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+
+    def __post_init__(self) -> None:
+        levels = [float(s) for s in self.levels_db]
+        if not levels or not all(math.isfinite(s) for s in levels):
+            raise ConfigError(f"landscape.levels_db must be finite dB values, got {self.levels_db}")
+        if len(set(levels)) != len(levels):
+            raise ConfigError(f"landscape.levels_db has duplicates: {self.levels_db}")
+        for key in ("seeds", "max_tokens", "batch_size", "hutchinson_probes", "power_iters"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"landscape.{key} must be >= 1, got {getattr(self, key)}")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise ConfigError(f"landscape.seqlen must be None or >= 2, got {self.seqlen}")
+        for key in ("threshold", "kappa_max_dnll", "fd_eps"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"landscape.{key} must be > 0, got {getattr(self, key)}")
+        if not self.power_tol >= 0:
+            raise ConfigError(f"landscape.power_tol must be >= 0, got {self.power_tol}")
+        if self.hvp not in HVP_METHODS:
+            raise ConfigError(f"landscape.hvp must be one of {HVP_METHODS}, got {self.hvp!r}")
+        _check_ts(self.directional_ts)
+
+
+def _check_ts(ts: Sequence[float]) -> None:
+    if not ts or not all(0 < float(t) <= 1 for t in ts):
+        raise ConfigError(f"directional ts must be a non-empty list in (0, 1], got {list(ts)}")
+
+
+# ---------------------------------------------------------------- loss and inputs
+
+
+def nll_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL (nats) of ``input_ids[b, t]``, differentiable, fp32 logits."""
+    kwargs = {"use_cache": False} if hasattr(model, "config") else {}
+    out = model(input_ids, **kwargs)
+    logits = getattr(out, "logits", out)[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def mean_nll(model: nn.Module, batches: torch.Tensor, batch_size: int = 1) -> float:
+    """Mean next-token NLL over all windows; windows have equal length, so batches weigh by rows."""
+    total = 0.0
+    for ids in batches.split(batch_size):
+        total += float(nll_loss(model, ids).double()) * ids.shape[0]
+    return total / batches.shape[0]
+
+
+def select_windows(batches: torch.Tensor, cfg: LandscapeConfig) -> torch.Tensor:
+    """The first ``max_tokens // seqlen`` windows (all of them when fewer are given)."""
+    if batches.ndim != 2 or batches.dtype != torch.long or batches.shape[1] < 2:
+        raise ValueError(
+            f"batches must be a LongTensor [n, seqlen>=2], got {batches.dtype} {tuple(batches.shape)}"
+        )
+    seqlen = batches.shape[1]
+    if cfg.seqlen is not None and seqlen != cfg.seqlen:
+        raise ValueError(f"windows have seqlen {seqlen} but landscape.seqlen is {cfg.seqlen}")
+    if cfg.max_tokens < seqlen:
+        raise ValueError(f"landscape.max_tokens={cfg.max_tokens} is less than one window ({seqlen})")
+    return batches[: cfg.max_tokens // seqlen]
+
+
+def _check_targets(model: nn.Module, targets: dict[str, nn.Linear], batches: torch.Tensor) -> None:
+    if not targets:
+        raise ValueError("targets is empty: there are no quantizable weights to probe")
+    seen: dict[int, str] = {}
+    for name, mod in targets.items():
+        if not isinstance(mod, nn.Linear):
+            raise TypeError(f"target {name!r} is a {type(mod).__name__}, not an nn.Linear")
+        ptr = mod.weight.data_ptr()
+        if ptr in seen:  # a tied weight would get its noise twice
+            raise ValueError(f"targets {seen[ptr]!r} and {name!r} share one weight tensor")
+        seen[ptr] = name
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and int(batches.max()) >= emb.num_embeddings:
+        raise ValueError(f"token id {int(batches.max())} >= vocab size {emb.num_embeddings}")
+
+
+@contextmanager
+def _restored(targets: dict[str, nn.Linear]) -> Iterator[list[torch.Tensor]]:
+    """Yield a copy of the target weights; copy them back on exit and assert bit-exactness."""
+    weights = [m.weight for m in targets.values()]
+    reference = [w.detach().clone() for w in weights]
+    try:
+        yield reference
+    finally:
+        with torch.no_grad():
+            for w, r in zip(weights, reference):
+                w.copy_(r)
+        for (name, m), r in zip(targets.items(), reference):
+            if not torch.equal(m.weight, r):
+                raise RuntimeError(f"weight of {name!r} was not restored exactly")
+
+
+@contextmanager
+def _measuring(model: nn.Module, targets: dict[str, nn.Linear]) -> Iterator[list[torch.Tensor]]:
+    # fp32 first so that the reference copy is the fp32 view; eval for deterministic forwards
+    with hs.fp32(model), hs.eval_mode(model), _restored(targets) as reference:
+        yield reference
+
+
+def _sq_per_numel(reference: Sequence[torch.Tensor]) -> list[float]:
+    return [float(r.double().pow(2).sum()) / r.numel() for r in reference]
+
+
+def _key(value: float) -> str:
+    return f"{value:g}".replace(".", "p").replace("-", "m")
+
+
+# ---------------------------------------------------------------- noise response
+
+
+def noise_equivalent_dnll(kappa: float, sqnr_db: float) -> float:
+    """Predicted dNLL of a perturbation with weight SQNR ``sqnr_db``: ``kappa * 10^(-s/10)``.
+
+    >>> noise_equivalent_dnll(2.0, 20.0)
+    0.02
+    """
+    if not (math.isfinite(kappa) and math.isfinite(sqnr_db)):
+        raise ValueError(f"kappa and sqnr_db must be finite, got {kappa}, {sqnr_db}")
+    return kappa * 10 ** (-sqnr_db / 10)
+
+
+def measure_noise_response(
+    model: nn.Module, targets: dict[str, nn.Linear], batches: torch.Tensor, cfg: LandscapeConfig
+) -> dict:
+    """dNLL per SQNR level (mean and standard error over seeds), ``kappa`` and ``s_star_db``."""
+    windows = select_windows(batches, cfg)
+    _check_targets(model, targets, windows)
+    levels = sorted((float(s) for s in cfg.levels_db), reverse=True)
+    signs = (1.0, -1.0) if cfg.antithetic else (1.0,)
+    start = time.perf_counter()
+    with _measuring(model, targets) as reference:
+        weights = [m.weight for m in targets.values()]
+        clean = mean_nll(model, windows, cfg.batch_size)
+        dnll = torch.zeros(len(levels), cfg.seeds, dtype=torch.float64)
+        for k in range(cfg.seeds):
+            noise = hs.gaussian(reference, cfg.seed + k)  # one direction for every level
+            for i, s in enumerate(levels):
+                scores = [_noisy_nll(model, windows, cfg, weights, reference, noise, s, sign)
+                          for sign in signs]
+                dnll[i, k] = sum(scores) / len(scores) - clean
+    out = {"nll_clean": clean, "landscape_tokens": windows.numel()}
+    out.update(summarize_noise_response(levels, dnll, cfg))
+    out["cost_noise_response_s"] = time.perf_counter() - start
+    out["cost_noise_response_tokens"] = windows.numel() * (1 + len(levels) * cfg.seeds * len(signs))
+    return out
+
+
+def _noisy_nll(model, windows, cfg, weights, reference, noise, s_db, sign) -> float:
+    with torch.no_grad():
+        for w, r, z in zip(weights, reference, noise):
+            sigma = math.sqrt(float(r.double().pow(2).sum()) / (r.numel() * 10 ** (s_db / 10)))
+            w.copy_(r).add_(z, alpha=sign * sigma)
+    return mean_nll(model, windows, cfg.batch_size)
+
+
+def summarize_noise_response(
+    levels: Sequence[float], dnll: torch.Tensor, cfg: LandscapeConfig
+) -> dict:
+    """Flat features from ``dnll[level, seed]`` (levels sorted from high to low SQNR)."""
+    mean = dnll.mean(dim=1)
+    sem = dnll.std(dim=1) / math.sqrt(dnll.shape[1]) if dnll.shape[1] > 1 else 0 * mean
+    out: dict = {}
+    for s, m, e in zip(levels, mean.tolist(), sem.tolist()):
+        out[f"dnll_at_{_key(s)}db"] = m
+        out[f"dnll_sem_at_{_key(s)}db"] = e
+    out.update(fit_kappa(levels, mean.tolist(), cfg.kappa_max_dnll))
+    out.update(basin_edge(levels, mean.tolist(), cfg.threshold))
+    return out
+
+
+def fit_kappa(levels: Sequence[float], dnll: Sequence[float], max_dnll: float) -> dict:
+    """``kappa = sum dNLL_i / sum 10^(-s_i/10)`` over levels with ``dNLL_i <= max_dnll``.
+
+    The ratio of sums is least squares through the origin weighted by 1/x, which suits a
+    noise whose variance grows with the noise power x = 10^(-s/10). When no level is in the
+    small-noise regime, the highest-SQNR level alone is used and ``kappa_linear`` is False.
+
+    >>> round(fit_kappa([40.0, 30.0, 20.0], [0.0002, 0.002, 0.5], max_dnll=0.01)["kappa"], 6)
+    2.0
+    """
+    pairs = [(s, d) for s, d in zip(levels, dnll) if d <= max_dnll]
+    linear = bool(pairs)
+    if not linear:
+        pairs = [max(zip(levels, dnll))]
+    kappa = sum(d for _, d in pairs) / sum(10 ** (-s / 10) for s, _ in pairs)
+    return {
+        "kappa": kappa,
+        "kappa_linear": linear,
+        "kappa_n_levels": len(pairs),
+        "kappa_min_db": min(s for s, _ in pairs),
+    }
+
+
+def basin_edge(levels: Sequence[float], dnll: Sequence[float], threshold: float) -> dict:
+    """``s_star_db``: where dNLL first reaches ``threshold`` going down in SQNR.
+
+    Interpolated in ``(s, log dNLL)`` (linear in the small-noise regime) between the
+    bracketing levels, linearly when the upper one is not positive. None when the highest
+    level is already past the threshold or no level reaches it (``s_star_bracketed`` False).
+
+    >>> basin_edge([30.0, 20.0], [0.01, 1.0], threshold=0.1)["s_star_db"]
+    25.0
+    """
+    pairs = sorted(zip(levels, dnll), reverse=True)
+    for i, (s, d) in enumerate(pairs):
+        if d < threshold:
+            continue
+        if i == 0:
+            break
+        s0, d0 = pairs[i - 1]
+        if d0 > 0:
+            frac = math.log(threshold / d0) / math.log(d / d0)
+        else:
+            frac = (threshold - d0) / (d - d0)
+        return {"s_star_db": s0 + frac * (s - s0), "s_star_bracketed": True}
+    return {"s_star_db": None, "s_star_bracketed": False}
+
+
+# ---------------------------------------------------------------- second order
+
+
+def measure_hessian(
+    model: nn.Module, targets: dict[str, nn.Linear], batches: torch.Tensor, cfg: LandscapeConfig
+) -> dict:
+    """Hutchinson trace (total, per layer), ``kappa_h`` and the top eigenvalue, in fp32.
+
+    Per-layer entries are under ``"layers"`` (name -> trace and ``||W||^2/numel``); every
+    other key is a scalar. Standard errors come from the spread over probes.
+    """
+    windows = select_windows(batches, cfg)
+    _check_targets(model, targets, windows)
+    weights = [m.weight for m in targets.values()]
+    with _measuring(model, targets) as reference, hs.double_backward_ready(model, weights):
+        batch_hvps = _batch_hvps(model, windows, weights, reference, cfg)
+        start = time.perf_counter()
+        samples = hs.hutchinson_samples(batch_hvps, weights, cfg.hutchinson_probes, cfg.seed)
+        trace_s = time.perf_counter() - start
+
+        def full_hvp(v: hs.Vector) -> hs.Vector:
+            total = [torch.zeros_like(w) for w in weights]
+            for frac, make in batch_hvps:
+                for acc, hv in zip(total, make()(v)):
+                    acc.add_(hv, alpha=frac)
+            return total
+
+        start = time.perf_counter()
+        eig, iters, converged = hs.power_iteration(
+            full_hvp, weights, cfg.power_iters, cfg.power_tol, cfg.seed
+        )
+        eig_s = time.perf_counter() - start
+    scale = torch.tensor(_sq_per_numel(reference), dtype=torch.float64)
+    passes = 2 if cfg.hvp == "finite_difference" else 1  # forwards per HVP batch
+    out = {"hvp_method": cfg.hvp, "hutchinson_probes": cfg.hutchinson_probes}
+    out.update(_trace_stats(samples, scale))
+    out.update(top_eigenvalue=eig, power_iters_run=iters, power_converged=converged)
+    n_tok = windows.numel()
+    out.update(
+        cost_hessian_trace_s=trace_s,
+        # autograd builds each batch's graph once for all probes; FD needs 2 gradients per probe
+        cost_hessian_trace_tokens=n_tok * (2 * cfg.hutchinson_probes if passes == 2 else 1),
+        cost_hessian_trace_hvps=cfg.hutchinson_probes,
+        cost_top_eigenvalue_s=eig_s,
+        cost_top_eigenvalue_tokens=n_tok * passes * iters,
+        cost_top_eigenvalue_hvps=iters,
+    )
+    out["layers"] = {
+        name: {"hessian_trace": float(t), "weight_sq_per_numel": float(c)}
+        for name, t, c in zip(targets, samples.mean(dim=0), scale)
+    }
+    return out
+
+
+def _batch_hvps(model, windows, weights, reference, cfg) -> list[tuple[float, Callable]]:
+    """``(fraction of windows, make_hvp)`` per batch; ``make_hvp()`` returns that batch's HVP."""
+    out = []
+    for ids in windows.split(cfg.batch_size):
+        loss_fn = partial(nll_loss, model, ids)
+        if cfg.hvp == "autograd":
+            make = partial(hs.autograd_hvp, loss_fn, weights)
+        else:
+            make = partial(hs.finite_difference_hvp, loss_fn, weights, reference, cfg.fd_eps)
+        out.append((ids.shape[0] / windows.shape[0], make))
+    return out
+
+
+def _trace_stats(samples: torch.Tensor, scale: torch.Tensor) -> dict:
+    """Means and standard errors over probes of ``tr(H)`` and ``kappa_h``."""
+    trace = samples.sum(dim=1)
+    kappa_h = 0.5 * (samples * scale).sum(dim=1)
+    n = samples.shape[0]
+
+    def sem(x: torch.Tensor) -> float:
+        return float(x.std() / math.sqrt(n)) if n > 1 else 0.0
+
+    return {
+        "hessian_trace": float(trace.mean()),
+        "hessian_trace_sem": sem(trace),
+        "kappa_h": float(kappa_h.mean()),
+        "kappa_h_sem": sem(kappa_h),
+    }
+
+
+# ---------------------------------------------------------------- all model-level features
+
+
+def measure_landscape(
+    model: nn.Module, targets: dict[str, nn.Linear], batches: torch.Tensor, cfg: LandscapeConfig
+) -> dict:
+    """Every model-level feature at ``cfg``'s budget: noise response, and (``cfg.hessian``)
+    the second-order features with ``kappa_ratio = kappa_h / kappa``.
+
+    All keys are JSON scalars except ``"layers"`` (per-layer Hessian traces).
+    """
+    out: dict = {"landscape_protocol": LANDSCAPE_PROTOCOL}
+    out.update(measure_noise_response(model, targets, batches, cfg))
+    if cfg.hessian:
+        out.update(measure_hessian(model, targets, batches, cfg))
+        out["kappa_ratio"] = out["kappa_h"] / out["kappa"] if out["kappa"] != 0 else None
+    return out
+
+
+# ---------------------------------------------------------------- directional profile
+
+
+def measure_directional_profile(
+    model: nn.Module,
+    targets: dict[str, nn.Linear],
+    batches: torch.Tensor,
+    quantize_fn: Callable[[torch.Tensor], torch.Tensor],
+    ts: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+    *,
+    batch_size: int = 1,
+) -> dict:
+    """dNLL at ``W + t (Q(W) - W)`` for each ``t``, with ``Q = quantize_fn`` per target weight.
+
+    Also the weight SQNR of ``Q`` and the least-squares fit ``dNLL(t) ~= a t + b t^2``
+    (``directional_linear`` a = g . D, ``directional_quadratic`` b = D^T H D / 2).
+    """
+    _check_ts(ts)
+    _check_targets(model, targets, batches)
+    start = time.perf_counter()
+    with _measuring(model, targets) as reference:
+        weights = [m.weight for m in targets.values()]
+        with torch.no_grad():
+            deltas = [_delta(name, quantize_fn, r) for name, r in zip(targets, reference)]
+        clean = mean_nll(model, batches, batch_size)
+        dnll = []
+        for t in ts:
+            with torch.no_grad():
+                for w, r, d in zip(weights, reference, deltas):
+                    w.copy_(r).add_(d, alpha=float(t))
+            dnll.append(mean_nll(model, batches, batch_size) - clean)
+    signal = sum(float(r.double().pow(2).sum()) for r in reference)
+    err = sum(float(d.double().pow(2).sum()) for d in deltas)
+    out = {f"directional_dnll_at_t{_key(float(t))}": d for t, d in zip(ts, dnll)}
+    out["directional_sqnr_db"] = 10 * math.log10(signal / err) if err > 0 else math.inf
+    design = torch.tensor([[float(t), float(t) ** 2] for t in ts], dtype=torch.float64)
+    coef = torch.linalg.lstsq(design, torch.tensor(dnll, dtype=torch.float64)[:, None]).solution
+    out["directional_linear"], out["directional_quadratic"] = coef[:, 0].tolist()
+    out["cost_directional_s"] = time.perf_counter() - start
+    out["cost_directional_tokens"] = batches.numel() * (1 + len(ts))
+    return out
+
+
+def _delta(name: str, quantize_fn, w: torch.Tensor) -> torch.Tensor:
+    q = quantize_fn(w.clone())  # a clone: quantize_fn must not be able to touch the weights
+    if not isinstance(q, torch.Tensor) or q.shape != w.shape:
+        raise ValueError(f"quantize_fn({name}) must return a tensor of shape {tuple(w.shape)}")
+    if not torch.isfinite(q).all():
+        raise ValueError(f"quantize_fn({name}) returned non-finite values")
+    return q.to(w.dtype) - w

@@ -1,0 +1,85 @@
+"""Pareto frontier and budget answers against brute force; predictions for known and new."""
+
+import numpy as np
+import pytest
+
+from ptqscale_analysis.errors import AnalysisError
+from ptqscale_analysis.load import load_study
+from ptqscale_analysis.predictor import PredictorConfig, train_predictor
+from ptqscale_analysis.queries import (
+    best_under_budget,
+    pareto_frontier,
+    parse_bytes,
+    predict_nll,
+)
+
+
+@pytest.fixture(scope="module")
+def small(small_root):
+    return load_study(small_root, "small")
+
+
+@pytest.fixture(scope="module")
+def pred(small):
+    return train_predictor(small, PredictorConfig(n_estimators=20))
+
+
+def test_pareto_frontier_is_the_brute_force_set(small):
+    front = pareto_frontier(small)
+    b, y = small["model_bytes"].to_numpy(), small["metrics.nll"].to_numpy()
+    dominated = [((b <= b[i]) & (y <= y[i]) & ((b < b[i]) | (y < y[i]))).any() for i in range(len(b))]
+    assert set(front.index) == set(small.index[~np.array(dominated)])
+    assert front["model_bytes"].is_monotonic_increasing
+    assert front["metrics.nll"].is_monotonic_decreasing
+
+
+def test_best_under_budget_measured_and_predicted(small, pred):
+    budget = small["model_bytes"].median()
+    ans = best_under_budget(small, budget, pred)
+    under = small[small["model_bytes"] <= budget]
+    assert ans.measured["metrics.nll"] == under["metrics.nll"].min()
+    assert ans.predicted["model_bytes"] <= budget
+    assert ans.predicted["nll"] == ans.candidates.query("model_bytes <= @budget")["nll"].min()
+    # candidate bytes follow the rule: quantized at effective bits, the rest at 16 bits
+    row = ans.candidates.query("`format.name` == 'mxfp4'").iloc[0]
+    m = small[small["model.name"] == row["model.name"]].iloc[0]
+    q = m["params.quantized"]
+    assert row["model_bytes"] == pytest.approx(q * 4.25 / 8 + (m["params.total"] - q) * 2)
+    with pytest.raises(AnalysisError, match="nothing fits in 10 bytes"):
+        best_under_budget(small, 10, pred)
+
+
+def test_predict_known_model_and_given_features(small, pred):
+    p = predict_nll(pred, small, "mxfp4", "gptq", model="zoo-8m")
+    assert p.measured_nll == pytest.approx(
+        small.query("`model.name` == 'zoo-8m' and `format.name` == 'mxfp4' and "
+                    "`method.name` == 'gptq'")["metrics.nll"].iloc[0])
+    assert p.nll_low <= p.nll <= p.nll_high and abs(p.nll - p.measured_nll) < 0.05
+    given = predict_nll(pred, small, "mxfp4", "gptq",
+                        features={"params.total": 2e7, "metrics.nll_fp": 3.0,
+                                  "landscape.kappa": 0.5})
+    assert given.nll > 3.0 and given.measured_nll is None
+    with pytest.raises(AnalysisError, match="missing model features.*landscape.kappa"):
+        predict_nll(pred, small, "mxfp4", "gptq",
+                    features={"params.total": 2e7, "metrics.nll_fp": 3.0})
+
+
+def test_unseen_format_method_model_are_refused(small, pred):
+    with pytest.raises(AnalysisError, match="format 'nf4' was never seen.*int4_g128"):
+        predict_nll(pred, small, "nf4", "rtn", model="zoo-8m")
+    with pytest.raises(AnalysisError, match="method 'awq' was never seen"):
+        predict_nll(pred, small, "mxfp4", "awq", model="zoo-8m")
+    with pytest.raises(AnalysisError, match="model 'zoo-7b' is not in the study"):
+        predict_nll(pred, small, "mxfp4", "rtn", model="zoo-7b")
+
+
+@pytest.mark.parametrize("text,value", [("500MB", 5e8), ("1.5GiB", 1.5 * 2**30), ("2e9", 2e9),
+                                        ("123", 123.0), ("4 kib", 4096.0)])
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("text", ["lots", "5 parsecs", "0"])
+def test_parse_bytes_refuses(text):
+    with pytest.raises(AnalysisError, match="budget"):
+        parse_bytes(text)
