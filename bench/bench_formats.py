@@ -8,8 +8,10 @@ the same accounting as ``y.copy_(x)``, whose bandwidth is measured in the same r
 the median of ``--repeats`` runs after ``--warmup`` runs (CUDA events on GPU). Each format runs
 eager and, on CUDA (or with ``--compile``), under ``torch.compile`` (dynamo reset per format;
 ``fullgraph=True``, falling back to graph breaks, and to eager if compiling fails; the outcome
-is recorded). The compiled result is compared bitwise with eager. Writes DIR/bench_formats.md
-and DIR/bench_formats.json (device, date, torch version, every number).
+is recorded). The compiled result is compared bitwise with eager; Inductor's Triton ``/`` is
+approximate (div.full.f32) unless ``eager_numerics.division_rounding`` is on, which this script
+turns on (exact INT/NF4/NVFP4 rounding) unless ``--approx-division`` is given. Writes
+DIR/bench_formats.md and DIR/bench_formats.json (device, date, torch version, every number).
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ def bench_shape(shape, names, device, args) -> list[dict]:
 
 def render(meta: dict, rows: list[dict]) -> str:
     out = [f"# fake_quantize throughput ({meta['device']})", "",
-           f"Date {meta['date']}, torch {meta['torch']}, {meta['note']}. GB/s = 2 x bytes of the "
+           f"Date {meta['date']}, torch {meta['torch']}, {meta['note']}, compiled with exact "
+           f"division: {meta['exact_division']}. GB/s = 2 x bytes of the "
            "bf16 tensor / median time; copy = `y.copy_(x)` in the same run; target: INT and MX "
            f">= {TARGET:.0%} of copy.", "",
            "| shape | format | eager GB/s | compiled GB/s | copy GB/s | best / copy | target | "
@@ -125,6 +128,8 @@ def main(argv=None) -> None:
     ap.add_argument("--formats", nargs="+", default=FORMATS)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="also time torch.compile (default: on CUDA only)")
+    ap.add_argument("--approx-division", action="store_true",
+                    help="let compiled kernels use Triton's approximate fp32 division")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     args = ap.parse_args(argv)
@@ -134,13 +139,18 @@ def main(argv=None) -> None:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
     args.repeats = args.repeats if args.repeats is not None else (3 if args.smoke else 20)
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    if args.compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.eager_numerics.division_rounding = not args.approx_division
     rows = [r for s in shapes for r in bench_shape(s, names, device, args)]
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else
             f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "cuda": torch.version.cuda,
             "note": "smoke run (tiny shapes)" if args.smoke else f"shapes {shapes}",
-            "warmup": args.warmup, "repeats": args.repeats, "compile": args.compile}
+            "warmup": args.warmup, "repeats": args.repeats, "compile": args.compile,
+            "exact_division": args.compile and not args.approx_division}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_formats.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (args.out / "bench_formats.md").write_text(render(meta, rows))

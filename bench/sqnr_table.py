@@ -1,12 +1,12 @@
-"""Generate the SQNR table of docs/formats.md: weight SQNR (dB) of every study format on
-Gaussian, Laplace and Student-t weights.
+"""Generate the SQNR table of docs/formats.md (weight SQNR in dB of the study formats on
+Gaussian, Laplace and Student-t weights) and copy FORMAT_GRAMMAR into it.
 
     python bench/sqnr_table.py                  # rewrite the table in docs/formats.md
     python bench/sqnr_table.py --print          # only print it
     python bench/sqnr_table.py --rows 64 --cols 1024 --print   # smaller and faster
 
-The table sits between the markers ``<!-- sqnr-table:start -->`` and ``<!-- sqnr-table:end -->``;
-everything else in the file is left alone. Weights are i.i.d. with a fixed seed, scaled to unit
+The table and the grammar sit between ``<!-- sqnr-table:start/end -->`` and
+``<!-- grammar:start/end -->`` markers; everything else in the file is left alone. Weights are i.i.d. with a fixed seed, scaled to unit
 variance (SQNR does not depend on the overall scale for any format here but fp16-scaled INT at
 extreme magnitudes).
 """
@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from ptqscale.formats import get_format, sqnr_db
+from ptqscale.formats import FORMAT_GRAMMAR, get_format, sqnr_db
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "formats.md"
-START, END = "<!-- sqnr-table:start -->", "<!-- sqnr-table:end -->"
+TABLE_MARKERS = ("<!-- sqnr-table:start -->", "<!-- sqnr-table:end -->")
+GRAMMAR_MARKERS = ("<!-- grammar:start -->", "<!-- grammar:end -->")
 
 # (section, names): families in rising element bits, then rising block size
 TABLE = [
@@ -33,8 +34,11 @@ TABLE = [
     ("INT8", ["int8", "int8_t", "int8_asym"]),
     ("FP, per-tensor", ["fp4_e2m1", "fp6_e3m2", "fp6_e2m3", "fp8_e5m2", "fp8_e4m3"]),
     ("MXFP (OCP)", ["mxfp4", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp8_e5m2", "mxfp8_e4m3"]),
+    ("MXFP, E2 elements", ["mxfp4", "mxfp5_e2m2_b32", "mxfp6_e2m3", "mxfp7_e2m4_b32",
+                           "mxfp8_e2m5_b32"]),
     ("MXFP4, block", ["mxfp4_b16", "mxfp4", "mxfp4_b64", "mxfp4_b128", "mxfp4_b256"]),
-    ("MXFP4, scale rule", ["mxfp4", "mxfp4_ru"]),
+    ("MXFP4 _ru, block", ["mxfp4_b16_ru", "mxfp4_ru", "mxfp4_b64_ru", "mxfp4_b128_ru",
+                          "mxfp4_b256_ru"]),
     ("MXINT, block 32", ["mxint2_b32", "mxint3_b32", "mxint4_b32", "mxint6_b32", "mxint8"]),
     ("MXINT4, block", ["mxint4_b16", "mxint4_b32", "mxint4_b64", "mxint4_b128", "mxint4_b256"]),
     ("MXINT3, block", ["mxint3_b16", "mxint3_b32", "mxint3_b64", "mxint3_b128", "mxint3_b256"]),
@@ -79,18 +83,22 @@ def render(results, rows: int, cols: int, seed: int) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def replace_between(text: str, markers: tuple[str, str], body: str) -> str:
+    start, end = markers
+    if start not in text or end not in text:
+        raise SystemExit(f"{DOC} lacks the markers {start} ... {end}")
+    before, rest = text.split(start, 1)
+    return f"{before}{start}\n{body}{end}{rest.split(end, 1)[1]}"
+
+
 def write(table: str, doc: Path = DOC) -> None:
-    text = doc.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{doc} lacks the markers {START} ... {END}")
-    before, rest = text.split(START, 1)
-    after = rest.split(END, 1)[1]
-    doc.write_text(f"{before}{START}\n{table}{END}{after}")
+    text = replace_between(doc.read_text(), TABLE_MARKERS, table)
+    doc.write_text(replace_between(text, GRAMMAR_MARKERS, f"```text\n{FORMAT_GRAMMAR}```\n"))
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--print", action="store_true", help="print the table, leave the doc alone")

@@ -130,3 +130,54 @@ def test_every_code_point_decodes_and_re_encodes(name):
     again = fmt.encode(vals)
     assert torch.equal(again.codes, codes)
     torch.testing.assert_close(fmt.decode(again), vals, rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize("name,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_baseline_equals_a_cast(name, dtype):
+    fin = torch.finfo(dtype)
+    specials = torch.tensor([0.0, -0.0, 1e-30, 1e-42, fin.tiny / 3, fin.max, fin.max * 1.01,
+                             -fin.max * 1.5, float("inf"), -float("inf"), 3e38])
+    x = torch.cat([weights(seed=6).reshape(-1) * 1.001, specials, torch.tensor([float("nan")])])
+    got = get_format(name).fake_quantize(x)
+    want = x.to(dtype).to(torch.float32)
+    assert torch.equal(got[:-1], want[:-1]) and torch.isnan(got[-1])
+    assert torch.equal(torch.signbit(got[:-1]), torch.signbit(want[:-1]))
+    assert get_format(name).fake_quantize(x.to(dtype)).dtype == dtype
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    """Inductor must not elide the fp16 scale / bf16 roundings nor mis-handle a short block."""
+    import torch._dynamo
+
+    x = (weights(rows=8, cols=200, seed=7) * 0.1).to(torch.bfloat16)
+    for name in ["int4_g128", "mxfp4", "bf16"]:
+        fmt = get_format(name)
+        torch._dynamo.reset()
+        compiled = torch.compile(fmt.fake_quantize, fullgraph=True, dynamic=False)
+        inp = x.float() * 1.001 if name == "bf16" else x
+        assert torch.equal(compiled(inp), fmt.fake_quantize(inp)), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_equals_cpu(name):
+    fmt, w = get_format(name), weights(seed=8)
+    assert torch.equal(fmt.fake_quantize(w.cuda()).cpu(), fmt.fake_quantize(w))
+    enc = fmt.encode(w.cuda())
+    assert torch.equal(fmt.decode(enc).cpu(), fmt.fake_quantize(w))
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_cuda_compile_matches_eager():
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    x = (weights(rows=64, cols=1000, seed=9) * 0.1).to(torch.bfloat16).cuda()
+    with inductor_config.patch({"eager_numerics.division_rounding": True}):
+        for name in ["int4_g128", "int3_g64_asym", "mxfp4", "mxint4_b32", "nvfp4", "nf4"]:
+            fmt = get_format(name)
+            torch._dynamo.reset()
+            compiled = torch.compile(fmt.fake_quantize, fullgraph=True, dynamic=False)
+            assert torch.equal(compiled(x), fmt.fake_quantize(x)), name

@@ -124,3 +124,35 @@ def test_config_validation_in_post_init():
         MXFormat(block=0)
     with pytest.raises(ValueError, match="e9m9"):
         MinifloatSpec(9, 9)
+
+
+def test_package_imports_nothing_else_of_ptqscale():
+    import ast
+    import sys
+    from pathlib import Path
+
+    import ptqscale.formats as pkg
+
+    allowed = {"torch", "numpy"} | set(sys.stdlib_module_names)
+    for path in Path(pkg.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert node.module.split(".")[0] in allowed, (path.name, node.module)
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert alias.name.split(".")[0] in allowed, (path.name, alias.name)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import torch
+
+    import ptqscale.formats as pkg
+    from ptqscale.formats import base, block, elements, metrics, names, scalar
+
+    for mod in (pkg, base, block, elements, metrics, names, scalar):
+        globs = {**vars(mod), "torch": torch, "get_format": get_format,
+                 "sqnr_db": pkg.sqnr_db}
+        result = doctest.testmod(mod, globs=globs)
+        assert result.failed == 0 and result.attempted > 0, mod.__name__

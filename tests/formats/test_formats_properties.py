@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from ptqscale.formats import get_format
 
-FAST = settings(max_examples=15, deadline=None, derandomize=True)
+FAST = settings(max_examples=15, deadline=None, derandomize=True, database=None)
 FORMATS = ["int8", "int4_g128", "int3_g64_asym", "int4_g128_full", "int8_t", "fp8_e4m3",
            "fp8_e5m2", "fp4_e2m1", "mxfp8_e4m3", "mxfp6_e3m2", "mxfp4", "mxfp4_ru", "mxint8",
            "mxint3_b128", "mxint4_b32_ru", "nvfp4", "nf4"]

@@ -12,6 +12,7 @@ import pytest
 from ptqscale.runner.job import run_job
 from ptqscale.store import iter_records, read_records
 
+import wandb_offline
 from runner_utils import FAST, run_cli
 
 pytestmark = pytest.mark.slow
@@ -121,8 +122,10 @@ def test_wandb_offline_runs_hold_the_metrics(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for rec in records(tmp_path):
         assert rec["wandb"]["status"] == "offline"
-        summary = Path(rec["wandb"]["dir"]) / "wandb-summary.json"
-        assert json.loads(summary.read_text())["metrics/nll"] == pytest.approx(rec["metrics"]["nll"])
+        logged = wandb_offline.summary(Path(rec["wandb"]["dir"]) / f"run-{rec['job_key']}.wandb")
+        assert logged["metrics/nll"] == rec["metrics"]["nll"]
+        assert logged["metrics/weight_sqnr_db"] == rec["metrics"]["weight_sqnr_db"]
+        assert logged["params/total"] == rec["params"]["total"]
 
 
 def test_a_failing_mirror_never_fails_the_job(composed, tmp_path, monkeypatch):

@@ -46,3 +46,15 @@ def tiny_data(tmp_path_factory, test_books: list[str], shared_data: Path) -> dic
     lines = (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
     wiki.write_text("".join(lines.splitlines(keepends=True)[:120]), encoding="utf-8")
     return {"data": data, "wikitext": wiki, "root": root}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine two threads spin against each other
+    and the other engineers' jobs (measured 4x slower per training step)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -89,14 +89,17 @@ def test_save_and_reload_offline_gives_identical_logits(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = ZooConfig(size="200k")
     model = build_model(cfg)
-    save_member(model, cfg, load_tokenizer(), tmp_path)  # leaves `model` in bfloat16
+    save_member(model, cfg, load_tokenizer(), tmp_path)
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is untouched
+    with torch.no_grad():  # the reference: the same weights rounded to bfloat16, as saved
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     assert (tmp_path / "model.safetensors").exists()
-    assert next(reloaded.parameters()).dtype == torch.float32
     ids = AutoTokenizer.from_pretrained(tmp_path)("It was the best of times.",
                                                  return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        assert torch.equal(model.float()(ids).logits, reloaded(ids).logits)
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
 
 
 def test_family_command_trains_smallest_first_and_skips_finished(tiny_data, tmp_path, capsys):

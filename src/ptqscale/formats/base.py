@@ -10,15 +10,16 @@ last, zero-padded up to a multiple of the group length ``g`` and reshaped to
 - ``_store(p)`` / ``_load(enc)`` -> scales in their storage format (fp16, e8m0 codes, ...)
 
 and the base class turns them into ``fake_quantize`` / ``encode`` / ``decode`` / ``fit`` /
-``quantize_with``. Zero padding never changes a scale: absmax ignores zeros and the
-asymmetric INT range always contains 0.
+``quantize_with``. Zero padding never changes a scale (absmax ignores zeros and the
+asymmetric INT range always contains 0), so ``fake_quantize`` handles a short last block
+as its own group instead of padding it.
 """
 
 from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +29,11 @@ import torch.nn.functional as F
 class GroupParams:
     """Fitted parameters of scale groups; each tensor broadcasts against the group values.
 
-    ``scale`` is the float32 multiplier of the element grid (already rounded to its storage
-    format); ``zero`` the integer zero point (asymmetric INT); ``tensor_scale`` the float32
-    second-level scale of NVFP4 (``scale`` is then the E4M3 block scale).
+    ``scale`` is the float32 multiplier of the element grid, already rounded to its storage
+    format (MX: the int32 shared exponent k of the scale 2**k); ``zero`` the integer zero
+    point (asymmetric INT); ``tensor_scale`` the float32 second-level scale of NVFP4 (``scale``
+    is then the E4M3 block scale). Shapes: one entry per row of ``fit``'s input (per-tensor
+    formats: a single one).
     """
 
     scale: torch.Tensor
@@ -163,12 +166,17 @@ class Format(abc.ABC):
         n_scales = n_scales if self.scale_bits else 0
         return elems * self.element_bits + n_scales * (self.scale_bits + self.zero_bits) + extra
 
-    def _blocks(self, x: torch.Tensor, axis: int) -> tuple[torch.Tensor, int, int]:
+    def _moved(self, x: torch.Tensor, axis: int) -> tuple[torch.Tensor, int]:
+        """float32 ``x`` with the quantization axis last (validated first)."""
         if not (x.is_floating_point() and x.ndim >= 1 and x.numel() > 0):
             raise ValueError(f"{self.name}: need a non-empty floating tensor with ndim >= 1, got "
                              f"dtype={x.dtype} shape={tuple(x.shape)}")
         axis = _normalize_axis(x, axis)
-        xm = x.movedim(axis, -1).to(torch.float32)
+        return x.movedim(axis, -1).to(torch.float32), axis
+
+    def _blocks(self, x: torch.Tensor, axis: int) -> tuple[torch.Tensor, int, int]:
+        """(..., n_groups, g) view of ``x`` (axis last, zero-padded), the axis and the pad."""
+        xm, axis = self._moved(x, axis)
         n = xm.shape[-1]
         pad = self.padding_needed(n)
         if pad:
@@ -186,9 +194,22 @@ class Format(abc.ABC):
     # ---- public tensor API ----------------------------------------------------------------
     def fake_quantize(self, x: torch.Tensor, axis: int = -1) -> torch.Tensor:
         """decode(encode(x)) without materialising codes; same shape and dtype as ``x``."""
-        xb, ax, pad = self._blocks(x, axis)
-        yb = self._fake(xb, self._fit(xb, None))
-        return self._unblock(yb, x.shape, ax, pad, x.dtype)
+        xm, ax = self._moved(x, axis)
+        n = xm.shape[-1]
+        g = self.block_size or n
+        ta = xm.abs().amax() if self.needs_tensor_amax else None
+        # A short last block is quantized on its own instead of zero-padded: same scales (zeros
+        # never change them), and no pad-then-slice, which Inductor (torch 2.13, CPU) miscompiles.
+        cut = n - n % g
+        parts = [self._fake_span(xm[..., :cut], g, ta)] if cut else []
+        if cut < n:
+            parts.append(self._fake_span(xm[..., cut:], n - cut, ta))
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return y.movedim(-1, ax).to(x.dtype)
+
+    def _fake_span(self, xm: torch.Tensor, g: int, ta) -> torch.Tensor:
+        xb = xm.reshape(*xm.shape[:-1], xm.shape[-1] // g, g)
+        return self._fake(xb, self._fit(xb, ta)).reshape(xm.shape)
 
     def encode(self, x: torch.Tensor, axis: int = -1) -> Encoded:
         """Integer codes and stored scales of ``x`` (groups along ``axis``)."""
@@ -252,7 +273,3 @@ class Format(abc.ABC):
             return a.amax().reshape([1] * xb.ndim)
         return a.amax(dim=-1, keepdim=True)
 
-
-def config_fields(obj) -> dict:
-    """The dataclass fields of a format (its configuration)."""
-    return {f.name: getattr(obj, f.name) for f in fields(obj)}

@@ -14,7 +14,7 @@ into a single kernel under ``torch.compile``.
 Example:
     >>> spec = MinifloatSpec(4, 3)          # OCP FP8 E4M3
     >>> spec.max_value, round_minifloat(torch.tensor([500.0, 0.3]), spec).tolist()
-    (448.0, 448.0, 0.3125)
+    (448.0, [448.0, 0.3125])
 """
 
 from __future__ import annotations
@@ -108,13 +108,31 @@ class MinifloatSpec:
         return math.ldexp(1.0 + top_mant / 2**self.mbits, self.emax)
 
 
+def round_float(y: torch.Tensor, mbits: int, emin: int, vmax: float,
+                saturate: bool = True) -> torch.Tensor:
+    """Round float32 ``y`` to a binary float grid: ``mbits`` mantissa bits, subnormals below
+    2**emin, largest finite ``vmax``; nearest, ties to even; keeps -0 and NaN.
+
+    ``saturate``: clamp to +-vmax (the quantizers' rule); else overflow gives +-inf (a cast).
+    Written with bit operations and power-of-two multiplies, not dtype casts, so that
+    torch.compile cannot elide it (Inductor drops downcast-upcast pairs by default).
+    """
+    a = y.abs()
+    if saturate:
+        a = a.clamp(max=vmax)
+    step_exp = floor_log2(a).clamp(min=emin) - mbits  # grid step of a's binade (or subnormals)
+    if emin - mbits >= -126:  # every step is a normal fp32 power of two
+        q = torch.round(a * pow2(-step_exp)) * pow2(step_exp)  # torch.round: half to even
+    else:
+        q = mul_pow2(torch.round(mul_pow2(a, -step_exp)), step_exp)
+    if not saturate:
+        q = torch.where(q > vmax, torch.inf, q)
+    return torch.copysign(q, y)
+
+
 def round_minifloat(y: torch.Tensor, spec: MinifloatSpec) -> torch.Tensor:
     """Round float32 ``y`` to the nearest value of ``spec`` (ties to even), saturating; keeps -0."""
-    a = y.abs().clamp(max=spec.max_value)
-    e = floor_log2(a).clamp(min=spec.emin)
-    step_exp = e - spec.mbits  # the grid in [2**e, 2**(e+1)) (and subnormals) has step 2**step_exp
-    q = torch.round(a * pow2(-step_exp)) * pow2(step_exp)  # torch.round is half-to-even
-    return torch.copysign(q, y)
+    return round_float(y, spec.mbits, spec.emin, spec.max_value)
 
 
 def minifloat_to_codes(q: torch.Tensor, spec: MinifloatSpec) -> torch.Tensor:

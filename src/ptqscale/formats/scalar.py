@@ -16,11 +16,15 @@ from .elements import (
     MinifloatSpec,
     codes_to_minifloat,
     minifloat_to_codes,
+    round_float,
     round_minifloat,
 )
 
 _FP16_MAX = 65504.0
 _FP16_TINY = 2.0**-24  # smallest positive (subnormal) fp16
+# (mantissa bits, exponent of the smallest normal, largest finite) of IEEE fp16 and bfloat16
+_FP16 = (10, -14, _FP16_MAX)
+_BF16 = (7, -126, float(torch.finfo(torch.bfloat16).max))
 
 
 def to_fp16(s: torch.Tensor) -> torch.Tensor:
@@ -30,7 +34,7 @@ def to_fp16(s: torch.Tensor) -> torch.Tensor:
     cost, amax / s16 <= qmax * (1 + 2**-11), still rounds to qmax for b <= 8 bits (error < 1/2
     step). Groups with absmax below ~1e-5 lose scale resolution in fp16 (as stored models do).
     """
-    return s.clamp(_FP16_TINY, _FP16_MAX).to(torch.float16).to(torch.float32)
+    return round_float(s.clamp(_FP16_TINY, _FP16_MAX), *_FP16)
 
 
 def _guard(s: torch.Tensor) -> torch.Tensor:
@@ -72,7 +76,8 @@ class BaselineFormat(Format):
         return GroupParams(torch.ones((), device=xb.device))
 
     def _fake(self, xb, p):
-        return xb.to(self._dtype).to(torch.float32)
+        # = xb.to(dtype).float(), written so that torch.compile cannot elide the rounding
+        return round_float(xb, *(_BF16 if self.dtype_name == "bf16" else _FP16), saturate=False)
 
     def _codes(self, xb, p):
         return xb.to(self._dtype).view(torch.int16)  # the raw 16-bit patterns

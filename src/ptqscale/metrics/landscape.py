@@ -64,13 +64,13 @@ class LandscapeConfig:
     seqlen: int | None = None  # None -> the eval seqlen; when set, windows must have it
     batch_size: int = 1  # windows per forward / per HVP batch (memory, not results)
     threshold: float = 0.1  # dNLL (nats) that defines the basin edge s*
-    kappa_max_dnll: float = 0.02  # levels with mean dNLL <= this (nats) are used for kappa
+    kappa_max_dnll: float = 0.005  # levels with mean dNLL <= this (nats) are used for kappa
     hessian: bool = True  # also measure trace, kappa_h and top eigenvalue
     hutchinson_probes: int = 64
-    power_iters: int = 30
+    power_iters: int = 30  # 0 skips the top eigenvalue
     power_tol: float = 1e-4  # relative change of the Rayleigh quotient that stops early
     hvp: str = "autograd"  # "autograd" (double backward) | "finite_difference"
-    fd_eps: float = 1e-3  # finite-difference step as a fraction of the weights' global norm
+    fd_eps: float = 3e-4  # finite-difference step as a fraction of the weights' global norm
     directional_ts: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
 
     def __post_init__(self) -> None:
@@ -79,9 +79,11 @@ class LandscapeConfig:
             raise ConfigError(f"landscape.levels_db must be finite dB values, got {self.levels_db}")
         if len(set(levels)) != len(levels):
             raise ConfigError(f"landscape.levels_db has duplicates: {self.levels_db}")
-        for key in ("seeds", "max_tokens", "batch_size", "hutchinson_probes", "power_iters"):
+        for key in ("seeds", "max_tokens", "batch_size", "hutchinson_probes"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"landscape.{key} must be >= 1, got {getattr(self, key)}")
+        if self.power_iters < 0:
+            raise ConfigError(f"landscape.power_iters must be >= 0, got {self.power_iters}")
         if self.seqlen is not None and self.seqlen < 2:
             raise ConfigError(f"landscape.seqlen must be None or >= 2, got {self.seqlen}")
         for key in ("threshold", "kappa_max_dnll", "fd_eps"):
@@ -319,9 +321,11 @@ def measure_hessian(
             return total
 
         start = time.perf_counter()
-        eig, iters, converged = hs.power_iteration(
-            full_hvp, weights, cfg.power_iters, cfg.power_tol, cfg.seed
-        )
+        eig, iters, converged = None, 0, False
+        if cfg.power_iters > 0:
+            eig, iters, converged = hs.power_iteration(
+                full_hvp, weights, cfg.power_iters, cfg.power_tol, cfg.seed
+            )
         eig_s = time.perf_counter() - start
     scale = torch.tensor(_sq_per_numel(reference), dtype=torch.float64)
     passes = 2 if cfg.hvp == "finite_difference" else 1  # forwards per HVP batch

@@ -68,7 +68,7 @@ def _log_run(record: dict, cfg: Any, mode: str) -> str:
             table = wandb.Table(columns=list(_LAYER_COLUMNS),
                                 data=[[layer.get(c) for c in _LAYER_COLUMNS] for layer in layers])
             run.log({"layers": table})
-        return run.dir
+        return os.path.dirname(run.dir)   # the run folder (run.dir is its files/)
     finally:
         run.finish(exit_code=0 if record["status"] == "complete" else 1)
 

@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import time
+from copy import deepcopy
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -158,12 +159,17 @@ def _environment(device: torch.device) -> dict:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def save_member(model, cfg: ZooConfig, tokenizer, out_dir: Path) -> None:
-    """An ordinary Hugging Face folder: config.json, model.safetensors, tokenizer files."""
+def save_member(model, cfg: ZooConfig, tokenizer, out_dir: str | Path) -> None:
+    """An ordinary Hugging Face folder: config.json, model.safetensors, tokenizer files.
+
+    Saves a copy cast to ``cfg.save_dtype`` (the caller's model is left as it is; casting it
+    in place would also round its float32 RoPE buffers, which the loader recomputes).
+    """
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = model.to(DTYPES[cfg.save_dtype])
-    model.config.dtype = cfg.save_dtype
-    model.save_pretrained(out_dir)
+    copy = deepcopy(model).to(DTYPES[cfg.save_dtype])  # deepcopy keeps the embedding tie
+    copy.config.dtype = cfg.save_dtype
+    copy.save_pretrained(out_dir)
     hf_tokenizer(tokenizer).save_pretrained(out_dir)
 
 
@@ -280,6 +286,13 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                         "--set weight_decay=0")
 
 
+def quiet_progress_bars() -> None:
+    """No per-call tqdm bars from transformers' save/load in CLI logs (they fill GPU logs)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def config_from_args(args, size: str) -> ZooConfig:
     cfg = parse_overrides(args.set, ZooConfig(size=size))
     return cfg.replace(train_tokens=args.tokens) if args.tokens else cfg
@@ -292,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     add_common_args(p)
     args = p.parse_args(argv)
     cfg = config_from_args(args, args.size)  # every value checked before any data is read
+    quiet_progress_bars()
     train_member(cfg, args.data, args.out, device=args.device, cache_dir=args.cache,
                  tokenizer_path=args.tokenizer, wikitext_test=args.wikitext)
 

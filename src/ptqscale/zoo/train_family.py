@@ -21,7 +21,12 @@ from pathlib import Path
 from ptqscale.errors import ConfigError
 from ptqscale.zoo.config import SIZES, unknown
 from ptqscale.zoo.evaluate import write_json
-from ptqscale.zoo.train import add_common_args, config_from_args, train_member
+from ptqscale.zoo.train import (
+    add_common_args,
+    config_from_args,
+    quiet_progress_bars,
+    train_member,
+)
 
 REPORTED = ("gutenberg_valid", "gutenberg_test", "wikitext2_test")
 
@@ -80,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError("--sizes: " + unknown("size", bad or args.sizes, SIZES))
     configs = [config_from_args(args, s) for s in sizes]  # all validated before training
     configs.sort(key=lambda c: (c.hidden, c.layers))
+    quiet_progress_bars()
     out = Path(args.out)
     for cfg in configs:
         if (out / cfg.name / "zoo.json").exists() and not args.force:
