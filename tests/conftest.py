@@ -6,6 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# One intra-op thread: tiny test tensors run faster without thread hand-offs, and results
+# do not depend on the machine's core count.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,10 +35,7 @@ def repo_root() -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    # gpu tests run only where CUDA is present; importing torch here is cheap enough
-    # because nearly every test module imports it anyway.
-    import torch
-
+    # gpu tests run only where CUDA is present
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -92,17 +92,18 @@ def test_cache_key_changes_with_the_tokenizer(shared_data, gpt2_tokenizer):
     assert stream_mod.tokenizer_fingerprint(fresh) != base
 
 
-def test_calibration_draw_is_gptq_s_and_hashed(wiki, gpt2_tokenizer, tmp_path):
-    cfg = CalibConfig(data=wiki, nsamples=6, seqlen=64, seed=3)
+def test_calibration_draw_is_gptq_s_and_hashed(shared_data, gpt2_tokenizer, tmp_path):
+    ptb = DataConfig("ptb", "test", path=str(shared_data / "ptb"), max_documents=300)
+    cfg = CalibConfig(data=ptb, nsamples=6, seqlen=64, seed=3)
     samples, digest = sample_calibration(cfg, gpt2_tokenizer, str(tmp_path))
-    stream = tokenize_corpus(wiki, gpt2_tokenizer, str(tmp_path))
+    stream = tokenize_corpus(ptb, gpt2_tokenizer, str(tmp_path))
     rng = random.Random(3)  # GPTQ: random.seed(seed); randint(0, len - seqlen - 1) per sample
     starts = [rng.randint(0, stream.numel() - 64 - 1) for _ in range(6)]
     assert torch.equal(samples, torch.stack([stream[i:i + 64] for i in starts]))
     assert digest == hash_tokens(samples) and len(digest) == 64
     again, digest2 = sample_calibration(cfg, gpt2_tokenizer, str(tmp_path))
     assert digest2 == digest and torch.equal(again, samples)
-    _, other = sample_calibration(CalibConfig(data=wiki, nsamples=6, seqlen=64, seed=4),
+    _, other = sample_calibration(CalibConfig(data=ptb, nsamples=6, seqlen=64, seed=4),
                                   gpt2_tokenizer, str(tmp_path))
     assert other != digest
 

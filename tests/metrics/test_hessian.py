@@ -134,7 +134,7 @@ def test_finite_difference_hvp_matches_exact(tiny):
     reference = [w.detach().clone() for w in weights]
     v = hs.gaussian(weights, seed=3)
     with hs.double_backward_ready(model, weights):
-        fd = hs.finite_difference_hvp(lambda: nll_loss(model, data), weights, reference, 3e-4)(v)
+        fd = hs.finite_difference_hvp(lambda: nll_loss(model, data), weights, reference, 1e-4)(v)
         ad = hs.autograd_hvp(lambda: nll_loss(model, data), weights)(v)
     exact = H @ _flat(v)
     assert (_flat(ad) - exact).norm() < 1e-4 * exact.norm()
@@ -147,10 +147,10 @@ def test_finite_difference_measure_hessian_agrees_with_autograd(tiny):
     ad = measure_hessian(tiny["model"], tiny["targets"], tiny["data"], LandscapeConfig(**common))
     fd = measure_hessian(tiny["model"], tiny["targets"], tiny["data"],
                          LandscapeConfig(hvp="finite_difference", **common))
-    # same probes and start vector: the only difference is the HVP (~2e-4 relative here)
+    # same probes and start vector: the only difference is the HVP (fd_eps=1e-4: ~1e-3 relative)
     assert fd["hessian_trace"] == pytest.approx(ad["hessian_trace"], rel=1e-3)
     # the truncation error is largest along the sharpest direction, which power iteration finds
-    assert fd["top_eigenvalue"] == pytest.approx(ad["top_eigenvalue"], rel=5e-3)
+    assert fd["top_eigenvalue"] == pytest.approx(ad["top_eigenvalue"], rel=2e-3)
     assert fd["cost_hessian_trace_tokens"] == 2 * 8 * tiny["data"].numel()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS
+from tiny_models import TINY_CONFIGS
 from torch import nn
 
 from ptqscale.models import (

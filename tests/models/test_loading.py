@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import save_tiny
+from tiny_models import save_tiny
 
 from ptqscale.errors import ConfigError
 from ptqscale.models import (

@@ -70,7 +70,7 @@ class LandscapeConfig:
     power_iters: int = 30  # 0 skips the top eigenvalue
     power_tol: float = 1e-4  # relative change of the Rayleigh quotient that stops early
     hvp: str = "autograd"  # "autograd" (double backward) | "finite_difference"
-    fd_eps: float = 3e-4  # finite-difference step as a fraction of the weights' global norm
+    fd_eps: float = 1e-4  # finite-difference step as a fraction of the weights' global norm
     directional_ts: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
 
     def __post_init__(self) -> None:
@@ -432,7 +432,8 @@ def measure_directional_profile(
     signal = sum(float(r.double().pow(2).sum()) for r in reference)
     err = sum(float(d.double().pow(2).sum()) for d in deltas)
     out = {f"directional_dnll_at_t{_key(float(t))}": d for t, d in zip(ts, dnll)}
-    out["directional_sqnr_db"] = 10 * math.log10(signal / err) if err > 0 else math.inf
+    # None when Q(W) == W (no error: infinite SQNR, which JSON cannot hold)
+    out["directional_sqnr_db"] = 10 * math.log10(signal / err) if err > 0 else None
     design = torch.tensor([[float(t), float(t) ** 2] for t in ts], dtype=torch.float64)
     coef = torch.linalg.lstsq(design, torch.tensor(dnll, dtype=torch.float64)[:, None]).solution
     out["directional_linear"], out["directional_quadratic"] = coef[:, 0].tolist()

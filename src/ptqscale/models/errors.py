@@ -27,8 +27,8 @@ class UnsupportedArchitectureError(ConfigError):
 def unknown_name(kind: str, name: str, allowed) -> str:
     """Message for an unknown registry name: the close matches, then everything allowed.
 
-    >>> unknown_name("dtype", "bfloat", ["float32", "bfloat16"])
-    "unknown dtype 'bfloat' (did you mean 'bfloat16'?); allowed: ['bfloat16', 'float32']"
+    >>> unknown_name("corpus", "wikitext", ["wikitext2", "ptb", "c4"])
+    "unknown corpus 'wikitext' (did you mean 'wikitext2'?); allowed: ['c4', 'ptb', 'wikitext2']"
     """
     allowed = sorted(allowed)
     close = difflib.get_close_matches(str(name), allowed, n=3)

@@ -1,0 +1,51 @@
+"""Tiny randomly initialised checkpoints of every supported family, saved like real ones.
+
+(A module of its own, not conftest, so that tests can import it by a unique name.)
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers as T
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+VOCAB = 128
+_ATTN = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=256, vocab_size=VOCAB)
+_GQA = dict(_ATTN, num_key_value_heads=2)
+
+# One tiny config per supported model_type (hidden 32, 2 layers, vocab 128).
+TINY_CONFIGS = {
+    "llama": lambda: T.LlamaConfig(**_GQA),
+    "mistral": lambda: T.MistralConfig(**_GQA),
+    "qwen2": lambda: T.Qwen2Config(**_GQA),
+    "qwen3": lambda: T.Qwen3Config(**_GQA, head_dim=8),
+    "opt": lambda: T.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=256,
+                               word_embed_proj_dim=32, vocab_size=VOCAB),
+    "gpt2": lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                                 vocab_size=VOCAB),
+    "gpt_neox": lambda: T.GPTNeoXConfig(**_ATTN),
+    "bloom": lambda: T.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=VOCAB),
+    "phi": lambda: T.PhiConfig(**_ATTN),
+    "phi3": lambda: T.Phi3Config(**_ATTN, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gemma": lambda: T.GemmaConfig(**_GQA, head_dim=8),
+    "gemma2": lambda: T.Gemma2Config(**_GQA, head_dim=8),
+}
+
+
+def tiny_tokenizer() -> T.PreTrainedTokenizerFast:
+    """A character-level tokenizer with the tiny models' 128 ids (printable ASCII + <unk>)."""
+    vocab = {chr(32 + i): i for i in range(VOCAB - 1)} | {"<unk>": VOCAB - 1}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    return T.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+
+
+def save_tiny(family: str, folder, seed: int = 0):
+    """Build the tiny model of ``family``, save it (safetensors + tokenizer); return the model."""
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(TINY_CONFIGS[family]()).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(folder)
+    return model
