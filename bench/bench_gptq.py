@@ -14,8 +14,9 @@ Usage::
 
 Settings are matched to llm-compressor's ``GPTQModifier(scheme="W4A16")`` defaults: its grid
 is symmetric int4 with codes -8..7 and scale amax/7.5 per group of 128 (our ``int4_g128_full``),
-act-order "static" (our ``actorder=true, static_groups=true``), damping 0.01, block 128, and
-quantized outputs propagated to the next layer (our default ``fp_inputs=false``). Its
+act-order "static" (our ``actorder=true, static_groups=true``), damping 0.01, block 128,
+quantized outputs propagated to the next layer (our default ``fp_inputs=false``), and the
+Hessians of a block's linears collected in one pass (our ``true_sequential=false``). Its
 calibration batch size is set to ours. llm-compressor runs when importable (see
 bench/README.md for its wheels); otherwise its column says why it is missing.
 
@@ -67,8 +68,10 @@ def device() -> torch.device:
 
 
 def ours_config(args) -> GPTQConfig:
+    # matched to llm-compressor: static act-order, and (as its sequential pipeline) every
+    # Hessian of a block from one pass before the block's weights change
     return GPTQConfig(format=args.format, actorder=True, static_groups=True,
-                      batch_size=args.batch_size, device=str(device()))
+                      true_sequential=False, batch_size=args.batch_size, device=str(device()))
 
 
 def measured(fn):
@@ -172,15 +175,15 @@ def timing(args, llmc_note: str | None) -> list[dict]:
         return LlamaForCausalLM(cfg).to(dtype).to(device()).eval()
 
     rows = []
-    params = sum(p.numel() for p in fresh().parameters())
     runners = [("ptqscale", run_ours, None), ("llm-compressor", run_llmc, llmc_note)]
     for name, fn, skip in runners:
-        row = {"part": "timing", "method": name, "params": params, "nsamples": nsamples,
+        row = {"part": "timing", "method": name, "nsamples": nsamples,
                "seqlen": seqlen, "format": args.format}
         if skip:
             row["note"] = skip
         else:
             model = fresh()
+            row["params"] = sum(p.numel() for p in model.parameters())
             result, secs, peak = measured(lambda m=model, f=fn: f(m, ids, args))
             row.update(seconds=secs, peak_gib=None if peak is None else peak / 2**30, **result)
             del model

@@ -158,7 +158,7 @@ def test_kappa_from_noise_matches_exact_weighted_trace(tiny):
     # E[dNLL] = 0.5 sum_l sigma_l^2 tr(H_l) with sigma_l^2 = ||W_l||^2 / (numel_l 10^(s/10))
     H, targets = tiny["H"], tiny["targets"]
     kappa_exact = 0.5 * sum(
-        float(m.weight.double().pow(2).sum()) / m.weight.numel() * float(H[a:b, a:b].trace())
+        float(m.weight.detach().double().pow(2).sum()) / m.weight.numel() * float(H[a:b, a:b].trace())
         for m, (a, b) in zip(targets.values(), tiny["bounds"])
     )
     cfg = LandscapeConfig(levels_db=[50.0, 45.0, 40.0, 30.0], seeds=48, max_tokens=10**6,

@@ -87,3 +87,11 @@ def test_bad_values_are_refused_before_loading(composed, override, needle):
     with pytest.raises(ConfigError) as e:
         validate_job(composed(override))
     assert needle in str(e.value)
+
+
+def test_key_ignores_speed_only_method_fields(composed):
+    base = validate_job(composed(["method=gptq", "format=int4_g128"])).key
+    same = validate_job(composed(["method=gptq", "format=int4_g128", "method.batch_size=2",
+                                  "method.offload=true"])).key
+    other = validate_job(composed(["method=gptq", "format=int4_g128", "method.percdamp=0.1"])).key
+    assert base == same != other

@@ -141,3 +141,29 @@ def test_a_failing_mirror_never_fails_the_job(composed, tmp_path, monkeypatch):
     assert rec["wandb"]["status"] == "failed" and "W&B is down" in rec["wandb"]["error"]
     frame = read_records(tmp_path, "adhoc")
     assert frame["wandb.status"].tolist() == ["failed"]
+
+
+def test_model_level_features_are_computed_once_per_model(composed, tmp_path, monkeypatch):
+    import ptqscale.metrics as metrics
+
+    calls = []
+    real = metrics.measure_landscape
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "measure_landscape", counting)
+    budget = ["landscape=default", "landscape.seeds=1", "landscape.levels_db=[40,30,20]",
+              "landscape.max_tokens=512", "landscape.hutchinson_probes=2",
+              "landscape.power_iters=2"]
+    recs = [run_job(composed(["method=rtn", f"format={fmt}", f"paths.results={tmp_path}",
+                              "wandb.mode=disabled", *FAST, *budget]))
+            for fmt in ("int8", "int4_g128", "mxfp4")]
+    assert len(calls) == 1
+    kappas = {r["landscape"]["kappa"] for r in recs}
+    assert len(kappas) == 1 and kappas.pop() > 0
+    for r in recs:   # every job gets its own noise-equivalent prediction
+        ls = r["landscape"]
+        assert ls["noise_equivalent_dnll"] == pytest.approx(
+            ls["kappa"] * 10 ** (-r["metrics"]["weight_sqnr_db"] / 10))

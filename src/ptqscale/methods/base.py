@@ -37,6 +37,8 @@ class MethodConfig:
 
     # Whether the method reads calibration data (the runner then samples ``calib``).
     needs_calibration: ClassVar[bool] = False
+    # Fields that change speed or placement but not the result; left out of the job key.
+    not_in_key: ClassVar[tuple[str, ...]] = ()
 
     name: str = "none"
     format: str = "bf16"

@@ -315,6 +315,7 @@ class GPTQConfig(MethodConfig):
 
     needs_calibration: ClassVar[bool] = True
 
+    not_in_key: ClassVar[tuple[str, ...]] = ("batch_size", "hessian_cache", "device", "offload")
     name: str = "gptq"
     format: str = "int4_g128"
     targets: TargetsConfig = field(default_factory=TargetsConfig)

@@ -13,6 +13,15 @@ How to add a metric: one module per metric with a ``<Name>Config`` dataclass (va
 here. A change to what a metric measures bumps ``PROTOCOL_VERSION``.
 """
 
+from ptqscale.metrics.landscape import (
+    LANDSCAPE_PROTOCOL,
+    LandscapeConfig,
+    measure_directional_profile,
+    measure_hessian,
+    measure_landscape,
+    measure_noise_response,
+    noise_equivalent_dnll,
+)
 from ptqscale.metrics.perplexity import (
     PRESETS,
     PROTOCOL_VERSION,
@@ -26,6 +35,13 @@ from ptqscale.metrics.perplexity import (
 )
 
 __all__ = [
+    "LANDSCAPE_PROTOCOL",
+    "LandscapeConfig",
+    "measure_directional_profile",
+    "measure_hessian",
+    "measure_landscape",
+    "measure_noise_response",
+    "noise_equivalent_dnll",
     "PRESETS",
     "PROTOCOL_VERSION",
     "EvalConfig",

@@ -144,6 +144,40 @@ def hutchinson_samples(
     return samples
 
 
+def summed_hvp(batch_hvps: Sequence[tuple[float, Callable[[], HVP]]], weights) -> HVP:
+    """The HVP of the full loss, ``sum_b fraction_b H_b v`` (each batch's graph rebuilt per call)."""
+
+    def hvp(v: Vector) -> Vector:
+        total = [torch.zeros_like(w) for w in weights]
+        for fraction, make_hvp in batch_hvps:
+            for acc, hv in zip(total, make_hvp()(v)):
+                acc.add_(hv, alpha=fraction)
+        return total
+
+    return hvp
+
+
+def trace_stats(samples: torch.Tensor, scale: torch.Tensor) -> dict:
+    """Means and standard errors over probes of ``tr(H)`` and ``kappa_h``.
+
+    ``samples[k, l]`` is probe k's ``v_l^T (H v)_l``; ``scale[l] = ||W_l||^2 / numel_l``, so
+    ``kappa_h = 0.5 sum_l scale_l tr(H_l)``.
+    """
+    trace = samples.sum(dim=1)
+    kappa_h = 0.5 * (samples * scale).sum(dim=1)
+    n = samples.shape[0]
+
+    def sem(x: torch.Tensor) -> float:
+        return float(x.std() / math.sqrt(n)) if n > 1 else 0.0
+
+    return {
+        "hessian_trace": float(trace.mean()),
+        "hessian_trace_sem": sem(trace),
+        "kappa_h": float(kappa_h.mean()),
+        "kappa_h_sem": sem(kappa_h),
+    }
+
+
 def power_iteration(
     full_hvp: HVP, weights: Sequence[torch.Tensor], iters: int, tol: float, seed: int
 ) -> tuple[float, int, bool]:
@@ -154,6 +188,8 @@ def power_iteration(
     Stops early when it changes by less than ``tol`` relative (``tol=0`` runs all ``iters``).
     """
     v = _normalize(gaussian(weights, seed))
+    if iters < 1:
+        raise ValueError(f"power iteration needs iters >= 1, got {iters}")
     eig, converged = float("nan"), False
     for it in range(1, iters + 1):
         hv = full_hvp(v)
@@ -171,6 +207,22 @@ def _normalize(v: Vector) -> Vector:
     if norm == 0.0:
         raise FloatingPointError("power iteration hit H v = 0 (the Hessian vanishes on this vector)")
     return [x / norm for x in v]
+
+
+@contextmanager
+def restored_exactly(targets: dict[str, nn.Linear]) -> Iterator[list[torch.Tensor]]:
+    """Yield a copy of the targets' weights; copy it back on exit and assert bit-exactness."""
+    weights = [m.weight for m in targets.values()]
+    reference = [w.detach().clone() for w in weights]
+    try:
+        yield reference
+    finally:
+        with torch.no_grad():
+            for w, r in zip(weights, reference):
+                w.copy_(r)
+        for (name, m), r in zip(targets.items(), reference):
+            if not torch.equal(m.weight, r):
+                raise RuntimeError(f"weight of {name!r} was not restored exactly")
 
 
 @contextmanager

@@ -152,25 +152,9 @@ def _check_targets(model: nn.Module, targets: dict[str, nn.Linear], batches: tor
 
 
 @contextmanager
-def _restored(targets: dict[str, nn.Linear]) -> Iterator[list[torch.Tensor]]:
-    """Yield a copy of the target weights; copy them back on exit and assert bit-exactness."""
-    weights = [m.weight for m in targets.values()]
-    reference = [w.detach().clone() for w in weights]
-    try:
-        yield reference
-    finally:
-        with torch.no_grad():
-            for w, r in zip(weights, reference):
-                w.copy_(r)
-        for (name, m), r in zip(targets.items(), reference):
-            if not torch.equal(m.weight, r):
-                raise RuntimeError(f"weight of {name!r} was not restored exactly")
-
-
-@contextmanager
 def _measuring(model: nn.Module, targets: dict[str, nn.Linear]) -> Iterator[list[torch.Tensor]]:
     # fp32 first so that the reference copy is the fp32 view; eval for deterministic forwards
-    with hs.fp32(model), hs.eval_mode(model), _restored(targets) as reference:
+    with hs.fp32(model), hs.eval_mode(model), hs.restored_exactly(targets) as reference:
         yield reference
 
 
@@ -207,12 +191,14 @@ def measure_noise_response(
     start = time.perf_counter()
     with _measuring(model, targets) as reference:
         weights = [m.weight for m in targets.values()]
+        power = _sq_per_numel(reference)  # ||W_l||^2 / numel_l: the variance at 0 dB
         clean = mean_nll(model, windows, cfg.batch_size)
         dnll = torch.zeros(len(levels), cfg.seeds, dtype=torch.float64)
         for k in range(cfg.seeds):
             noise = hs.gaussian(reference, cfg.seed + k)  # one direction for every level
             for i, s in enumerate(levels):
-                scores = [_noisy_nll(model, windows, cfg, weights, reference, noise, s, sign)
+                sigmas = [math.sqrt(p / 10 ** (s / 10)) for p in power]
+                scores = [_noisy_nll(model, windows, cfg, weights, reference, noise, sigmas, sign)
                           for sign in signs]
                 dnll[i, k] = sum(scores) / len(scores) - clean
     out = {"nll_clean": clean, "landscape_tokens": windows.numel()}
@@ -222,10 +208,9 @@ def measure_noise_response(
     return out
 
 
-def _noisy_nll(model, windows, cfg, weights, reference, noise, s_db, sign) -> float:
+def _noisy_nll(model, windows, cfg, weights, reference, noise, sigmas, sign) -> float:
     with torch.no_grad():
-        for w, r, z in zip(weights, reference, noise):
-            sigma = math.sqrt(float(r.double().pow(2).sum()) / (r.numel() * 10 ** (s_db / 10)))
+        for w, r, z, sigma in zip(weights, reference, noise, sigmas):
             w.copy_(r).add_(z, alpha=sign * sigma)
     return mean_nll(model, windows, cfg.batch_size)
 
@@ -313,16 +298,10 @@ def measure_hessian(
         samples = hs.hutchinson_samples(batch_hvps, weights, cfg.hutchinson_probes, cfg.seed)
         trace_s = time.perf_counter() - start
 
-        def full_hvp(v: hs.Vector) -> hs.Vector:
-            total = [torch.zeros_like(w) for w in weights]
-            for frac, make in batch_hvps:
-                for acc, hv in zip(total, make()(v)):
-                    acc.add_(hv, alpha=frac)
-            return total
-
         start = time.perf_counter()
         eig, iters, converged = None, 0, False
         if cfg.power_iters > 0:
+            full_hvp = hs.summed_hvp(batch_hvps, weights)
             eig, iters, converged = hs.power_iteration(
                 full_hvp, weights, cfg.power_iters, cfg.power_tol, cfg.seed
             )
@@ -330,7 +309,7 @@ def measure_hessian(
     scale = torch.tensor(_sq_per_numel(reference), dtype=torch.float64)
     passes = 2 if cfg.hvp == "finite_difference" else 1  # forwards per HVP batch
     out = {"hvp_method": cfg.hvp, "hutchinson_probes": cfg.hutchinson_probes}
-    out.update(_trace_stats(samples, scale))
+    out.update(hs.trace_stats(samples, scale))
     out.update(top_eigenvalue=eig, power_iters_run=iters, power_converged=converged)
     n_tok = windows.numel()
     out.update(
@@ -360,23 +339,6 @@ def _batch_hvps(model, windows, weights, reference, cfg) -> list[tuple[float, Ca
             make = partial(hs.finite_difference_hvp, loss_fn, weights, reference, cfg.fd_eps)
         out.append((ids.shape[0] / windows.shape[0], make))
     return out
-
-
-def _trace_stats(samples: torch.Tensor, scale: torch.Tensor) -> dict:
-    """Means and standard errors over probes of ``tr(H)`` and ``kappa_h``."""
-    trace = samples.sum(dim=1)
-    kappa_h = 0.5 * (samples * scale).sum(dim=1)
-    n = samples.shape[0]
-
-    def sem(x: torch.Tensor) -> float:
-        return float(x.std() / math.sqrt(n)) if n > 1 else 0.0
-
-    return {
-        "hessian_trace": float(trace.mean()),
-        "hessian_trace_sem": sem(trace),
-        "kappa_h": float(kappa_h.mean()),
-        "kappa_h_sem": sem(kappa_h),
-    }
 
 
 # ---------------------------------------------------------------- all model-level features

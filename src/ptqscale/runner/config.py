@@ -19,8 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from ptqscale.assets import DATA as ASSETS_DATA
 from ptqscale.data import CalibConfig, DataConfig
 from ptqscale.errors import ConfigError
-from ptqscale.metrics import EvalConfig
-from ptqscale.metrics.landscape import LandscapeConfig
+from ptqscale.metrics import EvalConfig, LandscapeConfig
 from ptqscale.models import ModelConfig
 
 

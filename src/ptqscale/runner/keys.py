@@ -61,7 +61,7 @@ def job_key(study: str, model_cfg: Any, data_cfg: Any, eval_cfg: Any, method_cfg
         "model": model_identity(model_cfg),
         "data": data_identity(data_cfg),
         "eval": _plain(eval_cfg),
-        "method": _plain(method_cfg),
+        "method": _without(method_cfg, type(method_cfg).not_in_key),
         "seed": seed,
         "protocol": PROTOCOL_VERSION,
     }

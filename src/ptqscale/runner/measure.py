@@ -77,7 +77,7 @@ def model_level(spec: Any, model: torch.nn.Module, tokenizer: Any, timings: dict
 
 
 def _measure_landscape(spec: Any, model, anatomy, stream: torch.Tensor) -> dict:
-    from ptqscale.metrics.landscape import measure_landscape
+    from ptqscale.metrics import measure_landscape
 
     seqlen = spec.landscape.seqlen or spec.eval.seqlen
     n = max(1, min(spec.landscape.max_tokens, stream.numel()) // seqlen)
@@ -139,7 +139,7 @@ def model_bytes(total_params: int, quantized_params: int, bits_per_weight: float
 
 
 def _job_landscape(features: dict, sqnr_db: float | None) -> dict:
-    from ptqscale.metrics.landscape import noise_equivalent_dnll
+    from ptqscale.metrics import noise_equivalent_dnll
 
     out = {k: v for k, v in features.items() if not isinstance(v, (list, dict))}
     if sqnr_db is not None and features.get("kappa") is not None:
