@@ -1,4 +1,6 @@
-"""Exceptions shared by every sub-package."""
+"""Exceptions shared by every sub-package, and the one wording of an unknown-name error."""
+
+import difflib
 
 
 class PTQScaleError(Exception):
@@ -7,3 +9,15 @@ class PTQScaleError(Exception):
 
 class ConfigError(PTQScaleError, ValueError):
     """A config value is invalid; the message names the key and what is allowed."""
+
+
+def unknown_name(kind: str, name: str, allowed) -> str:
+    """Message for an unknown registry name: the close matches, then everything allowed.
+
+    >>> unknown_name("corpus", "wikitext", ["wikitext2", "ptb", "c4"])
+    "unknown corpus 'wikitext' (did you mean 'wikitext2'?); allowed: ['c4', 'ptb', 'wikitext2']"
+    """
+    allowed = sorted(allowed)
+    close = difflib.get_close_matches(str(name), allowed, n=3)
+    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    return f"unknown {kind} {name!r}{hint}; allowed: {allowed}"

@@ -83,7 +83,7 @@ class DataConfig:
 
     def __post_init__(self):
         if self.name not in CORPORA:
-            from ptqscale.models.errors import unknown_name
+            from ptqscale.errors import unknown_name
 
             raise DataError("data.name: " + unknown_name("corpus", self.name, CORPORA))
         spec = CORPORA[self.name]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import math
 import time
@@ -13,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ptqscale.errors import ConfigError
+from ptqscale.errors import ConfigError, unknown_name
 
 
 @dataclass
@@ -107,10 +106,7 @@ def register_method(name: str, config_cls: type[MethodConfig]) -> Callable[[Quan
 def get_method(name: str) -> tuple[type[MethodConfig], QuantizeFn]:
     """The (config class, function) of a method; an unknown name lists what exists."""
     if name not in METHODS:
-        close = difflib.get_close_matches(name, METHODS, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"method.name={name!r} is not a known method; known: "
-                          f"{', '.join(sorted(METHODS))}.{hint}")
+        raise ConfigError("method.name: " + unknown_name("method", name, METHODS))
     return METHODS[name]
 
 

@@ -7,9 +7,7 @@ allowed.
 
 from __future__ import annotations
 
-import difflib
-
-from ptqscale.errors import ConfigError
+from ptqscale.errors import ConfigError, unknown_name  # noqa: F401 (re-exported)
 
 
 class ModelNotFoundError(ConfigError):
@@ -22,15 +20,3 @@ class UnsafeCheckpointError(ConfigError):
 
 class UnsupportedArchitectureError(ConfigError):
     """The model's architecture is not one that :func:`get_anatomy` knows."""
-
-
-def unknown_name(kind: str, name: str, allowed) -> str:
-    """Message for an unknown registry name: the close matches, then everything allowed.
-
-    >>> unknown_name("corpus", "wikitext", ["wikitext2", "ptb", "c4"])
-    "unknown corpus 'wikitext' (did you mean 'wikitext2'?); allowed: ['c4', 'ptb', 'wikitext2']"
-    """
-    allowed = sorted(allowed)
-    close = difflib.get_close_matches(str(name), allowed, n=3)
-    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-    return f"unknown {kind} {name!r}{hint}; allowed: {allowed}"

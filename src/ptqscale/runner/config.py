@@ -59,6 +59,9 @@ class RunConfig:
     format: str = "bf16"
     seed: int = 0
     progress: bool = True
+    # Hold a GPU exclusively for the job (one job per GPU with parallel local workers).
+    # false lets several small jobs share one device.
+    exclusive_gpu: bool = True
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -48,6 +48,7 @@ class JobSpec:
     results: str
     cache: str
     progress: bool
+    exclusive_gpu: bool = True
 
     @property
     def name(self) -> str:
@@ -89,7 +90,8 @@ def validate_job(cfg: DictConfig) -> JobSpec:
     key = keys.job_key(cfg.study, model, data, eval_cfg, method, calib, landscape, cfg.seed)
     return JobSpec(study=cfg.study, model=model, data=data, eval=eval_cfg, method=method,
                    calib=calib, landscape=landscape, fmt=fmt, seed=cfg.seed, key=key,
-                   results=cfg.paths.results, cache=cfg.paths.cache, progress=cfg.progress)
+                   results=cfg.paths.results, cache=cfg.paths.cache, progress=cfg.progress,
+                   exclusive_gpu=cfg.exclusive_gpu)
 
 
 def _check_divisible(fmt: Any, shapes: dict[str, tuple[int, int]]) -> None:
@@ -131,6 +133,8 @@ def run_job(cfg: DictConfig) -> dict:
 
 
 def _execute(spec: JobSpec) -> dict:
+    if not spec.exclusive_gpu:
+        return _execute_on_device(spec)
     with claim_gpu() as gpu:
         if gpu is not None and spec.model.device == "auto":
             spec.model = replace(spec.model, device=f"cuda:{gpu}")
