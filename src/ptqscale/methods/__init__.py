@@ -51,3 +51,8 @@ from ptqscale.methods import gptq  # noqa: F401, E402  (registers "gptq")
 from ptqscale.methods.gptq import GPTQConfig  # noqa: E402
 
 __all__ += ["GPTQConfig"]
+from ptqscale.methods import smoothquant  # noqa: F401, E402  (registers "smoothquant")
+from ptqscale.methods.activations import ActQuantConfig  # noqa: E402
+from ptqscale.methods.smoothquant import SmoothQuantConfig  # noqa: E402
+
+__all__ += ["ActQuantConfig", "SmoothQuantConfig"]

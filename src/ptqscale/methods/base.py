@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -13,6 +12,8 @@ import torch
 from torch import nn
 
 from ptqscale.errors import ConfigError, unknown_name
+from ptqscale.methods.activations import ActQuantConfig, quantize_activations
+from ptqscale.methods.cost import measure_cost
 
 
 @dataclass
@@ -45,6 +46,14 @@ class MethodConfig:
     # A dimension that the format's block/group does not divide is zero-padded to the next
     # multiple (the record says so); with allow_padding=False such a config is refused.
     allow_padding: bool = True
+    # Fake-quantization of the targets' inputs after the weights (None: full precision);
+    # see methods/activations.py. It reads calibration data.
+    activations: ActQuantConfig | None = None
+
+    @property
+    def uses_calibration(self) -> bool:
+        """Whether this config reads calibration data (the method's or its activations')."""
+        return self.needs_calibration or self.activations is not None
 
 
 @dataclass
@@ -113,9 +122,13 @@ def get_method(name: str) -> tuple[type[MethodConfig], QuantizeFn]:
 def quantize(model: nn.Module, cfg: MethodConfig, ctx: QuantContext | None = None) -> QuantReport:
     """Quantize ``model`` in place with the method that ``cfg``'s ``name`` names."""
     _, fn = get_method(cfg.name)
-    start = time.perf_counter()
-    report = fn(model, cfg, ctx or QuantContext())
-    report.seconds = time.perf_counter() - start
+    ctx = ctx or QuantContext()
+    with measure_cost() as cost:
+        report = fn(model, cfg, ctx)
+        if cfg.activations is not None:
+            quantize_activations(model, cfg, ctx, report)
+    report.seconds = cost["seconds"]
+    report.extra["cost"] = cost
     return report
 
 

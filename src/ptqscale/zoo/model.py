@@ -2,7 +2,7 @@
 
 Llama architecture (pre-norm RMSNorm, RoPE, SwiGLU, no biases), multi-head attention with
 head dim 32, tied input/output embeddings. Why tied: at these widths the 8192 x hidden
-embedding is 0.5-2.5x the non-embedding parameters; untying would double that share of
+embedding is 0.15-2.5x the non-embedding parameters; untying would double that share of
 every checkpoint for little gain (small models such as MobileLLM, Llama 3.2 1B and Gemma
 tie for the same reason). PTQ code must therefore not quantize ``lm_head`` in place without
 untying it first, since it is the embedding too (ptqscale keeps head and embedding in full
