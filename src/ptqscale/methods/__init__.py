@@ -56,3 +56,15 @@ from ptqscale.methods.activations import ActQuantConfig  # noqa: E402
 from ptqscale.methods.smoothquant import SmoothQuantConfig  # noqa: E402
 
 __all__ += ["ActQuantConfig", "SmoothQuantConfig"]
+from ptqscale.methods import blockft  # noqa: F401, E402  (registers "blockft_*")
+from ptqscale.methods.blockft import BlockFTConfig  # noqa: E402
+
+__all__ += ["BlockFTConfig"]
+from ptqscale.methods import awq  # noqa: F401, E402  (registers "awq")
+from ptqscale.methods.awq import AWQConfig  # noqa: E402
+
+__all__ += ["AWQConfig"]
+from ptqscale.methods import athena  # noqa: F401, E402  (registers "athena")
+from ptqscale.methods.athena import AthenaConfig  # noqa: E402
+
+__all__ += ["AthenaConfig"]

@@ -246,8 +246,9 @@ class BlockFT:
                 loss.backward()
                 opt.step()
         record["loss_after"], record["rel_after"] = self._loss(w, x_q, target)
-        record["kept"] = "after"
+        record["loss_tuned"], record["kept"] = record["loss_after"], "after"
         if cfg.keep_best and record["loss_after"] > record["loss_before"]:
+            record["loss_after"], record["rel_after"] = record["loss_before"], record["rel_before"]
             with torch.no_grad():  # fine-tuning made the calibration error worse: undo it
                 for lw, (V, gamma) in zip(learned, before, strict=True):
                     lw.V.copy_(V)

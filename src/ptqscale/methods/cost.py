@@ -4,7 +4,8 @@ Peak memory is ``torch.cuda.max_memory_allocated`` over the method's run when CU
 available (``kind: cuda_max_allocated``, counters reset at the start); otherwise the growth of
 the process's peak resident set size (``kind: rss_peak_delta``, ``resource.getrusage``): the
 lifetime peak after the method minus the one before it, so it is 0 when the method stayed below
-an earlier peak of the process (a lower bound of what the method needed on top of the model).
+an earlier peak of the process (a lower bound of what the method needed on top of the model);
+``process_peak_rss_bytes`` is that lifetime peak itself.
 
 Example::
 
@@ -47,4 +48,6 @@ def measure_cost() -> Iterator[dict]:
             cost.update(peak_memory_bytes=int(torch.cuda.max_memory_allocated()),
                         kind="cuda_max_allocated")
         else:
-            cost.update(peak_memory_bytes=_peak_rss_bytes() - before, kind="rss_peak_delta")
+            peak = _peak_rss_bytes()
+            cost.update(peak_memory_bytes=peak - before, kind="rss_peak_delta",
+                        process_peak_rss_bytes=peak)

@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ptqscale.assets import DATA as ASSETS_DATA
+from ptqscale.assets import ZOO_CHECKPOINTS
 from ptqscale.data import CalibConfig, DataConfig
 from ptqscale.errors import ConfigError
 from ptqscale.metrics import EvalConfig, LandscapeConfig
@@ -32,6 +33,10 @@ class PathsConfig:
     # Folder laid out like ../shared/data; named corpora with a local ``path`` are
     # looked up under it. Defaults to the data the package embeds.
     data: str = str(ASSETS_DATA)
+    # Folder of the reference family's checkpoints (gutenberg-llama-<size>/). The smallest
+    # members are embedded; point this at a folder holding the whole family for the rest
+    # (``python -m ptqscale.zoo.train_family`` reproduces it).
+    zoo: str = str(ZOO_CHECKPOINTS)
 
 
 @dataclass

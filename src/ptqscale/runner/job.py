@@ -52,7 +52,7 @@ class JobSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.study}/{self.model.name}/{self.fmt.name}/{self.method.name}"
+        return f"{self.study}/{self.model.name}/{self.data.name}/{self.fmt.name}/{self.method.name}"
 
 
 def validate_job(cfg: DictConfig) -> JobSpec:

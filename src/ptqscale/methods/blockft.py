@@ -1,0 +1,241 @@
+"""Block-wise reconstruction fine-tuning (weight-only), three variants of Shabanovi et al. 2024.
+
+The usual block-wise fine-tuning learns the quantization parameters of one decoder block at a
+time so that its outputs match full precision on calibration data. Shabanovi et al. ("Interactions
+Across Blocks in PTQ of LLMs", 2024) relax the independence of blocks in two ways; all three
+variants are one method with one config each (``conf/method/blockft_*.yaml``):
+
+- ``blockft_single``: one block, error at its own output (the baseline);
+- ``blockft_joint<k>``: ``k`` consecutive blocks optimised jointly against the full-precision
+  output of the last one, windows ``stride`` blocks apart;
+- ``blockft_down<m>``: one block optimised with the error measured at the output of the block
+  ``m`` further down, the blocks in between held fixed at full precision (our reading).
+
+What is learned (``blockft_quant.py``): a per-weight rounding offset and, where the format
+stores its scale as a free float, a per-group scale multiplier, with straight-through gradients
+through the format's own rounding; initialised from RTN or from GPTQ (``init``). The walk over
+windows and the two activation streams are in ``blockft_walk.py``; the calibration plumbing is
+``capture.py``'s.
+
+Example::
+
+    >>> cfg = BlockFTConfig(name="blockft_joint2", variant="joint", window=2, stride=2)
+    >>> report = quantize(model, cfg, QuantContext(calibration=ids))   # doctest: +SKIP
+    >>> report.extra["blockft"]["windows"][0]["loss_after"]            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ptqscale.errors import ConfigError
+from ptqscale.formats import get_format
+from ptqscale.methods.base import (
+    MethodConfig,
+    QuantContext,
+    QuantReport,
+    TargetsConfig,
+    layer_stats,
+    register_method,
+    select_targets,
+)
+
+# Registry name -> (variant, window, downstream): the name of a record never lies about them.
+PRESETS: dict[str, tuple[str, int, int]] = {
+    "blockft_single": ("single", 1, 0),
+    "blockft_joint2": ("joint", 2, 0),
+    "blockft_joint3": ("joint", 3, 0),
+    "blockft_down1": ("downstream", 1, 1),
+    "blockft_down2": ("downstream", 1, 2),
+}
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+@dataclass
+class BlockFTConfig(MethodConfig):
+    """Block-wise fine-tuning of the learned rounding offsets (and scales) into ``format``.
+
+    Example:
+        >>> BlockFTConfig(format="int3_g32").variant, BlockFTConfig().iters
+        ('single', 200)
+    """
+
+    needs_calibration: ClassVar[bool] = True
+    not_in_key: ClassVar[tuple[str, ...]] = ("device", "offload")
+
+    name: str = "blockft_single"
+    format: str = "int3_g32"
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    allow_padding: bool = True
+    variant: str = "single"  # single | joint | downstream
+    window: int = 1  # blocks optimised together (joint)
+    stride: int = 1  # blocks between window starts (joint; 1 <= stride <= window)
+    downstream: int = 0  # blocks between the tuned block and the one whose output is matched
+    init: str = "rtn"  # rtn | gptq: the starting point (and anchor) of the learned rounding
+    learn_scale: bool = True  # learn per-group scale multipliers (INT, FP, NF4 formats only)
+    offset_bound: float = 1.0  # |rounding offset| <= this many mean grid steps
+    optimizer: str = "adam"
+    lr: float = 5e-3  # Adam learning rate of the offsets (units of grid steps)
+    scale_lr: float = 1e-3  # Adam learning rate of the log scale multipliers
+    iters: int = 200  # optimizer steps per window
+    batch_size: int = 4  # calibration sequences per step (and per forward pass)
+    nsamples: int | None = None  # calibration sequences used (None: all that calib gives)
+    keep_best: bool = True  # undo a window's tuning if it raised its calibration error
+    percdamp: float = 0.01  # GPTQ init: lambda = percdamp * mean(diag H)
+    gptq_blocksize: int = 128  # GPTQ init: columns per lazy batch update
+    seed: int = 0  # order of the calibration batches
+    device: str = "auto"  # where blocks compute: auto (cuda if available) | cpu | cuda[:N]
+    offload: str = "auto"  # activations on the CPU: auto (when short of GPU memory) | yes | no
+
+    def __post_init__(self) -> None:
+        try:
+            get_format(self.format)
+        except ValueError as err:
+            raise ConfigError(f"method.format={self.format!r}: {err}") from None
+        for ok, message in self._checks():
+            if not ok:
+                raise ConfigError(message)
+
+    def _checks(self):
+        preset = PRESETS.get(self.name)
+        got = (self.variant, self.window, self.downstream)
+        return [
+            (preset is not None, f"method.name={self.name!r}: block fine-tuning presets are "
+                                 f"{', '.join(PRESETS)} (add one to blockft.PRESETS)"),
+            (preset is None or preset == got,
+             f"method.name={self.name!r} means (variant, window, downstream)={preset}, got "
+             f"{got}: pick the preset that names them"),
+            (self.variant in ("single", "joint", "downstream"),
+             f"method.variant={self.variant!r}: allowed single, joint, downstream"),
+            (self.window >= 1 and 1 <= self.stride <= self.window,
+             f"method.window={self.window}, stride={self.stride}: need 1 <= stride <= window "
+             "(a larger stride would leave blocks unquantized)"),
+            (self.variant != "single" or self.stride == 1, "method.stride must be 1 for single"),
+            (self.init in ("rtn", "gptq"), f"method.init={self.init!r}: allowed rtn, gptq"),
+            (self.optimizer == "adam", f"method.optimizer={self.optimizer!r}: allowed adam"),
+            (self.lr > 0 and self.scale_lr > 0, "method.lr and method.scale_lr must be > 0"),
+            (self.iters >= 0, f"method.iters={self.iters} must be >= 0"),
+            (self.batch_size >= 1, f"method.batch_size={self.batch_size} must be >= 1"),
+            (self.nsamples is None or self.nsamples >= 1,
+             f"method.nsamples={self.nsamples} must be >= 1 or null (all)"),
+            (self.offset_bound > 0, f"method.offset_bound={self.offset_bound} must be > 0"),
+            (self.percdamp > 0 and self.gptq_blocksize >= 1,
+             "method.percdamp must be > 0 and method.gptq_blocksize >= 1"),
+            (bool(_DEVICE.match(self.device)),
+             f"method.device={self.device!r}: allowed auto, cpu, cuda, cuda:N"),
+            (self.offload in ("auto", "yes", "no"),
+             f"method.offload={self.offload!r}: allowed auto, yes, no"),
+            (not (self.targets.head or self.targets.embeddings),
+             "block fine-tuning quantizes the decoder blocks' linears only; set "
+             "targets.head=false and targets.embeddings=false"),
+        ]
+
+    def settings(self) -> dict[str, Any]:
+        keys = ("variant", "window", "stride", "downstream", "init", "learn_scale",
+                "offset_bound", "optimizer", "lr", "scale_lr", "iters", "batch_size", "nsamples",
+                "keep_best", "percdamp", "gptq_blocksize", "seed", "device", "offload")
+        return {k: getattr(self, k) for k in keys}
+
+
+def _quantize_blockft(model: nn.Module, cfg: BlockFTConfig, ctx: QuantContext) -> QuantReport:
+    """Quantize the target linears of ``model`` in place, window by window."""
+    from ptqscale.methods.blockft_walk import BlockFT, plan_windows
+    from ptqscale.methods.capture import capture_block_inputs
+    from ptqscale.methods.gptq import _calibration, _resolve_device
+    from ptqscale.models import get_anatomy
+
+    fmt = get_format(cfg.format)
+    ids = _calibration(ctx)
+    if cfg.nsamples is not None:
+        if cfg.nsamples > ids.shape[0]:
+            raise ConfigError(f"method.nsamples={cfg.nsamples} but the calibration has only "
+                              f"{ids.shape[0]} sequences (calib.nsamples)")
+        ids = ids[: cfg.nsamples]
+    device = _resolve_device(cfg.device)
+    anat = get_anatomy(model)
+    selected = select_targets(model, anat, cfg.targets)
+    storage, why = _storage(model, cfg, ids, device)
+    prefixes = [f"{anat.block_prefix}.{i}." for i in range(len(anat.blocks))]
+    targets = [{rel: p + rel for rel in anat.block_order if p + rel in selected}
+               for p in prefixes]
+    report = QuantReport(method=cfg.name, format=fmt.name)
+    walk = BlockFT(anat.blocks, targets, anat.block_order, cfg, fmt, device, storage)
+    walk.finalize = lambda b, learned: report.layers.extend(
+        _finalize(anat.blocks[b], b, targets[b], learned, fmt))
+    windows = plan_windows(len(anat.blocks), cfg.variant, cfg.window, cfg.stride, cfg.downstream)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.eval().requires_grad_(False)  # only the learned quantizers get gradients
+    try:
+        inputs = capture_block_inputs(model, anat.blocks[0], ids, cfg.batch_size, storage)
+        walk.run(inputs, windows)
+    finally:
+        model.train(was_training)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    report.extra = _summary(cfg, device, storage, why, ids, ctx, walk, report.layers)
+    return report
+
+
+for _name in PRESETS:
+    register_method(_name, BlockFTConfig)(_quantize_blockft)
+quantize_blockft = _quantize_blockft
+
+
+@torch.no_grad()
+def _finalize(block: nn.Module, b: int, names: dict[str, str], learned: dict, fmt) -> list[dict]:
+    """Write the block's final quantized weights into it; per-layer records."""
+    entries = []
+    for rel, lw in learned.items():
+        Q = lw.quantized()
+        entry = layer_stats(names[rel], lw.weight, Q, fmt.padding_needed(lw.shape[1]))
+        ratio = 1.0
+        if lw.learn_scale:
+            ratio = float((lw.scaled_params(lw.multiplier()).scale / lw.params.scale).mean())
+        entry.update(block=b, scale_learned=lw.learn_scale, scale_ratio_mean=ratio,
+                     changed_vs_init=float((Q != lw.initial().to(Q.dtype)).float().mean()))
+        block.get_submodule(rel).weight.data.copy_(Q)
+        entries.append(entry)
+    return entries
+
+
+def _storage(model, cfg: BlockFTConfig, ids, device) -> tuple[torch.device, str]:
+    """Where activations wait: the compute device, or the CPU when asked or when the four
+    streams (quantized inputs, fp inputs, fp targets, next fp inputs) would not fit in half of
+    the free GPU memory."""
+    cpu = torch.device("cpu")
+    if cfg.offload == "yes" or device.type != "cuda":
+        return cpu, "offload=yes" if cfg.offload == "yes" else "not on cuda"
+    if cfg.offload == "no":
+        return device, "offload=no"
+    hidden = model.config.hidden_size
+    elem = next(model.parameters()).element_size()
+    need = 4 * ids.numel() * hidden * elem
+    free, _total = torch.cuda.mem_get_info(device)
+    if need > free / 2:
+        return cpu, f"auto: activations {need / 2**30:.2f} GiB > half of free {free / 2**30:.2f} GiB"
+    return device, f"auto: activations {need / 2**30:.2f} GiB fit"
+
+
+def _summary(cfg, device, storage, why, ids, ctx, walk, layers) -> dict:
+    """The job-level record (``quantize`` adds seconds and peak memory as ``cost``)."""
+    import math
+
+    from ptqscale.methods.gptq import _hash_ids
+
+    windows = walk.windows
+    return {
+        "blockft": {**cfg.settings(), "device": str(device), "storage": str(storage),
+                    "storage_reason": why, "windows": windows},
+        "calibration": {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
+                        "hash": ctx.calibration_hash or _hash_ids(ids)},
+        "windows_kept_before": sum(w["kept"] == "before" for w in windows),
+        "loss_before_sum": math.fsum(w["loss_before"] for w in windows),
+        "loss_after_sum": math.fsum(w["loss_after"] for w in windows),
+        "scale_learned": any(layer["scale_learned"] for layer in layers),
+    }
