@@ -60,7 +60,8 @@ def sweep_dirs(results: Path) -> list[Path]:
     return sorted((results / "_hydra" / STUDY / "multirun").iterdir())
 
 
-def wait_for_started_task(cluster, results: Path, proc, timeout: float = 180) -> tuple[str, int]:
+def wait_for_started_task(cluster, results: Path, proc, timeout: float = 180,
+                          skip: tuple[str, ...] = ()) -> tuple[str, int]:
     """A task that is running its job: SLURM says RUNNING and Hydra has set up its folder.
 
     Hydra writes ``<sweep>/<n>/.hydra/config.yaml`` after submitit installed its signal
@@ -69,7 +70,8 @@ def wait_for_started_task(cluster, results: Path, proc, timeout: float = 180) ->
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        running = [j for j, s in cluster.queue().items() if s == "RUNNING" and "_" in j]
+        running = [j for j, s in cluster.queue().items()
+                   if s == "RUNNING" and "_" in j and j not in skip]
         base = results / "_hydra" / STUDY / "multirun"
         for job in sorted(running):
             task = int(job.split("_")[1])
@@ -129,24 +131,35 @@ def test_sweep_runs_on_slurm_and_a_relaunch_runs_only_the_cancelled_job(slurm, t
     assert completed_in(logs) == [cancelled]
 
 
-def test_a_preempted_task_is_requeued_and_resumes(slurm, tmp_path):
+def test_timed_out_and_preempted_tasks_are_requeued_and_resume(slurm, tmp_path):
+    """One task gets SLURM's time-limit warning, the other is requeued by the cluster.
+
+    With timeout_min=10, submitit counts any USR2 as a time-out (it guarantees a job
+    min(80%, limit - 10 min) of its time), so it requeues the task while the configured
+    max_num_timeout allows it. ``scontrol requeue`` is what a cluster with
+    PreemptMode=REQUEUE does to a preempted job.
+    """
     formats = FORMATS[:2]
     proc = launch(formats, tmp_path, slurm, wait=False)
-    victim, task = wait_for_started_task(slurm, tmp_path, proc)
-    # what a preempting cluster (and submitit's own test helper) sends the job's steps
-    assert slurm.run(["scancel", "--signal=USR2", victim]).returncode == 0
+    timed_out, _ = wait_for_started_task(slurm, tmp_path, proc)
+    assert slurm.run(["scancel", "--signal=USR2", timed_out]).returncode == 0
+    preempted, _ = wait_for_started_task(slurm, tmp_path, proc, skip=(timed_out,))
+    assert slurm.run(["scontrol", "requeue", preempted]).returncode == 0
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     final = records(tmp_path)
     assert sorted(final) == sorted(formats)
     assert all(r["status"] == "complete" for r in final.values())
     logs = job_logs(sweep_dirs(tmp_path)[-1])
-    assert "this job is preempted" in logs and f"Requeued job {victim}" in logs, logs[-3000:]
-    assert formats[task] in completed_in(logs)
+    assert "this job is timed-out" in logs, logs[-3000:]
+    assert f"Requeued job {timed_out} (1 remaining timeouts)" in logs, logs[-3000:]
+    # both tasks started twice; each grid point ran to a record once, never twice
+    assert logs.count("Starting with JobEnvironment") == 4, logs[-3000:]
+    assert completed_in(logs) == sorted(formats)
     # the sbatch script runs the launcher's own interpreter (the venv's) with our defaults
     script = next(sweep_dirs(tmp_path)[-1].glob(".submitit/*/*_submission.sh")).read_text()
     assert f"{sys.executable} -u -m submitit.core._submit" in script
     for flag in ("--cpus-per-task=1", "--partition=ci", "--time=10", "--mem=1GB",
-                 f"--job-name=ptqscale-{STUDY}", f"--array=0-{len(formats) - 1}%64"):
+                 f"--job-name=ptqscale-{STUDY}", f"--array=0-{len(formats) - 1}%{len(formats)}"):
         assert f"#SBATCH {flag}\n" in script, (flag, script)
 

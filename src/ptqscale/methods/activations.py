@@ -161,7 +161,7 @@ class ActQuantizer:
         if self.qmax is None:
             Q = self.fmt.fake_quantize(X)  # the format's own blocks along the channels
         else:
-            delta = self.scale(X) * (self.cfg.clip / self.qmax)
+            delta = self.scale(X) * self.cfg.clip / self.qmax
             delta = torch.where(delta > 0, delta, torch.ones_like(delta))  # all-zero rows
             Q = self._round(X / delta) * delta
         return Q.reshape(x.shape).to(x.dtype)

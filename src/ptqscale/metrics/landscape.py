@@ -107,6 +107,7 @@ def _check_ts(ts: Sequence[float]) -> None:
 def nll_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL (nats) of ``input_ids[b, t]``, differentiable, fp32 logits."""
     kwargs = {"use_cache": False} if hasattr(model, "config") else {}
+    input_ids = input_ids.to(next(model.parameters()).device)  # token windows may live on the CPU
     out = model(input_ids, **kwargs)
     logits = getattr(out, "logits", out)[:, :-1].float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))

@@ -6,24 +6,41 @@
 For each grid point: done / failed / pending (or invalid, with the reason), its key, and
 which model-level results (full-precision eval, landscape) are already cached and will
 be reused. The grid is expanded exactly as Hydra's basic sweeper expands it.
+
+A study can have 10^5 grid points, so the plan never composes them one by one (Hydra's
+compose takes ~0.1-0.5 s). :class:`Planner` composes once per distinct choice of config
+groups (``model=...``, ``method=...``), then derives each job from plain value
+overrides (``format=int8``): each config node (model, method, ...) is built and
+validated once per distinct value it takes in the sweep, and the store and the caches
+are listed once. A job with any other kind of override (``+key=``, ``~key``, an
+interpolation) is composed the slow, exact way (:func:`plan_job`).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ptqscale.errors import ConfigError
 from ptqscale.runner import keys
 from ptqscale.runner.app import conf_dir
-from ptqscale.runner.config import register_configs
+from ptqscale.runner.config import register_configs, to_object
 from ptqscale.store import cache_get, read_record
+from ptqscale.store.records import record_states
+
+# What makes a grid point invalid (rather than a bug): reported, not raised.
+INVALID = (ConfigError, ValueError, FileNotFoundError)
 
 
 @dataclass
@@ -47,13 +64,13 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def plan_job(job_overrides: list[str]) -> PlannedJob:
-    """Validate one grid point and look up its state in the store."""
+    """Validate one grid point and look up its state in the store (composes it: slow)."""
     from ptqscale.runner.job import validate_job
 
     cfg = compose("config", overrides=job_overrides)
     try:
         spec = validate_job(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except INVALID as e:
         return PlannedJob(job_overrides, "invalid", reason=str(e))
     record = read_record(spec.results, spec.study, spec.key)
     state = "pending" if record is None else ("done" if record["status"] == "complete" else "failed")
@@ -67,9 +84,320 @@ def plan_job(job_overrides: list[str]) -> PlannedJob:
 
 
 def plan(overrides: list[str]) -> list[PlannedJob]:
+    """Every job of the sweep ``overrides`` describes, with its state."""
     register_configs()
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return [plan_job(job) for job in expand_sweep(overrides)]
+        planner = Planner()
+        return [planner.plan(job) for job in expand_sweep(overrides)]
+
+
+class Planner:
+    """Plans grid points with one composition per distinct group choice.
+
+    Must be used inside Hydra's ``initialize_config_dir`` (as :func:`plan` does).
+    ``planner.spec(overrides)`` is the :class:`~ptqscale.runner.job.JobSpec` that
+    ``validate_job(compose("config", overrides))`` returns, built from cached parts.
+
+    The first job's group choices are the reference composition. A job that differs in
+    one group (``model=other``) takes the nodes that choice writes (its footprint, found
+    by comparing the two compositions) from a composition that changes just that group;
+    a node written by two of the job's changed groups comes from the job's own
+    composition. So the compositions are one per distinct choice, not one per combination.
+    """
+
+    def __init__(self) -> None:
+        self._parsed: dict[str, tuple] = {}
+        self._composed: dict[tuple[str, ...], _Composed] = {}
+        self._ref: _Composed | None = None
+        self._nodes: dict[tuple, Any] = {}
+        self._memo: dict[tuple, Any] = {}
+        self._listed: dict[tuple, Any] = {}
+        self._repo = GlobalHydra.instance().config_loader().repository
+
+    def plan(self, job_overrides: list[str]) -> PlannedJob:
+        split = self._split(job_overrides)
+        if split is None:
+            return plan_job(job_overrides)
+        try:
+            spec = self._spec(*split)
+        except INVALID as e:
+            return PlannedJob(job_overrides, "invalid", reason=str(e))
+        status = self._listed_once(("records", spec.results, spec.study),
+                                   lambda: record_states(spec.results, spec.study)).get(spec.key)
+        state = {None: "pending", "complete": "done"}.get(status, "failed")
+        fp_key = self._memo_get(("fp", id(spec.model), id(spec.data), id(spec.eval)),
+                                lambda: keys.fp_eval_key(spec.model, spec.data, spec.eval))
+        job = PlannedJob(job_overrides, state, name=spec.name, key=spec.key,
+                         fp_cached=fp_key in self._cached(spec.results, "fp_eval"))
+        if spec.landscape is not None:
+            lkey = keys.landscape_key(spec.model, spec.data, spec.eval, spec.landscape)
+            job.landscape_cached = lkey in self._cached(spec.results, "landscape")
+        return job
+
+    def spec(self, job_overrides: list[str]) -> Any:
+        """The validated job (raises what ``validate_job`` raises), composing only if needed."""
+        split = self._split(job_overrides)
+        if split is None:
+            from ptqscale.runner.job import validate_job
+
+            return validate_job(compose("config", overrides=job_overrides))
+        return self._spec(*split)
+
+    # -- a job = group choices + plain value overrides ---------------------------------
+    def _split(self, job: list[str]) -> tuple[_Job, tuple] | None:
+        groups, values = [], []
+        for text in job:
+            kind, *rest = self._classify(text)
+            if kind == "other":
+                return None
+            (groups if kind == "group" else values).append(text if kind == "group" else rest)
+        if self._ref is None:
+            self._ref = self._composition(tuple(groups))
+        if any(k.split(".")[0] not in self._ref.raw for k, _ in values):
+            return None     # a key the config does not have: let compose report it
+        return _Job(tuple(groups), self._changed(groups)), tuple((k, v) for k, v in values)
+
+    def _classify(self, text: str) -> tuple:
+        """("group", key) | ("value", key, value) | ("other",), once per distinct string."""
+        if text not in self._parsed:
+            o = OverridesParser.create().parse_override(text)
+            key = o.key_or_group
+            if self._is_group(key):   # a group choice, into its package or elsewhere
+                self._parsed[text] = ("group", f"{key}@{o.package}" if o.package else key)
+            elif (o.is_add() or o.is_delete() or o.is_force_add() or o.package is not None
+                  or o.is_sweep_override() or "${" in repr(o.value())):
+                self._parsed[text] = ("other",)
+            elif key == "hydra" or key.startswith("hydra."):
+                self._parsed[text] = ("group", key)   # the launcher's business, not the job's
+            else:
+                self._parsed[text] = ("value", key, o.value())
+        return self._parsed[text]
+
+    def _is_group(self, key: str) -> bool:
+        return self._memo_get(("group", key), lambda: self._repo.group_exists(key))
+
+    def _changed(self, groups: list[str]) -> tuple[str, ...] | None:
+        """The job's group overrides that differ from the reference (None: other groups)."""
+        ref = {self._parsed[t][1]: t for t in self._ref.groups}
+        mine = {self._parsed[t][1]: t for t in groups}
+        if mine.keys() != ref.keys():
+            return None
+        return tuple(t for k, t in mine.items() if t != ref[k])
+
+    def _composition(self, groups: tuple[str, ...]) -> _Composed:
+        if groups not in self._composed:
+            self._composed[groups] = _Composed(len(self._composed), groups)
+        return self._composed[groups]
+
+    def _variant(self, text: str) -> _Composed:
+        """The reference with one group choice changed."""
+        key = self._parsed[text][1]
+        return self._composition(tuple(text if self._parsed[t][1] == key else t
+                                       for t in self._ref.groups))
+
+    def _source(self, job: _Job, node: str) -> _Composed:
+        """The composition to take ``node`` from (see the class docstring)."""
+        if job.changed is None:
+            return self._composition(job.groups)
+        touching = [t for t in job.changed if self._touches(t, node)]
+        if not touching:
+            return self._ref
+        return self._variant(touching[0]) if len(touching) == 1 else \
+            self._composition(job.groups)
+
+    def _touches(self, text: str, node: str) -> bool:
+        def make() -> bool:
+            variant = self._variant(text)
+            footprint = variant.footprint(self._ref)
+            inputs = {node} | (self._ref.dependencies(node) or {""}) | \
+                (variant.dependencies(node) or {""})
+            return "" in inputs or any(_overlap(a, b) for a in inputs for b in footprint)
+        return self._memo_get(("touches", text, node), make)
+
+    # -- nodes, each built once per distinct value --------------------------------------
+    def _node(self, job: _Job, values: tuple, name: str) -> Any:
+        """Config node ``name`` with the overrides that reach it, as its typed object."""
+        source = self._source(job, name)
+        relevant = tuple((k, v) for k, v in values if source.affects(name, k))
+        try:
+            cache_key = (source.index, name, relevant)
+            hash(cache_key)
+        except TypeError:          # list values
+            cache_key = (source.index, name, repr(relevant))
+        if cache_key not in self._nodes:
+            try:
+                self._nodes[cache_key] = source.build(name, relevant)
+            except INVALID as e:
+                self._nodes[cache_key] = e
+        value = self._nodes[cache_key]
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    def _spec(self, job: _Job, values: tuple) -> Any:
+        """Mirror of ``validate_job``: the same checks, in the same order, on cached parts."""
+        from ptqscale.data import validate_data_config
+        from ptqscale.formats import get_format
+        from ptqscale.methods import get_method
+        from ptqscale.models.skeleton import describe_model
+        from ptqscale.runner.job import JobSpec, _check_divisible
+
+        node = lambda name: self._node(job, values, name)   # noqa: E731
+        method = node("method")
+        config_cls, _ = get_method(str(method.name))
+        fmt = self._memo_get(("fmt", method.format), lambda: _parse_format(get_format, method))
+        model, data, eval_cfg = node("model"), node("data"), node("eval")
+        calib = node("calib") if config_cls.needs_calibration else None
+        node("wandb")
+        landscape = node("landscape")
+        landscape = landscape if landscape.enabled else None
+        skeleton = self._memo_get(("skeleton", id(model)), lambda: describe_model(model))
+        if eval_cfg.seqlen > skeleton.context:
+            raise ConfigError(f"eval.seqlen={eval_cfg.seqlen} exceeds the context of model "
+                              f"{model.name!r} ({skeleton.context}; model.max_seqlen or the "
+                              f"checkpoint's max positions)")
+        self._memo_get(("data", id(data)), lambda: validate_data_config(data))
+        if calib is not None:
+            self._memo_get(("data", id(calib)), lambda: validate_data_config(calib.data))
+        if not method.allow_padding:
+            self._memo_get(("div", id(fmt), id(model)),
+                           lambda: _check_divisible(fmt, skeleton.target_shapes))
+        study, seed, paths = node("study"), node("seed"), node("paths")
+        key = keys.job_key(study, model, data, eval_cfg, method, calib, landscape, seed)
+        return JobSpec(study=study, model=model, data=data, eval=eval_cfg, method=method,
+                       calib=calib, landscape=landscape, fmt=fmt, seed=seed, key=key,
+                       results=paths.results, cache=paths.cache,
+                       progress=node("progress"), exclusive_gpu=node("exclusive_gpu"))
+
+    def _memo_get(self, key: tuple, make) -> Any:
+        """``make()`` once per key; an invalid result is remembered and raised again."""
+        if key not in self._memo:
+            try:
+                self._memo[key] = make()
+            except INVALID as e:
+                self._memo[key] = e
+        value = self._memo[key]
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    def _listed_once(self, key: tuple, make) -> Any:
+        if key not in self._listed:
+            self._listed[key] = make()
+        return self._listed[key]
+
+    def _cached(self, results: str, kind: str) -> set[str]:
+        """Keys of the model-level cache ``kind`` (one directory listing)."""
+        def scan() -> set[str]:
+            folder = Path(results) / "_cache" / kind
+            return {p.name[:-5] for p in folder.glob("*.json")} if folder.is_dir() else set()
+        return self._listed_once(("cache", results, kind), scan)
+
+
+@dataclass(frozen=True)
+class _Job:
+    groups: tuple[str, ...]
+    changed: tuple[str, ...] | None     # group overrides unlike the reference's
+
+
+def _parse_format(get_format, method: Any) -> Any:
+    try:
+        return get_format(method.format)
+    except ValueError as e:
+        raise ConfigError(f"format={method.format!r}: {e}") from e
+
+
+_REF = re.compile(r"\$\{([^}]*)\}")
+
+
+class _Composed:
+    """The config composed with one set of group choices, and what each node depends on."""
+
+    def __init__(self, index: int, groups: tuple[str, ...]) -> None:
+        self.index, self.groups = index, groups
+        self.cfg = compose("config", overrides=list(groups))
+        self.raw = OmegaConf.to_container(self.cfg, resolve=False)
+        self._deps: dict[str, set[str] | None] = {}
+        self._affects: dict[tuple[str, str], bool] = {}
+
+    def footprint(self, other: _Composed) -> set[str]:
+        """Root keys whose (unresolved) content differs from ``other``'s."""
+        return {k for k in self.raw.keys() | other.raw.keys()
+                if self.raw.get(k) != other.raw.get(k)}
+
+    def affects(self, node: str, key: str) -> bool:
+        """Whether overriding ``key`` can change node ``node`` (directly or by interpolation)."""
+        if (node, key) not in self._affects:
+            deps = self.dependencies(node)
+            self._affects[node, key] = deps is None or any(
+                _overlap(key, path) for path in (node, *deps))
+        return self._affects[node, key]
+
+    def build(self, node: str, overrides: tuple) -> Any:
+        cfg = copy.deepcopy(self.cfg)
+        for key, value in overrides:
+            OmegaConf.update(cfg, key, value, merge=True)   # as Hydra applies a value override
+        value = cfg[node]
+        if node == "method":
+            _check_method_class(value)
+        return to_object(value) if isinstance(value, DictConfig) else value
+
+    def dependencies(self, node: str) -> set[str] | None:
+        """Paths the node's interpolations read, transitively; None if one is relative."""
+        if node not in self._deps:
+            self._deps[node] = self._follow(node)
+        return self._deps[node]
+
+    def _follow(self, node: str) -> set[str] | None:
+        found: set[str] = set()
+        todo = [self.raw.get(node)]
+        while todo:
+            refs = _refs(todo.pop())
+            if refs is None:
+                return None
+            for ref in refs - found:
+                found.add(ref)
+                todo.append(_lookup(self.raw, ref))
+        return found
+
+
+def _refs(tree: Any) -> set[str] | None:
+    """Absolute paths interpolated anywhere in ``tree``; resolvers (``${x:...}``) are constant
+    within one plan and ignored. None when a relative interpolation (``${.x}``) appears."""
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    if isinstance(tree, list):
+        out: set[str] = set()
+        for item in tree:
+            refs = _refs(item)
+            if refs is None:
+                return None
+            out |= refs
+        return out
+    if not isinstance(tree, str):
+        return set()
+    refs = {r.strip() for r in _REF.findall(tree) if ":" not in r}
+    return None if any(r.startswith(".") for r in refs) else refs
+
+
+def _lookup(tree: Any, path: str) -> Any:
+    for part in path.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _overlap(key: str, path: str) -> bool:
+    return key == path or key.startswith(path + ".") or path.startswith(key + ".")
+
+
+def _check_method_class(node: DictConfig) -> None:
+    from ptqscale.methods import get_method
+
+    name = str(OmegaConf.select(node, "name"))
+    config_cls, _ = get_method(name)
+    if not issubclass(OmegaConf.get_type(node) or object, config_cls):
+        raise ConfigError(f"method={name!r}: the config is not a {config_cls.__name__}; "
+                          f"start conf/method/{name}.yaml from '{name}_schema'")
 
 
 def format_plan(jobs: list[PlannedJob]) -> str:

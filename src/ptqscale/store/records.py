@@ -9,7 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 # Bumped whenever the layout of a record changes; readers may branch on it.
 RECORD_SCHEMA_VERSION = 1
@@ -17,6 +19,9 @@ RECORD_SCHEMA_VERSION = 1
 # Nested fields kept out of the tidy frame: they are per-layer lists or whole configs,
 # available from the JSON records themselves.
 _WIDE_FIELDS = ("layers", "config", "error")
+# Column of records.parquet: the mtime (ns) of the JSON file each row was read from, so
+# that a reader knows which rows are still current.
+_MTIME = "_source_mtime_ns"
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -69,34 +74,104 @@ def read_record(root: str | os.PathLike, study: str, job_key: str) -> dict | Non
 
 def iter_records(root: str | os.PathLike, study: str | None = None) -> Iterator[dict]:
     """Every record under ``root`` (one study, or all), in a stable order."""
-    root = Path(root)
-    if study is not None:
-        studies = [root / study]
-    elif root.is_dir():
-        studies = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
-    else:
-        studies = []
-    for sdir in studies:
-        rdir = sdir / "records"
-        if not rdir.is_dir():
-            continue
-        with os.scandir(rdir) as it:
-            names = sorted(e.name for e in it if e.name.endswith(".json") and not e.name.startswith("."))
-        for name in names:
-            yield json.loads((rdir / name).read_text())
+    for sdir in _study_dirs(root, study):
+        for key in sorted(_listing(sdir)):
+            yield json.loads((sdir / "records" / f"{key}.json").read_text())
 
 
 def read_records(root: str | os.PathLike, study: str | None = None,
                  status: str | None = "complete") -> pd.DataFrame:
     """Records as a tidy DataFrame: one row per job, nested fields as dotted columns.
 
-    ``status=None`` keeps failed jobs too.
+    ``status=None`` keeps failed jobs too. Where a study was consolidated, rows come from
+    ``records.parquet`` as long as their JSON file is unchanged; only new or rewritten
+    records are parsed. The JSON files stay the truth: a deleted file drops its row.
     """
-    rows = [_flatten(r) for r in iter_records(root, study)]
-    df = pd.DataFrame(rows)
+    frames = [f for f in (_study_frame(d) for d in _study_dirs(root, study)) if not f.empty]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    df = df.drop(columns=[_MTIME], errors="ignore")
     if status is not None and not df.empty:
         df = df[df["status"] == status].reset_index(drop=True)
     return df
+
+
+def record_states(root: str | os.PathLike, study: str) -> dict[str, str]:
+    """``job_key -> status`` of every record of a study (what ``ptqscale-plan`` needs).
+
+    >>> record_states(tempfile.mkdtemp(), "demo")
+    {}
+    """
+    frame = _study_frame(Path(root) / study, columns=["job_key", "status"])
+    return dict(zip(frame["job_key"], frame["status"])) if not frame.empty else {}
+
+
+def consolidate(root: str | os.PathLike, study: str) -> Path:
+    """Write ``<root>/<study>/records.parquet`` from the study's JSON records (all statuses).
+
+    Incremental: rows of the previous Parquet whose JSON file did not change are kept, so
+    re-consolidating after a few more jobs parses only those.
+    """
+    df = _study_frame(Path(root) / study)
+    path = Path(root) / study / "records.parquet"
+    tmp = path.with_suffix(".parquet.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def _study_dirs(root: str | os.PathLike, study: str | None) -> list[Path]:
+    root = Path(root)
+    if study is not None:
+        return [root / study]
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
+
+
+def _listing(sdir: Path) -> dict[str, int]:
+    """``job_key -> mtime_ns`` of the study's record files, from one directory scan."""
+    try:
+        with os.scandir(sdir / "records") as it:
+            return {e.name[:-5]: e.stat().st_mtime_ns for e in it
+                    if e.name.endswith(".json") and not e.name.startswith(".")}
+    except FileNotFoundError:
+        return {}
+
+
+def _study_frame(sdir: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """A study's records sorted by key, each row with its file's mtime in ``_MTIME``."""
+    listing = _listing(sdir)
+    kept = _consolidated(sdir, listing, columns)
+    rows = []
+    for key in sorted(set(listing) - set(kept["job_key"])):
+        try:
+            row = _flatten(json.loads((sdir / "records" / f"{key}.json").read_text()))
+        except FileNotFoundError:   # deleted since the scan
+            continue
+        row = {c: row.get(c) for c in columns} if columns else row
+        rows.append({**row, _MTIME: listing[key]})
+    if not rows:
+        return kept
+    df = pd.concat([kept, pd.DataFrame(rows)], ignore_index=True) if len(kept) else \
+        pd.DataFrame(rows)
+    return df.sort_values("job_key", ignore_index=True)
+
+
+def _consolidated(sdir: Path, listing: dict[str, int], columns: list[str] | None) -> pd.DataFrame:
+    """The rows of ``records.parquet`` whose JSON file is still there, unchanged."""
+    path = sdir / "records.parquet"
+    none = pd.DataFrame({"job_key": pd.Series(dtype=str)})
+    if not listing or not path.is_file():
+        return none
+    names = pq.read_schema(path).names
+    if _MTIME not in names or "job_key" not in names:   # an older layout: parse every JSON
+        return none
+    if columns is not None:
+        columns = [c for c in names if c in {*columns, "job_key", _MTIME}]
+    df = pd.read_parquet(path, columns=columns)
+    # python ints: nanosecond mtimes do not survive a round trip through float64
+    current = np.array([listing.get(k, -1) for k in df["job_key"]], dtype=np.int64)
+    return df[current == df[_MTIME].to_numpy(dtype=np.int64)].reset_index(drop=True)
 
 
 def _flatten(record: dict) -> dict:
@@ -112,16 +187,6 @@ def _flatten(record: dict) -> dict:
 
     walk("", {k: v for k, v in record.items() if k not in _WIDE_FIELDS})
     return out
-
-
-def consolidate(root: str | os.PathLike, study: str) -> Path:
-    """Write ``<root>/<study>/records.parquet`` from the study's JSON records (all statuses)."""
-    df = read_records(root, study, status=None)
-    path = Path(root) / study / "records.parquet"
-    tmp = path.with_suffix(".parquet.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
 
 
 def cache_get(root: str | os.PathLike, kind: str, key: str) -> dict | None:
