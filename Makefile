@@ -19,6 +19,7 @@ setup: $(BIN)/.installed
 
 quickstart: setup
 	$(BIN)/ptqscale-run --multirun +sweep=quickstart
+	$(BIN)/ptqscale-report --results results --study quickstart
 
 test: setup
 	$(BIN)/ruff check src analysis tests bench

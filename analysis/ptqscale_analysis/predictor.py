@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -103,8 +104,14 @@ def add_features(frame: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
     return df
 
 
+# Landscape columns that describe the model (or the job's noise-equivalent prediction);
+# the rest of that record group is bookkeeping (costs, budgets, standard errors).
+_LANDSCAPE_FEATURE = re.compile(r"^landscape\.(kappa|kappa_h|kappa_ratio|s_star_db|hessian_trace|"
+                                r"top_eigenvalue|noise_equivalent_dnll|dnll_at_[0-9.]+db)$")
+
+
 def candidate_features(frame: pd.DataFrame, methods: list[str]) -> list[str]:
-    landscape = sorted(c for c in frame.columns if c.startswith("landscape."))
+    landscape = sorted(c for c in frame.columns if _LANDSCAPE_FEATURE.match(c))
     return [*MODEL_FEATURES, *landscape, *FORMAT_FEATURES, *(f"method={m}" for m in methods)]
 
 

@@ -113,6 +113,7 @@ def write_report(root: str | os.PathLike, study: str, out_dir: str | os.PathLike
     (out / "figures").mkdir(parents=True, exist_ok=True)
     doc = _Doc()
     doc.h(1, f"PTQ scaling report: {study}")
+    _findings(doc, Path(root) / study / "findings.md")
     _summary(doc, frame)
     fits = _laws(doc, frame, cfg)
     _predictor(doc, frame, cfg, out)
@@ -127,6 +128,32 @@ def write_report(root: str | os.PathLike, study: str, out_dir: str | os.PathLike
     (out / "report.md").write_text(doc.markdown())
     (out / "report.html").write_text(doc.html(f"PTQ scaling report: {study}"))
     return out / "report.md"
+
+
+def _findings(doc: _Doc, path: Path) -> None:
+    """The study's written conclusions (``<study>/findings.md``, kept beside its records).
+
+    Only headings (``## ``), bullet lists (``- ``) and paragraphs are understood, so the
+    same text renders in the Markdown and the HTML report.
+    """
+    if not path.is_file():
+        return
+    for block in path.read_text().strip().split("\n\n"):
+        lines = block.strip().splitlines()
+        if lines[0].startswith("#"):
+            level = len(lines[0]) - len(lines[0].lstrip("#"))
+            doc.h(level, lines[0].lstrip("# ").strip())
+            lines = lines[1:]
+        if lines and all(line.startswith(("- ", "  ")) for line in lines):
+            items = []
+            for line in lines:
+                if line.startswith("- "):
+                    items.append(line[2:].strip())
+                else:
+                    items[-1] += " " + line.strip()
+            doc.items(items)
+        elif lines:
+            doc.p(" ".join(line.strip() for line in lines))
 
 
 def _summary(doc: _Doc, frame: pd.DataFrame) -> None:

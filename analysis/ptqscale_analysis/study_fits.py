@@ -40,7 +40,8 @@ class StudyFitConfig:
     """
 
     size_column: str = "params.blocks"
-    group_by: tuple[str, ...] = ("model.family", "method.name")
+    # Groups that get their own fit; columns a study lacks are skipped (one corpus, say).
+    group_by: tuple[str, ...] = ("model.family", "data.name", "method.name")
     min_dnll: float = 0.0
     fit: FitConfig = field(default_factory=FitConfig)
 
@@ -127,8 +128,9 @@ def fit_study_laws(frame: pd.DataFrame, cfg: StudyFitConfig | None = None,
         _fit_fp(frame, cfg, out)
     q, notes = quantized_rows(frame, cfg)
     out.notes += notes
-    for key, rows in q.groupby(list(cfg.group_by), sort=True):
-        group = dict(zip(cfg.group_by, np.atleast_1d(key)))
+    by = [c for c in cfg.group_by if c in q]
+    for key, rows in q.groupby(by, sort=True):
+        group = dict(zip(by, np.atleast_1d(key)))
         _fit_dnll_laws(rows, group, cfg, out, laws)
     return out
 
@@ -144,10 +146,12 @@ def _try(out: StudyFits, law: str, group: dict, fn, *args) -> None:
 
 
 def _fit_fp(frame: pd.DataFrame, cfg: StudyFitConfig, out: StudyFits) -> None:
-    models = frame.drop_duplicates("model.name")
-    for family, rows in models.groupby("model.family", sort=True):
+    # one full-precision NLL per model and corpus: NLLs of different corpora never mix
+    by = [c for c in ("model.family", "data.name") if c in frame]
+    models = frame.drop_duplicates(["model.name", *by[1:]])
+    for key, rows in models.groupby(by, sort=True):
         n = size_values(rows, cfg.size_column)
-        _try(out, "fp", {"model.family": family}, fit_fp_law, n,
+        _try(out, "fp", dict(zip(by, np.atleast_1d(key))), fit_fp_law, n,
              rows["metrics.nll_fp"].to_numpy(float), cfg.fit)
 
 

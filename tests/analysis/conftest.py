@@ -73,9 +73,9 @@ def make_study(root, study="synth", families=FAMILIES, sizes=SIZES, formats=tupl
             params = _params(n)
             nll_fp = law["E"] + law["A"] * n ** -law["alpha"] + rng.normal(0, 1e-3)
             kappa = law["K"]["rtn"] * n ** -GAMMA
-            landscape = {"kappa": kappa}
+            landscape = {"kappa": kappa, "cost_noise_response_s": 1.5}  # a cost: never a feature
             if fam == "zoo":  # present for one family only: the predictor must drop it
-                landscape["s_star"] = 10 * math.log10(kappa / 0.1)
+                landscape["s_star_db"] = 10 * math.log10(kappa / 0.1)
             records.append(_record(study, fam, size, "bf16", "none", nll_fp, 0.0, None,
                                    params, landscape))
             for fmt in formats:

@@ -31,7 +31,8 @@ def small(small_root):
 def test_features_present_everywhere_are_used(small):
     pred = train_predictor(small, CFG)
     assert "landscape.kappa" in pred.features and "rtn_sqnr_db" in pred.features
-    assert pred.dropped == ["landscape.s_star"]  # measured for one family only
+    assert pred.dropped == ["landscape.s_star_db"]  # measured for one family only
+    assert not any("cost" in f for f in pred.features + pred.dropped)
     assert pred.importances().sum() == pytest.approx(1.0)
 
 

@@ -73,7 +73,7 @@ def validate_job(cfg: DictConfig) -> JobSpec:
     except ValueError as e:
         raise ConfigError(f"format={method.format!r}: {e}") from e
     model, data, eval_cfg = to_object(cfg.model), to_object(cfg.data), to_object(cfg.eval)
-    calib = to_object(cfg.calib) if config_cls.needs_calibration else None
+    calib = to_object(cfg.calib) if method.uses_calibration else None
     to_object(cfg.wandb)  # validates wandb.mode
     landscape = to_object(cfg.landscape)
     landscape = landscape if landscape.enabled else None

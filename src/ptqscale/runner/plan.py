@@ -22,7 +22,7 @@ import argparse
 import copy
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +33,17 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from ptqscale.errors import ConfigError
+from ptqscale.metrics import PROTOCOL_VERSION
 from ptqscale.runner import keys
 from ptqscale.runner.app import conf_dir
 from ptqscale.runner.config import register_configs, to_object
 from ptqscale.store import cache_get, read_record
 from ptqscale.store.records import record_states
 
+# The root nodes a job is made of (validate_job reads these and nothing else).
+NODES = ("method", "model", "data", "eval", "calib", "wandb", "landscape", "study", "seed",
+         "paths", "progress", "exclusive_gpu")
+_MISSING = object()
 # What makes a grid point invalid (rather than a bug): reported, not raised.
 INVALID = (ConfigError, ValueError, FileNotFoundError)
 
@@ -56,10 +61,15 @@ class PlannedJob:
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """The override list of every job, as ``--multirun`` would launch them."""
-    cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    parser = OverridesParser.create()
+    # compose refuses sweeps (model=a,b) outside --multirun; the study's own grid is all
+    # it needs to read here
+    fixed = [o.input_line for o in parser.parse_overrides(list(overrides))
+             if not o.is_sweep_override()]
+    cfg = compose("config", overrides=fixed, return_hydra_config=True)
     params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
     args = [f"{k}={v}" for k, v in params.items()] + list(overrides)
-    parsed = OverridesParser.create().parse_overrides(args)
+    parsed = parser.parse_overrides(args)
     return BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
 
 
@@ -100,9 +110,10 @@ class Planner:
 
     The first job's group choices are the reference composition. A job that differs in
     one group (``model=other``) takes the nodes that choice writes (its footprint, found
-    by comparing the two compositions) from a composition that changes just that group;
-    a node written by two of the job's changed groups comes from the job's own
-    composition. So the compositions are one per distinct choice, not one per combination.
+    by comparing the two compositions) from a composition that changes just that group; a
+    node written by several of the job's changed groups, from one that changes just
+    those. So there is one composition per distinct choice (or per combination of the
+    choices that write the same node), not one per job.
     """
 
     def __init__(self) -> None:
@@ -110,6 +121,9 @@ class Planner:
         self._composed: dict[tuple[str, ...], _Composed] = {}
         self._ref: _Composed | None = None
         self._nodes: dict[tuple, Any] = {}
+        self._sources: dict[tuple, _Composed] = {}
+        self._layouts: dict[tuple, _Job | None] = {}
+        self._checked: set[tuple] = set()
         self._memo: dict[tuple, Any] = {}
         self._listed: dict[tuple, Any] = {}
         self._repo = GlobalHydra.instance().config_loader().repository
@@ -119,7 +133,7 @@ class Planner:
         if split is None:
             return plan_job(job_overrides)
         try:
-            spec = self._spec(*split)
+            spec = self._verified(job_overrides, self._spec(*split))
         except INVALID as e:
             return PlannedJob(job_overrides, "invalid", reason=str(e))
         status = self._listed_once(("records", spec.results, spec.study),
@@ -130,7 +144,9 @@ class Planner:
         job = PlannedJob(job_overrides, state, name=spec.name, key=spec.key,
                          fp_cached=fp_key in self._cached(spec.results, "fp_eval"))
         if spec.landscape is not None:
-            lkey = keys.landscape_key(spec.model, spec.data, spec.eval, spec.landscape)
+            lkey = self._memo_get(
+                ("lkey", id(spec.model), id(spec.data), id(spec.eval), id(spec.landscape)),
+                lambda: keys.landscape_key(spec.model, spec.data, spec.eval, spec.landscape))
             job.landscape_cached = lkey in self._cached(spec.results, "landscape")
         return job
 
@@ -141,21 +157,37 @@ class Planner:
             from ptqscale.runner.job import validate_job
 
             return validate_job(compose("config", overrides=job_overrides))
-        return self._spec(*split)
+        return self._verified(job_overrides, self._spec(*split))
 
     # -- a job = group choices + plain value overrides ---------------------------------
     def _split(self, job: list[str]) -> tuple[_Job, tuple] | None:
-        groups, values = [], []
+        groups, names, values = [], [], []
         for text in job:
-            kind, *rest = self._classify(text)
-            if kind == "other":
+            kind = self._parsed.get(text) or self._classify(text)
+            if kind[0] == "group":
+                groups.append(text)
+            elif kind[0] == "value":
+                names.append(kind[1])
+                values.append((kind[1], kind[2]))
+            else:
                 return None
-            (groups if kind == "group" else values).append(text if kind == "group" else rest)
-        if self._ref is None:
-            self._ref = self._composition(tuple(groups))
-        if any(k.split(".")[0] not in self._ref.raw for k, _ in values):
-            return None     # a key the config does not have: let compose report it
-        return _Job(tuple(groups), self._changed(groups)), tuple((k, v) for k, v in values)
+        layout = self._layout(tuple(groups), tuple(names))
+        return None if layout is None else (layout, tuple(values))
+
+    def _layout(self, groups: tuple[str, ...], names: tuple[str, ...]) -> _Job | None:
+        """Where each node of jobs of this shape comes from, and which overrides reach it."""
+        if (groups, names) not in self._layouts:
+            if self._ref is None:
+                self._ref = self._composition(groups)
+            job = None
+            if all(k.split(".")[0] in self._ref.raw for k in names):  # else compose reports
+                job = _Job(groups, self._changed(groups), {})
+                for node in NODES:
+                    source = self._source(job, node)
+                    job.nodes[node] = (source, tuple(
+                        i for i, k in enumerate(names) if source.affects(node, k)))
+            self._layouts[groups, names] = job
+        return self._layouts[groups, names]
 
     def _classify(self, text: str) -> tuple:
         """("group", key) | ("value", key, value) | ("other",), once per distinct string."""
@@ -189,47 +221,50 @@ class Planner:
             self._composed[groups] = _Composed(len(self._composed), groups)
         return self._composed[groups]
 
-    def _variant(self, text: str) -> _Composed:
-        """The reference with one group choice changed."""
-        key = self._parsed[text][1]
-        return self._composition(tuple(text if self._parsed[t][1] == key else t
+    def _variant(self, *texts: str) -> _Composed:
+        """The reference with the group choices ``texts`` changed."""
+        by_key = {self._parsed[t][1]: t for t in texts}
+        return self._composition(tuple(by_key.get(self._parsed[t][1], t)
                                        for t in self._ref.groups))
 
     def _source(self, job: _Job, node: str) -> _Composed:
         """The composition to take ``node`` from (see the class docstring)."""
         if job.changed is None:
             return self._composition(job.groups)
-        touching = [t for t in job.changed if self._touches(t, node)]
-        if not touching:
-            return self._ref
-        return self._variant(touching[0]) if len(touching) == 1 else \
-            self._composition(job.groups)
+        key = (job.changed, node)
+        if key not in self._sources:
+            touching = [t for t in job.changed if self._touches(t, node)]
+            self._sources[key] = self._variant(*touching) if touching else self._ref
+        return self._sources[key]
 
     def _touches(self, text: str, node: str) -> bool:
         def make() -> bool:
             variant = self._variant(text)
             footprint = variant.footprint(self._ref)
-            inputs = {node} | (self._ref.dependencies(node) or {""}) | \
-                (variant.dependencies(node) or {""})
-            return "" in inputs or any(_overlap(a, b) for a in inputs for b in footprint)
+            deps = [self._ref.dependencies(node), variant.dependencies(node)]
+            if None in deps:        # interpolations we do not follow: assume it does
+                return True
+            inputs = {node}.union(*deps)
+            return any(_overlap(a, b) for a in inputs for b in footprint)
         return self._memo_get(("touches", text, node), make)
 
     # -- nodes, each built once per distinct value --------------------------------------
     def _node(self, job: _Job, values: tuple, name: str) -> Any:
         """Config node ``name`` with the overrides that reach it, as its typed object."""
-        source = self._source(job, name)
-        relevant = tuple((k, v) for k, v in values if source.affects(name, k))
+        source, reach = job.nodes[name]
+        relevant = tuple([values[i] for i in reach])
+        cache_key = (source.index, name, relevant)
         try:
-            cache_key = (source.index, name, relevant)
-            hash(cache_key)
-        except TypeError:          # list values
+            value = self._nodes.get(cache_key, _MISSING)
+        except TypeError:          # list values are not hashable
             cache_key = (source.index, name, repr(relevant))
-        if cache_key not in self._nodes:
+            value = self._nodes.get(cache_key, _MISSING)
+        if value is _MISSING:
             try:
-                self._nodes[cache_key] = source.build(name, relevant)
+                value = source.build(name, relevant)
             except INVALID as e:
-                self._nodes[cache_key] = e
-        value = self._nodes[cache_key]
+                value = e
+            self._nodes[cache_key] = value
         if isinstance(value, BaseException):
             raise value
         return value
@@ -247,7 +282,7 @@ class Planner:
         config_cls, _ = get_method(str(method.name))
         fmt = self._memo_get(("fmt", method.format), lambda: _parse_format(get_format, method))
         model, data, eval_cfg = node("model"), node("data"), node("eval")
-        calib = node("calib") if config_cls.needs_calibration else None
+        calib = node("calib") if method.uses_calibration else None
         node("wandb")
         landscape = node("landscape")
         landscape = landscape if landscape.enabled else None
@@ -263,11 +298,52 @@ class Planner:
             self._memo_get(("div", id(fmt), id(model)),
                            lambda: _check_divisible(fmt, skeleton.target_shapes))
         study, seed, paths = node("study"), node("seed"), node("paths")
-        key = keys.job_key(study, model, data, eval_cfg, method, calib, landscape, seed)
+        key = self._job_key(study, model, data, eval_cfg, method, calib, landscape, seed)
         return JobSpec(study=study, model=model, data=data, eval=eval_cfg, method=method,
                        calib=calib, landscape=landscape, fmt=fmt, seed=seed, key=key,
                        results=paths.results, cache=paths.cache,
                        progress=node("progress"), exclusive_gpu=node("exclusive_gpu"))
+
+    def _job_key(self, study: str, model: Any, data: Any, eval_cfg: Any, method: Any,
+                 calib: Any, landscape: Any, seed: int) -> str:
+        """``keys.job_key`` from each part's plain form, computed once per part object.
+
+        ``dataclasses.asdict`` of six configs per job would dominate a 10^5-job plan.
+        """
+        def part(tag: str, obj: Any, make) -> Any:
+            return self._memo_get(("key." + tag, id(obj)), lambda: make(obj))
+
+        semantic = {
+            "study": study, "seed": seed, "protocol": PROTOCOL_VERSION,
+            "model": part("model", model, keys.model_identity),
+            "data": part("data", data, keys.data_identity),
+            "eval": part("eval", eval_cfg, asdict),
+            "method": part("method", method, lambda m: keys._without(m, type(m).not_in_key)),
+        }
+        if calib is not None:
+            semantic["calib"] = part("calib", calib, lambda c: {
+                **asdict(c), "data": keys.data_identity(asdict(c)["data"])})
+        if landscape is not None:
+            semantic["landscape"] = part("landscape", landscape, asdict)
+        return keys.digest(semantic)
+
+    def _verified(self, job_overrides: list[str], spec: Any) -> Any:
+        """``spec``, checked against composing the job once per method config class.
+
+        The planner mirrors ``validate_job`` and ``keys.job_key``; this check makes a
+        change of either that the mirror misses an immediate error, not a wrong plan.
+        """
+        if type(spec.method) not in self._checked:
+            from ptqscale.runner.job import validate_job
+
+            expected = validate_job(compose("config", overrides=job_overrides))
+            if expected != spec:
+                diff = [f for f in spec.__dataclass_fields__
+                        if getattr(spec, f) != getattr(expected, f)]
+                raise RuntimeError(f"ptqscale-plan disagrees with validate_job on {diff} for "
+                                   f"{job_overrides}: update runner/plan.py's Planner")
+            self._checked.add(type(spec.method))
+        return spec
 
     def _memo_get(self, key: tuple, make) -> Any:
         """``make()`` once per key; an invalid result is remembered and raised again."""
@@ -294,10 +370,13 @@ class Planner:
         return self._listed_once(("cache", results, kind), scan)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Job:
+    """The shape shared by many jobs: group choices and the names of their value overrides."""
+
     groups: tuple[str, ...]
     changed: tuple[str, ...] | None     # group overrides unlike the reference's
+    nodes: dict[str, tuple[_Composed, tuple[int, ...]]]   # node -> source, overrides reaching it
 
 
 def _parse_format(get_format, method: Any) -> Any:
