@@ -8,12 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+import wandb_offline
+from runner_utils import FAST, run_cli
 
 from ptqscale.runner.job import run_job
 from ptqscale.store import iter_records, read_records
-
-import wandb_offline
-from runner_utils import FAST, run_cli
 
 pytestmark = pytest.mark.slow
 

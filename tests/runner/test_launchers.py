@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from runner_utils import FAST, run_cli
 
 from ptqscale.store import iter_records
-
-from runner_utils import FAST, run_cli
 
 pytestmark = pytest.mark.slow
 

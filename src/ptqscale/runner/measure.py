@@ -119,8 +119,10 @@ def quantize_and_measure(spec: Any, model: torch.nn.Module, tokenizer: Any, leve
         "nll_fp": fp["nll"], "perplexity_fp": fp["perplexity"],
         "dnll": quant["nll"] - fp["nll"],
         "weight_sqnr_db": report.weight_sqnr_db,
+        # a method that stores more than the format's bits (codebooks, low-rank factors)
+        # reports its own effective bits per weight
         "model_bytes": model_bytes(params["total"], report.quantized_numel,
-                                   spec.fmt.bits_per_weight),
+                                   report.extra.get("bits_per_weight") or spec.fmt.bits_per_weight),
         "fp_cached": level["fp_cached"],
     }
     result: dict[str, Any] = {"metrics": metrics, "params": params,
