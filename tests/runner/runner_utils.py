@@ -9,6 +9,8 @@ from pathlib import Path
 
 # Small budgets keep a stories260k job at a few seconds on 2 CPU cores.
 FAST = ["eval.max_tokens=2048", "eval.seqlen=256", "progress=false"]
+# The quickstart sweep crosses three models; runner tests need one grid axis at a time.
+ONE_MODEL = "model=gutenberg-llama-200k"
 
 
 def run_cli(args: list[str], results: Path, *, timeout: int = 300, env: dict | None = None,

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import wandb_offline
-from runner_utils import FAST, run_cli
+from runner_utils import FAST, ONE_MODEL, run_cli
 
 from ptqscale.runner.job import run_job
 from ptqscale.store import iter_records, read_records
 
 pytestmark = pytest.mark.slow
 
-GRID = ["+sweep=quickstart", "format=int8,int4_g128,mxfp4", *FAST]
+GRID = ["+sweep=quickstart", ONE_MODEL, "format=int8,int4_g128,mxfp4", *FAST]
 
 
 def records(root: Path, study: str = "quickstart") -> list[dict]:
@@ -99,7 +99,7 @@ def test_failing_job_leaves_a_failure_record_and_the_sweep_goes_on(tmp_path, bro
 
 
 def test_kill_and_relaunch_leaves_exactly_one_complete_record_per_job(tmp_path):
-    grid = ["--multirun", "+sweep=quickstart", "format=int8,int4_g128,mxfp4,nf4",
+    grid = ["--multirun", "+sweep=quickstart", ONE_MODEL, "format=int8,int4_g128,mxfp4,nf4",
             "wandb.mode=disabled", *FAST]
     for delay in (4.0, 9.0, 14.0):   # during startup, the first jobs, later jobs
         proc = run_cli(grid, tmp_path, wait=False)
@@ -116,7 +116,7 @@ def test_kill_and_relaunch_leaves_exactly_one_complete_record_per_job(tmp_path):
 
 
 def test_wandb_offline_runs_hold_the_metrics(tmp_path):
-    out = run_cli(["--multirun", "+sweep=quickstart", "format=int8,mxfp4", "wandb.mode=offline",
+    out = run_cli(["--multirun", "+sweep=quickstart", ONE_MODEL, "format=int8,mxfp4", "wandb.mode=offline",
                    *FAST], tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for rec in records(tmp_path):

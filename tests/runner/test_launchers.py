@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from runner_utils import FAST, run_cli
+from runner_utils import FAST, ONE_MODEL, run_cli
 
 from ptqscale.store import iter_records
 
 pytestmark = pytest.mark.slow
 
-GRID = ["--multirun", "+sweep=quickstart", "format=int8,mxfp4", "wandb.mode=disabled", *FAST]
+GRID = ["--multirun", "+sweep=quickstart", ONE_MODEL, "format=int8,mxfp4", "wandb.mode=disabled",
+        *FAST]
 
 
 @pytest.mark.parametrize("launcher", [

@@ -183,9 +183,13 @@ def _read_all(rdir: Path, keys: list[str]) -> dict[str, bytes]:
         except FileNotFoundError:   # deleted since the scan
             return None
 
-    with ThreadPoolExecutor(8) as pool:   # file reads release the GIL
-        texts = dict(zip(keys, pool.map(read, keys)))
-    return {k: t for k, t in texts.items() if t is not None}
+    def read_chunk(chunk: list[str]) -> list[tuple[str, bytes | None]]:
+        return [(key, read(key)) for key in chunk]
+
+    chunks = [keys[i:i + 4096] for i in range(0, len(keys), 4096)]
+    with ThreadPoolExecutor(4) as pool:   # reads release the GIL (helps on network filesystems)
+        pairs = [pair for part in pool.map(read_chunk, chunks) for pair in part]
+    return {k: t for k, t in pairs if t is not None}
 
 
 def _parse_arrow(texts: dict[str, bytes]) -> pd.DataFrame:
