@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 from ptqscale_analysis import plots
@@ -115,6 +116,7 @@ def write_report(root: str | os.PathLike, study: str, out_dir: str | os.PathLike
     doc.h(1, f"PTQ scaling report: {study}")
     _findings(doc, Path(root) / study / "findings.md")
     _summary(doc, frame)
+    _activation_schemes(doc, frame)
     fits = _laws(doc, frame, cfg)
     _predictor(doc, frame, cfg, out)
     _pareto(doc, frame, out)
@@ -170,6 +172,29 @@ def _summary(doc: _Doc, frame: pd.DataFrame) -> None:
         pivot.columns = [f"{m}/{f}" for m, f in pivot.columns]
         doc.p("dNLL (nats) of every quantized job:")
         doc.table(pivot.reset_index())
+
+
+def _activation_schemes(doc: _Doc, frame: pd.DataFrame) -> None:
+    """Weight x activation studies (W8A8, W4A8, ...): NLL and quantization-kernel proportion
+    per activation scheme (method, granularity, alpha), as in the CrossQuant paper's tables."""
+    if "method.activations.granularity" not in frame:
+        return
+    rows = frame[frame["method.activations.granularity"].notna()].copy()
+    if rows.empty:
+        return
+    alpha = rows.get("method.activations.alpha")
+    rows["scheme"] = rows["method.name"] + "/" + rows["method.activations.granularity"] + (
+        "" if alpha is None else np.where(rows["method.activations.granularity"] == "crossquant",
+                                          " a=" + alpha.astype(str), ""))
+    rows["W/A"] = rows["format.name"] + " / " + rows["method.activations.format"]
+    doc.h(2, "Activation quantization")
+    for value, label in (("metrics.nll", "NLL"),
+                         ("quantization.activations.kernel_proportion",
+                          "quantization-kernel proportion (activations rounded to zero)")):
+        if value in rows:
+            doc.p(f"{label} per weight / activation format and scheme:")
+            doc.table(rows.pivot_table(index=["model.name", "W/A"], columns="scheme",
+                                       values=value, aggfunc="mean").reset_index())
 
 
 def _laws(doc: _Doc, frame: pd.DataFrame, cfg: ReportConfig):

@@ -98,3 +98,27 @@ def test_console_entry_point_has_no_traceback(tmp_path):
                           "x"], capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr
+
+
+def test_activation_schemes_table():
+    import pandas as pd
+
+    from ptqscale_analysis.report import _activation_schemes, _Doc
+
+    rows = []
+    for scheme, alpha, nll, kernel in (("per_token", 0.15, 2.0, 0.3), ("crossquant", 0.15, 2.1, 0.2)):
+        rows.append({"model.name": "m", "format.name": "int8", "method.name": "rtn",
+                     "method.activations.granularity": scheme, "method.activations.alpha": alpha,
+                     "method.activations.format": "int8", "metrics.nll": nll,
+                     "quantization.activations.kernel_proportion": kernel})
+    rows.append({"model.name": "m", "format.name": "int4_g128", "method.name": "gptq",
+                 "method.activations.granularity": None, "metrics.nll": 2.5})
+    doc = _Doc()
+    _activation_schemes(doc, pd.DataFrame(rows))
+    md = doc.markdown()
+    assert "## Activation quantization" in md
+    assert "rtn/crossquant a=0.15" in md and "rtn/per_token" in md and "int8 / int8" in md
+    assert "| m | int8 / int8 | 0.2 | 0.3 |" in md      # kernel proportions, columns sorted
+    empty = _Doc()
+    _activation_schemes(empty, pd.DataFrame(rows[2:]))
+    assert empty.markdown().strip() == ""
