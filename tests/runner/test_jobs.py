@@ -57,6 +57,14 @@ def test_sweep_skips_done_jobs_and_shares_the_fp_eval(tmp_path):
     assert len(recs) == 3 and all(r["status"] == "complete" for r in recs)
     assert sorted(r["metrics"]["fp_cached"] for r in recs) == [False, True, True]
     assert "summary:" in first.stdout and (tmp_path / "quickstart" / "summary.md").is_file()
+    # the analysis report renders on these quickstart records and its figures open
+    import matplotlib.image as mpimg
+
+    from ptqscale_analysis.report import write_report
+
+    write_report(tmp_path, "quickstart", tmp_path / "report")
+    pngs = list((tmp_path / "report" / "figures").glob("*.png"))
+    assert pngs and all(mpimg.imread(p).std() > 0 for p in pngs)
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "quickstart" / "records").iterdir()}
     again = run_cli(["--multirun", *GRID, "wandb.mode=disabled"], tmp_path)
     assert again.returncode == 0
