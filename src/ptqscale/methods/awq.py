@@ -32,7 +32,6 @@ Example::
 from __future__ import annotations
 
 import fnmatch
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -42,6 +41,7 @@ from torch import nn
 from ptqscale.errors import ConfigError
 from ptqscale.formats import Format, get_format
 from ptqscale.methods.base import (
+    METHOD_DEVICE,
     MethodConfig,
     QuantContext,
     QuantReport,
@@ -58,8 +58,6 @@ from ptqscale.methods.capture import (
     run_block,
 )
 from ptqscale.methods.scaling import find_fold_target, scale_group_
-
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass
@@ -99,7 +97,7 @@ class AWQConfig(MethodConfig):
             (0.0 < self.max_shrink < 1.0, f"method.max_shrink={self.max_shrink} must be in "
              "(0, 1)"),
             (self.batch_size >= 1, f"method.batch_size={self.batch_size} must be >= 1"),
-            (bool(_DEVICE.match(self.device)),
+            (bool(METHOD_DEVICE.match(self.device)),
              f"method.device={self.device!r}: allowed auto, cpu, cuda, cuda:N"),
             (not (self.clip_search and fmt.per_tensor), f"method.clip_search=true needs "
              f"per-row or per-group scales; {fmt.name} has one scale per tensor"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -95,6 +96,9 @@ class QuantReport:
                 "weight_sqnr_db": self.weight_sqnr_db, "quantized_numel": self.quantized_numel,
                 **self.extra}
 
+
+# Where a method computes: ``device`` fields of method configs must match this.
+METHOD_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 QuantizeFn = Callable[[nn.Module, MethodConfig, QuantContext], QuantReport]
 METHODS: dict[str, tuple[type[MethodConfig], QuantizeFn]] = {}

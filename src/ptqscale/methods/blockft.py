@@ -26,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -36,6 +35,7 @@ from torch import nn
 from ptqscale.errors import ConfigError
 from ptqscale.formats import get_format
 from ptqscale.methods.base import (
+    METHOD_DEVICE,
     MethodConfig,
     QuantContext,
     QuantReport,
@@ -53,7 +53,6 @@ PRESETS: dict[str, tuple[str, int, int]] = {
     "blockft_down1": ("downstream", 1, 1),
     "blockft_down2": ("downstream", 1, 2),
 }
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass
@@ -126,7 +125,7 @@ class BlockFTConfig(MethodConfig):
             (self.offset_bound > 0, f"method.offset_bound={self.offset_bound} must be > 0"),
             (self.percdamp > 0 and self.gptq_blocksize >= 1,
              "method.percdamp must be > 0 and method.gptq_blocksize >= 1"),
-            (bool(_DEVICE.match(self.device)),
+            (bool(METHOD_DEVICE.match(self.device)),
              f"method.device={self.device!r}: allowed auto, cpu, cuda, cuda:N"),
             (self.offload in ("auto", "yes", "no"),
              f"method.offload={self.offload!r}: allowed auto, yes, no"),

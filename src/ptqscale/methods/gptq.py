@@ -53,7 +53,6 @@ Example:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -64,6 +63,7 @@ from torch import nn
 from ptqscale.errors import ConfigError
 from ptqscale.formats import Format, GroupParams, get_format
 from ptqscale.methods.base import (
+    METHOD_DEVICE,
     MethodConfig,
     QuantContext,
     QuantReport,
@@ -299,7 +299,6 @@ def _check(W, H, fmt: Format, blocksize, percdamp, mx_aware, max_retries) -> Non
 
 
 # ---- the method ------------------------------------------------------------------------------
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass
@@ -344,7 +343,7 @@ class GPTQConfig(MethodConfig):
             (self.batch_size >= 1, f"method.batch_size={self.batch_size} must be >= 1"),
             (self.max_damp_retries >= 0,
              f"method.max_damp_retries={self.max_damp_retries} must be >= 0"),
-            (bool(_DEVICE.match(self.device)),
+            (bool(METHOD_DEVICE.match(self.device)),
              f"method.device={self.device!r}: allowed auto, cpu, cuda, cuda:N"),
             (not (self.mx_aware and fmt.block_size is None),
              f"method.mx_aware=true needs a format with scale blocks/groups; {fmt.name} has "
