@@ -21,3 +21,17 @@ def unknown_name(kind: str, name: str, allowed) -> str:
     close = difflib.get_close_matches(str(name), allowed, n=3)
     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
     return f"unknown {kind} {name!r}{hint}; allowed: {allowed}"
+
+
+def require(checks, prefix: str = "") -> None:
+    """Raise ConfigError with the message of the first ``(ok, message)`` pair that is not ok.
+
+    >>> try:
+    ...     require([(1 > 0, "fine"), (2 < 1, "x=2 must be < 1")])
+    ... except ConfigError as e:
+    ...     print(e)
+    x=2 must be < 1
+    """
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{prefix}{message}")

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptqscale.errors import ConfigError
+from ptqscale.errors import ConfigError, require
 from ptqscale.formats import FloatFormat, Format, IntFormat, get_format
 from ptqscale.formats.elements import round_minifloat
 
@@ -90,9 +90,7 @@ class ActQuantConfig:
              "formats (int<b>, fp<b>_e<E>m<M>) take per_tensor, per_token, per_channel or "
              "crossquant"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
 
     def _format(self) -> Format:
         try:

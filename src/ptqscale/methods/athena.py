@@ -49,7 +49,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ptqscale.errors import ConfigError
+from ptqscale.errors import ConfigError, require
 from ptqscale.formats import Format, get_format
 from ptqscale.methods.base import (
     MethodConfig,
@@ -283,9 +283,7 @@ class AthenaConfig(MethodConfig):
                    (not (self.targets.head or self.targets.embeddings),
                     "athena quantizes the decoder blocks' linears only; set targets.head=false "
                     "and targets.embeddings=false")]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"method.{message}")
+        require(checks, prefix="method.")
 
     def settings(self) -> dict[str, Any]:
         keys = ("group_size", "codebook", "kmeans_iters", "lowrank_rank", "percdamp",

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ptqscale.errors import ConfigError
+from ptqscale.errors import ConfigError, require
 from ptqscale.formats import Format, get_format
 from ptqscale.methods.base import (
     METHOD_DEVICE,
@@ -105,9 +105,7 @@ class AWQConfig(MethodConfig):
              "awq quantizes the decoder blocks' linears only; set targets.head=false and "
              "targets.embeddings=false"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
 
 
 # ---- the algorithm on one group ---------------------------------------------------------------

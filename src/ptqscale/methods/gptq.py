@@ -60,7 +60,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ptqscale.errors import ConfigError
+from ptqscale.errors import ConfigError, require
 from ptqscale.formats import Format, GroupParams, get_format
 from ptqscale.methods.base import (
     METHOD_DEVICE,
@@ -352,9 +352,7 @@ class GPTQConfig(MethodConfig):
              "gptq quantizes the decoder blocks' linears only; set targets.head=false and "
              "targets.embeddings=false (use rtn for the head)"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
 
     def settings(self) -> dict[str, Any]:
         keys = ("percdamp", "blocksize", "actorder", "static_groups", "true_sequential",

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ptqscale.errors import ConfigError
+from ptqscale.errors import ConfigError, require
 from ptqscale.formats import get_format
 from ptqscale.methods.activations import ActQuantConfig, channel_absmax
 from ptqscale.methods.base import (
@@ -76,9 +76,7 @@ class SmoothQuantConfig(MethodConfig):
             (self.activations is not None, "smoothquant quantizes activations: set "
              "method.activations (format, granularity, ...); for weights only use rtn or awq"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
 
 
 def smoothing_factors(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float,
