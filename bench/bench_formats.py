@@ -4,13 +4,16 @@
     python bench/bench_formats.py --out DIR --smoke    # tiny sizes (CPU is fine)
 
 GB/s = (bytes read + bytes written) / time = 2 * numel * 2 bytes (bf16 in, bf16 out) / time,
-the same accounting as ``y.copy_(x)``, whose bandwidth is measured in the same run. Times are
-the median of ``--repeats`` runs after ``--warmup`` runs (CUDA events on GPU). Each format runs
-eager and, on CUDA (or with ``--compile``), under ``torch.compile`` (dynamo reset per format;
-``fullgraph=True``, falling back to graph breaks, and to eager if compiling fails; the outcome
-is recorded). The compiled result is compared bitwise with eager; Inductor's Triton ``/`` is
-approximate (div.full.f32) unless ``eager_numerics.division_rounding`` is on, which this script
-turns on (exact INT/NF4/NVFP4 rounding) unless ``--approx-division`` is given. Writes
+the same accounting as ``y.copy_(x)``, whose bandwidth is measured in the same run. A time is the
+median over ``--repeats`` samples (after ``--warmup`` calls) of one sample's ``--inner``
+back-to-back calls / inner (CUDA events on GPU). Per format: the torch reference
+(``kernel="torch"``), the fused Triton kernel (``fake_quantize``'s CUDA default for INT and MX,
+formats/kernels.py) and, on CUDA (or with ``--compile``), the reference under ``torch.compile``
+(dynamo reset per format; ``fullgraph=True``, falling back to graph breaks, and to eager if
+compiling fails; the outcome is recorded). Kernel and compiled results are compared bitwise
+with the reference; Inductor's Triton ``/`` is approximate (div.full.f32) unless
+``eager_numerics.division_rounding`` is on, which this script turns on unless
+``--approx-division`` is given. Writes
 DIR/bench_formats.md and DIR/bench_formats.json (device, date, torch version, every number).
 """
 
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ptqscale.formats import get_format
+from ptqscale.formats import get_format, kernels
 
 FORMATS = ["bf16", "int8", "int4_g128", "int3_g128", "int4_g128_asym", "fp8_e4m3", "mxfp8_e4m3",
            "mxfp6_e2m3", "mxfp4", "mxint8", "mxint4_b32", "mxint3_b128", "nvfp4", "nf4"]
@@ -36,8 +39,10 @@ TARGET_FAMILIES = ("int", "mx")  # target: >= 50% of copy bandwidth
 TARGET = 0.5
 
 
-def timer(device: torch.device, fn, warmup: int, repeats: int) -> float:
-    """Median seconds of fn() (CUDA events on GPU, perf_counter on CPU)."""
+def timer(device: torch.device, fn, warmup: int, repeats: int, inner: int = 1) -> float:
+    """Median seconds per fn() call; each sample times ``inner`` back-to-back calls (CUDA
+    events on GPU, perf_counter on CPU), so a call's CPU launch cost counts as it does in a
+    loop over a model's weights, without one event pair per call."""
     for _ in range(warmup):
         fn()
     times = []
@@ -45,14 +50,16 @@ def timer(device: torch.device, fn, warmup: int, repeats: int) -> float:
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(inner):
+                fn()
             end.record()
             torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+            times.append(start.elapsed_time(end) / 1e3 / inner)
         else:
             t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+            for _ in range(inner):
+                fn()
+            times.append((time.perf_counter() - t0) / inner)
     return statistics.median(times)
 
 
@@ -76,48 +83,63 @@ def bench_shape(shape, names, device, args) -> list[dict]:
     x = (torch.randn(shape, generator=gen, device=device) * 0.02).to(torch.bfloat16)
     moved = 2 * x.numel() * x.element_size()  # bytes read + written
     y = torch.empty_like(x)
-    copy_s = timer(device, lambda: y.copy_(x), args.warmup, args.repeats)
+    t = dict(warmup=args.warmup, repeats=args.repeats, inner=args.inner)
+    copy_s = timer(device, lambda: y.copy_(x), **t)
     rows = []
     for name in names:
         fmt = get_format(name)
-        eager_s = timer(device, lambda f=fmt: f.fake_quantize(x), args.warmup, args.repeats)
+        ref = fmt.fake_quantize(x, kernel="torch")
         row = {"shape": list(shape), "format": name, "family": fmt.family,
-               "copy_gbps": moved / copy_s / 1e9, "eager_gbps": moved / eager_s / 1e9}
+               "copy_gbps": moved / copy_s / 1e9,
+               "torch_gbps": moved / timer(device, lambda f=fmt: f.fake_quantize(x, kernel="torch"),
+                                           **t) / 1e9}
+        if kernels.available() and kernels.kernel_spec(fmt) is not None and device.type == "cuda":
+            row["kernel_gbps"] = moved / timer(device, lambda f=fmt: f.fake_quantize(x), **t) / 1e9
+            row["kernel_mismatch_frac"] = (fmt.fake_quantize(x) != ref).float().mean().item()
         if args.compile:
-            compiled, row["compile"] = compile_fn(fmt.fake_quantize, x)
+            compiled, row["compile"] = compile_fn(
+                lambda v, f=fmt: f.fake_quantize(v, kernel="torch"), x)
             if compiled is not None:
-                comp_s = timer(device, lambda c=compiled: c(x), args.warmup, args.repeats)
-                row["compiled_gbps"] = moved / comp_s / 1e9
-                diff = compiled(x) != fmt.fake_quantize(x)
-                row["compiled_mismatch_frac"] = diff.float().mean().item()
-        best = max(row["eager_gbps"], row.get("compiled_gbps", 0.0))
+                row["compiled_gbps"] = moved / timer(device, lambda c=compiled: c(x), **t) / 1e9
+                row["compiled_mismatch_frac"] = (compiled(x) != ref).float().mean().item()
+        best = max(row[k] for k in ("torch_gbps", "kernel_gbps", "compiled_gbps") if k in row)
         row["best_frac_of_copy"] = best / row["copy_gbps"]
         row["meets_target"] = (row["best_frac_of_copy"] >= TARGET
                                if fmt.family in TARGET_FAMILIES else None)
         rows.append(row)
-        print(f"{shape} {name:16s} eager {row['eager_gbps']:8.1f} GB/s  compiled "
-              f"{row.get('compiled_gbps', float('nan')):8.1f} GB/s  copy {row['copy_gbps']:8.1f}",
+        print(f"{shape} {name:16s} torch {row['torch_gbps']:8.1f}  kernel "
+              f"{row.get('kernel_gbps', float('nan')):8.1f}  compiled "
+              f"{row.get('compiled_gbps', float('nan')):8.1f}  copy {row['copy_gbps']:8.1f} GB/s",
               flush=True)
     return rows
 
 
+def _same(row: dict, key: str) -> str:
+    if key not in row:
+        return "-"
+    return "yes" if row[key] == 0 else f"{row[key]:.2e} differ"
+
+
 def render(meta: dict, rows: list[dict]) -> str:
     out = [f"# fake_quantize throughput ({meta['device']})", "",
-           f"Date {meta['date']}, torch {meta['torch']}, {meta['note']}, compiled with exact "
-           f"division: {meta['exact_division']}. GB/s = 2 x bytes of the "
-           "bf16 tensor / median time; copy = `y.copy_(x)` in the same run; target: INT and MX "
+           f"Date {meta['date']}, torch {meta['torch']}, triton {meta['triton']}, {meta['note']}, "
+           f"compiled with exact division: {meta['exact_division']}. GB/s = 2 x bytes of the "
+           f"bf16 tensor / median time per call ({meta['inner']} calls back to back per sample); "
+           "copy = `y.copy_(x)` timed the same way in the same run. Columns: the torch reference "
+           "(eager), the fused Triton kernel (`fake_quantize`'s default on CUDA; INT and MX "
+           "only), the reference under torch.compile. Target: INT and MX "
            f">= {TARGET:.0%} of copy.", "",
-           "| shape | format | eager GB/s | compiled GB/s | copy GB/s | best / copy | target | "
-           "compile | compiled == eager |",
-           "|---|---|---:|---:|---:|---:|---|---|---|"]
+           "| shape | format | torch GB/s | kernel GB/s | compiled GB/s | copy GB/s | best / copy "
+           "| target | kernel == torch | compiled == torch |",
+           "|---|---|---:|---:|---:|---:|---:|---|---|---|"]
     for r in rows:
+        kern = f"{r['kernel_gbps']:.1f}" if "kernel_gbps" in r else "-"
         comp = f"{r['compiled_gbps']:.1f}" if "compiled_gbps" in r else "-"
-        same = ("-" if "compiled_mismatch_frac" not in r
-                else "yes" if r["compiled_mismatch_frac"] == 0 else f"{r['compiled_mismatch_frac']:.2e} differ")
         target = {True: "met", False: "MISSED", None: "n/a"}[r["meets_target"]]
-        out.append(f"| {r['shape'][0]}x{r['shape'][1]} | `{r['format']}` | {r['eager_gbps']:.1f} | "
-                   f"{comp} | {r['copy_gbps']:.1f} | {r['best_frac_of_copy']:.0%} | {target} | "
-                   f"{r.get('compile', 'not run')} | {same} |")
+        out.append(f"| {r['shape'][0]}x{r['shape'][1]} | `{r['format']}` | {r['torch_gbps']:.1f} | "
+                   f"{kern} | {comp} | {r['copy_gbps']:.1f} | {r['best_frac_of_copy']:.0%} | "
+                   f"{target} | {_same(r, 'kernel_mismatch_frac')} | "
+                   f"{_same(r, 'compiled_mismatch_frac')} |")
     return "\n".join(out) + "\n"
 
 
@@ -132,6 +154,7 @@ def main(argv=None) -> None:
                     help="let compiled kernels use Triton's approximate fp32 division")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--inner", type=int, default=10, help="calls per timed sample")
     args = ap.parse_args(argv)
     names = [get_format(n).name for n in args.formats]  # bad names fail before any work
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -149,6 +172,7 @@ def main(argv=None) -> None:
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "cuda": torch.version.cuda,
             "note": "smoke run (tiny shapes)" if args.smoke else f"shapes {shapes}",
+            "triton": getattr(kernels.triton, "__version__", None), "inner": args.inner,
             "warmup": args.warmup, "repeats": args.repeats, "compile": args.compile,
             "exact_division": args.compile and not args.approx_division}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
+KERNELS = ("auto", "torch", "triton")
+
 
 @dataclass(frozen=True)
 class GroupParams:
@@ -166,12 +170,15 @@ class Format(abc.ABC):
         n_scales = n_scales if self.scale_bits else 0
         return elems * self.element_bits + n_scales * (self.scale_bits + self.zero_bits) + extra
 
-    def _moved(self, x: torch.Tensor, axis: int) -> tuple[torch.Tensor, int]:
-        """float32 ``x`` with the quantization axis last (validated first)."""
+    def _checked_axis(self, x: torch.Tensor, axis: int) -> int:
         if not (x.is_floating_point() and x.ndim >= 1 and x.numel() > 0):
             raise ValueError(f"{self.name}: need a non-empty floating tensor with ndim >= 1, got "
                              f"dtype={x.dtype} shape={tuple(x.shape)}")
-        axis = _normalize_axis(x, axis)
+        return _normalize_axis(x, axis)
+
+    def _moved(self, x: torch.Tensor, axis: int) -> tuple[torch.Tensor, int]:
+        """float32 ``x`` with the quantization axis last (validated first)."""
+        axis = self._checked_axis(x, axis)
         return x.movedim(axis, -1).to(torch.float32), axis
 
     def _blocks(self, x: torch.Tensor, axis: int) -> tuple[torch.Tensor, int, int]:
@@ -192,8 +199,23 @@ class Format(abc.ABC):
         return y.movedim(-1, axis).to(dtype).reshape(shape)
 
     # ---- public tensor API ----------------------------------------------------------------
-    def fake_quantize(self, x: torch.Tensor, axis: int = -1) -> torch.Tensor:
-        """decode(encode(x)) without materialising codes; same shape and dtype as ``x``."""
+    def fake_quantize(self, x: torch.Tensor, axis: int = -1, kernel: str = "auto") -> torch.Tensor:
+        """decode(encode(x)) without materialising codes; same shape and dtype as ``x``.
+
+        ``kernel``: ``"auto"`` takes the fused Triton kernel (:mod:`.kernels`; bitwise equal
+        to the torch reference) for CUDA tensors of the formats it covers, else the reference;
+        ``"torch"`` forces the reference; ``"triton"`` fails where the kernel cannot run.
+        """
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel={kernel!r}: allowed {list(KERNELS)}")
+        if kernel != "torch":
+            fast = kernels.fake_quantize_triton(self, x, self._checked_axis(x, axis))
+            if fast is not None:
+                return fast
+            if kernel == "triton":
+                raise ValueError(f"{self.name}: no Triton kernel for this format / tensor "
+                                 f"(device={x.device}, dtype={x.dtype}, triton installed: "
+                                 f"{kernels.available()})")
         xm, ax = self._moved(x, axis)
         n = xm.shape[-1]
         g = self.block_size or n

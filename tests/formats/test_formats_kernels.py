@@ -1,0 +1,61 @@
+"""The fused Triton kernel (formats/kernels.py) against the torch reference, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ptqscale.formats import get_format, kernels
+
+COVERED = ["int8", "int4_g128", "int4_g128_full", "int3_g64_asym", "int8_asym", "int4_g100",
+           "int2_g16", "mxfp4", "mxfp4_ru", "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2",
+           "mxfp6_e2m3", "mxint8", "mxint4_b32", "mxint3_b128", "mxint6_b16", "mxfp4_b64",
+           "mxfp8_e4m3_b1024"]
+NOT_COVERED = ["bf16", "int8_t", "fp8_e4m3", "nvfp4", "nf4"]
+
+
+def edge_tensor(shape, dtype, seed=0) -> torch.Tensor:
+    """Columns spanning 1e-6..1e3, an all-zero row, signed zeros, tiny and saturating values."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * torch.logspace(-6, 3, shape[-1])
+    flat = x.view(-1)
+    flat[:8] = torch.tensor([0.0, -0.0, 1e-30, -448.0, 3e4, 2.0**-130, -7.0, 65504.0])
+    x.view(-1, shape[-1])[1] = 0.0
+    return x.to(dtype)
+
+
+def test_kernel_coverage_is_what_the_docs_say():
+    assert all(kernels.kernel_spec(get_format(n)) is not None for n in COVERED)
+    assert all(kernels.kernel_spec(get_format(n)) is None for n in NOT_COVERED)
+
+
+def test_bad_kernel_name_and_missing_kernel_are_clear_errors():
+    x = torch.randn(4, 64)
+    with pytest.raises(ValueError, match="kernel='cuda'.*allowed"):
+        get_format("int8").fake_quantize(x, kernel="cuda")
+    with pytest.raises(ValueError, match="nf4: no Triton kernel"):
+        get_format("nf4").fake_quantize(x, kernel="triton")
+    with pytest.raises(ValueError, match="non-empty floating"):  # validated before any launch
+        get_format("int8").fake_quantize(torch.zeros(4, 64, dtype=torch.int32), kernel="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", COVERED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kernel_is_bitwise_the_reference(name, dtype):
+    fmt = get_format(name)
+    for shape in [(8, 256), (5, 200), (3, 4, 96), (4, 5000), (2, 28672)]:
+        x = edge_tensor(shape, dtype).cuda()
+        for axis in (-1, 0):
+            ref = fmt.fake_quantize(x, axis, kernel="torch")
+            got = fmt.fake_quantize(x, axis, kernel="triton")
+            assert got.dtype == dtype and got.shape == x.shape
+            assert torch.equal(got, ref), (shape, axis)
+            assert torch.equal(torch.signbit(got), torch.signbit(ref)), (shape, axis)
+
+
+@pytest.mark.gpu
+def test_default_on_cuda_is_the_kernel_and_non_contiguous_input_works():
+    x = edge_tensor((64, 512), torch.bfloat16, seed=3).cuda().t()  # axis -1 not contiguous
+    fmt = get_format("mxint4_b32")
+    assert torch.equal(fmt.fake_quantize(x), fmt.fake_quantize(x, kernel="torch"))
