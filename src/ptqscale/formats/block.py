@@ -16,6 +16,7 @@ from .elements import (
     FixedPointSpec,
     MinifloatSpec,
     codes_to_minifloat,
+    div_exact,
     floor_log2,
     minifloat_to_codes,
     mul_pow2,
@@ -141,9 +142,9 @@ class NVFP4Format(Format):
 
     def _fit(self, xb, tensor_amax):
         ta = xb.abs().amax() if tensor_amax is None else tensor_amax.to(xb.device)
-        ts = ta / (E2M1.max_value * E4M3.max_value)
+        ts = div_exact(ta, E2M1.max_value * E4M3.max_value)
         ts = torch.where(ts > 0, ts, torch.ones_like(ts))
-        bs = round_minifloat(self._amax(xb) / E2M1.max_value / ts, E4M3)
+        bs = round_minifloat(div_exact(self._amax(xb), E2M1.max_value) / ts, E4M3)
         return GroupParams(bs, tensor_scale=ts)
 
     def _elements(self, xb, p):

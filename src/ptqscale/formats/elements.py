@@ -47,6 +47,16 @@ def mul_pow2(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return x * pow2(half) * pow2(n - half)
 
 
+def div_exact(a: torch.Tensor, d: float) -> torch.Tensor:
+    """``a / d`` correctly rounded on every device.
+
+    CUDA kernels turn division by a Python number into multiplication by its rounded
+    reciprocal (``amax / 6`` is then off by an ulp from CPU and from the spec), so the divisor
+    goes in as a tensor on ``a``'s device.
+    """
+    return a / torch.full((), d, dtype=a.dtype, device=a.device)
+
+
 def floor_log2(a: torch.Tensor) -> torch.Tensor:
     """floor(log2(a)) for float32 a > 0 read from the exponent field (int32); -127 for a <= 2**-127.
 

@@ -122,7 +122,7 @@ def _launch(x2: torch.Tensor, y2: torch.Tensor, fmt) -> None:
     kwargs = dict(zip(kern.arg_names[4:], consts, strict=True))
     compiled = kern[grid](x2, y2, rows, n, **kwargs, num_warps=4 if "CW" in kwargs else 8)
     if aligned and hasattr(compiled, "__getitem__"):  # (the interpreter returns nothing)
-        _RUNNERS[key] = compiled[grid]
+        _RUNNERS[key] = compiled[grid + (1,) * (3 - len(grid))]
 
 
 if triton is not None:

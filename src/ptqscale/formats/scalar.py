@@ -15,6 +15,7 @@ from .base import Encoded, Format, GroupParams
 from .elements import (
     MinifloatSpec,
     codes_to_minifloat,
+    div_exact,
     minifloat_to_codes,
     round_float,
     round_minifloat,
@@ -145,11 +146,11 @@ class IntFormat(Format):
     def _fit(self, xb, tensor_amax):
         if self.mode != "asym":
             div = 2 ** (self.bits - 1) - (1.0 if self.mode == "sym" else 0.5)
-            return GroupParams(to_fp16(_guard(self._amax(xb) / div)))
+            return GroupParams(to_fp16(_guard(div_exact(self._amax(xb), div))))
         dims = tuple(range(xb.ndim)) if self.per_tensor else (-1,)
         lo = xb.amin(dim=dims, keepdim=True).clamp(max=0)
         hi = xb.amax(dim=dims, keepdim=True).clamp(min=0)
-        s = to_fp16(_guard((hi - lo) / (2**self.bits - 1)))
+        s = to_fp16(_guard(div_exact(hi - lo, 2**self.bits - 1)))
         return GroupParams(s, torch.round(-lo / s).clamp(0, 2**self.bits - 1))
 
     def _round(self, xb, p):
@@ -200,7 +201,7 @@ class FloatFormat(Format):
     element_max = property(lambda self: self.spec.max_value)
 
     def _fit(self, xb, tensor_amax):
-        return GroupParams(_guard(self._amax(xb) / self.spec.max_value))
+        return GroupParams(_guard(div_exact(self._amax(xb), self.spec.max_value)))
 
     def _fake(self, xb, p):
         return round_minifloat(xb / p.scale, self.spec) * p.scale
