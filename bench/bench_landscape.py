@@ -5,6 +5,7 @@ Usage::
     python bench/bench_landscape.py --out bench/results/landscape            # CUDA, 1B config
     python bench/bench_landscape.py --out /tmp/landscape --smoke             # CPU, tiny config
     python bench/bench_landscape.py --out DIR --features noise,directional   # a subset
+    python bench/bench_landscape.py --out DIR --features trace --probes 16   # fewer probes
 
 The model is a randomly initialised Llama-3.2-1B-shaped config (hidden 2048, 16 layers, 32
 heads / 8 KV heads, FFN 8192, vocab 128256, tied embeddings; 1.24B parameters) in bf16. The
@@ -13,6 +14,13 @@ seqlen 2048, the model in its own bf16, as the perplexity eval runs it); an fp32
 too because every landscape feature runs the model in fp32 (docs/landscape.md says why).
 Random weights change the features' values, not their cost. Each feature is timed on its own
 and the JSON is rewritten after each one, so a run cut short still leaves what it finished.
+
+Memory: every feature records its peak allocated and reserved GiB on CUDA. The HVPs of the
+1B run use micro-batches of one window whose graph is rebuilt per product
+(``hvp_windows=1, hvp_retain_graph=False``): a retained graph of one 2048-token window needs
+about 86 GiB (it ran out of memory on an 80 GB H100), a rebuilt one about 60. Before any
+GPU work the peak of one HVP step is also estimated on the meta device (live tensor bytes
+of the same code, no compute; ``est GiB``) so that a setting that cannot fit is seen at once.
 """
 
 from __future__ import annotations
@@ -22,16 +30,21 @@ import datetime as dt
 import json
 import platform
 import time
+import weakref
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from transformers import LlamaConfig, LlamaForCausalLM, masking_utils
 
 from ptqscale.metrics import hessian as hs
 from ptqscale.metrics.landscape import (
     LandscapeConfig,
+    _batch_hvps,
     mean_nll,
     measure_directional_profile,
     measure_hessian,
@@ -68,7 +81,12 @@ def build(size: str, device: torch.device, dtype: torch.dtype):
 
 
 def timed(fn, device: torch.device) -> tuple[object, float, float]:
-    """``(result, seconds, peak GiB)``; synchronises CUDA on both sides."""
+    """``(result, seconds, peak allocated GiB)``; synchronises CUDA on both sides.
+
+    The peak reserved GiB (what the allocator held, the number an OOM is about) is left in
+    ``LAST_RESERVED_GIB``.
+    """
+    global LAST_RESERVED_GIB
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -77,10 +95,84 @@ def timed(fn, device: torch.device) -> tuple[object, float, float]:
     if device.type == "cuda":
         torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    LAST_RESERVED_GIB = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None
     return result, time.perf_counter() - start, peak
 
 
+LAST_RESERVED_GIB: float | None = None
+
+
+class PeakLiveBytes(TorchDispatchMode):
+    """Peak bytes of live tensor storages created under the mode (each storage counted once,
+    released when it is freed). On the meta device it measures a program's memory for free."""
+
+    def __init__(self, preexisting):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = {id(t.untyped_storage()): None for t in preexisting}  # counted elsewhere
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self.seen:
+                st, key = t.untyped_storage(), id(t.untyped_storage())
+                self.live += st.nbytes()
+                self.seen[key] = weakref.ref(st, partial(self._free, key, st.nbytes()))
+        self.peak = max(self.peak, self.live)
+        return out
+
+    def _free(self, key: int, nbytes: int, _ref) -> None:
+        self.live -= nbytes
+        self.seen.pop(key, None)
+
+
+def estimate_hvp_peak_gib(size: str, cfg: LandscapeConfig) -> dict[str, float]:
+    """Peak GiB of the trace and eigenvalue HVP steps at ``cfg``, on the meta device.
+
+    fp32 weights plus the peak of live tensors over: for the trace, two probes against one
+    micro-batch (a retained graph is alive for both); for the eigenvalue, one summed HVP
+    over two micro-batches (its accumulator is alive too). CUDA adds its allocator's rounding
+    and fragmentation (a few GiB) and the context (~0.5 GiB) on top.
+    """
+    kwargs, seqlen, _ = SIZES[size]
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+    targets = {n: m for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    weights = [m.weight for m in targets.values()]
+    windows = torch.zeros(2 * cfg.hvp_windows, seqlen, dtype=torch.long, device="meta")
+    fixed = sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()])
+    out = {}
+    # transformers checks position ids for packed sequences with a data-dependent .item(),
+    # which meta tensors cannot answer; the landscape windows are never packed.
+    find_packed, masking_utils.find_packed_sequence_indices = (
+        masking_utils.find_packed_sequence_indices, lambda *a, **k: None)
+    try:
+        with hs.double_backward_ready(model, weights):
+            for feature, retain in (("trace", cfg.hvp_retain_graph), ("eigen", False)):
+                batches = _batch_hvps(model, windows, weights, None, cfg, retain)
+                with PeakLiveBytes([*model.parameters(), *model.buffers()]) as mode:
+                    v = [torch.empty_like(w) for w in weights]
+                    if feature == "trace":
+                        hvp = batches[0][1]()
+                        for _ in range(2):  # each product is consumed before the next
+                            hvp(v)
+                        del hvp
+                    else:
+                        hs.summed_hvp(batches, weights)(v)
+                out[feature] = (fixed + mode.peak) / 2**30
+    finally:
+        masking_utils.find_packed_sequence_indices = find_packed
+    return out
+
+
 def run_feature(name, model, targets, stream, cfg, device) -> dict:
+    row = _run_feature(name, model, targets, stream, cfg, device)
+    row["peak_reserved_gib"] = LAST_RESERVED_GIB
+    return row
+
+
+def _run_feature(name, model, targets, stream, cfg, device) -> dict:
     windows = stream[: cfg.max_tokens // stream.shape[1]]
     if name == "baseline":
         _, sec, peak = timed(lambda: mean_nll(model, stream, 1), device)
@@ -99,7 +191,9 @@ def run_feature(name, model, targets, stream, cfg, device) -> dict:
         key = "hessian_trace" if name == "trace" else "top_eigenvalue"
         return {"seconds": out[f"cost_{key}_s"], "wall_seconds": sec, "peak_gib": peak,
                 "tokens": out[f"cost_{key}_tokens"], "hvps": out[f"cost_{key}_hvps"],
-                "power_iters_run": out["power_iters_run"]}
+                "power_iters_run": out["power_iters_run"], "hvp_windows": out["hvp_windows"],
+                # the eigenvalue's graphs serve one product each and are never retained
+                "hvp_retain_graph": out["hvp_retain_graph"] and name == "trace"}
     out, sec, peak = timed(lambda: measure_directional_profile(
         model, targets, windows, rtn_int4, cfg.directional_ts, batch_size=cfg.batch_size), device)
     return {"seconds": sec, "tokens": out["cost_directional_tokens"], "peak_gib": peak}
@@ -112,21 +206,32 @@ def markdown(report: dict) -> str:
              f"budget: {report['budget']['max_tokens']} tokens, {report['budget']['seeds']} seeds "
              f"(antithetic {report['budget']['antithetic']}), "
              f"{report['budget']['hutchinson_probes']} probes, {report['budget']['power_iters']} "
-             "power iterations", "",
-             "| feature | seconds | x full-precision pass | tokens | HVPs | peak GiB |",
-             "|---|---|---|---|---|---|"]
+             f"power iterations, HVP micro-batches of {report['budget']['hvp_windows']} "
+             f"window(s), graph {'kept' if report['budget']['hvp_retain_graph'] else 'rebuilt'} "
+             "per product", "",
+             "| feature | seconds | x full-precision pass | tokens | HVPs | HVP micro-batch "
+             "| peak GiB (reserved) | est GiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    estimate = report.get("estimate_gib", {})
     for name, row in report["features"].items():
+        est = f"{estimate[name]:.2f}" if name in estimate else ""
         if "error" in row:
-            lines.append(f"| {name} | {row['error']} | | | | |")
+            lines.append(f"| {name} | {row['error']} | | | | | | {est} |")
             continue
         mult = f"{row['seconds'] / base:.2f}" if base else ""
-        peak = "" if row.get("peak_gib") is None else f"{row['peak_gib']:.1f}"
+        peak = "" if row.get("peak_gib") is None else \
+            f"{row['peak_gib']:.1f} ({row['peak_reserved_gib']:.1f})"
+        micro = "" if "hvp_windows" not in row else \
+            f"{row['hvp_windows']} win, {'kept' if row['hvp_retain_graph'] else 'rebuilt'}"
         lines.append(f"| {name} | {row['seconds']:.2f} | {mult} | {row.get('tokens', '')} | "
-                     f"{row.get('hvps', '')} | {peak} |")
+                     f"{row.get('hvps', '')} | {micro} | {peak} | {est} |")
     if "baseline" in report["features"]:
         b = report["features"]["baseline"]
         lines += ["", f"Full-precision pass: {b['tokens']} tokens, {b['seconds']:.2f} s in the "
                   f"model dtype, {b['fp32_seconds']:.2f} s in fp32."]
+    lines += ["", "HVP micro-batch: windows per micro-batch, and whether its gradient graph is "
+              "kept across probes or rebuilt per product. est GiB: peak of one HVP step on the "
+              "meta device (fp32 weights + live tensors; no allocator overhead)."]
     return "\n".join(lines) + "\n"
 
 
@@ -136,6 +241,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--smoke", action="store_true", help="tiny config on CPU")
     p.add_argument("--features", default=",".join(FEATURES),
                    help=f"comma-separated subset of {FEATURES}")
+    p.add_argument("--probes", type=int, help="Hutchinson probes (default: the default budget)")
+    p.add_argument("--power-iters", type=int, help="power iterations (default: the default budget)")
+    p.add_argument("--hvp-windows", type=int, default=1, help="windows per HVP micro-batch")
+    p.add_argument("--retain-graph", action="store_true",
+                   help="keep each micro-batch's graph across probes (faster, ~1.5x the memory)")
     args = p.parse_args(argv)
     features = [f for f in args.features.split(",") if f]
     bad = sorted(set(features) - set(FEATURES))
@@ -144,15 +254,21 @@ def main(argv: list[str] | None = None) -> None:
     size = "smoke" if args.smoke else "1b"
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     model, targets, stream = build(size, device, torch.float32 if args.smoke else torch.bfloat16)
-    cfg = LandscapeConfig(enabled=True, seqlen=stream.shape[1])  # the default budget
-    if args.smoke:
-        cfg = LandscapeConfig(enabled=True, seqlen=stream.shape[1], max_tokens=256, seeds=1,
-                              hutchinson_probes=2, power_iters=2)
+    # the default budget (tiny for --smoke); HVP memory settings from the command line
+    budget = dict(max_tokens=256, seeds=1, hutchinson_probes=2, power_iters=2) if args.smoke \
+        else {}
+    budget.update({k: v for k, v in (("hutchinson_probes", args.probes),
+                                     ("power_iters", args.power_iters)) if v is not None})
+    cfg = LandscapeConfig(enabled=True, seqlen=stream.shape[1], hvp_windows=args.hvp_windows,
+                          hvp_retain_graph=args.retain_graph, **budget)
     report = {"size": size, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
               or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
               "n_params": sum(p.numel() for p in model.parameters()), "budget": asdict(cfg),
               "model": SIZES[size][0], "features": {}}
+    if {"trace", "eigen"} & set(features):  # seconds on the CPU, before any GPU time
+        report["estimate_gib"] = estimate_hvp_peak_gib(size, cfg)
+        print("estimated peak GiB", report["estimate_gib"], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in features:
         try:

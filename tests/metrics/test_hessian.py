@@ -109,7 +109,7 @@ def test_hutchinson_trace_within_5_percent_of_exact(tiny):
     # the estimator's own spread with this many probes: the 5% check must not pass by luck
     off_diag = (H**2).sum() - (H.diagonal() ** 2).sum()
     assert math.sqrt(2 * off_diag / probes) < 0.05 / 3 * float(H.trace())
-    cfg = LandscapeConfig(max_tokens=10**6, batch_size=16, hutchinson_probes=probes,
+    cfg = LandscapeConfig(max_tokens=10**6, batch_size=16, hvp_windows=16, hutchinson_probes=probes,
                           power_iters=0)
     out = measure_hessian(tiny["model"], tiny["targets"], tiny["data"], cfg)
     assert out["hessian_trace"] == pytest.approx(float(H.trace()), rel=0.05)
@@ -122,7 +122,8 @@ def test_hutchinson_trace_within_5_percent_of_exact(tiny):
 def test_power_iteration_within_1_percent_of_top_eigenvalue(tiny):
     eigs = torch.linalg.eigvalsh(tiny["H"])
     top = float(eigs[eigs.abs().argmax()])
-    cfg = LandscapeConfig(max_tokens=10**6, batch_size=16, hutchinson_probes=1, power_iters=30)
+    cfg = LandscapeConfig(max_tokens=10**6, batch_size=16, hvp_windows=16, hutchinson_probes=1,
+                          power_iters=30)
     out = measure_hessian(tiny["model"], tiny["targets"], tiny["data"], cfg)
     assert out["top_eigenvalue"] == pytest.approx(top, rel=0.01)
     assert 1 <= out["power_iters_run"] <= 30
@@ -143,7 +144,8 @@ def test_finite_difference_hvp_matches_exact(tiny):
 
 
 def test_finite_difference_measure_hessian_agrees_with_autograd(tiny):
-    common = dict(max_tokens=10**6, batch_size=8, hutchinson_probes=8, power_iters=30)
+    common = dict(max_tokens=10**6, batch_size=8, hvp_windows=8, hutchinson_probes=8,
+                  power_iters=30)
     ad = measure_hessian(tiny["model"], tiny["targets"], tiny["data"], LandscapeConfig(**common))
     fd = measure_hessian(tiny["model"], tiny["targets"], tiny["data"],
                          LandscapeConfig(hvp="finite_difference", **common))
@@ -167,7 +169,8 @@ def test_kappa_from_noise_matches_exact_weighted_trace(tiny):
     assert out["kappa_linear"] and out["kappa_min_db"] == 40.0  # 30 dB is past the linear regime
     # 48 antithetic draws: the quadratic form spreads ~25% per draw, ~4% over 48
     assert out["kappa"] == pytest.approx(kappa_exact, rel=0.15)
-    hcfg = LandscapeConfig(max_tokens=10**6, batch_size=16, hutchinson_probes=64, power_iters=0)
+    hcfg = LandscapeConfig(max_tokens=10**6, batch_size=16, hvp_windows=16, hutchinson_probes=64,
+                           power_iters=0)
     kappa_h = measure_hessian(tiny["model"], targets, tiny["data"], hcfg)["kappa_h"]
     assert kappa_h == pytest.approx(kappa_exact, rel=0.15)
 

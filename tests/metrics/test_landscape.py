@@ -49,7 +49,7 @@ def tiny():
 
 
 def _cfg(**kw) -> LandscapeConfig:
-    return LandscapeConfig(**{"max_tokens": 10**6, "batch_size": 8, **kw})
+    return LandscapeConfig(**{"max_tokens": 10**6, "batch_size": 8, "hvp_windows": 8, **kw})
 
 
 # ---------------------------------------------------------------- config

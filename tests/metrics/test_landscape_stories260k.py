@@ -27,6 +27,7 @@ def stories(shared_data):
     windows = ids[: SEQLEN * N_WINDOWS].view(N_WINDOWS, SEQLEN).long()
     targets = get_anatomy(model).targets
     cfg = LandscapeConfig(enabled=True, max_tokens=SEQLEN * N_WINDOWS, batch_size=N_WINDOWS,
+                          hvp_windows=N_WINDOWS,
                           hutchinson_probes=16, power_iters=0)
     noise = measure_noise_response(model, targets, windows, cfg)
     return model, targets, windows, cfg, noise

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,12 @@ class LandscapeConfig:
     antithetic: bool = True  # score +noise and -noise (2 passes per draw)
     max_tokens: int = 16384  # budget: the first max_tokens // seqlen windows are used
     seqlen: int | None = None  # None -> the eval seqlen; when set, windows must have it
-    batch_size: int = 1  # windows per forward / per HVP batch (memory, not results)
+    batch_size: int = 1  # windows per no-grad forward (memory, not results)
+    # Memory of the second-order features (not results): windows per HVP micro-batch, and
+    # whether a micro-batch's gradient graph is kept across Hutchinson probes (faster) or
+    # rebuilt per product (about 2/3 of the peak). Peak memory scales with hvp_windows.
+    hvp_windows: int = 1
+    hvp_retain_graph: bool = True
     threshold: float = 0.1  # dNLL (nats) that defines the basin edge s*
     kappa_max_dnll: float = 0.005  # levels with mean dNLL <= this (nats) are used for kappa
     hessian: bool = True  # also measure trace, kappa_h and top eigenvalue
@@ -73,6 +79,10 @@ class LandscapeConfig:
     fd_eps: float = 1e-4  # finite-difference step as a fraction of the weights' global norm
     directional_ts: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
 
+    # Memory knobs: the same features (up to float summation order) for any value, so a
+    # cached result is shared across them; the features record the values they ran with.
+    not_in_key: ClassVar[tuple[str, ...]] = ("hvp_windows", "hvp_retain_graph")
+
     def __post_init__(self) -> None:
         levels = [float(s) for s in self.levels_db]
         if not levels or not all(math.isfinite(s) for s in levels):
@@ -82,6 +92,13 @@ class LandscapeConfig:
         for key in ("seeds", "max_tokens", "batch_size", "hutchinson_probes"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"landscape.{key} must be >= 1, got {getattr(self, key)}")
+        if isinstance(self.hvp_windows, bool) or not isinstance(self.hvp_windows, int) \
+                or self.hvp_windows < 1:
+            raise ConfigError(f"landscape.hvp_windows (windows per HVP micro-batch) must be an "
+                              f"integer >= 1, got {self.hvp_windows!r}")
+        if not isinstance(self.hvp_retain_graph, bool):
+            raise ConfigError(f"landscape.hvp_retain_graph must be true or false, "
+                              f"got {self.hvp_retain_graph!r}")
         if self.power_iters < 0:
             raise ConfigError(f"landscape.power_iters must be >= 0, got {self.power_iters}")
         if self.seqlen is not None and self.seqlen < 2:
@@ -105,11 +122,12 @@ def _check_ts(ts: Sequence[float]) -> None:
 
 
 def nll_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL (nats) of ``input_ids[b, t]``, differentiable, fp32 logits."""
+    """Mean next-token NLL (nats) of ``input_ids[b, t]``, differentiable, fp32 (or fp64) logits."""
     kwargs = {"use_cache": False} if hasattr(model, "config") else {}
     input_ids = input_ids.to(next(model.parameters()).device)  # token windows may live on the CPU
     out = model(input_ids, **kwargs)
-    logits = getattr(out, "logits", out)[:, :-1].float()
+    logits = getattr(out, "logits", out)[:, :-1]
+    logits = logits if logits.dtype == torch.float64 else logits.float()  # fp32 at least
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
 
 
@@ -287,6 +305,9 @@ def measure_hessian(
 ) -> dict:
     """Hutchinson trace (total, per layer), ``kappa_h`` and the top eigenvalue, in fp32.
 
+    Every HVP is a sum over micro-batches of ``cfg.hvp_windows`` windows, each weighted by
+    its share of the budget's windows (equal-length windows: the Hessian of the mean NLL over
+    all tokens, exactly); only one micro-batch's graph is alive at a time.
     Per-layer entries are under ``"layers"`` (name -> trace and ``||W||^2/numel``); every
     other key is a scalar. Standard errors come from the spread over probes.
     """
@@ -294,32 +315,33 @@ def measure_hessian(
     _check_targets(model, targets, windows)
     weights = [m.weight for m in targets.values()]
     with _measuring(model, targets) as reference, hs.double_backward_ready(model, weights):
-        batch_hvps = _batch_hvps(model, windows, weights, reference, cfg)
         start = time.perf_counter()
-        samples = hs.hutchinson_samples(batch_hvps, weights, cfg.hutchinson_probes, cfg.seed)
+        samples = hs.hutchinson_samples(
+            _batch_hvps(model, windows, weights, reference, cfg, cfg.hvp_retain_graph),
+            weights, cfg.hutchinson_probes, cfg.seed)
         trace_s = time.perf_counter() - start
 
         start = time.perf_counter()
         eig, iters, converged = None, 0, False
-        if cfg.power_iters > 0:
-            full_hvp = hs.summed_hvp(batch_hvps, weights)
+        if cfg.power_iters > 0:  # one product per graph: never worth retaining it
+            full_hvp = hs.summed_hvp(
+                _batch_hvps(model, windows, weights, reference, cfg, False), weights)
             eig, iters, converged = hs.power_iteration(
                 full_hvp, weights, cfg.power_iters, cfg.power_tol, cfg.seed
             )
         eig_s = time.perf_counter() - start
     scale = torch.tensor(_sq_per_numel(reference), dtype=torch.float64)
-    passes = 2 if cfg.hvp == "finite_difference" else 1  # forwards per HVP batch
-    out = {"hvp_method": cfg.hvp, "hutchinson_probes": cfg.hutchinson_probes}
+    out = {"hvp_method": cfg.hvp, "hutchinson_probes": cfg.hutchinson_probes,
+           "hvp_windows": cfg.hvp_windows, "hvp_retain_graph": cfg.hvp_retain_graph}
     out.update(hs.trace_stats(samples, scale))
     out.update(top_eigenvalue=eig, power_iters_run=iters, power_converged=converged)
     n_tok = windows.numel()
     out.update(
         cost_hessian_trace_s=trace_s,
-        # autograd builds each batch's graph once for all probes; FD needs 2 gradients per probe
-        cost_hessian_trace_tokens=n_tok * (2 * cfg.hutchinson_probes if passes == 2 else 1),
+        cost_hessian_trace_tokens=n_tok * _passes_per_trace(cfg),
         cost_hessian_trace_hvps=cfg.hutchinson_probes,
         cost_top_eigenvalue_s=eig_s,
-        cost_top_eigenvalue_tokens=n_tok * passes * iters,
+        cost_top_eigenvalue_tokens=n_tok * (2 if cfg.hvp == "finite_difference" else 1) * iters,
         cost_top_eigenvalue_hvps=iters,
     )
     out["layers"] = {
@@ -329,15 +351,25 @@ def measure_hessian(
     return out
 
 
-def _batch_hvps(model, windows, weights, reference, cfg) -> list[tuple[float, Callable]]:
-    """``(fraction of windows, make_hvp)`` per batch; ``make_hvp()`` returns that batch's HVP."""
+def _passes_per_trace(cfg: LandscapeConfig) -> int:
+    """Forward passes over the budget for the trace: FD takes 2 gradients per probe; autograd
+    builds each micro-batch's graph once for all probes, or once per probe when not retained."""
+    if cfg.hvp == "finite_difference":
+        return 2 * cfg.hutchinson_probes
+    return 1 if cfg.hvp_retain_graph else cfg.hutchinson_probes
+
+
+def _batch_hvps(model, windows, weights, reference, cfg, retain_graph: bool
+                ) -> list[tuple[float, Callable]]:
+    """``(fraction of windows, make_hvp)`` per micro-batch of ``cfg.hvp_windows`` windows."""
     out = []
-    for ids in windows.split(cfg.batch_size):
+    for ids in windows.split(cfg.hvp_windows):
         loss_fn = partial(nll_loss, model, ids)
         if cfg.hvp == "autograd":
-            make = partial(hs.autograd_hvp, loss_fn, weights)
+            make = partial(hs.autograd_hvp, loss_fn, weights, retain_graph=retain_graph)
         else:
             make = partial(hs.finite_difference_hvp, loss_fn, weights, reference, cfg.fd_eps)
+        # windows have equal length, so the share of windows is the share of tokens
         out.append((ids.shape[0] / windows.shape[0], make))
     return out
 

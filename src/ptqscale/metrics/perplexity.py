@@ -15,25 +15,49 @@ NLL is the mean next-token negative log-likelihood in nats over the scored token
 are cast to fp32 before log-softmax whatever the weight dtype (bf16 log-softmax loses ~3
 significant digits), one window at a time so fp32 logits never exist for a whole batch. The
 sum is accumulated in float64 in window order, so the result is bitwise reproducible on CPU.
+
+``EvalConfig.compile`` runs the pass with each decoder block compiled (regional compilation:
+``torch.compile(block, dynamic=False)``; the blocks share one class, so they share one graph)
+and the loss as one compiled kernel per batch: fp32 log-softmax computed on the fly from the
+bf16 logits, so no fp32 copy of the logits is written at all. The compiled blocks are swapped
+into the model only for the pass and the original modules put back afterwards, also after an
+error: the same model object later takes double-backward landscape passes and weight edits.
+The eager loss stays ``cross_entropy(logits.float())`` per window: a chunked logsumexp moves
+about as many bytes in more kernels, and the loss is a few percent of a pass.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ptqscale.errors import ConfigError
+from ptqscale.errors import ConfigError, PTQScaleError
 
 PROTOCOL_VERSION = 1
 PRESETS = ("gptq", "rolling")
+# Compiled graphs one process may hold per compiled function (Dynamo's default is 8): each new
+# model structure, dtype or batch shape adds one, and a sweep runs many jobs per process.
+RECOMPILE_LIMIT = 64
+
+
+class EvalCompileError(PTQScaleError, RuntimeError):
+    """``eval.compile=true`` but torch.compile could not compile the pass."""
 
 
 @dataclass
 class EvalConfig:
     """How perplexity is measured.
+
+    ``compile`` (default false) compiles each decoder block for the pass (see the module
+    docstring). It is off by default because compiling is a per-process cost of seconds to a
+    minute, paid again for every new model structure or batch shape, while a 1B model scores
+    WikiText-2 test eagerly in a few seconds on one GPU (bench/results/bench_perplexity.md);
+    it pays off for long evaluations: big models and corpora, many evaluations per process. It
+    is part of the job key: fused kernels round differently, so the NLL moves in its last bits.
 
     Example::
 
@@ -46,8 +70,11 @@ class EvalConfig:
     stride: int | None = None  # rolling only; default seqlen // 2
     batch_size: int = 8  # windows per forward pass (changes speed, not the result)
     max_tokens: int | None = None  # evaluate only the first N tokens of the stream
+    compile: bool = False  # torch.compile the decoder blocks and the loss for the pass
 
     def __post_init__(self):
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"eval.compile={self.compile!r} must be true or false")
         if self.preset not in PRESETS:
             raise ConfigError(f"eval.preset={self.preset!r} unknown; allowed: {list(PRESETS)}")
         if self.seqlen < 2:
@@ -115,13 +142,12 @@ def measure_perplexity(model, stream: torch.Tensor, cfg: EvalConfig,
         from tqdm import tqdm
 
         batches = tqdm(batches, desc=f"ppl {cfg.preset}/{cfg.seqlen}", unit="batch")
-    with torch.inference_mode():
+    with torch.inference_mode(), compiled_blocks(model, cfg.compile) as compiled_nll:
         for b in batches:
             plan = windows[b:b + cfg.batch_size]
             ids = torch.stack([stream[s:s + cfg.seqlen] for s, _ in plan]).to(device)
             logits = model(input_ids=ids, use_cache=False).logits
-            for row, (_, first) in enumerate(plan):
-                nll = window_nll(logits[row], ids[row], first)
+            for nll in _window_losses(logits, ids, plan, compiled_nll):
                 total += nll.double().sum()
                 scored += nll.numel()
     nll_sum = float(total.cpu())
@@ -133,6 +159,73 @@ def measure_perplexity(model, stream: torch.Tensor, cfg: EvalConfig,
 def window_nll(logits: torch.Tensor, ids: torch.Tensor, first: int) -> torch.Tensor:
     """Per-token NLL (fp32) of targets ``ids[first:]`` given ``logits[first-1:-1]`` of one window."""
     return F.cross_entropy(logits[first - 1:-1].float(), ids[first:], reduction="none")
+
+
+def batch_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL ``[B, T-1]`` of every next-token prediction in a batch (fp32 log-softmax).
+
+    Meant to be compiled (one fused kernel that never writes the fp32 logits); eagerly it
+    would hold a whole batch of fp32 logits, which is what ``window_nll`` avoids.
+    """
+    b, t, v = logits.shape
+    flat = logits[:, :-1].float().reshape(b * (t - 1), v)
+    return F.cross_entropy(flat, ids[:, 1:].reshape(-1), reduction="none").view(b, t - 1)
+
+
+@contextmanager
+def compiled_blocks(model, enabled: bool = True):
+    """Swap compiled decoder blocks into ``model`` for a ``with`` body; yield the compiled loss.
+
+    Yields None (and changes nothing) when not ``enabled``. The original block modules are put
+    back on exit, also after an error; a failed compilation raises :class:`EvalCompileError`.
+
+    Example::
+
+        >>> with torch.inference_mode(), compiled_blocks(model) as nll_fn:  # doctest: +SKIP
+        ...     nll = nll_fn(model(input_ids=ids).logits, ids)
+    """
+    if not enabled:
+        yield None
+        return
+    from ptqscale.models import get_anatomy
+
+    holder = model.get_submodule(get_anatomy(model).block_prefix)
+    originals = list(holder)
+    try:
+        for i, block in enumerate(originals):
+            holder[i] = _compile(block)
+        limits = dict(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)
+        with torch._dynamo.config.patch(**limits):
+            yield _compile(batch_nll)
+    except (torch._dynamo.exc.TorchDynamoException,
+            torch._dynamo.exc.FailOnRecompileLimitHit) as e:
+        raise EvalCompileError(_compile_failed(e)) from e
+    finally:
+        for i, block in enumerate(originals):
+            holder[i] = block
+
+
+def _compile(obj):
+    # dynamic=False: one static graph per batch shape (a short last batch adds one); blocks of
+    # one class reuse it, since Dynamo guards on their parameters' shapes, not their identity
+    try:
+        return torch.compile(obj, dynamic=False)
+    except Exception as e:  # torch.compile refuses this interpreter or platform
+        raise EvalCompileError(_compile_failed(e)) from e
+
+
+def _compile_failed(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return (f"eval.compile=true: torch.compile of the perplexity pass (decoder blocks, loss) failed "
+            f"({type(e).__name__}: {first}); set eval.compile=false to measure eagerly")
+
+
+def _window_losses(logits, ids, plan, compiled_nll) -> list[torch.Tensor]:
+    """Per-token NLL of each window's scored tokens, in window order."""
+    if compiled_nll is None:
+        return [window_nll(logits[row], ids[row], first) for row, (_, first) in enumerate(plan)]
+    nll = compiled_nll(logits, ids)
+    return [nll[row, first - 1:] for row, (_, first) in enumerate(plan)]
 
 
 def window_plan(n_tokens: int, cfg: EvalConfig) -> list[tuple[int, int]]:

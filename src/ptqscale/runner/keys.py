@@ -41,15 +41,26 @@ def data_identity(data_cfg: Any) -> dict:
     return _without(data_cfg, _DATA_IGNORED)
 
 
+def eval_identity(eval_cfg: Any) -> dict:
+    """``eval.compile`` counts only when on: eager keys stay those of stores that predate it."""
+    d = _plain(eval_cfg)
+    return d if d.get("compile") else {k: v for k, v in d.items() if k != "compile"}
+
+
+def landscape_identity(landscape_cfg: Any) -> dict:
+    """Landscape settings less those that change memory or speed, not the result."""
+    return _without(landscape_cfg, getattr(type(landscape_cfg), "not_in_key", ()))
+
+
 def fp_eval_key(model_cfg: Any, data_cfg: Any, eval_cfg: Any) -> str:
     """Key of the model-level full-precision measurement shared by every job of a model."""
     return digest({"model": model_identity(model_cfg), "data": data_identity(data_cfg),
-                   "eval": _plain(eval_cfg), "protocol": PROTOCOL_VERSION})
+                   "eval": eval_identity(eval_cfg), "protocol": PROTOCOL_VERSION})
 
 
 def landscape_key(model_cfg: Any, data_cfg: Any, eval_cfg: Any, landscape_cfg: Any) -> str:
     return digest({"model": model_identity(model_cfg), "data": data_identity(data_cfg),
-                   "eval": _plain(eval_cfg), "landscape": _plain(landscape_cfg),
+                   "eval": eval_identity(eval_cfg), "landscape": landscape_identity(landscape_cfg),
                    "protocol": PROTOCOL_VERSION})
 
 
@@ -60,7 +71,7 @@ def job_key(study: str, model_cfg: Any, data_cfg: Any, eval_cfg: Any, method_cfg
         "study": study,
         "model": model_identity(model_cfg),
         "data": data_identity(data_cfg),
-        "eval": _plain(eval_cfg),
+        "eval": eval_identity(eval_cfg),
         "method": _without(method_cfg, type(method_cfg).not_in_key),
         "seed": seed,
         "protocol": PROTOCOL_VERSION,
@@ -69,5 +80,5 @@ def job_key(study: str, model_cfg: Any, data_cfg: Any, eval_cfg: Any, method_cfg
         calib = _plain(calib_cfg)
         semantic["calib"] = {**calib, "data": data_identity(calib["data"])}
     if landscape_cfg is not None:
-        semantic["landscape"] = _plain(landscape_cfg)
+        semantic["landscape"] = landscape_identity(landscape_cfg)
     return digest(semantic)

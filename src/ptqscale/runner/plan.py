@@ -317,14 +317,14 @@ class Planner:
             "study": study, "seed": seed, "protocol": PROTOCOL_VERSION,
             "model": part("model", model, keys.model_identity),
             "data": part("data", data, keys.data_identity),
-            "eval": part("eval", eval_cfg, asdict),
+            "eval": part("eval", eval_cfg, keys.eval_identity),
             "method": part("method", method, lambda m: keys._without(m, type(m).not_in_key)),
         }
         if calib is not None:
             semantic["calib"] = part("calib", calib, lambda c: {
                 **asdict(c), "data": keys.data_identity(asdict(c)["data"])})
         if landscape is not None:
-            semantic["landscape"] = part("landscape", landscape, asdict)
+            semantic["landscape"] = part("landscape", landscape, keys.landscape_identity)
         return keys.digest(semantic)
 
     def _verified(self, job_overrides: list[str], spec: Any) -> Any:
