@@ -67,6 +67,8 @@ def fake_quantize_triton(fmt, x: torch.Tensor, axis: int) -> torch.Tensor | None
     """``fmt.fake_quantize(x, axis)`` by the fused kernel, or None where it does not apply."""
     if triton is None or x.dtype not in _DTYPES or kernel_spec(fmt) is None:
         return None
+    if torch.compiler.is_compiling():  # inside torch.compile: the traceable reference
+        return None
     if not (x.is_cuda or _interpreting()):
         return None
     xm = x if axis == x.ndim - 1 else x.movedim(axis, -1)

@@ -160,8 +160,14 @@ class HessianAccumulator:
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        X = x.reshape(-1, x.shape[-1]).to(torch.float32)  # fp32: bf16 sums lose digits
-        self.sum.addmm_(X.T, X)
+        X = x.reshape(-1, x.shape[-1])
+        if X.is_cuda and X.dtype in (torch.bfloat16, torch.float16):
+            # Products of 16-bit floats are exact in fp32 and cuBLAS sums them in fp32: the
+            # fp32 GEMM's result up to summation order, on tensor cores (~10x faster).
+            self.sum += torch.mm(X.T, X, out_dtype=torch.float32)
+        else:
+            X = X.to(torch.float32)  # fp32: bf16 sums lose digits
+            self.sum.addmm_(X.T, X)
         self.tokens += X.shape[0]
 
     def hessian(self) -> torch.Tensor:

@@ -62,6 +62,8 @@ from torch import nn
 
 from ptqscale.errors import ConfigError, require
 from ptqscale.formats import Format, GroupParams, get_format
+from ptqscale.formats.base import KERNELS
+from ptqscale.methods import gptq_kernel
 from ptqscale.methods.base import (
     METHOD_DEVICE,
     MethodConfig,
@@ -94,14 +96,19 @@ class GPTQInfo:
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format | str, blocksize: int = 128,
                   percdamp: float = 0.01, actorder: bool = False, static_groups: bool = False,
-                  mx_aware: bool = False, max_retries: int = 3) -> tuple[torch.Tensor, GPTQInfo]:
+                  mx_aware: bool = False, max_retries: int = 3,
+                  kernel: str = "auto") -> tuple[torch.Tensor, GPTQInfo]:
     """Quantize ``W`` (rows, columns) given the Hessian ``H`` (columns, columns) of its inputs.
 
     Returns ``(Q, info)``: ``Q`` has ``W``'s shape, dtype and device. fp32 inside, whatever
     ``W``'s dtype: the error feedback accumulates over thousands of columns. Deterministic.
+    ``kernel``: the column loop as one Triton launch per lazy block (``"auto"``: on CUDA for
+    the formats :mod:`ptqscale.formats.kernels` covers; see :mod:`.gptq_kernel`) or the torch
+    loop (``"torch"``); ``"triton"`` fails where the kernel cannot run.
     """
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
     _check(W, H, fmt, blocksize, percdamp, mx_aware, max_retries)
+    sweep = _sweep(W, fmt, blocksize, mx_aware, kernel)
     W_orig = W
     W = W.detach().to(torch.float32).clone()
     H = H.detach().to(device=W.device, dtype=torch.float32).clone()
@@ -113,10 +120,23 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format | str, blocksize
     W, H = W[:, perm], H[perm][:, perm]
     groups.permute(perm)
     Hinv, frac, damp, retries = damped_inverse_factor(H, percdamp, max_retries)
-    sweep = _groupwise_sweep if mx_aware else _columnwise_sweep
     Q, loss = sweep(W, Hinv, groups, blocksize)
     Q = Q[:, torch.argsort(perm)].to(W_orig.dtype)
     return Q, GPTQInfo(frac, damp, retries, loss, int(dead.sum()))
+
+
+def _sweep(W: torch.Tensor, fmt: Format, blocksize: int, mx_aware: bool, kernel: str):
+    """The column sweep to run: MX-aware groups, the fused kernel or the torch loop."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r}: allowed {list(KERNELS)}")
+    if mx_aware:
+        return _groupwise_sweep
+    if kernel != "torch" and gptq_kernel.supports(W, fmt, blocksize):
+        return gptq_kernel.columnwise_sweep
+    if kernel == "triton":
+        raise ValueError(f"gptq kernel='triton' cannot run here (device={W.device}, format "
+                         f"{fmt.name}, blocksize={blocksize}); use 'auto' or 'torch'")
+    return _columnwise_sweep
 
 
 def damped_inverse_factor(H: torch.Tensor, percdamp: float, max_retries: int):
@@ -314,7 +334,9 @@ class GPTQConfig(MethodConfig):
 
     needs_calibration: ClassVar[bool] = True
 
-    not_in_key: ClassVar[tuple[str, ...]] = ("batch_size", "hessian_cache", "device", "offload")
+    # kernel: like the device, it changes results only by float rounding (fused multiply-adds)
+    not_in_key: ClassVar[tuple[str, ...]] = ("batch_size", "hessian_cache", "device", "offload",
+                                             "kernel")
     name: str = "gptq"
     format: str = "int4_g128"
     targets: TargetsConfig = field(default_factory=TargetsConfig)
@@ -331,6 +353,7 @@ class GPTQConfig(MethodConfig):
     hessian_cache: bool = True  # reuse Hessians across jobs (only with fp_inputs)
     device: str = "auto"  # where blocks compute: auto (cuda if available) | cpu | cuda[:N]
     offload: bool = False  # keep calibration activations on the CPU between blocks
+    kernel: str = "auto"  # column loop: auto (Triton on CUDA where covered) | torch | triton
 
     def __post_init__(self) -> None:
         try:
@@ -343,6 +366,7 @@ class GPTQConfig(MethodConfig):
             (self.batch_size >= 1, f"method.batch_size={self.batch_size} must be >= 1"),
             (self.max_damp_retries >= 0,
              f"method.max_damp_retries={self.max_damp_retries} must be >= 0"),
+            (self.kernel in KERNELS, f"method.kernel={self.kernel!r}: allowed {list(KERNELS)}"),
             (bool(METHOD_DEVICE.match(self.device)),
              f"method.device={self.device!r}: allowed auto, cpu, cuda, cuda:N"),
             (not (self.mx_aware and fmt.block_size is None),
@@ -357,7 +381,7 @@ class GPTQConfig(MethodConfig):
     def settings(self) -> dict[str, Any]:
         keys = ("percdamp", "blocksize", "actorder", "static_groups", "true_sequential",
                 "fp_inputs", "mx_aware", "max_damp_retries", "batch_size", "hessian_cache",
-                "device", "offload")
+                "device", "offload", "kernel")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -405,7 +429,7 @@ def _quantize_group(modules: list[tuple[str, nn.Module]], H: torch.Tensor, fmt: 
     H = H.to(Ws[0].device)
     kw = dict(blocksize=cfg.blocksize, percdamp=cfg.percdamp, actorder=cfg.actorder,
               static_groups=cfg.static_groups, mx_aware=cfg.mx_aware,
-              max_retries=cfg.max_damp_retries)
+              max_retries=cfg.max_damp_retries, kernel=cfg.kernel)
     if len(Ws) > 1 and not (fmt.per_tensor or fmt.needs_tensor_amax):
         Q, info = gptq_quantize(torch.cat(Ws), H, fmt, **kw)
         results = [(Qi, info) for Qi in Q.split([W.shape[0] for W in Ws])]
