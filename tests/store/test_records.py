@@ -70,6 +70,20 @@ def test_consolidate_to_parquet(tmp_path):
     assert sorted(frame["metrics.nll"]) == [0.0, 1.0, 2.0, 3.0, 4.0]
 
 
+@pytest.mark.parametrize("n", [4, 70])  # one-by-one parser and Arrow's (>= 64 records)
+def test_consolidate_fields_whose_type_differs_and_lists_of_structs(tmp_path, n):
+    # seen in the blockft study: method.offload is a bool for GPTQ, "auto" for fine-tuning;
+    # crossquant records hold lists of dicts with lists inside
+    for i in range(n):
+        r = rec(f"k{i:03d}", nll=float(i))
+        r["method"] = {"offload": "auto" if i % 2 else False}
+        r["metrics"]["grid"] = [{"alpha": 0.5, "nll": [1.0, float(i)]}]
+        write_record(tmp_path, r)
+    frame = pd.read_parquet(consolidate(tmp_path, "s"))
+    assert sorted(set(frame["method.offload"])) == ["auto", "false"]
+    assert json.loads(frame["metrics.grid"].iloc[-1]) == [{"alpha": 0.5, "nll": [1.0, n - 1.0]}]
+
+
 def test_cache(tmp_path):
     assert cache_get(tmp_path, "fp_eval", "k") is None
     cache_put(tmp_path, "fp_eval", "k", {"nll": 1.0})

@@ -117,12 +117,23 @@ def consolidate(root: str | os.PathLike, study: str) -> Path:
     Incremental: rows of the previous Parquet whose JSON file did not change are kept, so
     re-consolidating after a few more jobs parses only those.
     """
-    df = _study_frame(Path(root) / study)
+    df = _text_where_mixed(_study_frame(Path(root) / study))
     path = Path(root) / study / "records.parquet"
     tmp = path.with_suffix(".parquet.tmp")
     df.to_parquet(tmp, index=False)
     os.replace(tmp, path)
     return path
+
+
+def _text_where_mixed(df: pd.DataFrame) -> pd.DataFrame:
+    """Columns whose values differ in type between records (``method.offload``: a bool for
+    GPTQ, a string for block fine-tuning) hold JSON text, as Parquet needs one type."""
+    for col in df.columns[df.dtypes == object]:
+        kinds = {type(v) for v in df[col] if v is not None and v == v}
+        if len(kinds) > 1:
+            df[col] = [v if v is None or v != v or isinstance(v, str) else json.dumps(v)
+                       for v in df[col]]
+    return df
 
 
 def _study_dirs(root: str | os.PathLike, study: str | None) -> list[Path]:
@@ -215,7 +226,10 @@ def _parse_arrow(texts: dict[str, bytes]) -> pd.DataFrame:
 
 
 def _plain_list(value: Any) -> Any:
+    """Arrow's list values (numpy arrays, also inside lists of structs) as plain Python."""
     value = value.tolist() if hasattr(value, "tolist") else value
+    if isinstance(value, dict):
+        return {k: _plain_list(v) for k, v in value.items()}
     return [_plain_list(v) for v in value] if isinstance(value, list) else value
 
 
