@@ -68,3 +68,10 @@ def test_default_on_cuda_is_the_kernel_and_non_contiguous_input_works():
     x = edge_tensor((64, 512), torch.bfloat16, seed=3).cuda().t()  # axis -1 not contiguous
     fmt = get_format("mxint4_b32")
     assert torch.equal(fmt.fake_quantize(x), fmt.fake_quantize(x, kernel="torch"))
+
+
+@pytest.mark.gpu
+def test_autograd_inputs_take_the_reference_graph():
+    x = edge_tensor((8, 256), torch.float32).cuda().requires_grad_()
+    y = get_format("int4_g128").fake_quantize(x)
+    assert y.grad_fn is not None  # the kernel has no backward; the reference does

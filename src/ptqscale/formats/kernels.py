@@ -69,6 +69,8 @@ def fake_quantize_triton(fmt, x: torch.Tensor, axis: int) -> torch.Tensor | None
         return None
     if torch.compiler.is_compiling():  # inside torch.compile: the traceable reference
         return None
+    if x.requires_grad and torch.is_grad_enabled():  # autograd: the reference's graph
+        return None
     if not (x.is_cuda or _interpreting()):
         return None
     xm = x if axis == x.ndim - 1 else x.movedim(axis, -1)
