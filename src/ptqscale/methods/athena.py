@@ -295,13 +295,13 @@ class AthenaConfig(MethodConfig):
 @register_method("athena", AthenaConfig)
 def quantize_athena(model: nn.Module, cfg: AthenaConfig, ctx: QuantContext) -> QuantReport:
     """Quantize the target linears of ``model`` in place with Athena, block by block."""
+    from ptqscale.methods.base import calibration_ids, hash_ids, resolve_device
     from ptqscale.methods.capture import WalkPlan, walk_blocks
-    from ptqscale.methods.gptq import _calibration, _hash_ids, _resolve_device
     from ptqscale.models import get_anatomy
 
     fmt = get_format(cfg.format)
-    ids = _calibration(ctx)
-    device = _resolve_device(cfg.device)
+    ids = calibration_ids(ctx, "athena")
+    device = resolve_device(cfg.device)
     plan = WalkPlan(device, torch.device("cpu") if cfg.offload else device, cfg.batch_size,
                     False, cfg.true_sequential)
     anat = get_anatomy(model)
@@ -323,7 +323,7 @@ def quantize_athena(model: nn.Module, cfg: AthenaConfig, ctx: QuantContext) -> Q
     report.extra = {
         "athena": {**cfg.settings(), "device": str(device)},
         "calibration": {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
-                        "hash": ctx.calibration_hash or _hash_ids(ids)},
+                        "hash": ctx.calibration_hash or hash_ids(ids)},
         # what the quantized weights take, codebooks and low-rank factors included
         "bits_per_weight": (sum(layer["storage_bits"] for layer in layers) / numel
                             if numel else None),

@@ -48,6 +48,7 @@ from ptqscale.methods.base import (
     TargetsConfig,
     layer_stats,
     register_method,
+    resolve_device,
     select_targets,
 )
 from ptqscale.methods.capture import (
@@ -170,7 +171,7 @@ def quantize_awq(model: nn.Module, cfg: AWQConfig, ctx: QuantContext) -> QuantRe
     if ctx.calibration is None:
         raise ConfigError("awq needs calibration tokens: QuantContext.calibration")
     fmt = get_format(cfg.format)
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     anat = get_anatomy(model)
     selected = select_targets(model, anat, cfg.targets)
     report = QuantReport(method="awq", format=fmt.name)
@@ -289,14 +290,6 @@ def _group_stats(block, firsts: list[str], inputs: BlockInputs, device) -> dict:
         for h in handles:
             h.remove()
     return {n: (acc[n].hessian(), abs_sum[n] / acc[n].tokens) for n in firsts}
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"method.device={name!r} but CUDA is not available here")
-    return torch.device(name)
 
 
 def _summary(cfg: AWQConfig, ctx: QuantContext, layers: list[dict]) -> dict[str, Any]:

@@ -100,6 +100,37 @@ class QuantReport:
 # Where a method computes: ``device`` fields of method configs must match this.
 METHOD_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
+
+def resolve_device(name: str) -> torch.device:
+    """The device of a ``method.device`` value (``auto``: CUDA where there is one)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"method.device={name!r} but CUDA is not available here")
+    return torch.device(name)
+
+
+def calibration_ids(ctx: QuantContext, method: str) -> torch.Tensor:
+    """The calibration tokens ``[nsamples, seqlen]`` of ``ctx``, checked for a method."""
+    ids = ctx.calibration
+    if ids is None:
+        raise ConfigError(f"{method} needs calibration tokens: QuantContext.calibration = "
+                          "LongTensor [nsamples, seqlen] (the runner samples them from the calib "
+                          "group)")
+    if ids.ndim != 2 or ids.dtype != torch.long or ids.numel() == 0:
+        raise ConfigError(f"calibration must be a non-empty LongTensor [nsamples, seqlen], got "
+                          f"{ids.dtype} {tuple(ids.shape)}")
+    return ids
+
+
+def hash_ids(ids: torch.Tensor) -> str:
+    """sha256 of a token tensor (shape and little-endian int64 values)."""
+    import hashlib
+
+    h = hashlib.sha256(str(tuple(ids.shape)).encode())
+    h.update(ids.to(torch.int64).contiguous().cpu().numpy().astype("<i8").tobytes())
+    return h.hexdigest()
+
 QuantizeFn = Callable[[nn.Module, MethodConfig, QuantContext], QuantReport]
 METHODS: dict[str, tuple[type[MethodConfig], QuantizeFn]] = {}
 

@@ -143,19 +143,19 @@ class BlockFTConfig(MethodConfig):
 
 def _quantize_blockft(model: nn.Module, cfg: BlockFTConfig, ctx: QuantContext) -> QuantReport:
     """Quantize the target linears of ``model`` in place, window by window."""
+    from ptqscale.methods.base import calibration_ids, resolve_device
     from ptqscale.methods.blockft_walk import BlockFT, plan_windows
     from ptqscale.methods.capture import capture_block_inputs
-    from ptqscale.methods.gptq import _calibration, _resolve_device
     from ptqscale.models import get_anatomy
 
     fmt = get_format(cfg.format)
-    ids = _calibration(ctx)
+    ids = calibration_ids(ctx, cfg.name)
     if cfg.nsamples is not None:
         if cfg.nsamples > ids.shape[0]:
             raise ConfigError(f"method.nsamples={cfg.nsamples} but the calibration has only "
                               f"{ids.shape[0]} sequences (calib.nsamples)")
         ids = ids[: cfg.nsamples]
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     anat = get_anatomy(model)
     selected = select_targets(model, anat, cfg.targets)
     storage, why = _storage(model, cfg, ids, device)
@@ -225,14 +225,14 @@ def _summary(cfg, device, storage, why, ids, ctx, walk, layers) -> dict:
     """The job-level record (``quantize`` adds seconds and peak memory as ``cost``)."""
     import math
 
-    from ptqscale.methods.gptq import _hash_ids
+    from ptqscale.methods.base import hash_ids
 
     windows = walk.windows
     return {
         "blockft": {**cfg.settings(), "device": str(device), "storage": str(storage),
                     "storage_reason": why, "windows": windows},
         "calibration": {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
-                        "hash": ctx.calibration_hash or _hash_ids(ids)},
+                        "hash": ctx.calibration_hash or hash_ids(ids)},
         "windows_kept_before": sum(w["kept"] == "before" for w in windows),
         "loss_before_sum": math.fsum(w["loss_before"] for w in windows),
         "loss_after_sum": math.fsum(w["loss_after"] for w in windows),

@@ -70,8 +70,11 @@ from ptqscale.methods.base import (
     QuantContext,
     QuantReport,
     TargetsConfig,
+    calibration_ids,
+    hash_ids,
     layer_stats,
     register_method,
+    resolve_device,
     select_targets,
 )
 
@@ -392,8 +395,8 @@ def quantize_gptq(model: nn.Module, cfg: GPTQConfig, ctx: QuantContext) -> Quant
     from ptqscale.models import get_anatomy
 
     fmt = get_format(cfg.format)
-    calibration = _calibration(ctx)
-    device = _resolve_device(cfg.device)
+    calibration = calibration_ids(ctx, "gptq")
+    device = resolve_device(cfg.device)
     plan = WalkPlan(device, torch.device("cpu") if cfg.offload else device, cfg.batch_size,
                     cfg.fp_inputs, cfg.true_sequential)
     anat = get_anatomy(model)
@@ -465,25 +468,6 @@ def output_errors(W: torch.Tensor, Q: torch.Tensor, R: torch.Tensor, H: torch.Te
             "out_rel_rtn": rel(rtn)}
 
 
-def _calibration(ctx: QuantContext) -> torch.Tensor:
-    ids = ctx.calibration
-    if ids is None:
-        raise ConfigError("gptq needs calibration tokens: QuantContext.calibration = LongTensor "
-                          "[nsamples, seqlen] (the runner samples them from the calib group)")
-    if ids.ndim != 2 or ids.dtype != torch.long or ids.numel() == 0:
-        raise ConfigError(f"calibration must be a non-empty LongTensor [nsamples, seqlen], got "
-                          f"{ids.dtype} {tuple(ids.shape)}")
-    return ids
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"method.device={name!r} but CUDA is not available here")
-    return torch.device(name)
-
-
 def _open_cache(model, cfg: GPTQConfig, ctx: QuantContext, plan, calibration):
     """The Hessian cache of this (model, calibration, pass settings), or None and why not."""
     from ptqscale.methods.hessian_cache import HessianCache, model_fingerprint
@@ -497,20 +481,12 @@ def _open_cache(model, cfg: GPTQConfig, ctx: QuantContext, plan, calibration):
         reason = "no cache_dir in the QuantContext"
     if reason:
         return None, {"enabled": False, "reason": reason}
-    calib_hash = ctx.calibration_hash or _hash_ids(calibration)
+    calib_hash = ctx.calibration_hash or hash_ids(calibration)
     material = {"model": model_fingerprint(model), "calibration": calib_hash,
                 "dtype": str(next(model.parameters()).dtype), "device": plan.device.type,
                 "batch_size": cfg.batch_size}
     cache = HessianCache.open(ctx.cache_dir, material)
     return cache, {"enabled": True, "key": cache.key, "dir": cache.folder}
-
-
-def _hash_ids(ids: torch.Tensor) -> str:
-    import hashlib
-
-    h = hashlib.sha256(str(tuple(ids.shape)).encode())
-    h.update(ids.to(torch.int64).contiguous().cpu().numpy().astype("<i8").tobytes())
-    return h.hexdigest()
 
 
 def _summary(cfg, device, calibration, ctx, cache_info: dict, layers: list[dict]) -> dict:
@@ -521,7 +497,7 @@ def _summary(cfg, device, calibration, ctx, cache_info: dict, layers: list[dict]
         "gptq": {**cfg.settings(), "device": str(device)},
         "calibration": {"nsamples": int(calibration.shape[0]),
                         "seqlen": int(calibration.shape[1]),
-                        "hash": ctx.calibration_hash or _hash_ids(calibration)},
+                        "hash": ctx.calibration_hash or hash_ids(calibration)},
         "hessian_cache": cache_info,
         "damp_retries": sum(layer["retries"] for layer in layers),
         "max_percdamp_used": max((layer["percdamp"] for layer in layers), default=None),
