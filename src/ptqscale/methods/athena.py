@@ -60,7 +60,7 @@ from ptqscale.methods.base import (
     register_method,
     select_targets,
 )
-from ptqscale.methods.gptq import ScaleGroups, _current_values, damped_inverse_factor
+from ptqscale.methods.gptq import ScaleGroups, current_values, damped_inverse_factor
 
 CODEBOOKS = ("uniform", "kmeans")
 
@@ -126,7 +126,7 @@ def _sweep(W, Hinv, groups: ScaleGroups, g: int, blocksize: int, codebook: str, 
         for a in range(0, i2 - i1, g):
             b = min(a + g, i2 - i1)
             if codebook == "uniform":
-                current = _current_values(W, W1, Err1, Hinv, i1, a)
+                current = current_values(W, W1, Err1, Hinv, i1, a)
                 QB = _uniform(W1[:, a:b], groups, i1 + a, current)
             else:
                 QB = kmeans_codebook(W1[:, a:b], 1.0 / torch.diag(U1)[a:b].square(),

@@ -229,7 +229,7 @@ def _columnwise_sweep(W, Hinv, groups: ScaleGroups, blocksize: int):
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            current = _current_values(W, W1, Err1, Hinv, i1, i)
+            current = current_values(W, W1, Err1, Hinv, i1, i)
             p = groups.params(i1 + i, current)
             w, d = W1[:, i], Hinv1[i, i]
             q = groups.fmt.quantize_with(w.unsqueeze(1), p).squeeze(1)
@@ -242,7 +242,7 @@ def _columnwise_sweep(W, Hinv, groups: ScaleGroups, blocksize: int):
     return Q, float(loss)
 
 
-def _current_values(W, W1, Err1, Hinv, i1: int, i: int):
+def current_values(W, W1, Err1, Hinv, i1: int, i: int):
     """Up-to-date values of not-yet-rounded columns at positions P, pending updates applied.
 
     Columns inside the current lazy block are in ``W1`` (already updated); columns after it

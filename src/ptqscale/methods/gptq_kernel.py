@@ -28,7 +28,7 @@ def supports(W: torch.Tensor, fmt, blocksize: int) -> bool:
 
 def columnwise_sweep(W: torch.Tensor, Hinv: torch.Tensor, groups, blocksize: int):
     """``gptq._columnwise_sweep`` with the per-column work fused; returns ``(Q, loss)``."""
-    from ptqscale.methods.gptq import _current_values
+    from ptqscale.methods.gptq import current_values
 
     rows, columns = W.shape
     Q = torch.zeros_like(W)
@@ -49,7 +49,7 @@ def columnwise_sweep(W: torch.Tensor, Hinv: torch.Tensor, groups, blocksize: int
         Hinv1 = Hinv[i1:i2, i1:i2].contiguous()
         pos = i1
         while pos < i2:  # segments end where a group must be fitted on up-to-date columns
-            groups.params(pos, _current_values(W, W1, Err1, Hinv, i1, pos - i1))
+            groups.params(pos, current_values(W, W1, Err1, Hinv, i1, pos - i1))
             _fill(S, Z, groups, filled)
             end = pos + 1
             while end < i2 and groups.group_at[end] in groups.fitted:
