@@ -117,6 +117,13 @@ def write_report(root: str | os.PathLike, study: str, out_dir: str | os.PathLike
     _findings(doc, Path(root) / study / "findings.md")
     _summary(doc, frame)
     _activation_schemes(doc, frame)
+    if len(weight_only(frame)) < len(frame):  # laws, predictor, frontier: weights only
+        doc.p(f"Laws, predictor, Pareto frontier and figures use the "
+              f"{len(weight_only(frame))} records whose activations stay in full precision; "
+              f"{len(frame) - len(weight_only(frame))} records quantize activations too.")
+        frame = weight_only(frame)
+        if frame.empty:
+            return _write(doc, out, study)
     fits = _laws(doc, frame, cfg)
     _predictor(doc, frame, cfg, out)
     _pareto(doc, frame, out)
@@ -127,6 +134,10 @@ def write_report(root: str | os.PathLike, study: str, out_dir: str | os.PathLike
             plots.plot_dnll_vs_sqnr, frame, fits, cfg.fit.size_column)
     _figure(doc, out, "noise_response", "noise-response curves", plots.plot_noise_response,
             frame)
+    return _write(doc, out, study)
+
+
+def _write(doc: _Doc, out: Path, study: str) -> Path:
     (out / "report.md").write_text(doc.markdown())
     (out / "report.html").write_text(doc.html(f"PTQ scaling report: {study}"))
     return out / "report.md"
@@ -135,8 +146,8 @@ def write_report(root: str | os.PathLike, study: str, out_dir: str | os.PathLike
 def _findings(doc: _Doc, path: Path) -> None:
     """The study's written conclusions (``<study>/findings.md``, kept beside its records).
 
-    Only headings (``## ``), bullet lists (``- ``) and paragraphs are understood, so the
-    same text renders in the Markdown and the HTML report.
+    Only headings (``## ``), bullet lists (``- ``), pipe tables and paragraphs are understood,
+    so the same text renders in the Markdown and the HTML report.
     """
     if not path.is_file():
         return
@@ -146,7 +157,9 @@ def _findings(doc: _Doc, path: Path) -> None:
             level = len(lines[0]) - len(lines[0].lstrip("#"))
             doc.h(level, lines[0].lstrip("# ").strip())
             lines = lines[1:]
-        if lines and all(line.startswith(("- ", "  ")) for line in lines):
+        if lines and all(line.startswith("|") for line in lines):
+            doc.table(_pipe_table(lines))
+        elif lines and all(line.startswith(("- ", "  ")) for line in lines):
             items = []
             for line in lines:
                 if line.startswith("- "):
@@ -158,6 +171,35 @@ def _findings(doc: _Doc, path: Path) -> None:
             doc.p(" ".join(line.strip() for line in lines))
 
 
+def _pipe_table(lines: list[str]) -> pd.DataFrame:
+    """A Markdown pipe table (header, rule, rows) as a frame of its cell texts."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    return pd.DataFrame(rows[2:], columns=rows[0])
+
+
+def _with_scheme(frame: pd.DataFrame) -> pd.DataFrame:
+    """``scheme``: the method, plus the activation scheme where activations are quantized."""
+    frame = frame.copy()
+    frame["scheme"] = frame["method.name"]
+    if "method.activations.granularity" in frame:
+        act = frame["method.activations.granularity"].notna()
+        alpha = frame.get("method.activations.alpha")
+        suffix = " " + frame["method.activations.format"].astype(str) + " " + \
+            frame["method.activations.granularity"].astype(str)
+        if alpha is not None:
+            suffix += np.where(frame["method.activations.granularity"] == "crossquant",
+                               " a=" + alpha.astype(str), "")
+        frame.loc[act, "scheme"] = frame.loc[act, "method.name"] + suffix[act]
+    return frame
+
+
+def weight_only(frame: pd.DataFrame) -> pd.DataFrame:
+    """The records whose activations stay in full precision (what the laws describe)."""
+    if "method.activations.granularity" not in frame:
+        return frame
+    return frame[frame["method.activations.granularity"].isna()]
+
+
 def _summary(doc: _Doc, frame: pd.DataFrame) -> None:
     doc.h(2, "Study")
     models = frame.drop_duplicates("model.name").sort_values(["model.family", "params.total"])
@@ -165,9 +207,9 @@ def _summary(doc: _Doc, frame: pd.DataFrame) -> None:
                f"models: {', '.join(models['model.name'])}",
                f"formats: {', '.join(sorted(frame['format.name'].unique()))}",
                f"methods: {', '.join(sorted(frame['method.name'].unique()))}"])
-    q = frame[~frame["is_baseline"]]
+    q = _with_scheme(frame[~frame["is_baseline"]])
     if len(q):
-        pivot = q.pivot_table(index="model.name", columns=["method.name", "format.name"],
+        pivot = q.pivot_table(index="model.name", columns=["scheme", "format.name"],
                               values="dnll", aggfunc="mean").reindex(models["model.name"])
         pivot.columns = [f"{m}/{f}" for m, f in pivot.columns]
         doc.p("dNLL (nats) of every quantized job:")
@@ -182,6 +224,8 @@ def _activation_schemes(doc: _Doc, frame: pd.DataFrame) -> None:
     rows = frame[frame["method.activations.granularity"].notna()].copy()
     if rows.empty:
         return
+    models = rows.drop_duplicates("model.name")
+    order = (models.sort_values("params.total") if "params.total" in models else models)["model.name"]
     alpha = rows.get("method.activations.alpha")
     rows["scheme"] = rows["method.name"] + "/" + rows["method.activations.granularity"] + (
         "" if alpha is None else np.where(rows["method.activations.granularity"] == "crossquant",
@@ -193,8 +237,10 @@ def _activation_schemes(doc: _Doc, frame: pd.DataFrame) -> None:
                           "quantization-kernel proportion (activations rounded to zero)")):
         if value in rows:
             doc.p(f"{label} per weight / activation format and scheme:")
-            doc.table(rows.pivot_table(index=["model.name", "W/A"], columns="scheme",
-                                       values=value, aggfunc="mean").reset_index())
+            table = rows.pivot_table(index=["model.name", "W/A"], columns="scheme",
+                                     values=value, aggfunc="mean")
+            table = table.reindex(order, level=0).map(lambda v: f"{v:.4f}")  # W8A8 gaps: 1e-3
+            doc.table(table.reset_index())
 
 
 def _laws(doc: _Doc, frame: pd.DataFrame, cfg: ReportConfig):

@@ -118,7 +118,23 @@ def test_activation_schemes_table():
     md = doc.markdown()
     assert "## Activation quantization" in md
     assert "rtn/crossquant a=0.15" in md and "rtn/per_token" in md and "int8 / int8" in md
-    assert "| m | int8 / int8 | 0.2 | 0.3 |" in md      # kernel proportions, columns sorted
+    assert "| m | int8 / int8 | 0.2000 | 0.3000 |" in md      # kernel proportions, 4 decimals
+    assert "| m | int8 / int8 | 2.1000 | 2.0000 |" in md      # NLL: 4 decimals (W8A8 gaps)
     empty = _Doc()
     _activation_schemes(empty, pd.DataFrame(rows[2:]))
     assert empty.markdown().strip() == ""
+
+
+def test_findings_pipe_tables_and_weight_only_frame(tmp_path):
+    import pandas as pd
+
+    from ptqscale_analysis.report import _Doc, _findings, weight_only
+
+    doc = _Doc()
+    path = tmp_path / "findings.md"
+    path.write_text("## Found\n\n| model | NLL |\n|---|---|\n| m | 2.5 |\n\n- a point\n")
+    _findings(doc, path)
+    md = doc.markdown()
+    assert "| model | NLL |" in md and "| m | 2.5 |" in md and "- a point" in md
+    frame = pd.DataFrame({"method.activations.granularity": [None, "per_token"], "x": [1, 2]})
+    assert weight_only(frame)["x"].tolist() == [1]

@@ -95,3 +95,14 @@ def test_key_ignores_speed_only_method_fields(composed):
                                   "method.offload=true"])).key
     other = validate_job(composed(["method=gptq", "format=int4_g128", "method.percdamp=0.1"])).key
     assert base == same != other
+
+
+def test_job_names_spell_out_the_activation_scheme(composed):
+    base = ["+sweep=crossquant", "+sweep/crossquant_model@_global_=stories260k",
+            "+sweep/crossquant_bits@_global_=w8a8"]
+    names = {s: validate_job(composed([*base, f"+sweep/crossquant_scheme@_global_={s}"])).name
+             for s in ("per_token", "crossquant", "crossquant_a050")}
+    assert names["per_token"].endswith("/int8/rtn+aint8_per_token")
+    assert names["crossquant"].endswith("/rtn+aint8_crossquant_a0.15")
+    assert len(set(names.values())) == 3
+    assert validate_job(composed(["method=rtn"])).name.endswith("/rtn")  # weight-only: as before

@@ -52,7 +52,13 @@ class JobSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.study}/{self.model.name}/{self.data.name}/{self.fmt.name}/{self.method.name}"
+        """Readable job name (the key identifies the job); activation schemes are spelled out."""
+        name = f"{self.study}/{self.model.name}/{self.data.name}/{self.fmt.name}/{self.method.name}"
+        act = getattr(self.method, "activations", None)
+        if act is None:
+            return name
+        alpha = f"_a{act.alpha:g}" if act.granularity == "crossquant" else ""
+        return f"{name}+a{act.format}_{act.granularity}{alpha}"
 
 
 def validate_job(cfg: DictConfig) -> JobSpec:
