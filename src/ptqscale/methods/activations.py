@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from ptqscale.errors import ConfigError, require
-from ptqscale.formats import FloatFormat, Format, IntFormat, get_format
+from ptqscale.formats import FloatFormat, Format, IntFormat
 from ptqscale.formats.elements import round_minifloat
 
 GRANULARITIES = ("per_tensor", "per_token", "per_channel", "crossquant", "native")
@@ -93,10 +93,9 @@ class ActQuantConfig:
         require(checks)
 
     def _format(self) -> Format:
-        try:
-            fmt = get_format(self.format)
-        except ValueError as err:
-            raise ConfigError(f"activations.format={self.format!r}: {err}") from None
+        from ptqscale.methods.base import parse_format  # base imports this module
+
+        fmt = parse_format(self.format, "activations.format")
         if fmt.family == "baseline":
             raise ConfigError(f"activations.format={self.format!r}: a 16-bit baseline; set "
                               "activations to null to keep activations in full precision")

@@ -49,14 +49,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ptqscale.errors import ConfigError, require
+from ptqscale.errors import require
 from ptqscale.formats import Format, get_format
 from ptqscale.methods.base import (
     MethodConfig,
     QuantContext,
     QuantReport,
     TargetsConfig,
+    calibration_ids,
+    hash_ids,
     layer_stats,
+    parse_format,
     register_method,
     select_targets,
 )
@@ -272,10 +275,7 @@ class AthenaConfig(MethodConfig):
     offload: bool = False  # keep calibration activations on the CPU between blocks
 
     def __post_init__(self) -> None:
-        try:
-            fmt = get_format(self.format)
-        except ValueError as err:
-            raise ConfigError(f"method.format={self.format!r}: {err}") from None
+        fmt = parse_format(self.format)
         checks = _setting_checks(fmt, self.group_size, self.codebook, self.kmeans_iters,
                                  self.blocksize, self.percdamp, self.lowrank_rank)
         checks += [(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1"),
@@ -295,13 +295,12 @@ class AthenaConfig(MethodConfig):
 @register_method("athena", AthenaConfig)
 def quantize_athena(model: nn.Module, cfg: AthenaConfig, ctx: QuantContext) -> QuantReport:
     """Quantize the target linears of ``model`` in place with Athena, block by block."""
-    from ptqscale.methods.base import calibration_ids, hash_ids, resolve_device
     from ptqscale.methods.capture import WalkPlan, walk_blocks
-    from ptqscale.models import get_anatomy
+    from ptqscale.models import get_anatomy, resolve_device
 
     fmt = get_format(cfg.format)
     ids = calibration_ids(ctx, "athena")
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "method.device")
     plan = WalkPlan(device, torch.device("cpu") if cfg.offload else device, cfg.batch_size,
                     False, cfg.true_sequential)
     anat = get_anatomy(model)

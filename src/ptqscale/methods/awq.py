@@ -47,8 +47,8 @@ from ptqscale.methods.base import (
     QuantReport,
     TargetsConfig,
     layer_stats,
+    parse_format,
     register_method,
-    resolve_device,
     select_targets,
 )
 from ptqscale.methods.capture import (
@@ -59,6 +59,7 @@ from ptqscale.methods.capture import (
     run_block,
 )
 from ptqscale.methods.scaling import find_fold_target, scale_group_
+from ptqscale.models import resolve_device
 
 
 @dataclass
@@ -86,10 +87,7 @@ class AWQConfig(MethodConfig):
     device: str = "auto"  # where blocks compute: auto | cpu | cuda[:N]
 
     def __post_init__(self) -> None:
-        try:
-            fmt = get_format(self.format)
-        except ValueError as err:
-            raise ConfigError(f"method.format={self.format!r}: {err}") from None
+        fmt = parse_format(self.format)
         checks = [
             (self.grid >= 1, f"method.grid={self.grid} must be >= 1"),
             (self.unfoldable in ("skip", "explicit"),
@@ -171,7 +169,7 @@ def quantize_awq(model: nn.Module, cfg: AWQConfig, ctx: QuantContext) -> QuantRe
     if ctx.calibration is None:
         raise ConfigError("awq needs calibration tokens: QuantContext.calibration")
     fmt = get_format(cfg.format)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "method.device")
     anat = get_anatomy(model)
     selected = select_targets(model, anat, cfg.targets)
     report = QuantReport(method="awq", format=fmt.name)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ptqscale.errors import ConfigError, unknown_name
+from ptqscale.formats import Format, get_format
 from ptqscale.methods.activations import ActQuantConfig, quantize_activations
 from ptqscale.methods.cost import measure_cost
 
@@ -101,13 +102,12 @@ class QuantReport:
 METHOD_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
-def resolve_device(name: str) -> torch.device:
-    """The device of a ``method.device`` value (``auto``: CUDA where there is one)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"method.device={name!r} but CUDA is not available here")
-    return torch.device(name)
+def parse_format(name: str, key: str = "method.format") -> Format:
+    """The format of a config value; a bad name is a ConfigError naming ``key``."""
+    try:
+        return get_format(name)
+    except ValueError as err:
+        raise ConfigError(f"{key}={name!r}: {err}") from None
 
 
 def calibration_ids(ctx: QuantContext, method: str) -> torch.Tensor:

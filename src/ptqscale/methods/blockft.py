@@ -40,7 +40,10 @@ from ptqscale.methods.base import (
     QuantContext,
     QuantReport,
     TargetsConfig,
+    calibration_ids,
+    hash_ids,
     layer_stats,
+    parse_format,
     register_method,
     select_targets,
 )
@@ -92,10 +95,7 @@ class BlockFTConfig(MethodConfig):
     offload: str = "auto"  # activations on the CPU: auto (when short of GPU memory) | yes | no
 
     def __post_init__(self) -> None:
-        try:
-            get_format(self.format)
-        except ValueError as err:
-            raise ConfigError(f"method.format={self.format!r}: {err}") from None
+        parse_format(self.format)
         for ok, message in self._checks():
             if not ok:
                 raise ConfigError(message)
@@ -143,10 +143,9 @@ class BlockFTConfig(MethodConfig):
 
 def _quantize_blockft(model: nn.Module, cfg: BlockFTConfig, ctx: QuantContext) -> QuantReport:
     """Quantize the target linears of ``model`` in place, window by window."""
-    from ptqscale.methods.base import calibration_ids, resolve_device
     from ptqscale.methods.blockft_walk import BlockFT, plan_windows
     from ptqscale.methods.capture import capture_block_inputs
-    from ptqscale.models import get_anatomy
+    from ptqscale.models import get_anatomy, resolve_device
 
     fmt = get_format(cfg.format)
     ids = calibration_ids(ctx, cfg.name)
@@ -155,7 +154,7 @@ def _quantize_blockft(model: nn.Module, cfg: BlockFTConfig, ctx: QuantContext) -
             raise ConfigError(f"method.nsamples={cfg.nsamples} but the calibration has only "
                               f"{ids.shape[0]} sequences (calib.nsamples)")
         ids = ids[: cfg.nsamples]
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "method.device")
     anat = get_anatomy(model)
     selected = select_targets(model, anat, cfg.targets)
     storage, why = _storage(model, cfg, ids, device)
@@ -225,7 +224,6 @@ def _summary(cfg, device, storage, why, ids, ctx, walk, layers) -> dict:
     """The job-level record (``quantize`` adds seconds and peak memory as ``cost``)."""
     import math
 
-    from ptqscale.methods.base import hash_ids
 
     windows = walk.windows
     return {

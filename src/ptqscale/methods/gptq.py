@@ -60,7 +60,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ptqscale.errors import ConfigError, require
+from ptqscale.errors import require
 from ptqscale.formats import Format, GroupParams, get_format
 from ptqscale.formats.base import KERNELS
 from ptqscale.methods import gptq_kernel
@@ -73,10 +73,11 @@ from ptqscale.methods.base import (
     calibration_ids,
     hash_ids,
     layer_stats,
+    parse_format,
     register_method,
-    resolve_device,
     select_targets,
 )
+from ptqscale.models import resolve_device
 
 
 class GPTQNumericalError(RuntimeError):
@@ -359,10 +360,7 @@ class GPTQConfig(MethodConfig):
     kernel: str = "auto"  # column loop: auto (Triton on CUDA where covered) | torch | triton
 
     def __post_init__(self) -> None:
-        try:
-            fmt = get_format(self.format)
-        except ValueError as err:
-            raise ConfigError(f"method.format={self.format!r}: {err}") from None
+        fmt = parse_format(self.format)
         checks = [
             (self.percdamp > 0, f"method.percdamp={self.percdamp} must be > 0"),
             (self.blocksize >= 1, f"method.blocksize={self.blocksize} must be >= 1"),
@@ -396,7 +394,7 @@ def quantize_gptq(model: nn.Module, cfg: GPTQConfig, ctx: QuantContext) -> Quant
 
     fmt = get_format(cfg.format)
     calibration = calibration_ids(ctx, "gptq")
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "method.device")
     plan = WalkPlan(device, torch.device("cpu") if cfg.offload else device, cfg.batch_size,
                     cfg.fp_inputs, cfg.true_sequential)
     anat = get_anatomy(model)

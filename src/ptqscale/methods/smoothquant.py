@@ -37,6 +37,7 @@ from ptqscale.methods.base import (
     QuantContext,
     QuantReport,
     TargetsConfig,
+    parse_format,
     register_method,
     select_targets,
 )
@@ -65,10 +66,7 @@ class SmoothQuantConfig(MethodConfig):
     batch_size: int = 8  # calibration sequences per forward pass
 
     def __post_init__(self) -> None:
-        try:
-            get_format(self.format)
-        except ValueError as err:
-            raise ConfigError(f"method.format={self.format!r}: {err}") from None
+        parse_format(self.format)
         checks = [
             (0.0 <= self.alpha <= 1.0, f"method.alpha={self.alpha} must be in [0, 1]"),
             (self.min_scale > 0, f"method.min_scale={self.min_scale} must be > 0"),

@@ -117,11 +117,9 @@ def validate_model_config(cfg: ModelConfig) -> ModelSource:
 
 
 def _check_device(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
+    from ptqscale.models.loading import resolve_device
 
-        if not torch.cuda.is_available():
-            raise ConfigError(f"model.device={device!r} but CUDA is not available; use auto or cpu")
+    resolve_device(device)  # raises where the device does not exist
 
 
 def _check_gguf(path: str) -> str:

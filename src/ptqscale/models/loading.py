@@ -49,10 +49,13 @@ def load_model(cfg: ModelConfig):
     return model, _load_tokenizer(cfg, source)
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
+def resolve_device(device: str, key: str = "model.device") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; a CUDA device where there is none is an
+    error naming ``key``, the config value it came from (``method.device``, ...)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={device!r} but CUDA is not available here; use auto or cpu")
     return torch.device(device)
 
 

@@ -129,8 +129,8 @@ def _text_where_mixed(df: pd.DataFrame) -> pd.DataFrame:
     """Columns whose values differ in type between records (``method.offload``: a bool for
     GPTQ, a string for block fine-tuning) hold JSON text, as Parquet needs one type."""
     for col in df.select_dtypes(include="object").columns:
-        kinds = {type(v) for v in df[col] if v is not None and v == v}
-        if len(kinds) > 1:
+        # infer_dtype is one C pass: the common all-string column costs no Python loop
+        if pd.api.types.infer_dtype(df[col], skipna=True) in ("mixed", "mixed-integer"):
             df[col] = [v if v is None or v != v or isinstance(v, str) else json.dumps(v)
                        for v in df[col]]
     return df

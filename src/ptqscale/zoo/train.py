@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ptqscale.errors import ConfigError
+from ptqscale.models import resolve_device
 from ptqscale.zoo.config import ZooConfig, lr_at
 from ptqscale.zoo.data import EOS, gather_windows, token_stream, train_order
 from ptqscale.zoo.evaluate import evaluation_sets, nll_sum, report, write_json
@@ -48,14 +49,6 @@ def default_wikitext() -> Path:
     from ptqscale.assets import DATA
 
     return DATA / "wikitext-2-raw" / "wiki.test.raw"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but torch sees no CUDA device (use cpu or auto)")
-    return torch.device(name)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: ZooConfig, device: torch.device):
@@ -208,7 +201,7 @@ def train_member(cfg: ZooConfig, data_dir: str | Path, out_dir: str | Path, *,
         >>> cfg = ZooConfig(size="200k", seqlen=64, batch_tokens=256, train_tokens=2560)
         >>> rec = train_member(cfg, "../shared/data/gutenberg-en", "/tmp/m")  # doctest: +SKIP
     """
-    t_start, out_dir, dev = time.time(), Path(out_dir), resolve_device(device)
+    t_start, out_dir, dev = time.time(), Path(out_dir), resolve_device(device, "device")
     cache_dir = Path(cache_dir) if cache_dir else default_cache()
     wikitext_test = Path(wikitext_test) if wikitext_test else default_wikitext()
     log(f"[{cfg.name}] {cfg.layers}x{cfg.hidden} heads {cfg.heads} ffn {cfg.ffn} "
