@@ -8,6 +8,7 @@ that the store ends with exactly one complete record per grid point, none run tw
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -100,12 +101,27 @@ def completed_in(logs: str) -> list[str]:
     return sorted(name.split("/")[-2] for name in names)   # {study}/.../{format}/{method}
 
 
+def cancel_a_running_task(slurm, results: Path, attempts: int = 3) -> tuple[str, int, str]:
+    """Launch the grid and scancel one task while it runs: (job id, task, launcher output).
+
+    A task needs only seconds, so on a busy machine scancel can land after it finished;
+    then the sweep succeeds, and the scenario is set up again in a clean results folder.
+    """
+    for _ in range(attempts):
+        proc = launch(FORMATS, results, slurm, wait=False)
+        victim, task = wait_for_started_task(slurm, results, proc)
+        assert slurm.run(["scancel", victim]).returncode == 0
+        out, _ = proc.communicate(timeout=300)
+        if proc.returncode != 0:
+            return victim, task, out
+        wait_for_empty_queue(slurm)
+        shutil.rmtree(results)
+        results.mkdir()
+    raise AssertionError(f"the multirun never reported a cancelled job ({attempts} tries)")
+
+
 def test_sweep_runs_on_slurm_and_a_relaunch_runs_only_the_cancelled_job(slurm, tmp_path):
-    proc = launch(FORMATS, tmp_path, slurm, wait=False)
-    victim, task = wait_for_started_task(slurm, tmp_path, proc)
-    assert slurm.run(["scancel", victim]).returncode == 0
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0, "the multirun did not report the cancelled job"
+    victim, task, out = cancel_a_running_task(slurm, tmp_path)
     assert "CANCELLED" in out, out[-3000:]
     wait_for_empty_queue(slurm)   # the other tasks of the array run to their end
 
