@@ -175,7 +175,11 @@ class SlurmCluster:
             # no cgroups in a container: track processes by parent pid, bind nothing
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "MpiDefault=none",
             "SchedulerType=sched/backfill", "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_CPU", "ReturnToService=2", "KillWait=2",
+            "SelectTypeParameters=CR_CPU", "ReturnToService=2",
+            # submitit ignores the SIGTERM of scancel and requeue; only the SIGKILL that
+            # follows after KillWait (+2 s of srun's own wait) stops the task. A test job
+            # needs ~5 s, so with the default the kill could land after it finished.
+            "KillWait=0",
             "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/slurmdbd",
             "AccountingStorageHost=localhost", f"AccountingStoragePort={p['dbd']}",

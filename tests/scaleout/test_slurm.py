@@ -104,8 +104,10 @@ def completed_in(logs: str) -> list[str]:
 def cancel_a_running_task(slurm, results: Path, attempts: int = 3) -> tuple[str, int, str]:
     """Launch the grid and scancel one task while it runs: (job id, task, launcher output).
 
-    A task needs only seconds, so on a busy machine scancel can land after it finished;
-    then the sweep succeeds, and the scenario is set up again in a clean results folder.
+    The task ignores scancel's SIGTERM (submitit does) and dies ~1.5 s later by SIGKILL
+    (KillWait=0 in slurm_cluster), seconds before it could finish. Should a slow cluster
+    still let it finish, the sweep succeeds and the scenario is set up again in a clean
+    results folder.
     """
     for _ in range(attempts):
         proc = launch(FORMATS, results, slurm, wait=False)
