@@ -10,6 +10,7 @@ import logging
 import math
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -63,41 +64,69 @@ class JobSpec:
 
 def validate_job(cfg: DictConfig) -> JobSpec:
     """Check the whole config without loading a model; raise ConfigError naming the key."""
-    from ptqscale.data import validate_data_config
-    from ptqscale.formats import get_format
+    return build_spec(lambda name: typed_node(cfg, name))
+
+
+def typed_node(cfg: DictConfig, name: str) -> Any:
+    """Root node ``name`` of a job config as its typed object (plain values as they are)."""
+    value = cfg[name]
+    if name == "method":
+        _check_method_class(value)
+    return to_object(value) if isinstance(value, DictConfig) else value
+
+
+def _check_method_class(node: DictConfig) -> None:
     from ptqscale.methods import get_method
+
+    name = str(OmegaConf.select(node, "name"))
+    config_cls, _ = get_method(name)
+    if not issubclass(OmegaConf.get_type(node) or object, config_cls):
+        raise ConfigError(f"method={name!r}: the config is not a {config_cls.__name__}; "
+                          f"start conf/method/{name}.yaml from '{name}_schema'")
+
+
+def _now(key: tuple, make: Callable[[], Any]) -> Any:
+    return make()
+
+
+def build_spec(node: Callable[[str], Any], memo: Callable[[tuple, Callable[[], Any]], Any] = _now
+               ) -> JobSpec:
+    """The job made of the root nodes ``node(name)`` returns, checked in a fixed order.
+
+    ``memo(key, make)`` may return an earlier ``make()`` for the same key: the planner
+    (runner/plan.py) shares parsed formats, model skeletons, validated corpora and key
+    parts between the jobs of a sweep that hold the same node objects (keys use ``id``).
+    """
+    from ptqscale.data import validate_data_config
+    from ptqscale.methods.base import parse_format
     from ptqscale.models.skeleton import describe_model
 
-    method_name = OmegaConf.select(cfg, "method.name")
-    config_cls, _ = get_method(str(method_name))
-    method = to_object(cfg.method)
-    if not isinstance(method, config_cls):
-        raise ConfigError(f"method={method_name!r}: the config is not a {config_cls.__name__}; "
-                          f"start conf/method/{method_name}.yaml from '{method_name}_schema'")
-    try:
-        fmt = get_format(method.format)
-    except ValueError as e:
-        raise ConfigError(f"format={method.format!r}: {e}") from e
-    model, data, eval_cfg = to_object(cfg.model), to_object(cfg.data), to_object(cfg.eval)
-    calib = to_object(cfg.calib) if method.uses_calibration else None
-    to_object(cfg.wandb)  # validates wandb.mode
-    landscape = to_object(cfg.landscape)
+    method = node("method")
+    fmt = memo(("format", method.format), lambda: parse_format(method.format, "format"))
+    model, data, eval_cfg = node("model"), node("data"), node("eval")
+    calib = node("calib") if method.uses_calibration else None
+    node("wandb")  # validates wandb.mode
+    landscape = node("landscape")
     landscape = landscape if landscape.enabled else None
-    skeleton = describe_model(model)
+    skeleton = memo(("skeleton", id(model)), lambda: describe_model(model))
     if eval_cfg.seqlen > skeleton.context:
         raise ConfigError(f"eval.seqlen={eval_cfg.seqlen} exceeds the context of model "
                           f"{model.name!r} ({skeleton.context}; model.max_seqlen or the "
                           f"checkpoint's max positions)")
-    validate_data_config(data)
+    memo(("data", id(data)), lambda: validate_data_config(data))
     if calib is not None:
-        validate_data_config(calib.data)
+        memo(("data", id(calib)), lambda: validate_data_config(calib.data))
     if not method.allow_padding:
-        _check_divisible(fmt, skeleton.target_shapes)
-    key = keys.job_key(cfg.study, model, data, eval_cfg, method, calib, landscape, cfg.seed)
-    return JobSpec(study=cfg.study, model=model, data=data, eval=eval_cfg, method=method,
-                   calib=calib, landscape=landscape, fmt=fmt, seed=cfg.seed, key=key,
-                   results=cfg.paths.results, cache=cfg.paths.cache, progress=cfg.progress,
-                   exclusive_gpu=cfg.exclusive_gpu)
+        memo(("divisible", id(fmt), id(model)),
+             lambda: _check_divisible(fmt, skeleton.target_shapes))
+    study, seed, paths = node("study"), node("seed"), node("paths")
+    key = keys.job_key(study, model, data, eval_cfg, method, calib, landscape, seed,
+                       identity=lambda kind, obj: memo(("identity", kind, id(obj)),
+                                                       lambda: keys.IDENTITY[kind](obj)))
+    return JobSpec(study=study, model=model, data=data, eval=eval_cfg, method=method,
+                   calib=calib, landscape=landscape, fmt=fmt, seed=seed, key=key,
+                   results=paths.results, cache=paths.cache, progress=node("progress"),
+                   exclusive_gpu=node("exclusive_gpu"))
 
 
 def _check_divisible(fmt: Any, shapes: dict[str, tuple[int, int]]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
@@ -64,21 +65,41 @@ def landscape_key(model_cfg: Any, data_cfg: Any, eval_cfg: Any, landscape_cfg: A
                    "protocol": PROTOCOL_VERSION})
 
 
+def method_identity(method_cfg: Any) -> dict:
+    """Method settings less those that change memory or speed, not the result."""
+    return _without(method_cfg, type(method_cfg).not_in_key)
+
+
+def calib_identity(calib_cfg: Any) -> dict:
+    calib = _plain(calib_cfg)
+    return {**calib, "data": data_identity(calib["data"])}
+
+
+IDENTITY = {"model": model_identity, "data": data_identity, "eval": eval_identity,
+            "method": method_identity, "calib": calib_identity,
+            "landscape": landscape_identity}
+
+
 def job_key(study: str, model_cfg: Any, data_cfg: Any, eval_cfg: Any, method_cfg: Any,
-            calib_cfg: Any | None, landscape_cfg: Any | None, seed: int) -> str:
-    """The key of one job; calibration and landscape settings count only when used."""
+            calib_cfg: Any | None, landscape_cfg: Any | None, seed: int,
+            identity: Callable[[str, Any], dict] | None = None) -> str:
+    """The key of one job; calibration and landscape settings count only when used.
+
+    ``identity(kind, cfg)`` defaults to ``IDENTITY[kind](cfg)``; the planner passes a
+    memoised one (``dataclasses.asdict`` of six configs per job dominates a 10^5-job plan).
+    """
+    ident = identity or (lambda kind, cfg: IDENTITY[kind](cfg))
     semantic = {
         "study": study,
-        "model": model_identity(model_cfg),
-        "data": data_identity(data_cfg),
-        "eval": eval_identity(eval_cfg),
-        "method": _without(method_cfg, type(method_cfg).not_in_key),
+        "model": ident("model", model_cfg),
+        "data": ident("data", data_cfg),
+        "eval": ident("eval", eval_cfg),
+        "method": ident("method", method_cfg),
         "seed": seed,
         "protocol": PROTOCOL_VERSION,
     }
     if calib_cfg is not None:
-        calib = _plain(calib_cfg)
-        semantic["calib"] = {**calib, "data": data_identity(calib["data"])}
+        semantic["calib"] = ident("calib", calib_cfg)
     if landscape_cfg is not None:
-        semantic["landscape"] = landscape_identity(landscape_cfg)
+        semantic["landscape"] = ident("landscape", landscape_cfg)
     return digest(semantic)

@@ -22,7 +22,7 @@ import argparse
 import copy
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,12 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from ptqscale.errors import ConfigError
-from ptqscale.metrics import PROTOCOL_VERSION
 from ptqscale.runner import keys
 from ptqscale.runner.app import conf_dir
-from ptqscale.runner.config import register_configs, to_object
+from ptqscale.runner.config import register_configs
 from ptqscale.store import cache_get, read_record
 from ptqscale.store.records import record_states
 
@@ -270,68 +269,16 @@ class Planner:
         return value
 
     def _spec(self, job: _Job, values: tuple) -> Any:
-        """Mirror of ``validate_job``: the same checks, in the same order, on cached parts."""
-        from ptqscale.data import validate_data_config
-        from ptqscale.formats import get_format
-        from ptqscale.methods import get_method
-        from ptqscale.models.skeleton import describe_model
-        from ptqscale.runner.job import JobSpec, _check_divisible
+        from ptqscale.runner.job import build_spec
 
-        node = lambda name: self._node(job, values, name)   # noqa: E731
-        method = node("method")
-        config_cls, _ = get_method(str(method.name))
-        fmt = self._memo_get(("fmt", method.format), lambda: _parse_format(get_format, method))
-        model, data, eval_cfg = node("model"), node("data"), node("eval")
-        calib = node("calib") if method.uses_calibration else None
-        node("wandb")
-        landscape = node("landscape")
-        landscape = landscape if landscape.enabled else None
-        skeleton = self._memo_get(("skeleton", id(model)), lambda: describe_model(model))
-        if eval_cfg.seqlen > skeleton.context:
-            raise ConfigError(f"eval.seqlen={eval_cfg.seqlen} exceeds the context of model "
-                              f"{model.name!r} ({skeleton.context}; model.max_seqlen or the "
-                              f"checkpoint's max positions)")
-        self._memo_get(("data", id(data)), lambda: validate_data_config(data))
-        if calib is not None:
-            self._memo_get(("data", id(calib)), lambda: validate_data_config(calib.data))
-        if not method.allow_padding:
-            self._memo_get(("div", id(fmt), id(model)),
-                           lambda: _check_divisible(fmt, skeleton.target_shapes))
-        study, seed, paths = node("study"), node("seed"), node("paths")
-        key = self._job_key(study, model, data, eval_cfg, method, calib, landscape, seed)
-        return JobSpec(study=study, model=model, data=data, eval=eval_cfg, method=method,
-                       calib=calib, landscape=landscape, fmt=fmt, seed=seed, key=key,
-                       results=paths.results, cache=paths.cache,
-                       progress=node("progress"), exclusive_gpu=node("exclusive_gpu"))
-
-    def _job_key(self, study: str, model: Any, data: Any, eval_cfg: Any, method: Any,
-                 calib: Any, landscape: Any, seed: int) -> str:
-        """``keys.job_key`` from each part's plain form, computed once per part object.
-
-        ``dataclasses.asdict`` of six configs per job would dominate a 10^5-job plan.
-        """
-        def part(tag: str, obj: Any, make) -> Any:
-            return self._memo_get(("key." + tag, id(obj)), lambda: make(obj))
-
-        semantic = {
-            "study": study, "seed": seed, "protocol": PROTOCOL_VERSION,
-            "model": part("model", model, keys.model_identity),
-            "data": part("data", data, keys.data_identity),
-            "eval": part("eval", eval_cfg, keys.eval_identity),
-            "method": part("method", method, lambda m: keys._without(m, type(m).not_in_key)),
-        }
-        if calib is not None:
-            semantic["calib"] = part("calib", calib, lambda c: {
-                **asdict(c), "data": keys.data_identity(asdict(c)["data"])})
-        if landscape is not None:
-            semantic["landscape"] = part("landscape", landscape, keys.landscape_identity)
-        return keys.digest(semantic)
+        return build_spec(lambda name: self._node(job, values, name), self._memo_get)
 
     def _verified(self, job_overrides: list[str], spec: Any) -> Any:
         """``spec``, checked against composing the job once per method config class.
 
-        The planner mirrors ``validate_job`` and ``keys.job_key``; this check makes a
-        change of either that the mirror misses an immediate error, not a wrong plan.
+        The planner builds each node from a partial composition (see the class docstring);
+        this check makes a config that this reasoning gets wrong an immediate error, not a
+        wrong plan.
         """
         if type(spec.method) not in self._checked:
             from ptqscale.runner.job import validate_job
@@ -379,13 +326,6 @@ class _Job:
     nodes: dict[str, tuple[_Composed, tuple[int, ...]]]   # node -> source, overrides reaching it
 
 
-def _parse_format(get_format, method: Any) -> Any:
-    try:
-        return get_format(method.format)
-    except ValueError as e:
-        raise ConfigError(f"format={method.format!r}: {e}") from e
-
-
 _REF = re.compile(r"\$\{([^}]*)\}")
 
 
@@ -413,13 +353,12 @@ class _Composed:
         return self._affects[node, key]
 
     def build(self, node: str, overrides: tuple) -> Any:
+        from ptqscale.runner.job import typed_node
+
         cfg = copy.deepcopy(self.cfg)
         for key, value in overrides:
             OmegaConf.update(cfg, key, value, merge=True)   # as Hydra applies a value override
-        value = cfg[node]
-        if node == "method":
-            _check_method_class(value)
-        return to_object(value) if isinstance(value, DictConfig) else value
+        return typed_node(cfg, node)
 
     def dependencies(self, node: str) -> set[str] | None:
         """Paths the node's interpolations read, transitively; None if one is relative."""
@@ -467,16 +406,6 @@ def _lookup(tree: Any, path: str) -> Any:
 
 def _overlap(key: str, path: str) -> bool:
     return key == path or key.startswith(path + ".") or path.startswith(key + ".")
-
-
-def _check_method_class(node: DictConfig) -> None:
-    from ptqscale.methods import get_method
-
-    name = str(OmegaConf.select(node, "name"))
-    config_cls, _ = get_method(name)
-    if not issubclass(OmegaConf.get_type(node) or object, config_cls):
-        raise ConfigError(f"method={name!r}: the config is not a {config_cls.__name__}; "
-                          f"start conf/method/{name}.yaml from '{name}_schema'")
 
 
 def format_plan(jobs: list[PlannedJob]) -> str:
