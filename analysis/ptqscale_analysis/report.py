@@ -117,11 +117,12 @@ def write_report(root: str | os.PathLike, study: str, out_dir: str | os.PathLike
     _findings(doc, Path(root) / study / "findings.md")
     _summary(doc, frame)
     _activation_schemes(doc, frame)
-    if len(weight_only(frame)) < len(frame):  # laws, predictor, frontier: weights only
-        doc.p(f"Laws, predictor, Pareto frontier and figures use the "
-              f"{len(weight_only(frame))} records whose activations stay in full precision; "
-              f"{len(frame) - len(weight_only(frame))} records quantize activations too.")
-        frame = weight_only(frame)
+    weights = weight_only(frame)
+    if len(weights) < len(frame):  # laws, predictor, frontier: weights only
+        doc.p(f"Laws, predictor, Pareto frontier and figures use the {len(weights)} records "
+              f"whose activations stay in full precision; {len(frame) - len(weights)} records "
+              f"quantize activations too.")
+        frame = weights
         if frame.empty:
             return _write(doc, out, study)
     fits = _laws(doc, frame, cfg)
@@ -177,18 +178,22 @@ def _pipe_table(lines: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows[2:], columns=rows[0])
 
 
+def _granularity(frame: pd.DataFrame) -> pd.Series:
+    """The activation granularity of each record, with CrossQuant's alpha (``crossquant a=0.15``)."""
+    granularity = frame["method.activations.granularity"].astype(str)
+    alpha = frame.get("method.activations.alpha")
+    if alpha is None:
+        return granularity
+    return granularity + np.where(granularity == "crossquant", " a=" + alpha.astype(str), "")
+
+
 def _with_scheme(frame: pd.DataFrame) -> pd.DataFrame:
     """``scheme``: the method, plus the activation scheme where activations are quantized."""
     frame = frame.copy()
     frame["scheme"] = frame["method.name"]
     if "method.activations.granularity" in frame:
         act = frame["method.activations.granularity"].notna()
-        alpha = frame.get("method.activations.alpha")
-        suffix = " " + frame["method.activations.format"].astype(str) + " " + \
-            frame["method.activations.granularity"].astype(str)
-        if alpha is not None:
-            suffix += np.where(frame["method.activations.granularity"] == "crossquant",
-                               " a=" + alpha.astype(str), "")
+        suffix = " " + frame["method.activations.format"].astype(str) + " " + _granularity(frame)
         frame.loc[act, "scheme"] = frame.loc[act, "method.name"] + suffix[act]
     return frame
 
@@ -226,10 +231,7 @@ def _activation_schemes(doc: _Doc, frame: pd.DataFrame) -> None:
         return
     models = rows.drop_duplicates("model.name")
     order = (models.sort_values("params.total") if "params.total" in models else models)["model.name"]
-    alpha = rows.get("method.activations.alpha")
-    rows["scheme"] = rows["method.name"] + "/" + rows["method.activations.granularity"] + (
-        "" if alpha is None else np.where(rows["method.activations.granularity"] == "crossquant",
-                                          " a=" + alpha.astype(str), ""))
+    rows["scheme"] = rows["method.name"] + "/" + _granularity(rows)
     rows["W/A"] = rows["format.name"] + " / " + rows["method.activations.format"]
     doc.h(2, "Activation quantization")
     for value, label in (("metrics.nll", "NLL"),

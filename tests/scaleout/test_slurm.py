@@ -123,7 +123,7 @@ def cancel_a_running_task(slurm, results: Path, attempts: int = 3) -> tuple[str,
 
 
 def test_sweep_runs_on_slurm_and_a_relaunch_runs_only_the_cancelled_job(slurm, tmp_path):
-    victim, task, out = cancel_a_running_task(slurm, tmp_path)
+    _, task, out = cancel_a_running_task(slurm, tmp_path)
     assert "CANCELLED" in out, out[-3000:]
     wait_for_empty_queue(slurm)   # the other tasks of the array run to their end
 

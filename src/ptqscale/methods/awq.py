@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ptqscale.errors import ConfigError, require
+from ptqscale.errors import require
 from ptqscale.formats import Format, get_format
 from ptqscale.methods.base import (
     METHOD_DEVICE,
@@ -46,6 +46,7 @@ from ptqscale.methods.base import (
     QuantContext,
     QuantReport,
     TargetsConfig,
+    calibration_ids,
     layer_stats,
     parse_format,
     register_method,
@@ -166,8 +167,7 @@ def quantize_awq(model: nn.Module, cfg: AWQConfig, ctx: QuantContext) -> QuantRe
     """Scale (and clip) every group from full-precision block inputs; round block by block."""
     from ptqscale.models import get_anatomy
 
-    if ctx.calibration is None:
-        raise ConfigError("awq needs calibration tokens: QuantContext.calibration")
+    ids = calibration_ids(ctx, "awq")
     fmt = get_format(cfg.format)
     device = resolve_device(cfg.device, "method.device")
     anat = get_anatomy(model)
@@ -176,8 +176,7 @@ def quantize_awq(model: nn.Module, cfg: AWQConfig, ctx: QuantContext) -> QuantRe
     was_training = model.training
     model.eval()
     try:
-        inputs = capture_block_inputs(model, anat.blocks[0], ctx.calibration, cfg.batch_size,
-                                      device)
+        inputs = capture_block_inputs(model, anat.blocks[0], ids, cfg.batch_size, device)
         groups = input_groups(anat.blocks[0].to(device), anat.block_order, inputs)
         for i, block in enumerate(anat.blocks):
             home = next(block.parameters()).device

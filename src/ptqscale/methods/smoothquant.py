@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ptqscale.errors import ConfigError, require
+from ptqscale.errors import require
 from ptqscale.formats import get_format
 from ptqscale.methods.activations import ActQuantConfig, channel_absmax
 from ptqscale.methods.base import (
@@ -37,6 +37,7 @@ from ptqscale.methods.base import (
     QuantContext,
     QuantReport,
     TargetsConfig,
+    calibration_ids,
     parse_format,
     register_method,
     select_targets,
@@ -138,13 +139,12 @@ def quantize_smoothquant(model: nn.Module, cfg: SmoothQuantConfig,
     """Smooth, round the weights (RTN); ``methods.quantize`` then hooks the activations."""
     from ptqscale.models import get_anatomy
 
-    if ctx.calibration is None:
-        raise ConfigError("smoothquant needs calibration tokens: QuantContext.calibration")
+    ids = calibration_ids(ctx, "smoothquant")
     fmt = get_format(cfg.format)
     was_training = model.training
     model.eval()
     try:
-        groups = smooth_(model, ctx.calibration, cfg.alpha, targets=cfg.targets,
+        groups = smooth_(model, ids, cfg.alpha, targets=cfg.targets,
                          batch_size=cfg.batch_size, min_scale=cfg.min_scale)
     finally:
         model.train(was_training)
