@@ -62,8 +62,8 @@ def sweep_dirs(results: Path) -> list[Path]:
 
 
 def wait_for_started_task(cluster, results: Path, proc, timeout: float = 180,
-                          skip: tuple[str, ...] = ()) -> tuple[str, int]:
-    """A task that is running its job: SLURM says RUNNING and Hydra has set up its folder.
+                          skip: tuple[str, ...] = (), in_job: bool = True) -> tuple[str, int]:
+    """A task SLURM says is RUNNING and, with ``in_job``, whose Hydra folder is set up.
 
     Hydra writes ``<sweep>/<n>/.hydra/config.yaml`` after submitit installed its signal
     handlers and just before the job itself starts; the job then needs seconds to finish.
@@ -76,7 +76,7 @@ def wait_for_started_task(cluster, results: Path, proc, timeout: float = 180,
         base = results / "_hydra" / STUDY / "multirun"
         for job in sorted(running):
             task = int(job.split("_")[1])
-            if list(base.glob(f"*/{task}/.hydra/config.yaml")):
+            if not in_job or list(base.glob(f"*/{task}/.hydra/config.yaml")):
                 return job, task
         time.sleep(0.1)
     raise AssertionError(f"no task started within {timeout}s: {cluster.queue()}\n{cluster.logs()}")
@@ -104,14 +104,15 @@ def completed_in(logs: str) -> list[str]:
 def cancel_a_running_task(slurm, results: Path, attempts: int = 3) -> tuple[str, int, str]:
     """Launch the grid and scancel one task while it runs: (job id, task, launcher output).
 
-    The task ignores scancel's SIGTERM (submitit does) and dies ~1.5 s later by SIGKILL
-    (KillWait=0 in slurm_cluster), seconds before it could finish. Should a slow cluster
-    still let it finish, the sweep succeeds and the scenario is set up again in a clean
-    results folder.
+    scancel lands as soon as SLURM says RUNNING: the task is still starting its interpreter
+    (~2 s) and then needs ~5 s for the job, while submitit ignores the SIGTERM and the
+    SIGKILL follows ~1.5 s later (KillWait=0 in slurm_cluster). Cancelling only once the
+    job had begun raced on fast machines. Should a task still finish, the sweep succeeds
+    and the scenario is set up again in a clean results folder.
     """
     for _ in range(attempts):
         proc = launch(FORMATS, results, slurm, wait=False)
-        victim, task = wait_for_started_task(slurm, results, proc)
+        victim, task = wait_for_started_task(slurm, results, proc, in_job=False)
         assert slurm.run(["scancel", victim]).returncode == 0
         out, _ = proc.communicate(timeout=300)
         if proc.returncode != 0:
