@@ -1,0 +1,61 @@
+"""Golden keys: every committed record's job key is reproduced from its own stored config.
+
+A change to the key code (a new field, a default, an identity rule) that would re-key the
+committed studies, and so make a re-launch redo them, fails here. The configs are rebuilt
+through the same typed schemas the runner uses (``RunConfig`` and the method's config class).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from ptqscale.methods import get_method
+from ptqscale.runner import keys
+from ptqscale.runner.config import RunConfig
+
+RESULTS = Path(__file__).resolve().parents[2] / "results"
+STUDIES = sorted(p.parent.name for p in RESULTS.glob("*/records"))
+# Not part of the semantic config or added after these records were written.
+_DROP = ("paths", "wandb")
+
+
+def _records(study: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((RESULTS / study / "records").glob("*.json"))]
+
+
+def _typed(config: dict):
+    """The record's resolved config as typed objects (paths and tracking left at defaults)."""
+    config = {k: v for k, v in config.items() if k not in _DROP}
+    method_cls, _ = get_method(config["method"]["name"])
+    root = OmegaConf.structured(RunConfig)
+    root.method = OmegaConf.structured(method_cls)
+    merged = OmegaConf.merge(root, config)
+    return {k: OmegaConf.to_object(merged[k]) if k in ("model", "data", "eval", "method",
+                                                       "calib", "landscape") else merged[k]
+            for k in merged if k in config}
+
+
+def _recomputed_key(record: dict) -> str:
+    c = _typed(record["config"])
+    method = c["method"]
+    calib = c["calib"] if method.uses_calibration else None
+    landscape = c["landscape"] if c["landscape"].enabled else None
+    return keys.job_key(c["study"], c["model"], c["data"], c["eval"], method, calib, landscape,
+                        c["seed"])
+
+
+def test_there_are_committed_studies():
+    assert {"family_scan", "awq", "crossquant", "blockft"} <= set(STUDIES)
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_committed_keys_are_reproduced(study):
+    records = _records(study)
+    assert records
+    wrong = [(r["job_key"], _recomputed_key(r)) for r in records
+             if _recomputed_key(r) != r["job_key"]]
+    assert not wrong, f"{len(wrong)} of {len(records)} keys of {study} changed, e.g. {wrong[:3]}"
