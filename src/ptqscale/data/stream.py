@@ -7,7 +7,8 @@ stream; they differ only in how windows are cut from it (``ptqscale.metrics``), 
 is part of the cache key so that a later change of one preset's stream cannot reuse the other's.
 
 Cache layout: ``<cache_dir>/streams/<corpus>-<split>-<key>.npy`` plus a ``.json`` with what the
-key was made of. Writes are atomic (temporary file, then rename).
+key was made of. Writes are atomic (a temporary file of its own, then rename); a cached stream
+that cannot be read is moved aside with one log line and tokenized again.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from ptqscale.data.corpora import (
     load_documents,
     validate_data_config,
 )
+from ptqscale.store.files import atomic_write, atomic_write_json, quarantine
 
 STREAM_PROTOCOL_VERSION = 1  # bump when the text -> tokens rule changes
 STREAM_PRESETS = ("gptq", "rolling")
@@ -55,7 +56,11 @@ def tokenize_corpus(cfg: DataConfig, tokenizer, cache_dir: str | None,
         name = f"{cfg.name}-{canonical_split(cfg.split)}-{key}.npy"
         path = os.path.join(cache_dir, "streams", name)
         if os.path.exists(path):
-            return torch.from_numpy(np.load(path).astype(np.int64))
+            try:
+                return torch.from_numpy(np.load(path).astype(np.int64))
+            except (OSError, ValueError, EOFError) as e:   # truncated or not a .npy
+                quarantine(path, f"{type(e).__name__}: {e}", "token stream cache file",
+                           "it will be recomputed")
     ids = encode(tokenizer, join_documents(cfg, load_documents(cfg)))
     if ids.numel() == 0:
         raise DataError(f"corpus {cfg.name!r} tokenized to an empty stream")
@@ -102,13 +107,7 @@ def stream_key_material(cfg: DataConfig, tokenizer, preset: str, files: list[str
 
 
 def _atomic_save(path: str, ids: torch.Tensor, meta: dict) -> None:
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
     # int32 halves the file; every vocabulary we meet is far below 2**31.
     arr = ids.numpy().astype(np.int32 if ids.max() < 2**31 else np.int64)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as fh:
-        np.save(fh, arr)
-    os.replace(tmp, path)
-    with open(path[:-4] + ".json", "w") as fh:
-        json.dump(meta, fh, indent=1)
+    atomic_write(path, lambda fh: np.save(fh, arr), binary=True)
+    atomic_write_json(path[:-4] + ".json", meta)

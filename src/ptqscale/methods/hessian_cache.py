@@ -9,8 +9,9 @@ default) ``X`` depends on the earlier blocks' quantization, i.e. on the format, 
 Layout: ``<cache_dir>/gptq-hessians/<key>/<layer name>.safetensors`` holding ``H`` (fp32) and
 the token count; ``key.json`` beside them records what the key was made of. ``key`` is the
 sha256 of: a cache version, the model's fingerprint (:func:`model_fingerprint`), the
-calibration hash, and the settings above. Writes are atomic (temp file + rename), so jobs that
-race on one layer only ever read a whole file.
+calibration hash, and the settings above. Writes are atomic (a temp file of its own + rename),
+so jobs that race on one layer only ever read a whole file. A file that cannot be read anyway
+(a disk fault, a hand edit) is moved aside with one log line and recomputed.
 
 Example::
 
@@ -28,6 +29,8 @@ import tempfile
 
 import torch
 from torch import nn
+
+from ptqscale.store.files import quarantine
 
 CACHE_VERSION = 1
 _SAMPLES_PER_TENSOR = 4096
@@ -81,8 +84,16 @@ class HessianCache:
         path = os.path.join(self.folder, "groups.json")
         if not os.path.exists(path):
             return None
-        with open(path) as f:
-            return json.load(f)
+        try:
+            with open(path) as f:
+                groups = json.load(f)
+            if isinstance(groups, list) and all(isinstance(g, list) for g in groups):
+                return groups
+            reason = "not a list of lists"
+        except ValueError as e:
+            reason = f"invalid JSON: {e}"
+        quarantine(path, reason, "Hessian cache file", "it will be recomputed")
+        return None
 
     def save_groups(self, groups: list[list[str]]) -> None:
         _atomic_write(os.path.join(self.folder, "groups.json"),
@@ -100,8 +111,13 @@ class HessianCache:
 
         if not self.has(layer):
             return None
-        data = load_file(self._path(layer), device=str(device))
-        return data["H"], int(data["tokens"].item())
+        try:
+            data = load_file(self._path(layer), device=str(device))
+            return data["H"], int(data["tokens"].item())
+        except (OSError, ValueError, KeyError, RuntimeError) as e:   # SafetensorError: OSError
+            quarantine(self._path(layer), f"{type(e).__name__}: {e}", "Hessian cache file",
+                       "it will be recomputed")
+            return None
 
     def save(self, layer: str, H: torch.Tensor, tokens: int) -> None:
         from safetensors.torch import save_file

@@ -25,7 +25,7 @@ class StudySummary(Callback):
 
 def summarize_study(results: str, study: str, wandb_dir: str | None = None) -> str:
     """Consolidate a study; return a short text that says where records and summary are."""
-    from ptqscale.store import consolidate, read_records
+    from ptqscale.store import atomic_write_text, consolidate, read_records
 
     root = Path(results)
     if not (root / study / "records").is_dir():
@@ -38,7 +38,7 @@ def summarize_study(results: str, study: str, wandb_dir: str | None = None) -> s
     table = done[cols].sort_values(cols[:3]).to_markdown(index=False, floatfmt=".4f") \
         if not done.empty else "(no complete jobs)"
     summary = root / study / "summary.md"
-    summary.write_text(f"# {study}\n\n{len(done)} complete, {len(failed)} failed\n\n{table}\n")
+    atomic_write_text(summary, f"# {study}\n\n{len(done)} complete, {len(failed)} failed\n\n{table}\n")
     lines = [
         f"study {study}: {len(done)} complete, {len(failed)} failed",
         f"  records:  {root / study / 'records'}/  (consolidated: {parquet})",

@@ -23,7 +23,7 @@ from ptqscale.runner.config import to_object
 from ptqscale.runner.environment import environment
 from ptqscale.runner.gpus import claim_gpu
 from ptqscale.runner.measure import model_level, quantize_and_measure
-from ptqscale.store import read_record, write_record
+from ptqscale.store import claim_job, read_record, write_record
 
 log = logging.getLogger("ptqscale")
 
@@ -139,8 +139,21 @@ def _check_divisible(fmt: Any, shapes: dict[str, tuple[int, int]]) -> None:
 
 
 def run_job(cfg: DictConfig) -> dict:
-    """Run (or skip) the job ``cfg`` describes and return its record."""
+    """Run (or skip) the job ``cfg`` describes and return its record.
+
+    The job is claimed for its whole run (store/claims.py): a job that another live
+    process runs is left to it and answered ``{"status": "busy", ...}``, with no record.
+    """
     spec = validate_job(cfg)
+    with claim_job(spec.results, spec.study, spec.key) as holder:
+        if holder is not None:
+            log.info("[busy] %s (%s) is being run by %s", spec.name, spec.key, holder)
+            return {"job_key": spec.key, "study": spec.study, "name": spec.name,
+                    "status": "busy", "holder": holder}
+        return _run_claimed(spec, cfg)
+
+
+def _run_claimed(spec: JobSpec, cfg: DictConfig) -> dict:
     done = read_record(spec.results, spec.study, spec.key)
     if done is not None and done["status"] == "complete":
         log.info("[skip] %s (%s) already complete", spec.name, spec.key)

@@ -32,13 +32,17 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _cached(root: str, kind: str, key: str, compute) -> tuple[dict, bool]:
-    """``compute()`` once per key across jobs and processes; returns (value, was_cached)."""
-    hit = cache_get(root, kind, key)
+def _cached(root: str, kind: str, key: str, compute, required: tuple[str, ...] = ()
+            ) -> tuple[dict, bool]:
+    """``compute()`` once per key across jobs and processes; returns (value, was_cached).
+
+    An entry without the ``required`` keys is corrupt: moved aside and recomputed.
+    """
+    hit = cache_get(root, kind, key, required)
     if hit is not None:
         return hit, True
     with _locked(Path(root) / "_cache" / kind / f".{key}.lock"):
-        hit = cache_get(root, kind, key)
+        hit = cache_get(root, kind, key, required)
         if hit is not None:
             return hit, True
         value = compute()
@@ -62,7 +66,8 @@ def model_level(spec: Any, model: torch.nn.Module, tokenizer: Any, timings: dict
     fp_key = keys.fp_eval_key(spec.model, spec.data, spec.eval)
     fp, fp_hit = _cached(spec.results, "fp_eval", fp_key,
                          lambda: measure_perplexity(model, stream, spec.eval,
-                                                    progress=spec.progress).to_dict())
+                                                    progress=spec.progress).to_dict(),
+                         required=("nll", "perplexity", "nll_sum", "tokens"))
     timings["fp_eval"] = time.perf_counter() - t0
     level = {"anatomy": anatomy, "stream": stream, "fp": fp, "fp_cached": fp_hit,
              "params": count_parameters(model, anatomy), "landscape": None}
@@ -71,7 +76,8 @@ def model_level(spec: Any, model: torch.nn.Module, tokenizer: Any, timings: dict
         level["landscape"], level["landscape_cached"] = _cached(
             spec.results, "landscape",
             keys.landscape_key(spec.model, spec.data, spec.eval, spec.landscape),
-            lambda: _measure_landscape(spec, model, anatomy, stream))
+            lambda: _measure_landscape(spec, model, anatomy, stream),
+            required=("landscape_protocol", "kappa"))
         timings["landscape"] = time.perf_counter() - t0
     return level
 

@@ -3,7 +3,8 @@
     ptqscale-plan +sweep=quickstart
     ptqscale-plan +sweep=format_scan model=zoo-xs,zoo-s
 
-For each grid point: done / failed / pending (or invalid, with the reason), its key, and
+For each grid point: done / failed / pending / running (a live process holds its claim)
+or invalid (with the reason), its key, and
 which model-level results (full-precision eval, landscape) are already cached and will
 be reused. The grid is expanded exactly as Hydra's basic sweeper expands it.
 
@@ -36,8 +37,7 @@ from ptqscale.errors import ConfigError
 from ptqscale.runner import keys
 from ptqscale.runner.app import conf_dir
 from ptqscale.runner.config import register_configs
-from ptqscale.store import cache_get, read_record
-from ptqscale.store.records import record_states
+from ptqscale.store import cache_get, read_record, record_states, running_claims
 
 # The root nodes a job is made of (validate_job reads these and nothing else).
 NODES = ("method", "model", "data", "eval", "calib", "wandb", "landscape", "study", "seed",
@@ -50,7 +50,7 @@ INVALID = (ConfigError, ValueError, FileNotFoundError)
 @dataclass
 class PlannedJob:
     overrides: list[str]
-    state: str                  # done | failed | pending | invalid
+    state: str                  # done | failed | pending | running | invalid
     name: str = ""
     key: str = ""
     fp_cached: bool = False
@@ -83,6 +83,8 @@ def plan_job(job_overrides: list[str]) -> PlannedJob:
         return PlannedJob(job_overrides, "invalid", reason=str(e))
     record = read_record(spec.results, spec.study, spec.key)
     state = "pending" if record is None else ("done" if record["status"] == "complete" else "failed")
+    if state != "done" and spec.key in running_claims(spec.results, spec.study):
+        state = "running"
     fp_key = keys.fp_eval_key(spec.model, spec.data, spec.eval)
     job = PlannedJob(job_overrides, state, name=spec.name, key=spec.key,
                      fp_cached=cache_get(spec.results, "fp_eval", fp_key) is not None)
@@ -138,6 +140,10 @@ class Planner:
         status = self._listed_once(("records", spec.results, spec.study),
                                    lambda: record_states(spec.results, spec.study)).get(spec.key)
         state = {None: "pending", "complete": "done"}.get(status, "failed")
+        if state != "done" and spec.key in self._listed_once(
+                ("claims", spec.results, spec.study),
+                lambda: running_claims(spec.results, spec.study)):
+            state = "running"
         fp_key = self._memo_get(("fp", id(spec.model), id(spec.data), id(spec.eval)),
                                 lambda: keys.fp_eval_key(spec.model, spec.data, spec.eval))
         job = PlannedJob(job_overrides, state, name=spec.name, key=spec.key,
@@ -416,7 +422,8 @@ def format_plan(jobs: list[PlannedJob]) -> str:
         what = j.name or " ".join(j.overrides)
         lines.append(f"{j.state:8} {j.key or '-':16} {fp:3} {ls:3} {what}"
                      + (f"\n         {j.reason}" if j.reason else ""))
-    counts = {s: sum(j.state == s for j in jobs) for s in ("done", "failed", "pending", "invalid")}
+    counts = {s: sum(j.state == s for j in jobs)
+              for s in ("done", "failed", "pending", "running", "invalid")}
     lines.append(f"{len(jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     lines.append("fp = full-precision eval cached, ls = landscape features cached (- = not used)")
     return "\n".join(lines)

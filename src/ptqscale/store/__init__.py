@@ -5,25 +5,30 @@ Layout under a results root::
     <root>/<study>/records/<job_key>.json   one record per job (complete or failed)
     <root>/<study>/records.parquet          consolidation of the above (``consolidate``)
     <root>/_cache/<kind>/<key>.json         model-level results shared across jobs
+    <root>/<study>/claims/<job_key>.lock    held by the process running the job (``claim_job``)
 
-Every write is atomic (temporary file in the same folder, fsync, rename), so a job
-killed at any point leaves either the previous file or the new one, never half of
-one. This module imports neither torch nor the rest of the package: the analysis
-package reads records through :func:`read_records` alone.
+Every write is atomic (a temporary file of its own in the same folder, fsync, rename),
+so a job killed at any point leaves either the previous file or the new one, never half
+of one, and concurrent writers never share a temporary file. A corrupt file (bad JSON,
+missing fields, unreadable Parquet) is named in one log line and read as absent; where
+it is about to be recomputed it is first moved aside to ``<name>.corrupt-<time>``
+(store/files.py). This module imports neither torch nor the rest of the package: the
+analysis package reads records through :func:`read_records` alone.
 
 Example::
 
     >>> import tempfile
     >>> root = tempfile.mkdtemp()
-    >>> write_record(root, {"job_key": "ab12", "study": "demo", "status": "complete",
+    >>> _ = write_record(root, {"job_key": "ab12", "study": "demo", "status": "complete",
     ...                     "metrics": {"nll": 2.5}})
     >>> read_records(root)["metrics.nll"].tolist()
     [2.5]
 """
 
+from ptqscale.store.claims import claim_job, running_claims
+from ptqscale.store.files import atomic_write_json, atomic_write_text, locked, quarantine
 from ptqscale.store.records import (
     RECORD_SCHEMA_VERSION,
-    atomic_write_json,
     cache_get,
     cache_put,
     consolidate,
@@ -31,18 +36,25 @@ from ptqscale.store.records import (
     read_record,
     read_records,
     record_path,
+    record_states,
     write_record,
 )
 
 __all__ = [
     "RECORD_SCHEMA_VERSION",
     "atomic_write_json",
+    "atomic_write_text",
     "cache_get",
     "cache_put",
+    "claim_job",
     "consolidate",
     "iter_records",
+    "locked",
+    "quarantine",
     "read_record",
     "read_records",
     "record_path",
+    "record_states",
+    "running_claims",
     "write_record",
 ]

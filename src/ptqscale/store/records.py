@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +15,16 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.json as pj
 import pyarrow.parquet as pq
+
+from ptqscale.store.files import (
+    atomic_write,
+    atomic_write_json,
+    json_problem,
+    locked,
+    log,
+    quarantine,
+    read_json,
+)
 
 # Bumped whenever the layout of a record changes; readers may branch on it.
 RECORD_SCHEMA_VERSION = 1
@@ -28,32 +37,11 @@ _WIDE_FIELDS = ("layers", "config", "error")
 _MTIME = "_source_mtime_ns"
 # From this many files on, records are parsed by Arrow's JSON reader.
 _ARROW_MIN = 64
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically (temp file + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True, default=_json_default)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _json_default(o: Any) -> Any:
-    # numpy scalars and paths appear in metrics and configs; store them as plain JSON.
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, os.PathLike):
-        return os.fspath(o)
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+# What every record holds; a file without them is corrupt.
+REQUIRED = ("job_key", "study", "status")
+# What a reader says about a corrupt record: it skips it and leaves it where it is (the
+# job itself moves it aside when it meets it, then recomputes it).
+_SKIPPED = "skipped (re-launch its study to recompute it)"
 
 
 def record_path(root: str | os.PathLike, study: str, job_key: str) -> Path:
@@ -62,7 +50,7 @@ def record_path(root: str | os.PathLike, study: str, job_key: str) -> Path:
 
 def write_record(root: str | os.PathLike, record: dict) -> Path:
     """Write one job record (needs ``job_key``, ``study`` and ``status``)."""
-    for field in ("job_key", "study", "status"):
+    for field in REQUIRED:
         if field not in record:
             raise ValueError(f"a record needs the field {field!r}")
     record = {"schema_version": RECORD_SCHEMA_VERSION, **record}
@@ -70,19 +58,38 @@ def write_record(root: str | os.PathLike, record: dict) -> Path:
 
 
 def read_record(root: str | os.PathLike, study: str, job_key: str) -> dict | None:
-    """The record of one job, or None when the store has none."""
-    path = record_path(root, study, job_key)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
+    """The record of one job, or None when the store has none.
+
+    A corrupt record (not JSON, or without ``job_key``/``study``/``status``) is moved
+    aside with one log line naming it, and reads as absent: the job is recomputed.
+    """
+    return read_json(record_path(root, study, job_key), REQUIRED, "record",
+                     "its job will be recomputed")
 
 
 def iter_records(root: str | os.PathLike, study: str | None = None) -> Iterator[dict]:
-    """Every record under ``root`` (one study, or all), in a stable order."""
+    """Every readable record under ``root`` (one study, or all), in a stable order.
+
+    A corrupt record is named in one log line and skipped.
+    """
     for sdir in _study_dirs(root, study):
         for key in sorted(_listing(sdir)):
-            yield json.loads((sdir / "records" / f"{key}.json").read_text())
+            path = sdir / "records" / f"{key}.json"
+            try:
+                text = path.read_bytes()
+            except FileNotFoundError:   # deleted since the scan
+                continue
+            record = _checked(text, path)
+            if record is not None:
+                yield record
+
+
+def _checked(text: bytes, path: Path) -> dict | None:
+    """The record ``text`` of ``path``, or None (with one log line) when it is corrupt."""
+    record, reason = json_problem(text, REQUIRED)
+    if reason is not None:
+        log.warning("corrupt record %s (%s): %s", path, reason, _SKIPPED)
+    return record
 
 
 def read_records(root: str | os.PathLike, study: str | None = None,
@@ -104,6 +111,7 @@ def read_records(root: str | os.PathLike, study: str | None = None,
 def record_states(root: str | os.PathLike, study: str) -> dict[str, str]:
     """``job_key -> status`` of every record of a study (what ``ptqscale-plan`` needs).
 
+    >>> import tempfile
     >>> record_states(tempfile.mkdtemp(), "demo")
     {}
     """
@@ -115,14 +123,31 @@ def consolidate(root: str | os.PathLike, study: str) -> Path:
     """Write ``<root>/<study>/records.parquet`` from the study's JSON records (all statuses).
 
     Incremental: rows of the previous Parquet whose JSON file did not change are kept, so
-    re-consolidating after a few more jobs parses only those.
+    re-consolidating after a few more jobs parses only those. Safe when several processes
+    consolidate at once (two launches of one study): they take turns on a lock file, and
+    each writes a temporary file of its own, so the Parquet is whole at every moment. A
+    Parquet that cannot be read is moved aside (one log line) and rebuilt.
     """
-    df = _text_where_mixed(_study_frame(Path(root) / study))
-    path = Path(root) / study / "records.parquet"
-    tmp = path.with_suffix(".parquet.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    sdir = Path(root) / study
+    path = sdir / "records.parquet"
+    with locked(sdir / ".records.parquet.lock"):
+        reason = _unreadable(path)
+        if reason is not None:
+            quarantine(path, reason, "consolidated records", "rebuilt from the JSON records")
+        df = _text_where_mixed(_study_frame(sdir))
+        atomic_write(path, lambda f: df.to_parquet(f, index=False), binary=True)
     return path
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why the Parquet file ``path`` cannot be read (None: it can, or it is absent)."""
+    if not path.is_file():
+        return None
+    try:
+        pq.ParquetFile(path).read()
+    except (pa.ArrowException, OSError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def _text_where_mixed(df: pd.DataFrame) -> pd.DataFrame:
@@ -175,7 +200,8 @@ def _parse(rdir: Path, keys: list[str]) -> pd.DataFrame:
 
     Many files at once are parsed by Arrow's multi-threaded JSON reader (a 10^5-record
     study in seconds, not minutes); where it cannot (non-standard JSON such as NaN, a
-    field whose type differs between records), one by one with :func:`_flatten`.
+    field whose type differs between records, a corrupt file), one by one with
+    :func:`_flatten`, which names and skips corrupt files.
     """
     texts = _read_all(rdir, keys)
     if len(texts) >= _ARROW_MIN:
@@ -183,7 +209,8 @@ def _parse(rdir: Path, keys: list[str]) -> pd.DataFrame:
             return _parse_arrow(texts)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             pass
-    rows = [{**_flatten(json.loads(text)), "_key": key} for key, text in texts.items()]
+    records = {key: _checked(text, rdir / f"{key}.json") for key, text in texts.items()}
+    rows = [{**_flatten(r), "_key": key} for key, r in records.items() if r is not None]
     return pd.DataFrame(rows)
 
 
@@ -211,6 +238,8 @@ def _parse_arrow(texts: dict[str, bytes]) -> pd.DataFrame:
                          read_options=pj.ReadOptions(block_size=1 << 20))
     if table.num_rows != len(texts):
         raise pa.ArrowInvalid("record count differs from file count")
+    if any(c not in table.column_names or table[c].null_count for c in REQUIRED):
+        raise pa.ArrowInvalid("a record lacks a required field")   # the slow path names it
     table = table.drop_columns([c for c in _WIDE_FIELDS if c in table.column_names])
     while any(pa.types.is_struct(f.type) for f in table.schema):
         table = table.flatten()       # nested fields become dotted columns
@@ -239,12 +268,18 @@ def _consolidated(sdir: Path, listing: dict[str, int], columns: list[str] | None
     none = pd.DataFrame({"job_key": pd.Series(dtype=str)})
     if not listing or not path.is_file():
         return none
-    names = pq.read_schema(path).names
-    if _MTIME not in names or "job_key" not in names:   # an older layout: parse every JSON
+    try:   # one open file: a consolidation that replaces it meanwhile cannot mix two files
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        if _MTIME not in names or "job_key" not in names:   # an older layout: parse every JSON
+            return none
+        if columns is not None:
+            columns = [c for c in names if c in {*columns, "job_key", _MTIME}]
+        df = parquet.read(columns=columns).to_pandas()
+    except (pa.ArrowException, OSError, ValueError) as e:
+        log.warning("corrupt consolidated records %s (%s: %s): ignored, reading the JSON "
+                    "records (the next consolidation rebuilds it)", path, type(e).__name__, e)
         return none
-    if columns is not None:
-        columns = [c for c in names if c in {*columns, "job_key", _MTIME}]
-    df = pd.read_parquet(path, columns=columns)
     # python ints: nanosecond mtimes do not survive a round trip through float64
     current = np.array([listing.get(k, -1) for k in df["job_key"]], dtype=np.int64)
     return df[current == df[_MTIME].to_numpy(dtype=np.int64)].reset_index(drop=True)
@@ -265,14 +300,17 @@ def _flatten(record: dict) -> dict:
     return out
 
 
-def cache_get(root: str | os.PathLike, kind: str, key: str) -> dict | None:
-    """A cached model-level result (e.g. the full-precision NLL of a model), or None."""
-    path = Path(root) / "_cache" / kind / f"{key}.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
+def cache_get(root: str | os.PathLike, kind: str, key: str,
+              required: tuple[str, ...] = ()) -> dict | None:
+    """A cached model-level result (e.g. the full-precision NLL of a model), or None.
+
+    A corrupt entry (not a JSON object, or without the ``required`` keys) is moved aside
+    with one log line naming it, and reads as absent, so that it is recomputed.
+    """
+    return read_json(Path(root) / "_cache" / kind / f"{key}.json", required,
+                     f"{kind} cache entry", "it will be recomputed")
 
 
 def cache_put(root: str | os.PathLike, kind: str, key: str, value: dict) -> Path:
+    """Store a model-level result atomically (see :func:`cache_get`)."""
     return atomic_write_json(Path(root) / "_cache" / kind / f"{key}.json", value)
