@@ -13,7 +13,7 @@ from ptqscale.runner.app import conf_dir
 from ptqscale.runner.config import register_configs
 from ptqscale.runner.job import validate_job
 from ptqscale.runner.plan import Planner, expand_sweep, plan, plan_job
-from ptqscale.store import cache_put, write_record
+from ptqscale.store import cache_put, claim_job, write_record
 
 SWEEPS = Path(conf_dir()).parent / "sweeps"
 # group axes (model, method), value axes (format, seed), an invalid format, GPTQ's calib
@@ -72,3 +72,16 @@ def test_plan_reads_states_from_the_store(tmp_path):
     assert all(j.fp_cached for j in planned if j.state != "invalid")
     with hydra_conf():
         assert planned == [plan_job(job) for job in jobs]   # composing every job agrees
+
+
+def test_plan_shows_a_job_that_a_live_process_holds_as_running(tmp_path):
+    grid = ["model=stories260k", "method=rtn", "format=int8,mxfp4", "eval.seqlen=128",
+            f"paths.results={tmp_path}"]
+    with hydra_conf():
+        spec = Planner().spec(expand_sweep(grid)[1])
+    with claim_job(tmp_path, spec.study, spec.key):
+        planned = plan(grid)
+        with hydra_conf():
+            slow = [plan_job(job).state for job in expand_sweep(grid)]
+    assert [j.state for j in planned] == slow == ["pending", "running"]
+    assert [j.state for j in plan(grid)] == ["pending", "pending"]   # released with the claim
