@@ -84,6 +84,19 @@ def test_stream_is_cached_by_tokenizer_corpus_and_preset(wiki, gpt2_tokenizer, t
         tokenize_corpus(cfg, gpt2_tokenizer, str(tmp_path), preset="lm-eval")
 
 
+
+def test_a_corrupt_cached_stream_is_moved_aside_and_tokenized_again(wiki, gpt2_tokenizer,
+                                                                    tmp_path, caplog):
+    cfg = DataConfig("ptb", "test", path=wiki.path.replace("wikitext-2-raw", "ptb"),
+                     max_documents=50)
+    first = tokenize_corpus(cfg, gpt2_tokenizer, str(tmp_path))
+    (npy,) = (tmp_path / "streams").glob("*.npy")
+    npy.write_bytes(npy.read_bytes()[:100])     # truncated
+    with caplog.at_level("WARNING", "ptqscale"):
+        assert torch.equal(tokenize_corpus(cfg, gpt2_tokenizer, str(tmp_path)), first)
+    assert str(npy) in caplog.text and len(list(npy.parent.glob(f"{npy.name}.corrupt-*"))) == 1
+    assert torch.equal(tokenize_corpus(cfg, gpt2_tokenizer, str(tmp_path)), first)
+
 def test_cache_key_changes_with_the_tokenizer(shared_data, gpt2_tokenizer):
     fresh = _gpt2(shared_data)
     base = stream_mod.tokenizer_fingerprint(gpt2_tokenizer)

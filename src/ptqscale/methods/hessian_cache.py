@@ -107,6 +107,7 @@ class HessianCache:
 
     def load(self, layer: str, device: torch.device | str = "cpu"):
         """``(H, tokens)`` or None when the layer is not cached."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         if not self.has(layer):
@@ -114,7 +115,7 @@ class HessianCache:
         try:
             data = load_file(self._path(layer), device=str(device))
             return data["H"], int(data["tokens"].item())
-        except (OSError, ValueError, KeyError, RuntimeError) as e:   # SafetensorError: OSError
+        except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
             quarantine(self._path(layer), f"{type(e).__name__}: {e}", "Hessian cache file",
                        "it will be recomputed")
             return None
