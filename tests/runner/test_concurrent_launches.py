@@ -57,8 +57,8 @@ def kill_at_a_random_moment(proc: subprocess.Popen, records: Path, rng: random.R
     def count() -> int:
         return len(list(records.glob("*.json"))) if records.is_dir() else 0
 
-    more = rng.randint(0, 2)
-    if more == 0:
+    more = min(rng.randint(0, 2), len(FORMATS) - 1 - count())   # never after the last job
+    if more <= 0:
         time.sleep(rng.uniform(1.0, 6.0))     # imports, Hydra, model load, first job
     else:
         target = count() + more
