@@ -140,11 +140,15 @@ def consolidate(root: str | os.PathLike, study: str) -> Path:
 
 
 def _unreadable(path: Path) -> str | None:
-    """Why the Parquet file ``path`` cannot be read (None: it can, or it is absent)."""
+    """Why the Parquet file ``path`` cannot be opened (None: it can, or it is absent).
+
+    Opening reads the footer, which a truncated or overwritten file lacks; the rows are
+    read (once) by ``_consolidated``, which ignores a file it cannot read.
+    """
     if not path.is_file():
         return None
     try:
-        pq.ParquetFile(path).read()
+        pq.ParquetFile(path)   # opening reads the footer
     except (pa.ArrowException, OSError, ValueError) as e:
         return f"{type(e).__name__}: {e}"
     return None
