@@ -20,7 +20,7 @@ from ptqscale.methods import (
     quantize,
 )
 from ptqscale.methods.blockft import PRESETS
-from ptqscale.methods.blockft_quant import LearnedWeight, from_groups, gptq_with_params, to_groups
+from ptqscale.methods.blockft_quant import LearnedWeight, gptq_with_params
 from ptqscale.methods.blockft_walk import plan_windows
 from ptqscale.models import get_anatomy
 
@@ -75,12 +75,12 @@ def test_straight_through_and_lsq_gradients_match_the_formulas():
     c = torch.randn(6, 64, generator=g)
     (c * lw()).sum().backward()
     # independent: x, scale, grid range per group from the int3 'sym' definition
-    x = to_groups(W, 32) + lw.unit * lw.V.detach()
+    x = W.reshape(-1, 32) + lw.unit * lw.V.detach()
     s = (lw.params.scale.reshape(-1, 1) * torch.exp(torch.tensor(0.05))).half().float()
     m = s / lw.params.scale.reshape(-1, 1)
     y0 = torch.round(x / s).clamp(-3, 3) * s
     inside = (x.abs() <= 3 * s).float()
-    cg = to_groups(c, 32)
+    cg = c.reshape(-1, 32)
     torch.testing.assert_close(lw.V.grad, cg * inside * lw.unit)
     dm = (cg * (y0 / m - x / m * inside)).sum(dim=1, keepdim=True)  # LSQ: dQ/dm
     torch.testing.assert_close(lw.gamma.grad, dm * torch.exp(torch.tensor(0.05)), rtol=2e-3,
@@ -97,7 +97,7 @@ def test_learned_int_scales_stay_fp16_and_the_result_stays_on_its_grid():
     p = lw.scaled_params(lw.multiplier())
     assert torch.equal(p.scale, p.scale.half().float())
     Q = lw.quantized()
-    Qg = to_groups(Q, 32)
+    Qg = Q.reshape(-1, 32)
     assert torch.equal(fmt.quantize_with(Qg, p), Qg)  # every value is code * fp16 scale
     assert all(len(row.unique()) <= 7 for row in Qg)
 
@@ -112,7 +112,7 @@ def test_gptq_init_reproduces_gptq_with_its_own_group_parameters(name):
     assert len(fits) == -(-64 // (fmt.block_size or 64))
     lw = LearnedWeight.from_fitted(W, Q, fmt, fits, learn_scale=True, bound=1.0)
     assert torch.equal(lw.quantized(), Q)
-    assert torch.equal(from_groups(lw.anchor, 8, 64), Q)
+    assert torch.equal(lw.anchor.reshape(8, 64), Q)
 
 
 # ---- the plan ----------------------------------------------------------------------------------

@@ -20,13 +20,24 @@ API of a :class:`Format`: ``name``, ``family`` (baseline | int | fp | mx | nvfp4
 column-wise rounding ``scale_group_size(n_in)``, ``fit(w_cols[, tensor_amax])`` and
 ``quantize_with(w_cols, params)``. ``sqnr_db(x, q)`` measures the error.
 
+What methods and the fused kernel ask of a format (they never test its class or name):
+``group_length(columns)``, ``to_groups(W)`` / ``from_groups(Wg, rows, columns)`` (one scale
+group per row), ``learnable_scale`` and ``round_scale(s)`` (a free-float scale and its
+storage rounding), ``element_type`` and ``round_elements(y)`` (a bare element grid whose
+scales a method places itself), ``kernel_spec()`` (the Triton kernel's description of the
+rule, or None: the kernel declines and the torch reference runs).
+
 How to add a format:
 1. If it needs a new element grid, add its spec and exact rounding to ``elements.py``
    (float32 in, float32 out, nearest-even, saturating; bit operations, no lookup loops).
 2. Write a frozen dataclass subclass of ``Format`` (in ``scalar.py`` or ``block.py``, or a new
    module) with its configuration as fields, validated in ``__post_init__``, a canonical
    ``name`` property, and the five blocked-view functions ``_fit``, ``_fake``, ``_codes``,
-   ``_values`` (+ ``_store``/``_load`` if its scales are stored in a special format).
+   ``_values`` (+ ``_store``/``_load`` if its scales are stored in a special format). Set
+   ``learnable_scale`` / ``round_scale`` and ``element_type`` / ``round_elements`` where they
+   apply; return a ``kernel_spec()`` only if the kernel's rule (kernels.py ``spec``) is
+   exactly yours: tests/formats/test_formats_kernel_spec.py checks that on the CPU, and a
+   subclass that changes ``_fit``/``_fake`` without restating its spec is declined.
 3. Extend ``FORMAT_GRAMMAR`` and the parser in ``names.py`` (one spelling per format), and add
    a canonical example to ``EXAMPLES``.
 4. Add it to the reference implementation and the parametrized lists in tests/formats/; the

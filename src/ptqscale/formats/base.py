@@ -288,6 +288,55 @@ class Format(abc.ABC):
     def _load(self, enc: Encoded) -> GroupParams:
         return GroupParams(enc.scale.to(torch.float32), enc.zero, enc.tensor_scale)
 
+    # ---- what methods and the fast path ask of a format -----------------------------------
+    # A method or kernel never dispatches on a format's class or name: it asks the format.
+    learnable_scale: bool = False  # the scale is a free float in storage: a method may learn it
+    element_type: bool = False  # the name is a bare element type (int<b>, fp<b>_e<E>m<M>)
+
+    def round_scale(self, s: torch.Tensor) -> torch.Tensor:
+        """float32 scales rounded to what storage holds (only where ``learnable_scale``)."""
+        raise NotImplementedError(f"{self.name}: its scale ({self.scale_format}) is not a free "
+                                  "float; a method cannot set it")
+
+    def round_elements(self, y: torch.Tensor) -> torch.Tensor:
+        """Already-scaled values rounded onto the element grid, saturating at +-element_max.
+
+        Only for element types (``element_type``): a method that places its own scales (per
+        token, per channel, CrossQuant) rounds with the format's element rule through this.
+        """
+        raise NotImplementedError(f"{self.name}: not an element type; its scales are its own")
+
+    def kernel_spec(self) -> dict | None:
+        """The fused kernel's description of this format's rule, or None (the kernel declines).
+
+        A format returns a spec only where the kernel's arithmetic is exactly its reference
+        (:mod:`.kernels`); :func:`kernels.spec_of` also declines a subclass that changed the
+        rule (``_fit`` / ``_fake``) without restating its spec.
+        """
+        return None
+
+    def group_length(self, columns: int) -> int:
+        """Columns per scale group of a (rows, columns) weight (per-tensor/channel: all)."""
+        g = self.scale_group_size(columns)
+        return columns if g is None or g > columns else g
+
+    def to_groups(self, W: torch.Tensor) -> torch.Tensor:
+        """(rows, columns) -> (rows * n_groups, g) float32, zero-padded to whole groups.
+
+        One scale group per row, so that :meth:`fit` / :meth:`quantize_with` (per-row
+        parameters) treat every group of a weight at once; :meth:`from_groups` undoes it.
+        """
+        rows, columns = W.shape
+        g = self.group_length(columns)
+        pad = (-columns) % g
+        Wp = F.pad(W.to(torch.float32), (0, pad)) if pad else W.to(torch.float32)
+        return Wp.reshape(rows * ((columns + pad) // g), g)
+
+    @staticmethod
+    def from_groups(Wg: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+        """The (rows, columns) weight of a :meth:`to_groups` view (padding dropped)."""
+        return Wg.reshape(rows, -1)[:, :columns]
+
     def _amax(self, xb: torch.Tensor) -> torch.Tensor:
         """absmax per group (keepdim), or of everything for per-tensor formats."""
         a = xb.abs()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from .base import Encoded, Format, GroupParams
 from .elements import (
     FixedPointSpec,
@@ -81,6 +82,14 @@ class MXFormat(Format):
     @property
     def element_name(self) -> str:
         return f"int{self.element.bits}" if self.is_int else self.element.name
+
+    def kernel_spec(self) -> dict | None:
+        e = self.element
+        rule = dict(EMAX=e.emax, CEIL=self.scale_rule == "ceil", TOP=e.max_value / 2.0**e.emax)
+        if self.is_int:
+            return kernels.spec(KIND=kernels.MX_INT, FRAC=e.frac_bits, HI=float(e.qmax), **rule)
+        return kernels.spec(KIND=kernels.MX_FP, MBITS=e.mbits, EMIN=e.emin, HI=e.max_value,
+                            **rule)
 
     def _fit(self, xb, tensor_amax):
         amax = self._amax(xb)
@@ -181,6 +190,7 @@ class NF4Format(Format):
     element_bits = 4
     scale_format = "fp32"
     scale_bits = 32
+    learnable_scale = True
     element_name = "nf4"
     element_max = 1.0
     symmetric = False  # 7 negative and 8 positive levels
@@ -194,6 +204,9 @@ class NF4Format(Format):
         return "nf4" if self.block == 64 else f"nf4_b{self.block}"
 
     block_size = property(lambda self: self.block)
+
+    def round_scale(self, s: torch.Tensor) -> torch.Tensor:
+        return s  # the block absmax is stored as float32
 
     def _fit(self, xb, tensor_amax):
         a = self._amax(xb)

@@ -42,25 +42,38 @@ def available() -> bool:
     return triton is not None
 
 
+def spec(**rule) -> dict:
+    """A kernel spec: the constexpr values of one element rule, unset ones at neutral values.
+
+    ``KIND`` picks the rule: ``INT_SYM`` / ``INT_ASYM`` (fp16 scale ``amax / DIV`` resp.
+    ``range / DIV``, codes clamped to ``[LO, HI]``, the scale rounded to fp16 as IntFormat
+    stores it), ``MX_INT`` / ``MX_FP`` (E8M0 exponent ``floor(log2 amax) - EMAX``, one up
+    when ``CEIL`` and the mantissa exceeds ``TOP``; fixed point with ``FRAC`` fraction bits
+    saturating at ``HI``, or a minifloat with ``MBITS`` / ``EMIN`` saturating at ``HI``).
+    """
+    return dict(LO=0.0, HI=1.0, DIV=1.0, FRAC=0, MBITS=0, EMIN=0, EMAX=0, CEIL=False,
+                TOP=1.0) | rule
+
+
+def _defining(cls: type, attr: str) -> type:
+    return next(c for c in cls.__mro__ if attr in c.__dict__)
+
+
 @functools.cache
 def kernel_spec(fmt) -> dict | None:
-    """Constexpr parameters of ``fmt``'s element rule, or None if no kernel covers it."""
-    from .block import MXFormat
-    from .scalar import IntFormat
+    """``fmt.kernel_spec()``, or None where the kernel must decline.
 
-    spec = dict(LO=0.0, HI=1.0, DIV=1.0, FRAC=0, MBITS=0, EMIN=0, EMAX=0, CEIL=False, TOP=1.0)
-    if isinstance(fmt, IntFormat) and not fmt.per_tensor:
-        if fmt.mode == "asym":
-            return spec | dict(KIND=INT_ASYM, HI=float(fmt._hi), DIV=float(2**fmt.bits - 1))
-        div = 2 ** (fmt.bits - 1) - (1.0 if fmt.mode == "sym" else 0.5)
-        return spec | dict(KIND=INT_SYM, LO=float(fmt._lo), HI=float(fmt._hi), DIV=div)
-    if isinstance(fmt, MXFormat):
-        e = fmt.element
-        spec |= dict(EMAX=e.emax, CEIL=fmt.scale_rule == "ceil", TOP=e.max_value / 2.0**e.emax)
-        if fmt.is_int:
-            return spec | dict(KIND=MX_INT, FRAC=e.frac_bits, HI=float(e.qmax))
-        return spec | dict(KIND=MX_FP, MBITS=e.mbits, EMIN=e.emin, HI=e.max_value)
-    return None
+    A subclass that overrides the rounding rule (``_fit`` or ``_fake``) below the class that
+    states the spec inherits a spec that no longer describes it: declined, so a new format
+    can never reach the kernel inexactly (it takes the torch reference until it says what
+    it is).
+    """
+    cls = type(fmt)
+    owner = _defining(cls, "kernel_spec")
+    if any(issubclass(_defining(cls, m), owner) and _defining(cls, m) is not owner
+           for m in ("_fit", "_fake")):
+        return None
+    return fmt.kernel_spec()
 
 
 def fake_quantize_triton(fmt, x: torch.Tensor, axis: int) -> torch.Tensor | None:

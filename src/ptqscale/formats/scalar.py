@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from .base import Encoded, Format, GroupParams
 from .elements import (
     MinifloatSpec,
@@ -111,6 +112,7 @@ class IntFormat(Format):
     family = "int"
     scale_format = "fp16"
     scale_bits = 16
+    learnable_scale = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -133,6 +135,26 @@ class IntFormat(Format):
     symmetric = property(lambda self: self.mode != "asym")
     element_name = property(lambda self: f"int{self.bits}")
     element_max = property(lambda self: float(self._hi))
+    # ``int<b>``: symmetric, one scale per row, which activation schemes place themselves
+    element_type = property(lambda self: self.group is None and not self.per_tensor
+                            and self.mode == "sym")
+
+    def round_scale(self, s: torch.Tensor) -> torch.Tensor:
+        return to_fp16(s)
+
+    def round_elements(self, y: torch.Tensor) -> torch.Tensor:
+        if not self.element_type:
+            return super().round_elements(y)
+        return torch.round(y).clamp(self._lo, self._hi)
+
+    def kernel_spec(self) -> dict | None:
+        if self.per_tensor:  # one amax over the whole tensor: not a per-group kernel
+            return None
+        if self.mode == "asym":
+            return kernels.spec(KIND=kernels.INT_ASYM, HI=float(self._hi),
+                                DIV=float(2**self.bits - 1))
+        div = 2 ** (self.bits - 1) - (1.0 if self.mode == "sym" else 0.5)
+        return kernels.spec(KIND=kernels.INT_SYM, LO=float(self._lo), HI=float(self._hi), DIV=div)
 
     @property
     def _lo(self) -> int:
@@ -191,6 +213,8 @@ class FloatFormat(Format):
     per_tensor = True
     scale_format = "fp32"
     scale_bits = 32
+    learnable_scale = True
+    element_type = True
 
     @property
     def name(self) -> str:
@@ -199,6 +223,12 @@ class FloatFormat(Format):
     element_bits = property(lambda self: self.spec.bits)
     element_name = property(lambda self: self.spec.name)
     element_max = property(lambda self: self.spec.max_value)
+
+    def round_scale(self, s: torch.Tensor) -> torch.Tensor:
+        return s  # stored as float32
+
+    def round_elements(self, y: torch.Tensor) -> torch.Tensor:
+        return round_minifloat(y, self.spec)
 
     def _fit(self, xb, tensor_amax):
         return GroupParams(_guard(div_exact(self._amax(xb), self.spec.max_value)))

@@ -8,9 +8,9 @@ Adding a method ``foo``:
 
 1. write ``src/ptqscale/methods/foo.py`` with ``@dataclass class FooConfig(MethodConfig)``
    (``name: str = "foo"``) and ``@register_method("foo", FooConfig) def quantize_foo(model,
-   cfg, ctx) -> QuantReport``;
-2. import the module at the bottom of this file;
-3. add ``conf/method/foo.yaml`` (``defaults: [foo_schema, _self_]``) with every default
+   cfg, ctx) -> QuantReport``; every module of this package is imported when the package
+   is (discovery), so the decorator registers it: no list to edit;
+2. add ``conf/method/foo.yaml`` (``defaults: [foo_schema, _self_]``) with every default
    spelled out, so that it lands in every record.
 
 Example::
@@ -21,6 +21,10 @@ Example::
     21.3
 """
 
+import importlib
+import pkgutil
+
+from ptqscale.methods.activations import ActQuantConfig
 from ptqscale.methods.base import (
     METHODS,
     MethodConfig,
@@ -32,39 +36,30 @@ from ptqscale.methods.base import (
     register_method,
     select_targets,
 )
-from ptqscale.methods.rtn import NoneConfig, RTNConfig
+
+
+def _discover() -> None:
+    """Import every module of this package; each registers its methods by decorator."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_discover()
+
+# The config classes of the registered methods, importable from here (``GPTQConfig``, ...).
+_CONFIGS = {cls.__name__: cls for cls, _ in METHODS.values()}
+globals().update(_CONFIGS)
 
 __all__ = [
     "METHODS",
+    "ActQuantConfig",
     "MethodConfig",
-    "NoneConfig",
     "QuantContext",
     "QuantReport",
-    "RTNConfig",
     "TargetsConfig",
     "get_method",
     "quantize",
     "register_method",
     "select_targets",
+    *sorted(_CONFIGS),
 ]
-from ptqscale.methods import gptq  # noqa: F401, E402  (registers "gptq")
-from ptqscale.methods.gptq import GPTQConfig  # noqa: E402
-
-__all__ += ["GPTQConfig"]
-from ptqscale.methods import smoothquant  # noqa: F401, E402  (registers "smoothquant")
-from ptqscale.methods.activations import ActQuantConfig  # noqa: E402
-from ptqscale.methods.smoothquant import SmoothQuantConfig  # noqa: E402
-
-__all__ += ["ActQuantConfig", "SmoothQuantConfig"]
-from ptqscale.methods import blockft  # noqa: F401, E402  (registers "blockft_*")
-from ptqscale.methods.blockft import BlockFTConfig  # noqa: E402
-
-__all__ += ["BlockFTConfig"]
-from ptqscale.methods import awq  # noqa: F401, E402  (registers "awq")
-from ptqscale.methods.awq import AWQConfig  # noqa: E402
-
-__all__ += ["AWQConfig"]
-from ptqscale.methods import athena  # noqa: F401, E402  (registers "athena")
-from ptqscale.methods.athena import AthenaConfig  # noqa: E402
-
-__all__ += ["AthenaConfig"]

@@ -47,8 +47,7 @@ import torch
 from torch import nn
 
 from ptqscale.errors import ConfigError, require
-from ptqscale.formats import FloatFormat, Format, IntFormat
-from ptqscale.formats.elements import round_minifloat
+from ptqscale.formats import Format
 
 GRANULARITIES = ("per_tensor", "per_token", "per_channel", "crossquant", "native")
 CHANNEL_STATS = ("calibrated", "per_batch")
@@ -75,7 +74,7 @@ class ActQuantConfig:
 
     def __post_init__(self) -> None:
         fmt = self._format()
-        native = fmt.block_size is not None or not isinstance(fmt, IntFormat | FloatFormat)
+        native = not fmt.element_type
         checks = [
             (self.granularity in GRANULARITIES,
              f"activations.granularity={self.granularity!r}: allowed {', '.join(GRANULARITIES)}"),
@@ -99,10 +98,9 @@ class ActQuantConfig:
         if fmt.family == "baseline":
             raise ConfigError(f"activations.format={self.format!r}: a 16-bit baseline; set "
                               "activations to null to keep activations in full precision")
-        if isinstance(fmt, IntFormat) and fmt.block_size is None and (
-                fmt.per_tensor or fmt.mode != "sym"):
+        if fmt.block_size is None and not fmt.element_type:  # int8_t, int8_asym, ...
             raise ConfigError(f"activations.format={self.format!r}: write the element type "
-                              f"int{fmt.bits} (symmetric); the scale placement is "
+                              f"{fmt.element_name} (symmetric); the scale placement is "
                               "activations.granularity")
         return fmt
 
@@ -160,13 +158,8 @@ class ActQuantizer:
         else:
             delta = self.scale(X) * self.cfg.clip / self.qmax
             delta = torch.where(delta > 0, delta, torch.ones_like(delta))  # all-zero rows
-            Q = self._round(X / delta) * delta
+            Q = self.fmt.round_elements(X / delta) * delta
         return Q.reshape(x.shape).to(x.dtype)
-
-    def _round(self, y: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.fmt, FloatFormat):
-            return round_minifloat(y, self.fmt.spec)
-        return torch.round(y).clamp(-self.qmax, self.qmax)
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
         x = args[0]

@@ -13,8 +13,9 @@ One target weight ``W`` (rows, columns) is quantized as
   ``b > 1/2`` lets every weight move to either neighbour of its nearest grid point;
 - ``s0`` are the group parameters (scale, zero point) fitted by the format's rule (or recorded
   from GPTQ), ``m = exp(gamma)`` a learned per-group scale multiplier. ``m`` is learned only
-  where the format stores its scale as a free float (INT: fp16, rounded to fp16 in every
-  forward so that the result stays representable; FP per-tensor and NF4: fp32). MX (power-of-
+  where the format stores its scale as a free float (``Format.learnable_scale``; rounded by
+  ``Format.round_scale`` in every forward so that the result stays representable: INT fp16,
+  FP per-tensor and NF4 fp32). MX (power-of-
   two E8M0 scales) and NVFP4 (E4M3 block scale and a tensor scale) keep the format's scale
   rule: only the offsets are learned.
 
@@ -39,32 +40,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ptqscale.formats import Format, GroupParams, get_format  # noqa: F401  (doctest)
-
-# Families whose scale is a free float in storage (fp16 / fp32): the scale can be learned.
-LEARNABLE_SCALE_FAMILIES = ("int", "fp", "nf4")
-_FP16_TINY, _FP16_MAX = 2.0**-24, 65504.0
-
-
-def group_length(fmt: Format, columns: int) -> int:
-    """Columns per scale group (per-tensor and per-channel formats: all columns)."""
-    g = fmt.scale_group_size(columns)
-    return columns if g is None or g > columns else g
-
-
-def to_groups(W: torch.Tensor, g: int) -> torch.Tensor:
-    """(rows, columns) -> (rows * n_groups, g), fp32, zero-padded to whole groups."""
-    rows, columns = W.shape
-    pad = (-columns) % g
-    Wp = F.pad(W.to(torch.float32), (0, pad)) if pad else W.to(torch.float32)
-    return Wp.reshape(rows * ((columns + pad) // g), g)
-
-
-def from_groups(Wg: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
-    return Wg.reshape(rows, -1)[:, :columns]
 
 
 class LearnedWeight(nn.Module):
@@ -74,11 +52,11 @@ class LearnedWeight(nn.Module):
                  learn_scale: bool, bound: float):
         super().__init__()
         self.fmt, self.bound, self.shape = fmt, float(bound), tuple(W.shape)
-        self.g = group_length(fmt, W.shape[1])
+        self.g = fmt.group_length(W.shape[1])
         self.register_buffer("weight", W.detach().clone())  # the full-precision weight
-        self.register_buffer("anchor", to_groups(anchor.detach(), self.g))
+        self.register_buffer("anchor", fmt.to_groups(anchor.detach()))
         self.params = params
-        self.learn_scale = bool(learn_scale) and fmt.family in LEARNABLE_SCALE_FAMILIES
+        self.learn_scale = bool(learn_scale) and fmt.learnable_scale
         lo, hi = self._extremes(params)
         self.register_buffer("lo", lo)
         self.register_buffer("hi", hi)
@@ -92,9 +70,8 @@ class LearnedWeight(nn.Module):
     @classmethod
     def from_rtn(cls, W: torch.Tensor, fmt: Format, learn_scale: bool, bound: float):
         """Anchor ``W`` and the format's own scale rule: ``Q = fmt.fake_quantize(W)`` at init."""
-        g = group_length(fmt, W.shape[1])
         amax = W.detach().abs().amax().float() if fmt.needs_tensor_amax else None
-        params = fmt.fit(to_groups(W.detach(), g), amax)
+        params = fmt.fit(fmt.to_groups(W.detach()), amax)
         return cls(W, fmt, W, params, learn_scale, bound)
 
     @classmethod
@@ -117,9 +94,7 @@ class LearnedWeight(nn.Module):
     def scaled_params(self, m: torch.Tensor) -> GroupParams:
         """The group parameters with the scale times ``m``, rounded to the scale's storage."""
         s = self.params.scale * m.detach().reshape(self.params.scale.shape)
-        if self.fmt.scale_format == "fp16":  # INT stores fp16 scales: stay representable
-            s = s.clamp(_FP16_TINY, _FP16_MAX).to(torch.float16).to(torch.float32)
-        return replace(self.params, scale=s)
+        return replace(self.params, scale=self.fmt.round_scale(s))  # stays representable
 
     def forward(self) -> torch.Tensor:
         x = self.anchor + self.unit * self.V.clamp(-self.bound, self.bound)
@@ -129,7 +104,7 @@ class LearnedWeight(nn.Module):
                 inside = ((x >= self.lo) & (x <= self.hi)).to(x.dtype)
             xi = x * inside
             y = y0 + (xi - xi.detach())  # STE, zero gradient where the grid clips
-            return from_groups(y, *self.shape)
+            return self.fmt.from_groups(y, *self.shape)
         m = self.multiplier()
         p = self.scaled_params(m)
         # the multiplier actually applied (after rounding to storage), as a column
@@ -140,7 +115,7 @@ class LearnedWeight(nn.Module):
         z = x / m * inside
         # value: y0 exactly; d/dx = inside; d/dm = y0/m - (x/m) * inside (LSQ)
         y = y0 + m * (z - z.detach()) + (m - m.detach()) * (y0 / m).detach()
-        return from_groups(y, *self.shape)
+        return self.fmt.from_groups(y, *self.shape)
 
     @torch.no_grad()
     def quantized(self) -> torch.Tensor:
@@ -150,7 +125,7 @@ class LearnedWeight(nn.Module):
     @torch.no_grad()
     def initial(self) -> torch.Tensor:
         """The weight at ``V = 0, gamma = 0``: the anchor rounded with the initial parameters."""
-        return from_groups(self.fmt.quantize_with(self.anchor, self.params), *self.shape)
+        return self.fmt.from_groups(self.fmt.quantize_with(self.anchor, self.params), *self.shape)
 
 
 def stack_group_params(fits: list[GroupParams], rows: int) -> GroupParams:
