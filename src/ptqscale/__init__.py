@@ -7,6 +7,7 @@ Sub-packages (dependency order; see DESIGN in the README):
 - ``data``     corpora, tokenized streams, calibration sampling
 - ``metrics``  perplexity, weight SQNR, loss-landscape features
 - ``methods``  PTQ methods (``quantize(model, cfg)``), built on ``formats``
+- ``files``    atomic writes, locks and quarantine of corrupt files (stdlib only)
 - ``store``    result records (torch-free; the analysis package reads only this)
 - ``runner``   the Hydra app that ties everything together
 - ``zoo``      the reference model family trained offline

@@ -29,7 +29,7 @@ from ptqscale.data.corpora import (
     load_documents,
     validate_data_config,
 )
-from ptqscale.store.files import atomic_write, atomic_write_json, quarantine
+from ptqscale.files import atomic_write, atomic_write_json, quarantine
 
 STREAM_PROTOCOL_VERSION = 1  # bump when the text -> tokens rule changes
 STREAM_PRESETS = ("gptq", "rolling")

@@ -30,7 +30,7 @@ import tempfile
 import torch
 from torch import nn
 
-from ptqscale.store.files import quarantine
+from ptqscale.files import quarantine
 
 CACHE_VERSION = 1
 _SAMPLES_PER_TENSOR = 4096

@@ -12,7 +12,7 @@ so a job killed at any point leaves either the previous file or the new one, nev
 of one, and concurrent writers never share a temporary file. A corrupt file (bad JSON,
 missing fields, unreadable Parquet) is named in one log line and read as absent; where
 it is about to be recomputed it is first moved aside to ``<name>.corrupt-<time>``
-(store/files.py). This module imports neither torch nor the rest of the package: the
+(ptqscale/files.py). This module imports no torch and of the package only ptqscale.files: the
 analysis package reads records through :func:`read_records` alone.
 
 Example::
@@ -25,8 +25,8 @@ Example::
     [2.5]
 """
 
+from ptqscale.files import atomic_write_json, atomic_write_text, locked, quarantine
 from ptqscale.store.claims import claim_job, running_claims
-from ptqscale.store.files import atomic_write_json, atomic_write_text, locked, quarantine
 from ptqscale.store.records import (
     RECORD_SCHEMA_VERSION,
     cache_get,

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
-from ptqscale.store.files import (
+from ptqscale.files import (
     atomic_write,
     atomic_write_json,
     json_problem,

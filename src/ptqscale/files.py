@@ -1,4 +1,5 @@
-"""Safe file primitives shared by the store and every on-disk cache.
+"""Safe file primitives shared by the store and every on-disk cache (imports nothing of the
+package, so that data/, methods/ and store/ may all use it).
 
 - :func:`atomic_write`: a unique temporary file in the target's folder, fsync, rename,
   fsync of the folder. Writers never share a temporary file, so two processes writing one
