@@ -34,6 +34,9 @@ def test_pareto_frontier_is_the_brute_force_set(small):
 
 
 def test_best_under_budget_measured_and_predicted(small, pred):
+    with pytest.raises(AnalysisError, match="not comparable"):  # two families (tokenizers)
+        best_under_budget(small, 1e12, pred)
+    small = small[small["model.family"] == "zoo"]
     budget = small["model_bytes"].median()
     ans = best_under_budget(small, budget, pred)
     under = small[small["model_bytes"] <= budget]
@@ -43,7 +46,8 @@ def test_best_under_budget_measured_and_predicted(small, pred):
     # candidate bytes follow the rule: quantized at effective bits, the rest at 16 bits
     row = ans.candidates.query("`format.name` == 'mxfp4'").iloc[0]
     m = small[small["model.name"] == row["model.name"]].iloc[0]
-    q = m["params.quantized"]
+    q = m["params.quantizable"]  # the records' name; never params.total
+    assert q < m["params.total"]
     assert row["model_bytes"] == pytest.approx(q * 4.25 / 8 + (m["params.total"] - q) * 2)
     with pytest.raises(AnalysisError, match="nothing fits in 10 bytes"):
         best_under_budget(small, 10, pred)

@@ -55,7 +55,7 @@ def test_fit_prints_laws(small_root, capsys):
 
 
 def test_predict_and_pareto_print_answers(small_root, tmp_path, capsys):
-    saved = tmp_path / "rf.joblib"
+    saved = tmp_path / "rf.json"
     args = ["--results", str(small_root), "--study", "small", "--n-estimators", "10",
             "--predictor", str(saved)]
     assert predict_main([*args, "--model", "zoo-8m", "--format", "mxfp4",
