@@ -43,7 +43,8 @@ def panels(frame: pd.DataFrame, min_sizes: int = 1) -> tuple[list[tuple[dict, pd
     """[(slice, rows)] per (corpus, family), and notes on slices with < ``min_sizes`` sizes."""
     cols = [c for c in PANEL_COLUMNS if c in frame]
     out, notes = [], []
-    for key, rows in frame.groupby(cols, sort=True):
+    groups = frame.groupby(cols, sort=True) if cols else [((), frame)]
+    for key, rows in groups:
         where = dict(zip(cols, map(str, np.atleast_1d(key))))
         if rows["model.name"].nunique() < min_sizes:
             notes.append(f"{_title(where)}: {rows['model.name'].nunique()} model size, no curve")
@@ -103,19 +104,25 @@ def plot_nll_vs_params(frame: pd.DataFrame, size_column: str = "params.total",
               for c in cols}
     styles = {m: LINESTYLES[i % 4] for i, m in enumerate(sorted(q["method.name"].unique()))}
     for r, (where, part) in enumerate(rows):
-        base = frame[np.logical_and.reduce([frame[k].astype(str) == v for k, v in where.items()])
-                     & frame["is_baseline"]].sort_values(size_column)
+        base = frame[frame["is_baseline"]]
+        for k, v in where.items():
+            base = base[base[k].astype(str) == v]
+        # one 16-bit point per model (a study may run the baseline under every method)
+        base = base.drop_duplicates("model.name").sort_values(size_column)
         for c, col in enumerate(cols):
             ax = axes[r, c]
             ax.set_gid(_gid(where))
             if not log_y and len(base):
-                ax.plot(base[size_column], base[y], color="k", lw=2, label="16-bit")
-            for (ck, method), g in part[part[col_key] == col].groupby([color_key, "method.name"]):
+                ax.plot(base[size_column], base[y], color="k", lw=2, label="16-bit",
+                        gid="reference")
+            for (fmt, method), g in part[part[col_key] == col].groupby(["format.name",
+                                                                         "method.name"]):
                 g = g.sort_values(size_column)
+                ck = fmt if color_key == "format.name" else method
                 i = list(colors[col]).index(ck)
                 ax.plot(g[size_column], g[y], color=colors[col][ck], marker=MARKERS[i % 11],
                         ms=4, lw=1.2, ls=styles[method] if style_key else "-",
-                        label=f"{ck} / {method}")
+                        label=f"{fmt} / {method}", gid=f"format.name={fmt}|method.name={method}")
             ax.set(xscale="log", yscale="log" if log_y else "linear",
                    title=f"{_title(where)} — {col}", xlabel=f"parameters ({size_column})")
             ax.title.set_fontsize(9)
@@ -142,6 +149,8 @@ def plot_activation_schemes(frame: pd.DataFrame, y: str = "metrics.nll",
     """Weight x activation studies: ``y`` against parameters, a row per (corpus, family), a
     column per weight / activation format pair, one line per scheme (method, granularity,
     alpha); the full-precision NLL dashed black."""
+    if y not in frame:
+        raise AnalysisError(f"the records have no {y}")
     q = frame[frame["activations"] != "none"]
     if y == "dnll":
         q = q[q["dnll"] > 0]
@@ -163,12 +172,14 @@ def plot_activation_schemes(frame: pd.DataFrame, y: str = "metrics.nll",
             sub = part[part["_wa"] == col]
             if y == "metrics.nll" and len(sub):
                 fp = sub.drop_duplicates("model.name").sort_values(size_column)
-                ax.plot(fp[size_column], fp["metrics.nll_fp"], "k--", lw=1.5)
-            for scheme, g in sub.groupby("_scheme"):
+                ax.plot(fp[size_column], fp["metrics.nll_fp"], "k--", lw=1.5, gid="reference")
+            for (scheme, act, fmt, method), g in sub.groupby(
+                    ["_scheme", "activations", "format.name", "method.name"]):
                 g = g.sort_values(size_column)
                 i = schemes.index(scheme)
                 ax.plot(g[size_column], g[y], color=colors[scheme], marker=MARKERS[i % 11],
-                        ms=4, lw=1.2)
+                        ms=4, lw=1.2,
+                        gid=f"activations={act}|format.name={fmt}|method.name={method}")
             ax.set(xscale="log", yscale="log" if y == "dnll" else "linear",
                    title=f"{_title(where)} — {col}", xlabel=f"parameters ({size_column})")
             ax.title.set_fontsize(9)
