@@ -84,8 +84,8 @@ def _facets(q: pd.DataFrame) -> tuple[str, str, str | None]:
 def plot_nll_vs_params(frame: pd.DataFrame, size_column: str = "params.total",
                        y: str = "metrics.nll") -> Figure:
     """``y`` (NLL, or dNLL on log axes) against parameters: a row of panels per (corpus,
-    family), a column per format family, one line per (format, method), the 16-bit model in
-    black on every panel (NLL only)."""
+    family), a column per format family (or per format when many methods are compared), one
+    line per (format, method), the full-precision NLL in black (NLL only)."""
     log_y = y == "dnll"
     q = frame[~frame["is_baseline"]]
     if log_y:
@@ -104,16 +104,14 @@ def plot_nll_vs_params(frame: pd.DataFrame, size_column: str = "params.total",
               for c in cols}
     styles = {m: LINESTYLES[i % 4] for i, m in enumerate(sorted(q["method.name"].unique()))}
     for r, (where, part) in enumerate(rows):
-        base = frame[frame["is_baseline"]]
-        for k, v in where.items():
-            base = base[base[k].astype(str) == v]
-        # one 16-bit point per model (a study may run the baseline under every method)
-        base = base.drop_duplicates("model.name").sort_values(size_column)
+        # the full-precision NLL of each model of this slice (what every job's dNLL is from)
+        base = part.drop_duplicates("model.name").sort_values(size_column)
         for c, col in enumerate(cols):
             ax = axes[r, c]
             ax.set_gid(_gid(where))
-            if not log_y and len(base):
-                ax.plot(base[size_column], base[y], color="k", lw=2, label="16-bit",
+            if not log_y:
+                ax.plot(base[size_column], base["metrics.nll_fp"], color="k", lw=2,
+                        label="full precision",
                         gid="reference")
             for (fmt, method), g in part[part[col_key] == col].groupby(["format.name",
                                                                          "method.name"]):
@@ -130,14 +128,14 @@ def plot_nll_vs_params(frame: pd.DataFrame, size_column: str = "params.total",
                 ax.set_ylabel("dNLL (nats)" if log_y else "NLL (nats)")
             ax.grid(alpha=0.3, which="both" if log_y else "major")
             if r == 0:
-                _legend(ax, colors[col], styles if style_key else {}, not log_y and len(base))
+                _legend(ax, colors[col], styles if style_key else {}, not log_y)
     _note(fig, notes)
     fig.tight_layout(rect=(0, 0.02 if notes else 0, 1, 1))
     return fig
 
 
 def _legend(ax, colors: dict, styles: dict, with_base: bool) -> None:
-    handles = [Line2D([], [], color="k", lw=2, label="16-bit")] if with_base else []
+    handles = [Line2D([], [], color="k", lw=2, label="full precision")] if with_base else []
     handles += [Line2D([], [], color=col, marker=MARKERS[i % 11], ms=4, label=name)
                 for i, (name, col) in enumerate(colors.items())]
     handles += [Line2D([], [], color="0.3", ls=ls, label=m) for m, ls in styles.items()]

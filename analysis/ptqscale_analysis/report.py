@@ -132,7 +132,7 @@ def write_report(root: str | os.PathLike, study: str, out_dir: str | os.PathLike
     _pareto(doc, frame, out)
     doc.h(2, "Figures")
     _figure(doc, out, "nll_vs_params", "NLL vs parameters per corpus and family, faceted by "
-            "format family (black: 16-bit)", plots.plot_nll_vs_params, frame)
+            "format family (black: full precision)", plots.plot_nll_vs_params, frame)
     _figure(doc, out, "dnll_vs_params", "dNLL vs parameters (log scale)",
             plots.plot_nll_vs_params, frame, "params.total", "dnll")
     _figure(doc, out, "dnll_vs_sqnr", "dNLL vs weight SQNR per size, with the noise law",

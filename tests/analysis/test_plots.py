@@ -48,9 +48,11 @@ def _check_lines(fig, frame, x, y) -> int:
             continue
         rows = _slice(frame, ax.get_gid())
         for line in ax.get_lines():
-            if line.get_gid() == "reference":  # 16-bit / full precision: one point per model
-                xs = np.asarray(line.get_data()[0], float)
-                assert np.all(np.diff(xs) > 0) and set(xs) <= set(rows[x])
+            if line.get_gid() == "reference":  # full precision: one point per model of the slice
+                xs, ys = (np.asarray(v, float) for v in line.get_data())
+                fp = rows.drop_duplicates("model.name").sort_values(x)
+                np.testing.assert_allclose(xs, fp[x].to_numpy(float))
+                np.testing.assert_allclose(ys, fp["metrics.nll_fp"].to_numpy(float))
                 continue
             series = _slice(rows, line.get_gid()).sort_values(x)
             xs, ys = (np.asarray(v, float) for v in line.get_data())
@@ -77,7 +79,7 @@ def test_nll_vs_params_never_crosses_corpora(family_scan):
     # 2 corpora x 1 family with >= 2 sizes, x 3 format families
     assert len([ax for ax in fig.axes if ax.get_gid()]) == 6
     n = _check_lines(fig, family_scan, "params.total", "metrics.nll")
-    assert n == 2 * 12 * 2  # per corpus: 12 formats x 2 methods (+ the 16-bit reference)
+    assert n == 2 * 12 * 2  # per corpus: 12 formats x 2 methods (+ the full-precision reference)
     for ax in fig.axes:
         _styles_unique(ax)
         assert len(ax.get_legend().texts) <= 12 if ax.get_legend() else True
