@@ -120,13 +120,16 @@ def write_report(root: str | os.PathLike, study: str, out_dir: str | os.PathLike
     _summary(doc, frame)
     _activation_schemes(doc, frame, out)
     weights = weight_only(frame)
+    if weights.empty:
+        doc.p(f"Every one of the {len(frame)} records quantizes activations too, so the "
+              "weight-only laws, predictor and Pareto frontier do not apply; the activation "
+              "figures and tables above are this study's results.")
+        return _write(doc, out, study)
     if len(weights) < len(frame):  # laws, predictor, frontier: weights only
-        doc.p(f"Laws, predictor, Pareto frontier and figures use the {len(weights)} records "
-              f"whose activations stay in full precision; {len(frame) - len(weights)} records "
-              f"quantize activations too.")
+        doc.p(f"Laws, predictor, Pareto frontier and the figures below use the {len(weights)} "
+              f"records whose activations stay in full precision; "
+              f"{len(frame) - len(weights)} records quantize activations too.")
         frame = weights
-        if frame.empty:
-            return _write(doc, out, study)
     fits = _laws(doc, frame, cfg)
     _predictor(doc, frame, cfg, out)
     _pareto(doc, frame, out)
