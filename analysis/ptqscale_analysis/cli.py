@@ -189,7 +189,10 @@ def _pareto(argv):
     budget = parse_bytes(args.budget)
     frame = load_study(args.results, args.study)
     scope = select(frame, data=args.data, family=args.family, activations=args.activations)
-    pred = None if args.no_predict else _get_predictor(args, frame)
+    weights = scope[~scope["is_baseline"] & (scope["activations"] == "none")]
+    pred = None if args.no_predict or weights.empty else _get_predictor(args, frame)
+    if pred is None and not args.no_predict:
+        print("measured answers only: no weight-only quantized records to train the predictor")
     print(f"budget: {budget:.6g} bytes")
     for labels, part in split(scope):  # NLLs of other corpora/tokenizers never compete
         if labels:

@@ -72,3 +72,23 @@ def test_predict_without_data_answers_per_corpus(capsys):
                          "--format", "mxfp4", "--method", "gptq", "--n-estimators", "20"]) == 0
     out = capsys.readouterr().out
     assert re.findall(r"measured on (\w+)", out) == ["gutenberg", "wikitext2"]
+
+
+def test_pareto_on_an_activation_study_answers_per_scheme(capsys):
+    assert pareto_main(["--results", str(RESULTS), "--study", "crossquant", "--budget", "5MB",
+                        "--data", "gutenberg", "--activations", "int8 per_token"]) == 0
+    out = capsys.readouterr().out
+    assert "measured answers only" in out and "best measured:" in out
+    assert out.count("== ") == 0  # one group: corpus, family and scheme all fixed
+
+
+def test_a_pickle_predictor_is_refused_by_the_cli(tmp_path, capsys):
+    import pickle
+
+    path = tmp_path / "rf.pkl"
+    path.write_bytes(pickle.dumps({"forest": 1}))
+    assert predict_main(["--results", str(RESULTS), "--study", "awq", "--model",
+                         "gutenberg-llama-1m", "--format", "int4_g128", "--method", "awq",
+                         "--predictor", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is a pickle" in err and "Traceback" not in err
