@@ -31,6 +31,7 @@ from ptqscale_analysis.errors import AnalysisError  # noqa: E402
 from ptqscale_analysis.study_fits import SQNR_COLUMN, StudyFits  # noqa: E402
 
 PANEL_COLUMNS = ("data.name", "model.family")
+PROTOCOL_COLUMNS = ("eval.preset", "eval.seqlen")
 FORMAT_GROUPS = {"int": "integer", "mx": "microscaling (MX)", "fp": "float, NVFP4, NF4",
                  "nvfp4": "float, NVFP4, NF4", "nf4": "float, NVFP4, NF4"}
 COLORS = plt.cm.tab10.colors
@@ -41,9 +42,11 @@ LINESTYLES = ("-", "--", ":", "-.")
 def panels(frame: pd.DataFrame, min_sizes: int = 1) -> tuple[list[tuple[dict, pd.DataFrame]],
                                                                 list[str]]:
     """[(slice, rows)] per (corpus, family), and notes on slices with < ``min_sizes`` sizes."""
-    cols = [c for c in PANEL_COLUMNS if c in frame]
+    # the evaluation protocol splits too, where a study varies it (NLL at another seqlen)
+    extra = [c for c in PROTOCOL_COLUMNS if c in frame and frame[c].astype(str).nunique() > 1]
+    cols = [c for c in PANEL_COLUMNS if c in frame] + extra
     out, notes = [], []
-    groups = frame.groupby(cols, sort=True) if cols else [((), frame)]
+    groups = frame.groupby(cols, sort=True, dropna=False) if cols else [((), frame)]
     for key, rows in groups:
         where = dict(zip(cols, map(str, np.atleast_1d(key))))
         if rows["model.name"].nunique() < min_sizes:
@@ -54,7 +57,8 @@ def panels(frame: pd.DataFrame, min_sizes: int = 1) -> tuple[list[tuple[dict, pd
 
 
 def _title(where: dict) -> str:
-    return " / ".join(where.values())
+    return " / ".join(f"{k.rpartition('.')[2]} {v}" if k in PROTOCOL_COLUMNS else v
+                      for k, v in where.items())
 
 
 def _gid(where: dict) -> str:

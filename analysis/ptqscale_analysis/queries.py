@@ -21,7 +21,9 @@ from ptqscale_analysis.predictor import Predictor, add_features
 
 # Axes along which NLLs are not comparable: another corpus, another tokenizer (a family has
 # one), another activation scheme. Queries answer within one value of each, never across.
-SPLITS = {"data": "data.name", "family": "model.family", "activations": "activations"}
+# The evaluation protocol (preset, seqlen) splits too where a study varies it.
+SPLITS = {"data": "data.name", "family": "model.family", "activations": "activations",
+          "preset": "eval.preset", "seqlen": "eval.seqlen"}
 
 
 def select(frame: pd.DataFrame, **where: str | None) -> pd.DataFrame:
@@ -50,7 +52,7 @@ def split(frame: pd.DataFrame) -> list[tuple[dict[str, str], pd.DataFrame]]:
     if not cols:
         return [({}, frame)]
     out = []
-    for key, rows in frame.groupby(cols, sort=True):
+    for key, rows in frame.groupby(cols, sort=True, dropna=False):  # NaN: a group, not dropped
         values = dict(zip(cols, map(str, np.atleast_1d(key))))
         out.append(({c: values[c] for c in varying}, rows))
     return out

@@ -1,6 +1,7 @@
 """Pareto frontier and budget answers against brute force; predictions for known and new."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from ptqscale_analysis.errors import AnalysisError
@@ -87,3 +88,19 @@ def test_parse_bytes(text, value):
 def test_parse_bytes_refuses(text):
     with pytest.raises(AnalysisError, match="budget"):
         parse_bytes(text)
+
+
+def test_an_evaluation_protocol_that_varies_splits_queries_and_panels(small):
+    from ptqscale_analysis import plots
+    from ptqscale_analysis.queries import split
+
+    zoo = small[small["model.family"] == "zoo"]
+    two = pd.concat([zoo.assign(**{"eval.seqlen": 512}),
+                     zoo.assign(**{"eval.seqlen": 2048, "metrics.nll": zoo["metrics.nll"] - 0.3})],
+                    ignore_index=True)
+    groups = split(two)
+    assert [labels for labels, _ in groups] == [{"eval.seqlen": "512"}, {"eval.seqlen": "2048"}]
+    assert all(len(part) == len(zoo) for _, part in groups)
+    fig = plots.plot_pareto(two)
+    assert sorted(ax.get_gid() for ax in fig.axes if ax.get_gid()) == [
+        "model.family=zoo|eval.seqlen=2048", "model.family=zoo|eval.seqlen=512"]
