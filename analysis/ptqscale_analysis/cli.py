@@ -43,10 +43,18 @@ def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
 
 def _predictor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor", type=Path, default=None,
-                   help="saved predictor: loaded if present (and checked against the study's "
-                        "records), else trained and saved there")
+                   help="saved predictor (JSON): refitted from the study's records and checked "
+                        "if present, else trained and saved there; pickles are refused")
     p.add_argument("--n-estimators", type=int, default=PredictorConfig.n_estimators)
     p.add_argument("--seed", type=int, default=PredictorConfig.seed)
+
+
+def _split_args(p: argparse.ArgumentParser, axes=("data", "family", "activations")) -> None:
+    helps = {"data": "evaluation corpus (data.name); default: each corpus of the study",
+             "family": "model family, i.e. tokenizer (model.family); default: each",
+             "activations": "activation scheme, e.g. 'none' or 'int8 per_token'; default: each"}
+    for axis in axes:
+        p.add_argument(f"--{axis}", default=None, help=helps[axis])
 
 
 def _run(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
@@ -63,7 +71,7 @@ def _get_predictor(args, frame: pd.DataFrame) -> Predictor:
         return load(path, frame)
     pred = train_predictor(frame, PredictorConfig(n_estimators=args.n_estimators, seed=args.seed))
     if path is not None:
-        save(pred, path)
+        save(pred, path, frame)
         print(f"saved the predictor to {path} (records sha256 {pred.records_sha256[:12]})")
     return pred
 
@@ -115,7 +123,7 @@ def _key_values(pairs: list[str]) -> dict[str, float]:
 
 
 def _predict(argv):
-    from ptqscale_analysis.queries import predict_nll
+    from ptqscale_analysis.queries import predict_nll, select, split
 
     p = _parser("ptqscale-predict", "Predict the NLL of a model in a format with a method.")
     p.add_argument("--format", required=True)
@@ -126,6 +134,7 @@ def _predict(argv):
     p.add_argument("--nll-fp", type=float, default=None, help="its full-precision NLL")
     p.add_argument("--feature", action="append", default=[], metavar="KEY=VALUE",
                    help="another model feature, e.g. landscape.kappa=0.3 (repeatable)")
+    _split_args(p, ("data",))
     _predictor_args(p)
     args = p.parse_args(argv)
     features = _key_values(args.feature)
@@ -135,12 +144,20 @@ def _predict(argv):
         features["metrics.nll_fp"] = args.nll_fp
     frame = load_study(args.results, args.study)
     pred = _get_predictor(args, frame)
-    r = predict_nll(pred, frame, args.format, args.method, model=args.model, features=features)
-    print(f"{r.model} {r.format} {r.method}: NLL {r.nll:.4f} "
-          f"[{r.nll_low:.4f}, {r.nll_high:.4f}] ({pred.cfg.interval:.0%} of trees), "
-          f"dNLL {r.dnll:.4g}, full precision {r.nll_fp:.4f}")
-    if r.measured_nll is not None:
-        print(f"measured: {r.measured_nll:.4f}")
+    scope = select(frame, data=args.data)
+    groups = [scope]
+    if args.model is not None:  # one prediction per corpus the model was measured on
+        rows = scope[(scope["model.name"] == args.model) & (scope["activations"] == "none")]
+        groups = [part for _, part in split(rows)] if len(rows) else groups
+    for part in groups:
+        r = predict_nll(pred, part, args.format, args.method, model=args.model,
+                        features=features)
+        where = f" on {part['data.name'].iloc[0]}" if args.model and "data.name" in part else ""
+        print(f"{r.model}{where} {r.format} {r.method}: NLL {r.nll:.4f} "
+              f"[{r.nll_low:.4f}, {r.nll_high:.4f}] ({pred.cfg.interval:.0%} of trees), "
+              f"dNLL {r.dnll:.4g}, full precision {r.nll_fp:.4f}")
+        if r.measured_nll is not None:
+            print(f"  measured{where}: {r.measured_nll:.4f}")
     print(f"features used: {', '.join(pred.features)}")
     if pred.dropped:
         print(f"features dropped (missing in some records): {', '.join(pred.dropped)}")
@@ -154,19 +171,43 @@ def predict_main(argv: list[str] | None = None) -> int:
 # ---- ptqscale-pareto --------------------------------------------------------------------
 
 def _pareto(argv):
-    from ptqscale_analysis.queries import best_under_budget, pareto_frontier, parse_bytes
+    from ptqscale_analysis.queries import (
+        best_under_budget,
+        pareto_frontier,
+        parse_bytes,
+        select,
+        split,
+        split_label,
+    )
 
     p = _parser("ptqscale-pareto", "Best (size, format, method) under a memory budget.")
     p.add_argument("--budget", required=True, help="bytes, e.g. 500MB, 1.5GiB or 2e9")
     p.add_argument("--no-predict", action="store_true", help="measured records only")
+    _split_args(p)
     _predictor_args(p)
     args = p.parse_args(argv)
     budget = parse_bytes(args.budget)
     frame = load_study(args.results, args.study)
-    pred = None if args.no_predict else _get_predictor(args, frame)
-    ans = best_under_budget(frame, budget, pred)
-    cols = ["model.name", "format.name", "method.name", "model_bytes", "metrics.nll"]
+    scope = select(frame, data=args.data, family=args.family, activations=args.activations)
+    weights = scope[~scope["is_baseline"] & (scope["activations"] == "none")]
+    pred = None if args.no_predict or weights.empty else _get_predictor(args, frame)
+    if pred is None and not args.no_predict:
+        print("measured answers only: no weight-only quantized records to train the predictor")
     print(f"budget: {budget:.6g} bytes")
+    for labels, part in split(scope):  # NLLs of other corpora/tokenizers never compete
+        if labels:
+            print(f"\n== {split_label(labels)}")
+        weights_only = part["activations"].eq("none").all()
+        try:
+            ans = best_under_budget(part, budget, pred if weights_only else None)
+        except AnalysisError as e:
+            print(f"  {e}")
+            continue
+        _print_budget_answer(ans, pareto_frontier(part), budget)
+    return 0
+
+
+def _print_budget_answer(ans, front: pd.DataFrame, budget: float) -> None:
     if ans.measured is not None:
         m = ans.measured
         print(f"best measured:  {m['model.name']} {m['format.name']} {m['method.name']}: "
@@ -177,10 +218,10 @@ def _pareto(argv):
         b = ans.predicted
         print(f"best predicted: {b['model.name']} {b['format.name']} {b['method.name']}: "
               f"NLL {b['nll']:.4f}, {b['model_bytes']:.6g} bytes ({b['source']})")
-    front = pareto_frontier(frame)
-    print("\nmeasured Pareto frontier:")
-    print(front[front["model_bytes"] <= budget][cols].to_string(index=False))
-    return 0
+    cols = ["model.name", "format.name", "method.name", "model_bytes", "metrics.nll"]
+    under = front[front["model_bytes"] <= budget]
+    print("measured Pareto frontier under the budget:")
+    print(under[cols].to_string(index=False) if len(under) else "  (none)")
 
 
 def pareto_main(argv: list[str] | None = None) -> int:

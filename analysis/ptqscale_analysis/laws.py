@@ -300,6 +300,10 @@ def _fit(spec: LawSpec, X: dict, y: np.ndarray, starts, cfg: FitConfig) -> LawFi
         residuals = log_y - spec.log_model(theta, X)
         boot = _bootstrap(spec, X, log_y, theta, residuals, cfg)
     params = spec.to_params(theta)
+    at_bound = _bound_notes(spec, theta)
+    # A minimum pinned at a box bound is the box's answer, not the data's (S of the saturating
+    # law at its ceiling: no saturation seen): report it as not converged, whatever L-BFGS-B says.
+    converged = converged and not at_bound
     alpha = (1 - cfg.ci_level) / 2
     ci = {}
     for i, name in enumerate(spec.param_names):
@@ -308,8 +312,8 @@ def _fit(spec: LawSpec, X: dict, y: np.ndarray, starts, cfg: FitConfig) -> LawFi
         ci[name] = (float(lo), float(hi))
     fit = LawFit(spec.name, spec.formula, dict(zip(spec.param_names, map(float, params))), ci,
                  residuals, converged, float(best.fun), len(y), theta, spec)
-    fit.notes += _bound_notes(spec, theta)
-    if not converged:
+    fit.notes += at_bound
+    if not converged and not at_bound:
         fit.notes.append(f"L-BFGS-B did not converge and no two starts agree: {best.message}")
     return fit
 

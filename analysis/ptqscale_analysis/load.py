@@ -7,6 +7,8 @@ Derived columns (names are part of this package's contract, see docs/analysis.md
 
 - ``dnll``                  ``metrics.nll - metrics.nll_fp`` (nats)
 - ``bits_per_weight``       ``format.bits_per_weight`` (effective, scales included)
+- ``params.quantized``      weights the methods quantize: the records' ``params.quantizable``
+                            (older records: ``params.quantized``)
 - ``params.non_quantized``  ``params.total - params.quantized``
 - ``params.non_embedding``  ``params.total - params.embedding - params.head``
 - ``model_bytes``           ``metrics.model_bytes`` when recorded, else quantized weights at
@@ -16,6 +18,8 @@ Derived columns (names are part of this package's contract, see docs/analysis.md
                             format's mean over models where that record is missing
 - ``is_baseline``           the unquantized reference rows (``format.family == 'baseline'`` or
                             ``method.name == 'none'``)
+- ``activations``           ``none`` (weight-only) or the activation scheme, e.g.
+                            ``int8 per_token`` or ``int8 crossquant a=0.15``
 
 Example::
 
@@ -85,10 +89,38 @@ def add_derived(frame: pd.DataFrame) -> pd.DataFrame:
     df["model_bytes"] = _model_bytes(df)
     df["bits_per_param"] = 8.0 * df["model_bytes"] / df["params.total"]
     df["rtn_sqnr_db"] = _rtn_sqnr(df)
+    df["activations"] = activation_scheme(df)
     return df
 
 
+def activation_scheme(df: pd.DataFrame) -> pd.Series:
+    """Per row ``none`` (activations in full precision) or ``<format> <granularity>``, with
+    CrossQuant's alpha (``int8 crossquant a=0.15``): NLLs of different schemes never mix."""
+    none = pd.Series("none", index=df.index)
+    if "method.activations.granularity" not in df:
+        return none
+    gran = df["method.activations.granularity"]
+    act = gran.notna()
+    fmt = df.get("method.activations.format", pd.Series("", index=df.index)).astype(str)
+    label = fmt + " " + gran.astype(str)
+    if "method.activations.alpha" in df:
+        alpha = " a=" + df["method.activations.alpha"].astype(str)
+        label = label + alpha.where(gran == "crossquant", "")
+    return label.where(act, none)
+
+
+def weight_only(frame: pd.DataFrame) -> pd.DataFrame:
+    """The records whose activations stay in full precision (what the laws describe)."""
+    return frame[frame["activations"] == "none"]
+
+
 def _add_param_splits(df: pd.DataFrame) -> None:
+    # The runner records the count of the methods' target weights as params.quantizable;
+    # early records (and docs) called it params.quantized. Never fall back to params.total:
+    # that would count the embedding as quantized.
+    if "params.quantizable" in df:
+        legacy = df["params.quantized"] if "params.quantized" in df else np.nan
+        df["params.quantized"] = pd.to_numeric(df["params.quantizable"]).fillna(legacy)
     quantized = df.get("params.quantized")
     if quantized is not None:
         df["params.non_quantized"] = df["params.total"] - quantized

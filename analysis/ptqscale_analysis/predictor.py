@@ -24,13 +24,13 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pandas as pd
 import sklearn
 from sklearn.ensemble import RandomForestRegressor
 
 from ptqscale_analysis.errors import AnalysisError
+from ptqscale_analysis.load import weight_only
 from ptqscale_analysis.study_fits import LAW_PREDICTORS, StudyFitConfig, law_predictions
 
 FORMAT_FEATURES = ("format.element_bits", "format.block_size", "bits_per_weight", "rtn_sqnr_db")
@@ -86,10 +86,15 @@ class Predictor:
 
 
 def training_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """Quantized rows (the baseline has dNLL = 0 by construction) with a known dNLL."""
-    rows = frame[~frame["is_baseline"] & frame[TARGET].notna()]
+    """Weight-only quantized rows (the baseline has dNLL = 0 by construction) with a dNLL.
+
+    Rows that quantize activations too are left out: no feature describes the activation
+    scheme, so the forest would average schemes.
+    """
+    rows = weight_only(frame)
+    rows = rows[~rows["is_baseline"] & rows[TARGET].notna()]
     if rows.empty:
-        raise AnalysisError("no quantized records with a dNLL to learn from")
+        raise AnalysisError("no weight-only quantized records with a dNLL to learn from")
     return rows
 
 
@@ -104,10 +109,11 @@ def add_features(frame: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
     return df
 
 
-# Landscape columns that describe the model (or the job's noise-equivalent prediction);
-# the rest of that record group is bookkeeping (costs, budgets, standard errors).
+# Landscape columns that describe the model; the rest of that record group is bookkeeping
+# (costs, budgets, standard errors) or job-level (noise_equivalent_dnll uses the job's own
+# SQNR, so a configuration not yet run has none: kappa and rtn_sqnr_db carry it).
 _LANDSCAPE_FEATURE = re.compile(r"^landscape\.(kappa|kappa_h|kappa_ratio|s_star_db|hessian_trace|"
-                                r"top_eigenvalue|noise_equivalent_dnll|dnll_at_[0-9.]+db)$")
+                                r"top_eigenvalue|dnll_at_[0-9.]+db)$")
 
 
 def candidate_features(frame: pd.DataFrame, methods: list[str]) -> list[str]:
@@ -224,32 +230,83 @@ def _per_group(preds: pd.DataFrame, models: list[str]) -> pd.DataFrame:
 
 
 # ---- persistence ------------------------------------------------------------------------
+# A saved predictor is a JSON file: the forest's settings, the sha256 of its training records
+# and a fingerprint of its predictions. Loading refits the forest on the study's records and
+# checks both hashes. Why refit rather than store the trees: a pickle (joblib) runs code on
+# load, and the trees' arrays are megabytes of derived data; the store is the source of truth,
+# the fit is deterministic (fixed seed) and takes seconds, and the prediction fingerprint
+# catches a scikit-learn whose forest differs. No pickle is ever read.
 
-def save(predictor: Predictor, path: str | os.PathLike) -> Path:
-    """Write the predictor (joblib) and a JSON sidecar with the training records' sha256."""
+SAVE_KIND = "ptqscale-predictor"
+SAVE_VERSION = 1
+
+
+def predictions_sha256(predictor: Predictor, rows: pd.DataFrame) -> str:
+    """sha256 of the forest's predictions on its training rows (12 significant digits)."""
+    X = add_features(rows, predictor.methods)
+    out = predictor.predict(X).to_numpy(float)
+    return hashlib.sha256(np.array2string(out, precision=12, threshold=out.size + 1)
+                          .encode()).hexdigest()
+
+
+def save(predictor: Predictor, path: str | os.PathLike, frame: pd.DataFrame) -> Path:
+    """Write ``predictor`` (trained on ``frame``) as JSON: its settings and hashes, no trees."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    joblib.dump(predictor, path)
-    meta = {"records_sha256": predictor.records_sha256, "features": predictor.features,
-            "dropped": predictor.dropped, "methods": predictor.methods,
-            "config": asdict(predictor.cfg), "sklearn": sklearn.__version__}
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    meta = {"kind": SAVE_KIND, "version": SAVE_VERSION, "config": asdict(predictor.cfg),
+            "records_sha256": predictor.records_sha256,
+            "predictions_sha256": predictions_sha256(predictor, training_rows(frame)),
+            "features": predictor.features, "dropped": predictor.dropped,
+            "methods": predictor.methods, "sklearn": sklearn.__version__}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(path)
     return path
 
 
-def load(path: str | os.PathLike, frame: pd.DataFrame | None = None) -> Predictor:
-    """Read a saved predictor; with ``frame``, check it was trained on exactly its records.
+def _read_saved(path: Path) -> dict:
+    raw = path.read_bytes()
+    if raw[:1] == b"\x80":  # the PROTO opcode every pickle since protocol 2 starts with
+        raise AnalysisError(f"{path} is a pickle (e.g. joblib); pickles can run code when "
+                            "loaded and are refused: save the predictor with ptqscale "
+                            "(a JSON file) or delete the file to retrain")
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AnalysisError(f"{path} is not a saved predictor (expected the JSON file that "
+                            "ptqscale-predict --predictor writes); delete it to retrain") from None
+    if not isinstance(meta, dict) or meta.get("kind") != SAVE_KIND:
+        raise AnalysisError(f"{path} is JSON but not a saved ptqscale predictor "
+                            f"(no \"kind\": \"{SAVE_KIND}\")")
+    if meta.get("version") != SAVE_VERSION:
+        raise AnalysisError(f"{path}: saved-predictor version {meta.get('version')!r}, "
+                            f"this ptqscale reads version {SAVE_VERSION}; delete it to retrain")
+    return meta
 
-    joblib files are pickles: load only predictors you wrote yourself.
+
+def load(path: str | os.PathLike, frame: pd.DataFrame) -> Predictor:
+    """Refit the predictor saved at ``path`` on ``frame``, checking it is the same forest.
+
+    Refused: a pickle (never unpickled), other records than it was trained on, or a refit
+    whose predictions differ (another scikit-learn version, say).
     """
     path = Path(path)
     if not path.is_file():
         raise AnalysisError(f"no saved predictor at {path}")
-    predictor = joblib.load(path)
-    if frame is not None:
-        digest = records_sha256(training_rows(frame))
-        if digest != predictor.records_sha256:
-            raise AnalysisError(
-                f"the predictor at {path} was trained on other records "
-                f"(sha256 {predictor.records_sha256[:12]}, study now {digest[:12]}); retrain it")
+    meta = _read_saved(path)
+    rows = training_rows(frame)
+    digest = records_sha256(rows)
+    if digest != meta["records_sha256"]:
+        raise AnalysisError(
+            f"the predictor at {path} was trained on other records "
+            f"(sha256 {meta['records_sha256'][:12]}, study now {digest[:12]}); retrain it")
+    try:
+        cfg = PredictorConfig(**meta["config"])
+    except TypeError as e:
+        raise AnalysisError(f"{path}: unreadable predictor settings ({e})") from None
+    predictor = train_predictor(frame, cfg)
+    if predictions_sha256(predictor, rows) != meta["predictions_sha256"]:
+        raise AnalysisError(
+            f"the predictor at {path} refits to different predictions (saved with "
+            f"scikit-learn {meta.get('sklearn')}, this is {sklearn.__version__}); retrain it")
     return predictor

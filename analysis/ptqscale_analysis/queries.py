@@ -19,6 +19,50 @@ import pandas as pd
 from ptqscale_analysis.errors import AnalysisError
 from ptqscale_analysis.predictor import Predictor, add_features
 
+# Axes along which NLLs are not comparable: another corpus, another tokenizer (a family has
+# one), another activation scheme. Queries answer within one value of each, never across.
+# The evaluation protocol (preset, seqlen) splits too where a study varies it.
+SPLITS = {"data": "data.name", "family": "model.family", "activations": "activations",
+          "preset": "eval.preset", "seqlen": "eval.seqlen"}
+
+
+def select(frame: pd.DataFrame, **where: str | None) -> pd.DataFrame:
+    """Rows of ``frame`` with ``SPLITS[axis] == value`` for each given axis (None: all).
+
+    >>> select(frame, data="wikitext2")                                 # doctest: +SKIP
+    """
+    for axis, value in where.items():
+        if value is None:
+            continue
+        col = SPLITS[axis]
+        have = sorted(frame[col].astype(str).unique()) if col in frame else []
+        if value not in have:
+            raise AnalysisError(f"--{axis} {value!r} is not in the study; {col} values: {have}")
+        frame = frame[frame[col].astype(str) == value]
+    return frame
+
+
+def split(frame: pd.DataFrame) -> list[tuple[dict[str, str], pd.DataFrame]]:
+    """``frame`` cut along every axis of ``SPLITS`` that it holds: [(labels, rows), ...].
+
+    Labels name only the axes with more than one value in ``frame`` ({} when nothing splits).
+    """
+    cols = [c for c in SPLITS.values() if c in frame]
+    varying = [c for c in cols if frame[c].astype(str).nunique() > 1]
+    if not cols:
+        return [({}, frame)]
+    out = []
+    for key, rows in frame.groupby(cols, sort=True, dropna=False):  # NaN: a group, not dropped
+        values = dict(zip(cols, map(str, np.atleast_1d(key))))
+        out.append(({c: values[c] for c in varying}, rows))
+    return out
+
+
+def split_label(labels: dict[str, str]) -> str:
+    """{"data.name": "wikitext2", "model.family": "zoo"} -> "data=wikitext2, family=zoo"."""
+    short = {v: k for k, v in SPLITS.items()}
+    return ", ".join(f"{short.get(k, k)}={v}" for k, v in labels.items())
+
 
 @dataclass
 class Prediction:
@@ -35,11 +79,17 @@ class Prediction:
 
 
 def model_features(frame: pd.DataFrame, model: str) -> dict:
-    """Model-level columns of ``model`` from the store (first record of that model)."""
+    """Model-level columns of ``model`` from the store (its first record in ``frame``).
+
+    ``frame`` must hold one corpus: the full-precision NLL and the landscape are per corpus.
+    """
     rows = frame[frame["model.name"] == model]
     if rows.empty:
         raise AnalysisError(f"model {model!r} is not in the study; models: "
                             f"{sorted(frame['model.name'].unique())}")
+    if "data.name" in rows and rows["data.name"].nunique() > 1:
+        raise AnalysisError(f"model {model!r} was measured on several corpora "
+                            f"{sorted(rows['data.name'].unique())}; pick one (--data)")
     return rows.iloc[0].to_dict()
 
 
@@ -142,7 +192,11 @@ class BudgetAnswer:
 
 
 def candidate_table(frame: pd.DataFrame, predictor: Predictor) -> pd.DataFrame:
-    """Every model x seen format x seen method (plus 16-bit), with bytes and predicted NLL."""
+    """Every model x seen format x seen method (plus 16-bit), with bytes and predicted NLL.
+
+    Bytes: the quantized weights (``params.quantized``) at the format's effective bits, every
+    other parameter (embedding, norms, an untied head) at 16 bits. ``frame``: one corpus.
+    """
     models = frame.drop_duplicates("model.name").set_index("model.name")
     queries = [(m, f, meth) for m in models.index for f in predictor.formats.index
                for meth in predictor.methods]
@@ -150,8 +204,10 @@ def candidate_table(frame: pd.DataFrame, predictor: Predictor) -> pd.DataFrame:
     pred = predictor.predict(X)
     names = [q[0] for q in queries]
     total = models.loc[names, "params.total"].to_numpy(float)
-    quantized = models.loc[names].get("params.quantized")
-    quantized = total if quantized is None else quantized.to_numpy(float)
+    if "params.quantized" not in models:  # (load.add_derived maps params.quantizable to it)
+        raise AnalysisError("records lack params.quantizable: the bytes of a configuration "
+                            "not yet run cannot be computed")
+    quantized = models.loc[names, "params.quantized"].to_numpy(float)
     table = pd.DataFrame({
         "model.name": [q[0] for q in queries], "format.name": [q[1] for q in queries],
         "method.name": [q[2] for q in queries],
@@ -168,7 +224,14 @@ def candidate_table(frame: pd.DataFrame, predictor: Predictor) -> pd.DataFrame:
 
 def best_under_budget(frame: pd.DataFrame, budget_bytes: float,
                       predictor: Predictor | None = None) -> BudgetAnswer:
-    """Lowest-NLL configuration whose model fits in ``budget_bytes``: measured, and predicted."""
+    """Lowest-NLL configuration whose model fits in ``budget_bytes``: measured, and predicted.
+
+    ``frame`` must be one group of :func:`split` (one corpus, tokenizer, activation scheme).
+    """
+    labels = split(frame)
+    if len(labels) > 1:
+        raise AnalysisError("NLLs of different corpora/families/activation schemes are not "
+                            "comparable; ask per group of split(frame)")
     fits = frame[frame["model_bytes"] <= budget_bytes]
     measured = fits.loc[fits["metrics.nll"].idxmin()] if len(fits) else None
     candidates, predicted = pd.DataFrame(), None

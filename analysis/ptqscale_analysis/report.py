@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 
 from ptqscale_analysis import plots
 from ptqscale_analysis.errors import AnalysisError
-from ptqscale_analysis.load import load_study
+from ptqscale_analysis.load import load_study, weight_only
 from ptqscale_analysis.predictor import PredictorConfig, cross_validate, train_predictor
-from ptqscale_analysis.queries import pareto_frontier
+from ptqscale_analysis.queries import pareto_frontier, split, split_label
 from ptqscale_analysis.study_fits import StudyFitConfig, fit_study_laws
 
 
@@ -75,7 +74,8 @@ class _Doc:
         out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
                "</title><style>body{font-family:sans-serif;max-width:70em;margin:auto}"
                "table{border-collapse:collapse;font-size:small}td,th{border:1px solid #ccc;"
-               "padding:2px 6px}img{max-width:100%}</style></head><body>"]
+               "padding:2px 6px}td:first-child{white-space:nowrap}img{max-width:100%}"
+               "</style></head><body>"]
         for b in self.blocks:
             if b[0] == "h":
                 out.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
@@ -84,7 +84,9 @@ class _Doc:
             elif b[0] == "list":
                 out.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in b[1]) + "</ul>")
             elif b[0] == "table":
-                out.append(b[1].to_html(index=False, float_format=_fmt, border=0))
+                df = b[1].copy()
+                df.columns.name = None  # a pivot's column-axis name: an empty header cell
+                out.append(df.to_html(index=False, float_format=_fmt, border=0))
             else:
                 out.append(f"<figure><img src='{html.escape(b[1])}' alt='{html.escape(b[2])}'>"
                            f"<figcaption>{html.escape(b[2])}</figcaption></figure>")
@@ -116,21 +118,26 @@ def write_report(root: str | os.PathLike, study: str, out_dir: str | os.PathLike
     doc.h(1, f"PTQ scaling report: {study}")
     _findings(doc, Path(root) / study / "findings.md")
     _summary(doc, frame)
-    _activation_schemes(doc, frame)
+    _activation_schemes(doc, frame, out)
     weights = weight_only(frame)
+    if weights.empty:
+        doc.p(f"Every one of the {len(frame)} records quantizes activations too, so the "
+              "weight-only laws, predictor and Pareto frontier do not apply; the activation "
+              "figures and tables above are this study's results.")
+        return _write(doc, out, study)
     if len(weights) < len(frame):  # laws, predictor, frontier: weights only
-        doc.p(f"Laws, predictor, Pareto frontier and figures use the {len(weights)} records "
-              f"whose activations stay in full precision; {len(frame) - len(weights)} records "
-              f"quantize activations too.")
+        doc.p(f"Laws, predictor, Pareto frontier and the figures below use the {len(weights)} "
+              f"records whose activations stay in full precision; "
+              f"{len(frame) - len(weights)} records quantize activations too.")
         frame = weights
-        if frame.empty:
-            return _write(doc, out, study)
     fits = _laws(doc, frame, cfg)
     _predictor(doc, frame, cfg, out)
     _pareto(doc, frame, out)
     doc.h(2, "Figures")
-    _figure(doc, out, "nll_vs_params", "NLL vs parameters per format",
-            plots.plot_nll_vs_params, frame)
+    _figure(doc, out, "nll_vs_params", "NLL vs parameters per corpus and family, faceted by "
+            "format family (black: full precision)", plots.plot_nll_vs_params, frame)
+    _figure(doc, out, "dnll_vs_params", "dNLL vs parameters (log scale)",
+            plots.plot_nll_vs_params, frame, "params.total", "dnll")
     _figure(doc, out, "dnll_vs_sqnr", "dNLL vs weight SQNR per size, with the noise law",
             plots.plot_dnll_vs_sqnr, frame, fits, cfg.fit.size_column)
     _figure(doc, out, "noise_response", "noise-response curves", plots.plot_noise_response,
@@ -178,31 +185,11 @@ def _pipe_table(lines: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows[2:], columns=rows[0])
 
 
-def _granularity(frame: pd.DataFrame) -> pd.Series:
-    """The activation granularity of each record, with CrossQuant's alpha (``crossquant a=0.15``)."""
-    granularity = frame["method.activations.granularity"].astype(str)
-    alpha = frame.get("method.activations.alpha")
-    if alpha is None:
-        return granularity
-    return granularity + np.where(granularity == "crossquant", " a=" + alpha.astype(str), "")
-
-
-def _with_scheme(frame: pd.DataFrame) -> pd.DataFrame:
-    """``scheme``: the method, plus the activation scheme where activations are quantized."""
-    frame = frame.copy()
-    frame["scheme"] = frame["method.name"]
-    if "method.activations.granularity" in frame:
-        act = frame["method.activations.granularity"].notna()
-        suffix = " " + frame["method.activations.format"].astype(str) + " " + _granularity(frame)
-        frame.loc[act, "scheme"] = frame.loc[act, "method.name"] + suffix[act]
-    return frame
-
-
-def weight_only(frame: pd.DataFrame) -> pd.DataFrame:
-    """The records whose activations stay in full precision (what the laws describe)."""
-    if "method.activations.granularity" not in frame:
-        return frame
-    return frame[frame["method.activations.granularity"].isna()]
+def _scheme(frame: pd.DataFrame) -> pd.Series:
+    """The method, plus the activation scheme where activations are quantized
+    (``rtn int8 crossquant a=0.15``)."""
+    act = frame["activations"] != "none"
+    return frame["method.name"].where(~act, frame["method.name"] + " " + frame["activations"])
 
 
 def _summary(doc: _Doc, frame: pd.DataFrame) -> None:
@@ -212,36 +199,41 @@ def _summary(doc: _Doc, frame: pd.DataFrame) -> None:
                f"models: {', '.join(models['model.name'])}",
                f"formats: {', '.join(sorted(frame['format.name'].unique()))}",
                f"methods: {', '.join(sorted(frame['method.name'].unique()))}"])
-    q = _with_scheme(frame[~frame["is_baseline"]])
-    if len(q):
-        pivot = q.pivot_table(index="model.name", columns=["scheme", "format.name"],
-                              values="dnll", aggfunc="mean").reindex(models["model.name"])
-        pivot.columns = [f"{m}/{f}" for m, f in pivot.columns]
-        doc.p("dNLL (nats) of every quantized job:")
+    q = weight_only(frame[~frame["is_baseline"]])  # activation schemes: their own section
+    by = [c for c in ("data.name", "method.name") if c in q]
+    for key, rows in q.groupby(by, sort=True):
+        pivot = rows.pivot_table(index="model.name", columns="format.name", values="dnll")
+        pivot = pivot.reindex([m for m in models["model.name"] if m in pivot.index])
+        doc.p(f"dNLL (nats) of every weight-only job, {', '.join(map(str, key))}:")
         doc.table(pivot.reset_index())
 
 
-def _activation_schemes(doc: _Doc, frame: pd.DataFrame) -> None:
+def _activation_schemes(doc: _Doc, frame: pd.DataFrame, out: Path) -> None:
     """Weight x activation studies (W8A8, W4A8, ...): NLL and quantization-kernel proportion
     per activation scheme (method, granularity, alpha), as in the CrossQuant paper's tables."""
-    if "method.activations.granularity" not in frame:
-        return
-    rows = frame[frame["method.activations.granularity"].notna()].copy()
+    rows = frame[frame["activations"] != "none"].copy()
     if rows.empty:
         return
     models = rows.drop_duplicates("model.name")
     order = (models.sort_values("params.total") if "params.total" in models else models)["model.name"]
-    rows["scheme"] = rows["method.name"] + "/" + _granularity(rows)
+    rows["scheme"] = rows["method.name"] + "/" + rows["activations"].str.split(" ", n=1).str[1]
     rows["W/A"] = rows["format.name"] + " / " + rows["method.activations.format"]
     doc.h(2, "Activation quantization")
+    _figure(doc, out, "activations_nll", "NLL per activation scheme (dashed: full precision)",
+            plots.plot_activation_schemes, rows)
+    _figure(doc, out, "activations_dnll", "dNLL per activation scheme (log scale)",
+            plots.plot_activation_schemes, rows, "dnll")
+    _figure(doc, out, "activations_kernel_proportion",
+            "quantization-kernel proportion per activation scheme",
+            plots.plot_activation_schemes, rows, "quantization.activations.kernel_proportion")
+    index = [c for c in ("data.name", "model.name", "W/A") if c in rows]
     for value, label in (("metrics.nll", "NLL"),
                          ("quantization.activations.kernel_proportion",
                           "quantization-kernel proportion (activations rounded to zero)")):
         if value in rows:
             doc.p(f"{label} per weight / activation format and scheme:")
-            table = rows.pivot_table(index=["model.name", "W/A"], columns="scheme",
-                                     values=value, aggfunc="mean")
-            table = table.reindex(order, level=0).map(lambda v: f"{v:.4f}")  # W8A8 gaps: 1e-3
+            table = rows.pivot_table(index=index, columns="scheme", values=value)
+            table = table.reindex(order, level="model.name").map(lambda v: f"{v:.4f}")  # 1e-3 gaps
             doc.table(table.reset_index())
 
 
@@ -294,10 +286,16 @@ def _predictor(doc: _Doc, frame: pd.DataFrame, cfg: ReportConfig, out: Path) -> 
 
 def _pareto(doc: _Doc, frame: pd.DataFrame, out: Path) -> None:
     doc.h(2, "Pareto frontier (model bytes vs NLL, measured)")
-    front = pareto_frontier(frame)
+    doc.p("One frontier per corpus and model family: NLLs of other corpora or tokenizers are "
+          "not comparable. Bytes: quantized weights at their effective bits, the rest at 16 "
+          "bits.")
     cols = ["model.name", "format.name", "method.name", "model_bytes", "metrics.nll"]
-    doc.table(front[cols])
-    _figure(doc, out, "pareto", "Pareto frontier", plots.plot_pareto, frame, front)
+    for labels, part in split(frame):
+        if labels:
+            doc.h(3, split_label(labels))
+        doc.table(pareto_frontier(part)[cols])
+    _figure(doc, out, "pareto", "Pareto frontier per corpus and family", plots.plot_pareto,
+            frame)
 
 
 def _figure(doc: _Doc, out: Path, name: str, caption: str, fn, *args) -> None:
@@ -307,6 +305,6 @@ def _figure(doc: _Doc, out: Path, name: str, caption: str, fn, *args) -> None:
         doc.p(f"Figure '{caption}' skipped: {e}")
         return
     rel = f"figures/{name}.png"
-    fig.savefig(out / rel, dpi=110)
+    fig.savefig(out / rel, dpi=100)
     plt.close(fig)
     doc.img(rel, caption)

@@ -131,6 +131,10 @@ def fit_study_laws(frame: pd.DataFrame, cfg: StudyFitConfig | None = None,
     by = [c for c in cfg.group_by if c in q]
     for key, rows in q.groupby(by, sort=True):
         group = dict(zip(by, np.atleast_1d(key)))
+        n = np.unique(size_values(rows, cfg.size_column))
+        if len(n) < 2:  # one note, not one per law and format
+            out.notes.append(f"[{_label(group)}] one model size ({n.tolist()}): no size law")
+            continue
         _fit_dnll_laws(rows, group, cfg, out, laws)
     return out
 

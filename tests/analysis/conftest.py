@@ -39,14 +39,14 @@ def _params(n_blocks: float) -> dict:
     d = int(round((n_blocks / 48) ** 0.5))  # 4 layers of 12 d^2
     emb = 4096 * d
     return {"total": int(n_blocks) + 2 * emb, "embedding": emb, "head": emb,
-            "blocks": int(n_blocks), "quantized": int(n_blocks)}
+            "blocks": int(n_blocks), "quantizable": int(n_blocks)}  # the runner's name
 
 
 def _record(study, fam, size, fmt, method, nll_fp, dnll, sqnr, params, landscape):
     ffam, bits, block, bpw, _ = FORMATS.get(fmt, ("baseline", 16, None, 16.0, None))
     name = f"{study}/{fam}-{size}/{fmt}/{method}"
     nll = nll_fp + dnll
-    q = params["quantized"]
+    q = params["quantizable"]
     return {
         "job_key": hashlib.sha256(name.encode()).hexdigest()[:16], "study": study,
         "status": "complete", "name": name, "protocol_version": 1,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import QuantileRegressor
 
-from ptqscale_analysis.laws import FitConfig, fit_fp_law, fit_noise_law
+from ptqscale_analysis.laws import FitConfig, fit_fp_law, fit_noise_law, fit_noise_law_saturating
 from ptqscale_analysis.load import load_study
 from ptqscale_analysis.report import ReportConfig, write_report
 from ptqscale_analysis.study_fits import StudyFitConfig
@@ -89,6 +89,16 @@ def test_noise_law_exponent_on_gutenberg(study, method, gamma):
     y = np.log(dnll) + sqnr / 10 * np.log(10)
     lad = QuantileRegressor(quantile=0.5, alpha=0, solver="highs").fit(-np.log(n)[:, None], y)
     assert fit.params["gamma"] == pytest.approx(lad.coef_[0], abs=0.01)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_saturating_law_at_its_bound_is_not_converged_on_gutenberg(study, method):
+    # Gutenberg dNLL never saturates over the measured SQNR range: S runs to its ceiling.
+    q = study[(study["model.family"] == FAMILY) & (study["method.name"] == method)
+              & (study["data.name"] == "gutenberg") & ~study["is_baseline"] & (study["dnll"] > 0)]
+    fit = fit_noise_law_saturating(*(q[c].to_numpy(float) for c in (
+        "params.blocks", "metrics.weight_sqnr_db", "dnll")), FitConfig(n_boot=0))
+    assert fit.theta[2] == pytest.approx(15.0) and not fit.converged
 
 
 @pytest.mark.slow

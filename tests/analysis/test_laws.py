@@ -62,6 +62,17 @@ def test_saturating_noise_law_recovers_parameters():
     assert fit.predict(n=1e6, sqnr=-60.0) == pytest.approx(truth["S"], rel=0.2)  # saturates
 
 
+def test_a_law_pinned_at_a_bound_is_not_converged():
+    # pure noise law, far from saturation: S runs to the top of its box (e^15)
+    n, s, rng = _grid(np.random.default_rng(0), np.linspace(15, 40, 6))
+    dnll = 300.0 * n ** -0.4 * 10 ** (-s / 10) * np.exp(rng.normal(0, 0.05, n.size))
+    fit = fit_noise_law_saturating(n, s, dnll, FitConfig(n_boot=0))
+    assert fit.theta[2] == pytest.approx(NOISE_SAT.bounds[2][1])
+    assert not fit.converged
+    assert any("S sits at its bound" in note for note in fit.notes)
+    assert fit_noise_law(n, s, dnll, FitConfig(n_boot=0)).converged  # the same data, no bound
+
+
 def test_precision_law_recovers_parameters():
     n, bits, rng = _grid(np.random.default_rng(4), np.array([3.0, 4.25, 4.5, 6.25, 8.25]))
     truth = {"C": 50.0, "gamma_N": 0.3, "gamma_P": 1.2}

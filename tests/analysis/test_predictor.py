@@ -1,5 +1,11 @@
 """Grouped cross-validation against a hand-written loop; persistence with the records hash."""
 
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -79,8 +85,9 @@ def test_cv_needs_two_groups(small):
 
 def test_save_load_checks_the_records_hash(small, tmp_path):
     pred = train_predictor(small, CFG)
-    path = save(pred, tmp_path / "rf.joblib")
-    assert (tmp_path / "rf.json").read_text().count(pred.records_sha256) == 1
+    path = save(pred, tmp_path / "rf.json", small)
+    saved = json.loads(path.read_text())  # plain JSON: settings and hashes, no trees
+    assert saved["records_sha256"] == pred.records_sha256 and saved["config"]["seed"] == 3
     again = load(path, small)
     X = add_features(small[~small["is_baseline"]], pred.methods)
     pd.testing.assert_frame_equal(again.predict(X), pred.predict(X))
@@ -88,6 +95,42 @@ def test_save_load_checks_the_records_hash(small, tmp_path):
     changed.loc[changed.index[0], "metrics.nll"] += 0.01
     with pytest.raises(AnalysisError, match="trained on other records"):
         load(path, changed)
+    saved["predictions_sha256"] = "0" * 64  # a refit that predicts otherwise is refused
+    path.write_text(json.dumps(saved))
+    with pytest.raises(AnalysisError, match="refits to different predictions"):
+        load(path, small)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_pickle_is_refused_and_never_unpickled(small, tmp_path, monkeypatch, protocol):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "rf.joblib"
+    path.write_bytes(pickle.dumps(_Boom(), protocol=protocol))
+    with pytest.raises(AnalysisError, match="is a pickle.*refused"):
+        load(path, small)
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("text, match", [("not json", "not a saved predictor"),
+                                         ('{"kind": "other"}', "not a saved ptqscale"),
+                                         ('{"kind": "ptqscale-predictor", "version": 9}',
+                                          "version 9")])
+def test_other_files_are_refused(small, tmp_path, text, match):
+    path = tmp_path / "p.json"
+    path.write_text(text)
+    with pytest.raises(AnalysisError, match=match):
+        load(path, small)
+
+
+def test_no_pickle_loader_in_the_analysis_package():
+    src = Path(__file__).resolve().parents[2] / "analysis" / "ptqscale_analysis"
+    text = "\n".join(p.read_text() for p in src.glob("*.py"))
+    assert not re.search(r"joblib\.load|pickle\.load|import pickle|import joblib", text)
 
 
 def test_interval_brackets_the_mean(small):

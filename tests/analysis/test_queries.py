@@ -1,6 +1,7 @@
 """Pareto frontier and budget answers against brute force; predictions for known and new."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from ptqscale_analysis.errors import AnalysisError
@@ -34,6 +35,9 @@ def test_pareto_frontier_is_the_brute_force_set(small):
 
 
 def test_best_under_budget_measured_and_predicted(small, pred):
+    with pytest.raises(AnalysisError, match="not comparable"):  # two families (tokenizers)
+        best_under_budget(small, 1e12, pred)
+    small = small[small["model.family"] == "zoo"]
     budget = small["model_bytes"].median()
     ans = best_under_budget(small, budget, pred)
     under = small[small["model_bytes"] <= budget]
@@ -43,7 +47,8 @@ def test_best_under_budget_measured_and_predicted(small, pred):
     # candidate bytes follow the rule: quantized at effective bits, the rest at 16 bits
     row = ans.candidates.query("`format.name` == 'mxfp4'").iloc[0]
     m = small[small["model.name"] == row["model.name"]].iloc[0]
-    q = m["params.quantized"]
+    q = m["params.quantizable"]  # the records' name; never params.total
+    assert q < m["params.total"]
     assert row["model_bytes"] == pytest.approx(q * 4.25 / 8 + (m["params.total"] - q) * 2)
     with pytest.raises(AnalysisError, match="nothing fits in 10 bytes"):
         best_under_budget(small, 10, pred)
@@ -83,3 +88,19 @@ def test_parse_bytes(text, value):
 def test_parse_bytes_refuses(text):
     with pytest.raises(AnalysisError, match="budget"):
         parse_bytes(text)
+
+
+def test_an_evaluation_protocol_that_varies_splits_queries_and_panels(small):
+    from ptqscale_analysis import plots
+    from ptqscale_analysis.queries import split
+
+    zoo = small[small["model.family"] == "zoo"]
+    two = pd.concat([zoo.assign(**{"eval.seqlen": 512}),
+                     zoo.assign(**{"eval.seqlen": 2048, "metrics.nll": zoo["metrics.nll"] - 0.3})],
+                    ignore_index=True)
+    groups = split(two)
+    assert [labels for labels, _ in groups] == [{"eval.seqlen": "512"}, {"eval.seqlen": "2048"}]
+    assert all(len(part) == len(zoo) for _, part in groups)
+    fig = plots.plot_pareto(two)
+    assert sorted(ax.get_gid() for ax in fig.axes if ax.get_gid()) == [
+        "model.family=zoo|eval.seqlen=2048", "model.family=zoo|eval.seqlen=512"]

@@ -43,7 +43,7 @@ def test_report_on_one_size_says_why_laws_are_missing(one_size_root, tmp_path):
                         "--out", str(tmp_path), *FAST]) == 0
     md = (tmp_path / "report.md").read_text()
     assert "No law could be fitted" in md
-    assert "needs >= 2 distinct model sizes, got 1" in md
+    assert "one model size ([" in md and "no size law" in md
     assert "Leave-one-size-out skipped" in md
     assert (tmp_path / "figures" / "pareto.png").is_file()
 
@@ -55,7 +55,7 @@ def test_fit_prints_laws(small_root, capsys):
 
 
 def test_predict_and_pareto_print_answers(small_root, tmp_path, capsys):
-    saved = tmp_path / "rf.joblib"
+    saved = tmp_path / "rf.json"
     args = ["--results", str(small_root), "--study", "small", "--n-estimators", "10",
             "--predictor", str(saved)]
     assert predict_main([*args, "--model", "zoo-8m", "--format", "mxfp4",
@@ -100,9 +100,10 @@ def test_console_entry_point_has_no_traceback(tmp_path):
     assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr
 
 
-def test_activation_schemes_table():
+def test_activation_schemes_table(tmp_path):
     import pandas as pd
 
+    from ptqscale_analysis.load import activation_scheme
     from ptqscale_analysis.report import _activation_schemes, _Doc
 
     rows = []
@@ -113,22 +114,25 @@ def test_activation_schemes_table():
                      "quantization.activations.kernel_proportion": kernel})
     rows.append({"model.name": "m", "format.name": "int4_g128", "method.name": "gptq",
                  "method.activations.granularity": None, "metrics.nll": 2.5})
+    frame = pd.DataFrame(rows).assign(activations=lambda d: activation_scheme(d))
+    assert frame["activations"].tolist() == ["int8 per_token", "int8 crossquant a=0.15", "none"]
     doc = _Doc()
-    _activation_schemes(doc, pd.DataFrame(rows))
+    _activation_schemes(doc, frame, tmp_path)
     md = doc.markdown()
     assert "## Activation quantization" in md
     assert "rtn/crossquant a=0.15" in md and "rtn/per_token" in md and "int8 / int8" in md
     assert "| m | int8 / int8 | 0.2000 | 0.3000 |" in md      # kernel proportions, 4 decimals
     assert "| m | int8 / int8 | 2.1000 | 2.0000 |" in md      # NLL: 4 decimals (W8A8 gaps)
     empty = _Doc()
-    _activation_schemes(empty, pd.DataFrame(rows[2:]))
+    _activation_schemes(empty, frame.iloc[2:], tmp_path)
     assert empty.markdown().strip() == ""
 
 
 def test_findings_pipe_tables_and_weight_only_frame(tmp_path):
     import pandas as pd
 
-    from ptqscale_analysis.report import _Doc, _findings, weight_only
+    from ptqscale_analysis.load import activation_scheme, weight_only
+    from ptqscale_analysis.report import _Doc, _findings
 
     doc = _Doc()
     path = tmp_path / "findings.md"
@@ -137,4 +141,4 @@ def test_findings_pipe_tables_and_weight_only_frame(tmp_path):
     md = doc.markdown()
     assert "| model | NLL |" in md and "| m | 2.5 |" in md and "- a point" in md
     frame = pd.DataFrame({"method.activations.granularity": [None, "per_token"], "x": [1, 2]})
-    assert weight_only(frame)["x"].tolist() == [1]
+    assert weight_only(frame.assign(activations=activation_scheme(frame)))["x"].tolist() == [1]
