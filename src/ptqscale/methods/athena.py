@@ -302,7 +302,7 @@ def quantize_athena(model: nn.Module, cfg: AthenaConfig, ctx: QuantContext) -> Q
     ids = calibration_ids(ctx, "athena")
     device = resolve_device(cfg.device, "method.device")
     plan = WalkPlan(device, torch.device("cpu") if cfg.offload else device, cfg.batch_size,
-                    False, cfg.true_sequential)
+                    False, cfg.true_sequential, ctx.progress, f"athena {cfg.format}")
     anat = get_anatomy(model)
     selected = select_targets(model, anat, cfg.targets)
     report = QuantReport(method="athena", format=fmt.name)

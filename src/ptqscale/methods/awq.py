@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ptqscale import console
 from ptqscale.errors import require
 from ptqscale.formats import Format, get_format
 from ptqscale.methods.base import (
@@ -178,7 +179,8 @@ def quantize_awq(model: nn.Module, cfg: AWQConfig, ctx: QuantContext) -> QuantRe
     try:
         inputs = capture_block_inputs(model, anat.blocks[0], ids, cfg.batch_size, device)
         groups = input_groups(anat.blocks[0].to(device), anat.block_order, inputs)
-        for i, block in enumerate(anat.blocks):
+        for i, block in enumerate(console.progress(anat.blocks, f"awq {fmt.name}", ctx.progress,
+                                                   unit="block")):
             home = next(block.parameters()).device
             block.to(device)
             try:

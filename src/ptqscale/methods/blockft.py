@@ -171,7 +171,7 @@ def _quantize_blockft(model: nn.Module, cfg: BlockFTConfig, ctx: QuantContext) -
     model.eval().requires_grad_(False)  # only the learned quantizers get gradients
     try:
         inputs = capture_block_inputs(model, anat.blocks[0], ids, cfg.batch_size, storage)
-        walk.run(inputs, windows)
+        walk.run(inputs, windows, ctx.progress)
     finally:
         model.train(was_training)
         for p, flag in flags.items():

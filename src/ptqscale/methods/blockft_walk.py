@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ptqscale import console
 from ptqscale.methods.blockft_quant import LearnedWeight, gptq_with_params
 from ptqscale.methods.capture import BlockInputs, collect_hessians, input_groups
 
@@ -94,9 +95,9 @@ class BlockFT:
         self.windows: list[dict] = []
         self.finalize = None  # set by the caller: (block index, {rel: LearnedWeight}) -> None
 
-    def run(self, inputs: BlockInputs, windows: list[Window]) -> None:
+    def run(self, inputs: BlockInputs, windows: list[Window], progress: bool = False) -> None:
         x_q = x_fp = inputs
-        for w in windows:
+        for w in console.progress(windows, self.cfg.name, progress, unit="window"):
             home = [next(self.blocks[b].parameters()).device for b in range(w.first,
                                                                             w.last_needed + 1)]
             for b in range(w.first, w.last_needed + 1):

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ptqscale import console
+
 
 class _Stop(Exception):
     """Raised by a hook to end a forward pass early (what it needed has been seen)."""
@@ -221,6 +223,8 @@ class WalkPlan:
     batch_size: int  # sequences per forward pass
     fp_inputs: bool  # Hessians from the full-precision model's activations
     true_sequential: bool  # (quantized inputs only) re-collect after each input group
+    progress: bool = False  # a bar over the blocks (ptqscale.console)
+    desc: str = "blocks"  # the bar's label
 
 
 def walk_blocks(model: nn.Module, anat: Any, selected: dict[str, nn.Module],
@@ -240,7 +244,8 @@ def walk_blocks(model: nn.Module, anat: Any, selected: dict[str, nn.Module],
     if last_needed >= 0:
         inputs = capture_block_inputs(model, anat.blocks[0], calibration, plan.batch_size,
                                       plan.storage)
-    for i, block in enumerate(anat.blocks):
+    for i, block in enumerate(console.progress(anat.blocks, plan.desc, plan.progress,
+                                               unit="block")):
         home = next(block.parameters()).device
         block.to(plan.device)
         try:

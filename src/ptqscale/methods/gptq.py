@@ -396,7 +396,7 @@ def quantize_gptq(model: nn.Module, cfg: GPTQConfig, ctx: QuantContext) -> Quant
     calibration = calibration_ids(ctx, "gptq")
     device = resolve_device(cfg.device, "method.device")
     plan = WalkPlan(device, torch.device("cpu") if cfg.offload else device, cfg.batch_size,
-                    cfg.fp_inputs, cfg.true_sequential)
+                    cfg.fp_inputs, cfg.true_sequential, ctx.progress, f"gptq {cfg.format}")
     anat = get_anatomy(model)
     selected = select_targets(model, anat, cfg.targets)
     cache, cache_info = _open_cache(model, cfg, ctx, plan, calibration)

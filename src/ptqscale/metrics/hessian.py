@@ -35,6 +35,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from ptqscale import console
+
 Vector = list[torch.Tensor]  # one tensor per probed weight, same shapes
 HVP = Callable[[Vector], Vector]
 LossFn = Callable[[], torch.Tensor]
@@ -149,6 +151,7 @@ def hutchinson_samples(
     weights: Sequence[torch.Tensor],
     probes: int,
     seed: int,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Per-probe, per-block samples ``v_l^T (H v)_l`` of the full loss, shape ``[probes, L]``.
 
@@ -158,12 +161,14 @@ def hutchinson_samples(
     The column means estimate ``tr(H_l)``; a row sum is one sample of ``tr(H)``.
     """
     samples = torch.zeros(probes, len(weights), dtype=torch.float64)
-    for fraction, make_hvp in batch_hvps:
-        hvp = make_hvp()
-        for k in range(probes):
-            v = rademacher(weights, seed + k)
-            samples[k] += fraction * blockwise_dot(v, hvp(v))
-        del hvp  # frees this batch's retained graph before the next one is built
+    with console.bar(len(batch_hvps) * probes, "hessian trace", progress, unit="hvp") as bar:
+        for fraction, make_hvp in batch_hvps:
+            hvp = make_hvp()
+            for k in range(probes):
+                v = rademacher(weights, seed + k)
+                samples[k] += fraction * blockwise_dot(v, hvp(v))
+                bar.update()
+            del hvp  # frees this batch's retained graph before the next one is built
     return samples
 
 
@@ -211,7 +216,8 @@ def trace_stats(samples: torch.Tensor, scale: torch.Tensor) -> dict:
 
 
 def power_iteration(
-    full_hvp: HVP, weights: Sequence[torch.Tensor], iters: int, tol: float, seed: int
+    full_hvp: HVP, weights: Sequence[torch.Tensor], iters: int, tol: float, seed: int,
+    progress: bool = False,
 ) -> tuple[float, int, bool]:
     """Eigenvalue of largest magnitude of H: ``(eigenvalue, iterations run, converged)``.
 
@@ -223,7 +229,7 @@ def power_iteration(
     if iters < 1:
         raise ValueError(f"power iteration needs iters >= 1, got {iters}")
     eig, converged = float("nan"), False
-    for it in range(1, iters + 1):
+    for it in console.progress(range(1, iters + 1), "top eigenvalue", progress, unit="hvp"):
         hv = full_hvp(v)
         new = float(blockwise_dot(v, hv).sum())
         converged = it > 1 and abs(new - eig) <= tol * abs(new)

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptqscale import console
 from ptqscale.errors import ConfigError
 
 from . import hessian as hs
@@ -200,7 +201,8 @@ def noise_equivalent_dnll(kappa: float, sqnr_db: float) -> float:
 
 
 def measure_noise_response(
-    model: nn.Module, targets: dict[str, nn.Linear], batches: torch.Tensor, cfg: LandscapeConfig
+    model: nn.Module, targets: dict[str, nn.Linear], batches: torch.Tensor, cfg: LandscapeConfig,
+    progress: bool = False,
 ) -> dict:
     """dNLL per SQNR level (mean and standard error over seeds), ``kappa`` and ``s_star_db``."""
     windows = select_windows(batches, cfg)
@@ -213,13 +215,16 @@ def measure_noise_response(
         power = _sq_per_numel(reference)  # ||W_l||^2 / numel_l: the variance at 0 dB
         clean = mean_nll(model, windows, cfg.batch_size)
         dnll = torch.zeros(len(levels), cfg.seeds, dtype=torch.float64)
-        for k in range(cfg.seeds):
-            noise = hs.gaussian(reference, cfg.seed + k)  # one direction for every level
-            for i, s in enumerate(levels):
-                sigmas = [math.sqrt(p / 10 ** (s / 10)) for p in power]
-                scores = [_noisy_nll(model, windows, cfg, weights, reference, noise, sigmas, sign)
-                          for sign in signs]
-                dnll[i, k] = sum(scores) / len(scores) - clean
+        steps = console.progress(
+            [(k, i) for k in range(cfg.seeds) for i in range(len(levels))], "noise response",
+            progress, unit="level")
+        for k, i in steps:  # seed-major, as the draws of the seeds' directions
+            if i == 0:
+                noise = hs.gaussian(reference, cfg.seed + k)  # one direction for every level
+            sigmas = [math.sqrt(p / 10 ** (levels[i] / 10)) for p in power]
+            scores = [_noisy_nll(model, windows, cfg, weights, reference, noise, sigmas, sign)
+                      for sign in signs]
+            dnll[i, k] = sum(scores) / len(scores) - clean
     out = {"nll_clean": clean, "landscape_tokens": windows.numel()}
     out.update(summarize_noise_response(levels, dnll, cfg))
     out["cost_noise_response_s"] = time.perf_counter() - start
@@ -301,7 +306,8 @@ def basin_edge(levels: Sequence[float], dnll: Sequence[float], threshold: float)
 
 
 def measure_hessian(
-    model: nn.Module, targets: dict[str, nn.Linear], batches: torch.Tensor, cfg: LandscapeConfig
+    model: nn.Module, targets: dict[str, nn.Linear], batches: torch.Tensor, cfg: LandscapeConfig,
+    progress: bool = False,
 ) -> dict:
     """Hutchinson trace (total, per layer), ``kappa_h`` and the top eigenvalue, in fp32.
 
@@ -318,7 +324,7 @@ def measure_hessian(
         start = time.perf_counter()
         samples = hs.hutchinson_samples(
             _batch_hvps(model, windows, weights, reference, cfg, cfg.hvp_retain_graph),
-            weights, cfg.hutchinson_probes, cfg.seed)
+            weights, cfg.hutchinson_probes, cfg.seed, progress)
         trace_s = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -327,7 +333,7 @@ def measure_hessian(
             full_hvp = hs.summed_hvp(
                 _batch_hvps(model, windows, weights, reference, cfg, False), weights)
             eig, iters, converged = hs.power_iteration(
-                full_hvp, weights, cfg.power_iters, cfg.power_tol, cfg.seed
+                full_hvp, weights, cfg.power_iters, cfg.power_tol, cfg.seed, progress
             )
         eig_s = time.perf_counter() - start
     scale = torch.tensor(_sq_per_numel(reference), dtype=torch.float64)
@@ -378,7 +384,8 @@ def _batch_hvps(model, windows, weights, reference, cfg, retain_graph: bool
 
 
 def measure_landscape(
-    model: nn.Module, targets: dict[str, nn.Linear], batches: torch.Tensor, cfg: LandscapeConfig
+    model: nn.Module, targets: dict[str, nn.Linear], batches: torch.Tensor, cfg: LandscapeConfig,
+    progress: bool = False,
 ) -> dict:
     """Every model-level feature at ``cfg``'s budget: noise response, and (``cfg.hessian``)
     the second-order features with ``kappa_ratio = kappa_h / kappa``.
@@ -386,9 +393,9 @@ def measure_landscape(
     All keys are JSON scalars except ``"layers"`` (per-layer Hessian traces).
     """
     out: dict = {"landscape_protocol": LANDSCAPE_PROTOCOL}
-    out.update(measure_noise_response(model, targets, batches, cfg))
+    out.update(measure_noise_response(model, targets, batches, cfg, progress))
     if cfg.hessian:
-        out.update(measure_hessian(model, targets, batches, cfg))
+        out.update(measure_hessian(model, targets, batches, cfg, progress))
         out["kappa_ratio"] = out["kappa_h"] / out["kappa"] if out["kappa"] != 0 else None
     return out
 

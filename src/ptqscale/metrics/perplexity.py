@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from ptqscale import console
 from ptqscale.errors import ConfigError, PTQScaleError
 
 PROTOCOL_VERSION = 1
@@ -137,11 +138,8 @@ def measure_perplexity(model, stream: torch.Tensor, cfg: EvalConfig,
     # float64 on the model's device: one host sync at the end, not one per window
     total = torch.zeros((), dtype=torch.float64, device=device)
     scored = 0
-    batches = range(0, len(windows), cfg.batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, desc=f"ppl {cfg.preset}/{cfg.seqlen}", unit="batch")
+    batches = console.progress(range(0, len(windows), cfg.batch_size),
+                               f"ppl {cfg.preset}/{cfg.seqlen}", progress, unit="batch")
     with torch.inference_mode(), compiled_blocks(model, cfg.compile) as compiled_nll:
         for b in batches:
             plan = windows[b:b + cfg.batch_size]

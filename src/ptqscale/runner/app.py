@@ -32,8 +32,10 @@ def conf_dir() -> str:
 
 def task(cfg: DictConfig) -> str:
     """One job; the record's status is the Hydra job's return value."""
+    from ptqscale.console import quiet_third_party
     from ptqscale.runner.job import run_job
 
+    quiet_third_party()
     return run_job(cfg)["status"]
 
 

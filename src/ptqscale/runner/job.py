@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ptqscale import console
 from ptqscale.errors import ConfigError, PTQScaleError
 from ptqscale.runner import keys
 from ptqscale.runner.config import to_object
@@ -193,9 +194,9 @@ def _execute_on_device(spec: JobSpec) -> dict:
     from ptqscale.models import load_model
 
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(spec.model)
-    timings["load"] = time.perf_counter() - t0
+    console.library_bars(spec.progress)
+    with console.stage(f"load {spec.model.name}", timings, "load"):
+        model, tokenizer = load_model(spec.model)
     level = model_level(spec, model, tokenizer, timings)
     result = quantize_and_measure(spec, model, tokenizer, level, timings)
     result["timings"] = timings

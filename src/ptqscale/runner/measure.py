@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ptqscale import console
 from ptqscale.runner import keys
 from ptqscale.store import cache_get, cache_put
 
@@ -57,28 +57,25 @@ def model_level(spec: Any, model: torch.nn.Module, tokenizer: Any, timings: dict
     from ptqscale.models import count_parameters, get_anatomy
 
     anatomy = get_anatomy(model)
-    t0 = time.perf_counter()
-    stream = tokenize_corpus(spec.data, tokenizer, cache_dir=os.path.join(spec.cache, "tokens"),
-                             preset=spec.eval.preset)
-    timings["tokenize"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    fp_key = keys.fp_eval_key(spec.model, spec.data, spec.eval)
-    fp, fp_hit = _cached(spec.results, "fp_eval", fp_key,
-                         lambda: measure_perplexity(model, stream, spec.eval,
-                                                    progress=spec.progress).to_dict(),
-                         required=("nll", "perplexity", "nll_sum", "tokens"))
-    timings["fp_eval"] = time.perf_counter() - t0
+    with console.stage("tokenize", timings):
+        stream = tokenize_corpus(spec.data, tokenizer,
+                                 cache_dir=os.path.join(spec.cache, "tokens"),
+                                 preset=spec.eval.preset)
+    with console.stage("full-precision eval", timings, "fp_eval"):
+        fp_key = keys.fp_eval_key(spec.model, spec.data, spec.eval)
+        fp, fp_hit = _cached(spec.results, "fp_eval", fp_key,
+                             lambda: measure_perplexity(model, stream, spec.eval,
+                                                        progress=spec.progress).to_dict(),
+                             required=("nll", "perplexity", "nll_sum", "tokens"))
     level = {"anatomy": anatomy, "stream": stream, "fp": fp, "fp_cached": fp_hit,
              "params": count_parameters(model, anatomy), "landscape": None}
     if spec.landscape is not None:
-        t0 = time.perf_counter()
-        level["landscape"], level["landscape_cached"] = _cached(
-            spec.results, "landscape",
-            keys.landscape_key(spec.model, spec.data, spec.eval, spec.landscape),
-            lambda: _measure_landscape(spec, model, anatomy, stream),
-            required=("landscape_protocol", "kappa"))
-        timings["landscape"] = time.perf_counter() - t0
+        with console.stage("landscape", timings):
+            level["landscape"], level["landscape_cached"] = _cached(
+                spec.results, "landscape",
+                keys.landscape_key(spec.model, spec.data, spec.eval, spec.landscape),
+                lambda: _measure_landscape(spec, model, anatomy, stream),
+                required=("landscape_protocol", "kappa"))
     return level
 
 
@@ -88,7 +85,8 @@ def _measure_landscape(spec: Any, model, anatomy, stream: torch.Tensor) -> dict:
     seqlen = spec.landscape.seqlen or spec.eval.seqlen
     n = max(1, min(spec.landscape.max_tokens, stream.numel()) // seqlen)
     batches = stream[: n * seqlen].view(n, seqlen)
-    return measure_landscape(model, dict(anatomy.targets), batches, spec.landscape)
+    return measure_landscape(model, dict(anatomy.targets), batches, spec.landscape,
+                             spec.progress)
 
 
 def quantize_and_measure(spec: Any, model: torch.nn.Module, tokenizer: Any, level: dict,
@@ -102,20 +100,19 @@ def quantize_and_measure(spec: Any, model: torch.nn.Module, tokenizer: Any, leve
     if spec.calib is not None:
         from ptqscale.data import sample_calibration
 
-        t0 = time.perf_counter()
-        ctx.calibration, ctx.calibration_hash = sample_calibration(
-            spec.calib, tokenizer, cache_dir=os.path.join(spec.cache, "tokens"))
-        timings["calibration"] = time.perf_counter() - t0
+        with console.stage("calibration", timings):
+            ctx.calibration, ctx.calibration_hash = sample_calibration(
+                spec.calib, tokenizer, cache_dir=os.path.join(spec.cache, "tokens"))
     torch.manual_seed(spec.seed)
-    report = quantize(model, spec.method, ctx)
+    with console.stage(f"quantize {spec.method.name} {spec.fmt.name}"):
+        report = quantize(model, spec.method, ctx)
     timings["quantize"] = report.seconds
 
     fp = level["fp"]
     if report.layers:
-        t0 = time.perf_counter()
-        quant = measure_perplexity(model, level["stream"], spec.eval,
-                                   progress=spec.progress).to_dict()
-        timings["eval"] = time.perf_counter() - t0
+        with console.stage("quantized eval", timings, "eval"):
+            quant = measure_perplexity(model, level["stream"], spec.eval,
+                                       progress=spec.progress).to_dict()
     else:  # nothing was quantized: the full-precision numbers are the answer
         quant = dict(fp)
     params = level["params"]

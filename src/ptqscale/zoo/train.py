@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ptqscale import console
 from ptqscale.errors import ConfigError
 from ptqscale.models import resolve_device
 from ptqscale.zoo.config import ZooConfig, lr_at
@@ -91,7 +92,8 @@ def _select(state: LoopState, model, cfg, valid_windows, step: int, device, log)
 
 
 def train_loop(cfg: ZooConfig, model, tokens: torch.Tensor, starts: np.ndarray,
-               valid_windows: np.ndarray, device: torch.device, log=print) -> LoopState:
+               valid_windows: np.ndarray, device: torch.device, log=console.say,
+               progress: bool = True) -> LoopState:
     """The optimization: ``cfg.steps`` AdamW steps over ``starts`` in order; returns the state."""
     opt = make_optimizer(model, cfg, device)
     offsets = torch.arange(cfg.seqlen + 1, device=device)
@@ -101,7 +103,7 @@ def train_loop(cfg: ZooConfig, model, tokens: torch.Tensor, starts: np.ndarray,
     state, window, t0 = LoopState(), [], time.time()
     eval_s = 0.0
     model.train()
-    for step in range(cfg.steps):
+    for step in console.progress(range(cfg.steps), f"train {cfg.size}", progress, unit="step"):
         lr = lr_at(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -193,7 +195,7 @@ def _prepare(cfg: ZooConfig, data_dir, cache_dir, tokenizer_path, device, log):
 def train_member(cfg: ZooConfig, data_dir: str | Path, out_dir: str | Path, *,
                  device: str = "auto", cache_dir: str | Path | None = None,
                  tokenizer_path: str | Path | None = None,
-                 wikitext_test: str | Path | None = None, log=print) -> dict:
+                 wikitext_test: str | Path | None = None, log=console.say) -> dict:
     """Train, select, save and evaluate one member; returns the zoo.json record.
 
     Example (CPU, a few steps)::
@@ -299,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     cfg = config_from_args(args, args.size)  # every value checked before any data is read
     quiet_progress_bars()
+    console.quiet_third_party()
     train_member(cfg, args.data, args.out, device=args.device, cache_dir=args.cache,
                  tokenizer_path=args.tokenizer, wikitext_test=args.wikitext)
 

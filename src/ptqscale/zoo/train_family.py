@@ -18,6 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ptqscale import console
 from ptqscale.errors import ConfigError
 from ptqscale.zoo.config import SIZES, unknown
 from ptqscale.zoo.evaluate import write_json
@@ -86,17 +87,18 @@ def main(argv: list[str] | None = None) -> None:
     configs = [config_from_args(args, s) for s in sizes]  # all validated before training
     configs.sort(key=lambda c: (c.hidden, c.layers))
     quiet_progress_bars()
+    console.quiet_third_party()
     out = Path(args.out)
     for cfg in configs:
         if (out / cfg.name / "zoo.json").exists() and not args.force:
-            print(f"[{cfg.name}] already trained, skipped (--force retrains)")
+            console.say(f"[{cfg.name}] already trained, skipped (--force retrains)")
             continue
         train_member(cfg, args.data, out / cfg.name, device=args.device, cache_dir=args.cache,
                      tokenizer_path=args.tokenizer, wikitext_test=args.wikitext)
     summary = summarize(out, configs[0].family)
     write_json(out / "family.json", summary)
     (out / "family.md").write_text(markdown(summary))
-    print(markdown(summary))
+    console.say(markdown(summary))
 
 
 if __name__ == "__main__":
