@@ -239,12 +239,25 @@ def _report(argv):
     p.add_argument("--n-boot", type=int, default=FitConfig.n_boot)
     p.add_argument("--n-estimators", type=int, default=PredictorConfig.n_estimators)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wandb-project", default=None,
+                   help="also log the report, figures and laws as the study's W&B run")
+    p.add_argument("--wandb-entity", default=None)
+    p.add_argument("--wandb-mode", default="auto", choices=["auto", "online", "offline"])
     args = p.parse_args(argv)
     out = args.out or Path(args.results) / args.study / "report"
     cfg = ReportConfig(StudyFitConfig(fit=FitConfig(n_boot=args.n_boot, seed=args.seed)),
                        PredictorConfig(n_estimators=args.n_estimators, seed=args.seed))
     path = write_report(args.results, args.study, out, cfg)
     print(f"wrote {path} and {path.with_suffix('.html')}")
+    if args.wandb_project:
+        import pandas as pd
+
+        from ptqscale_analysis.wandb_study import mirror_study
+
+        laws = pd.read_csv(out / "laws.csv") if (out / "laws.csv").is_file() else None
+        mode = mirror_study(out, args.study, args.wandb_project, args.wandb_entity,
+                            args.wandb_mode, laws, str(Path(args.results) / "_wandb"))
+        print(f"W&B study run study-{args.study} ({mode}) in project {args.wandb_project}")
     return 0
 
 

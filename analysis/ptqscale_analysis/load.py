@@ -167,7 +167,10 @@ def load_wandb(project: str, study: str | None = None, api=None) -> pd.DataFrame
         except Exception as e:  # no network, no key, or wandb missing: say so plainly
             raise AnalysisError(f"W&B is not reachable ({type(e).__name__}: {e}); "
                                 "read the local store with load_study instead") from e
-    rows = [_wandb_row(run) for run in api.runs(project)]
+    # filtered on the server: only this study's runs travel (and never the report run)
+    filters = {"config.study": study} if study is not None else {}
+    filters["jobType"] = {"$ne": "report"}
+    rows = [_wandb_row(run) for run in api.runs(project, filters=filters)]
     frame = pd.DataFrame(rows)
     if not frame.empty and study is not None:
         frame = frame[frame.get("study") == study]

@@ -130,7 +130,7 @@ def write_report(root: str | os.PathLike, study: str, out_dir: str | os.PathLike
               f"records whose activations stay in full precision; "
               f"{len(frame) - len(weights)} records quantize activations too.")
         frame = weights
-    fits = _laws(doc, frame, cfg)
+    fits = _laws(doc, frame, cfg, out)
     _predictor(doc, frame, cfg, out)
     _pareto(doc, frame, out)
     doc.h(2, "Figures")
@@ -237,7 +237,7 @@ def _activation_schemes(doc: _Doc, frame: pd.DataFrame, out: Path) -> None:
             doc.table(table.reset_index())
 
 
-def _laws(doc: _Doc, frame: pd.DataFrame, cfg: ReportConfig):
+def _laws(doc: _Doc, frame: pd.DataFrame, cfg: ReportConfig, out: Path):
     doc.h(2, "Fitted laws")
     try:
         fits = fit_study_laws(frame, cfg.fit)
@@ -254,6 +254,7 @@ def _laws(doc: _Doc, frame: pd.DataFrame, cfg: ReportConfig):
         formulas = {g.law: g.fit.formula for g in fits.fits}
         doc.items([f"{law}: {f}" for law, f in formulas.items()])
         doc.table(table)
+        table.to_csv(out / "laws.csv", index=False)  # for the W&B study run and spreadsheets
     doc.items(fits.notes)
     return fits
 

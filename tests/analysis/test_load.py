@@ -67,15 +67,19 @@ class _Api:
     def __init__(self):
         self.asked = None
 
-    def runs(self, path):
-        self.asked = path
-        return [_Run(0, "a"), _Run(1, "a"), _Run(2, "b")]
+    def runs(self, path, filters=None):
+        self.asked, self.filters = path, filters
+        runs = [_Run(0, "a"), _Run(1, "a"), _Run(2, "b")]
+        study = (filters or {}).get("config.study")  # what the server does with the filter
+        return [r for r in runs if study is None or r.config["study"] == study]
 
 
 def test_load_wandb_with_a_fake_api():
     api = _Api()
     f = load_wandb("ent/proj", study="a", api=api)
     assert api.asked == "ent/proj"
+    # filtered on the server: the study's job runs only, never the study report run
+    assert api.filters == {"config.study": "a", "jobType": {"$ne": "report"}}
     assert sorted(f["model.name"]) == ["m0", "m1"]
     np.testing.assert_allclose(f["dnll"], 0.5)
     assert "_step" not in f and "wandb.run_id" in f

@@ -104,11 +104,14 @@ def test_unknown_key_is_fatal_in_the_structured_schema():
 
 
 @pytest.mark.parametrize("name, split, call, n", [
-    ("wikitext2", "test", (("wikitext", "wikitext-2-raw-v1"), {"split": "test"}), 3),
-    ("ptb", "valid", (("ptb_text_only", "penn_treebank"), {"split": "validation"}), 3),
+    ("wikitext2", "test", (("Salesforce/wikitext", "wikitext-2-raw-v1"),
+                           {"split": "test", "revision": None}), 3),
+    ("ptb", "valid", (("ptb-text-only/ptb_text_only", "penn_treebank"),
+                      {"split": "validation", "revision": "refs/convert/parquet"}), 3),
     ("c4", "validation", (("allenai/c4",), {"split": "validation", "data_files": {
         "validation": "en/c4-validation.00000-of-00008.json.gz"}}), 1100),
-    ("tinystories", "valid", (("roneneldan/TinyStories", None), {"split": "validation"}), 3),
+    ("tinystories", "valid", (("roneneldan/TinyStories", None),
+                              {"split": "validation", "revision": None}), 3),
 ])
 def test_hub_is_used_when_no_path_is_given(monkeypatch, name, split, call, n):
     import datasets

@@ -5,8 +5,8 @@ Each corpus reads from a local path when ``DataConfig.path`` is set and from the
 
 | corpus      | hub (datasets.load_dataset)                  | local path (file, or folder + split)   | join   |
 |-------------|----------------------------------------------|----------------------------------------|--------|
-| wikitext2   | wikitext / wikitext-2-raw-v1, column text    | wiki.<split>.raw; one document per line | "\n\n" |
-| ptb         | ptb_text_only / penn_treebank, col. sentence | ptb.<split>.txt; one per line, stripped | " "    |
+| wikitext2   | Salesforce/wikitext wikitext-2-raw-v1, text  | wiki.<split>.raw; one document per line | "\n\n" |
+| ptb         | ptb-text-only/ptb_text_only (Parquet), sent. | ptb.<split>.txt; one per line, stripped | " "    |
 | c4          | allenai/c4 en/c4-validation.00000-of-00008   | that .json.gz (or .jsonl[.gz/.xz])      | " "    |
 | gutenberg   | (local only)                                 | <split>.jsonl.xz or train-*.jsonl.xz    | "\n\n" |
 | tinystories | roneneldan/TinyStories                       | a .txt; stories split on blank lines    | "\n\n" |
@@ -45,17 +45,24 @@ class CorpusSpec:
 
     join: str
     splits: tuple[str, ...]  # () = any split is accepted and ignored (plain files)
-    hub: tuple[str, str | None, str] | None  # (path, name, column) for datasets.load_dataset
+    # (path, name, column, revision) for datasets.load_dataset: repositories that current
+    # `datasets` (>= 4, no loading scripts) reads; revision None = the default branch
+    hub: tuple[str, str | None, str, str | None] | None
     default_max_documents: int | None = None
 
 
 CORPORA: dict[str, CorpusSpec] = {
     "wikitext2": CorpusSpec("\n\n", ("test", "valid", "train"),
-                            ("wikitext", "wikitext-2-raw-v1", "text")),
-    "ptb": CorpusSpec(" ", ("test", "valid", "train"), ("ptb_text_only", "penn_treebank", "sentence")),
-    "c4": CorpusSpec(" ", ("valid",), ("allenai/c4", None, "text"), default_max_documents=1100),
+                            ("Salesforce/wikitext", "wikitext-2-raw-v1", "text", None)),
+    # the script-era ptb_text_only, read from the hub's Parquet conversion of it
+    "ptb": CorpusSpec(" ", ("test", "valid", "train"),
+                      ("ptb-text-only/ptb_text_only", "penn_treebank", "sentence",
+                       "refs/convert/parquet")),
+    "c4": CorpusSpec(" ", ("valid",), ("allenai/c4", None, "text", None),
+                     default_max_documents=1100),
     "gutenberg": CorpusSpec("\n\n", ("test", "valid", "train"), None),
-    "tinystories": CorpusSpec("\n\n", ("valid", "train"), ("roneneldan/TinyStories", None, "text")),
+    "tinystories": CorpusSpec("\n\n", ("valid", "train"),
+                              ("roneneldan/TinyStories", None, "text", None)),
     "text": CorpusSpec("\n\n", (), None),
     "jsonl": CorpusSpec("\n\n", (), None),
 }
@@ -131,13 +138,13 @@ def join_documents(cfg: DataConfig, docs: list[str]) -> str:
 def _hub_documents(cfg: DataConfig) -> list[str]:
     import datasets
 
-    path, name, column = CORPORA[cfg.name].hub
+    path, name, column, revision = CORPORA[cfg.name].hub
     split = _HUB_SPLIT.get(canonical_split(cfg.split), canonical_split(cfg.split))
     if cfg.name == "c4":
         ds = datasets.load_dataset(path, data_files={"validation": _C4_VALID_SHARD},
                                    split="validation")
     else:
-        ds = datasets.load_dataset(path, name, split=split)
+        ds = datasets.load_dataset(path, name, split=split, revision=revision)
     return list(ds[column])
 
 

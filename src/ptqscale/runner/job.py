@@ -158,7 +158,7 @@ def _run_claimed(spec: JobSpec, cfg: DictConfig) -> dict:
     done = read_record(spec.results, spec.study, spec.key)
     if done is not None and done["status"] == "complete":
         log.info("[skip] %s (%s) already complete", spec.name, spec.key)
-        return done
+        return _remirrored(done, cfg, spec.results)
     record = _base_record(spec, cfg)
     start = time.perf_counter()
     failure: BaseException | None = None
@@ -219,6 +219,17 @@ def _base_record(spec: JobSpec, cfg: DictConfig) -> dict:
         "format": spec.fmt.describe(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+
+
+def _remirrored(record: dict, cfg: DictConfig, results: str) -> dict:
+    """A finished record whose W&B mirror is pending or failed (killed between record and
+    mirror, server down) is mirrored now; the store is updated with the outcome."""
+    from ptqscale.runner.tracking import needs_mirror
+
+    if needs_mirror(record, cfg.wandb.mode):
+        record["wandb"] = _mirror(record, cfg)
+        write_record(results, record)
+    return record
 
 
 def _mirror(record: dict, cfg: DictConfig) -> dict:
