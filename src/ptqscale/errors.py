@@ -11,6 +11,12 @@ class ConfigError(PTQScaleError, ValueError):
     """A config value is invalid; the message names the key and what is allowed."""
 
 
+class ImplausibleResultError(PTQScaleError):
+    """A loaded model or a measured value that cannot be right (missing or non-finite
+    weights, a non-finite NLL, an NLL worse than uniform): the job fails with the reason
+    instead of storing a number that would be trusted."""
+
+
 def unknown_name(kind: str, name: str, allowed) -> str:
     """Message for an unknown registry name: the close matches, then everything allowed.
 

@@ -25,6 +25,7 @@ from ptqscale.models.errors import (
     UnsupportedArchitectureError,
 )
 from ptqscale.models.loading import (
+    check_finite,
     load_gguf_tokenizer,
     load_model,
     replace_conv1d,
@@ -40,6 +41,7 @@ __all__ = [
     "ModelSource",
     "UnsafeCheckpointError",
     "UnsupportedArchitectureError",
+    "check_finite",
     "count_parameters",
     "get_anatomy",
     "load_gguf_tokenizer",

@@ -12,7 +12,7 @@ import os
 import torch
 from torch import nn
 
-from ptqscale.errors import ConfigError
+from ptqscale.errors import ConfigError, ImplausibleResultError
 from ptqscale.models.config import ModelConfig, ModelSource, looks_like_path, validate_model_config
 
 # Attribute names under which families store their trained context, most specific first.
@@ -111,14 +111,42 @@ def _load_config(cfg: ModelConfig, source: ModelSource):
 def _load_weights(cfg: ModelConfig, source: ModelSource, config):
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(config=config, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    kwargs = dict(config=config, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
+                  output_loading_info=True)
     if source.kind == "gguf":
         folder, name = os.path.split(os.path.abspath(source.path))
-        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **kwargs)
-    if not cfg.allow_pickle:
-        # For hub ids this is the only guard: transformers then refuses pickle-only repos.
-        kwargs["use_safetensors"] = True
-    return AutoModelForCausalLM.from_pretrained(source.path, revision=cfg.revision, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **kwargs)
+    else:
+        if not cfg.allow_pickle:
+            # For hub ids this is the only guard: transformers then refuses pickle-only repos.
+            kwargs["use_safetensors"] = True
+        model, info = AutoModelForCausalLM.from_pretrained(source.path, revision=cfg.revision,
+                                                           **kwargs)
+    check_loaded(model, info, f"model {cfg.name!r} ({source.path})")
+    return model
+
+
+def check_loaded(model: nn.Module, info: dict, what: str) -> None:
+    """Fail on weights the loader had to initialise (the checkpoint lacks them; tied weights
+    are not missing) and on non-finite weights: such a model measures garbage that would be
+    stored as a result."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ImplausibleResultError(
+            f"{what}: {len(missing)} weight tensor(s) missing from the checkpoint would be "
+            f"randomly initialised ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+            "; the checkpoint is incomplete or of another architecture")
+    check_finite(model, what)
+
+
+def check_finite(model: nn.Module, what: str) -> None:
+    """Fail naming the first parameters that hold NaN or infinity."""
+    bad = [name for name, p in model.named_parameters()
+           if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ImplausibleResultError(
+            f"{what}: non-finite values (NaN or inf) in {len(bad)} weight tensor(s): "
+            f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}")
 
 
 def _load_tokenizer(cfg: ModelConfig, source: ModelSource):

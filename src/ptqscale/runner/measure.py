@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,8 @@ from typing import Any
 import torch
 
 from ptqscale import console
+from ptqscale.errors import ImplausibleResultError
+from ptqscale.models import check_finite
 from ptqscale.runner import keys
 from ptqscale.store import cache_get, cache_put
 
@@ -67,6 +70,8 @@ def model_level(spec: Any, model: torch.nn.Module, tokenizer: Any, timings: dict
                              lambda: measure_perplexity(model, stream, spec.eval,
                                                         progress=spec.progress).to_dict(),
                              required=("nll", "perplexity", "nll_sum", "tokens"))
+    check_nll(fp["nll"], f"full-precision NLL of {spec.model.name!r} on {spec.data.name}",
+              vocab_size(model))
     level = {"anatomy": anatomy, "stream": stream, "fp": fp, "fp_cached": fp_hit,
              "params": count_parameters(model, anatomy), "landscape": None}
     if spec.landscape is not None:
@@ -107,6 +112,7 @@ def quantize_and_measure(spec: Any, model: torch.nn.Module, tokenizer: Any, leve
     with console.stage(f"quantize {spec.method.name} {spec.fmt.name}"):
         report = quantize(model, spec.method, ctx)
     timings["quantize"] = report.seconds
+    check_finite(model, f"{spec.method.name} into {spec.fmt.name}: the quantized model")
 
     fp = level["fp"]
     if report.layers:
@@ -115,6 +121,8 @@ def quantize_and_measure(spec: Any, model: torch.nn.Module, tokenizer: Any, leve
                                        progress=spec.progress).to_dict()
     else:  # nothing was quantized: the full-precision numbers are the answer
         quant = dict(fp)
+    check_nll(quant["nll"], f"NLL of {spec.model.name!r} after {spec.method.name} "
+              f"{spec.fmt.name} on {spec.data.name}")
     params = level["params"]
     metrics = {
         "nll": quant["nll"], "perplexity": quant["perplexity"],
@@ -135,6 +143,23 @@ def quantize_and_measure(spec: Any, model: torch.nn.Module, tokenizer: Any, leve
     if level["landscape"] is not None:
         result["landscape"] = _job_landscape(level["landscape"], report.weight_sqnr_db)
     return result
+
+
+def vocab_size(model: torch.nn.Module) -> int:
+    """Rows of the output head: the support of the model's next-token distribution."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_nll(nll: float, what: str, vocab: int | None = None) -> None:
+    """Fail on a non-finite NLL, and (``vocab`` given: full precision) on one above
+    ln(vocab), which a uniform guess achieves: the weights or the tokenizer are wrong.
+    A quantized model may legitimately be that bad, so only the reference is bounded."""
+    if not math.isfinite(nll):
+        raise ImplausibleResultError(f"{what} is {nll}: the model produced non-finite logits")
+    if vocab is not None and nll > math.log(vocab):
+        raise ImplausibleResultError(
+            f"{what} is {nll:.4f} nats, above ln(vocab) = {math.log(vocab):.4f} (a uniform "
+            "guess): wrong weights or a tokenizer that does not match the model")
 
 
 def model_bytes(total_params: int, quantized_params: int, bits_per_weight: float) -> int:
