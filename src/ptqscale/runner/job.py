@@ -11,7 +11,7 @@ import math
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ptqscale import console
 from ptqscale.errors import ConfigError, PTQScaleError
-from ptqscale.runner import keys
+from ptqscale.runner import identity, keys
 from ptqscale.runner.config import to_object
 from ptqscale.runner.environment import environment
 from ptqscale.runner.gpus import claim_gpu
@@ -51,6 +51,10 @@ class JobSpec:
     cache: str
     progress: bool
     exclusive_gpu: bool = True
+    # fingerprints of what the job loads (role -> fingerprint), and those that differ from
+    # the store's bindings of their names (they are in the key; runner/identity.py)
+    identity: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -63,9 +67,13 @@ class JobSpec:
         return f"{name}+a{act.format}_{act.granularity}{alpha}"
 
 
-def validate_job(cfg: DictConfig) -> JobSpec:
-    """Check the whole config without loading a model; raise ConfigError naming the key."""
-    return build_spec(lambda name: typed_node(cfg, name))
+def validate_job(cfg: DictConfig, bind: bool = False) -> JobSpec:
+    """Check the whole config without loading a model; raise ConfigError naming the key.
+
+    ``bind``: bind names seen for the first time to their files in the store (a job about
+    to run does; checking and planning do not write).
+    """
+    return build_spec(lambda name: typed_node(cfg, name), bind=bind)
 
 
 def typed_node(cfg: DictConfig, name: str) -> Any:
@@ -90,8 +98,8 @@ def _now(key: tuple, make: Callable[[], Any]) -> Any:
     return make()
 
 
-def build_spec(node: Callable[[str], Any], memo: Callable[[tuple, Callable[[], Any]], Any] = _now
-               ) -> JobSpec:
+def build_spec(node: Callable[[str], Any], memo: Callable[[tuple, Callable[[], Any]], Any] = _now,
+               bind: bool = False) -> JobSpec:
     """The job made of the root nodes ``node(name)`` returns, checked in a fixed order.
 
     ``memo(key, make)`` may return an earlier ``make()`` for the same key: the planner
@@ -121,13 +129,28 @@ def build_spec(node: Callable[[str], Any], memo: Callable[[tuple, Callable[[], A
         memo(("divisible", id(fmt), id(model)),
              lambda: _check_divisible(fmt, skeleton.target_shapes))
     study, seed, paths = node("study"), node("seed"), node("paths")
+    roles = identity.labels(model, data, calib)
+    prints = {role: memo(("files", role, id(cfg)), lambda r=role, c=cfg: _fingerprint(r, c, bind))
+              for role, (_, _, cfg) in roles.items()}
+    files = memo(("bound", paths.results, *(id(c) for _, _, c in roles.values())),
+                 lambda: identity.resolve(paths.results, roles, prints, write=bind))
     key = keys.job_key(study, model, data, eval_cfg, method, calib, landscape, seed,
                        identity=lambda kind, obj: memo(("identity", kind, id(obj)),
-                                                       lambda: keys.IDENTITY[kind](obj)))
+                                                       lambda: keys.IDENTITY[kind](obj)),
+                       files=files)
     return JobSpec(study=study, model=model, data=data, eval=eval_cfg, method=method,
                    calib=calib, landscape=landscape, fmt=fmt, seed=seed, key=key,
+                   identity={r: p for r, p in prints.items() if p is not None}, files=files,
                    results=paths.results, cache=paths.cache, progress=node("progress"),
                    exclusive_gpu=node("exclusive_gpu"))
+
+
+def _fingerprint(role: str, cfg: Any, resolve_hub: bool) -> str | None:
+    """The files' fingerprint of a job's model or corpus (hub commits resolved only for a job
+    about to run: a plan made offline says "needs download" instead)."""
+    if role == "model":
+        return identity.model_fingerprint(cfg, resolve_hub=resolve_hub)
+    return identity.data_fingerprint(cfg)
 
 
 def _check_divisible(fmt: Any, shapes: dict[str, tuple[int, int]]) -> None:
@@ -145,7 +168,7 @@ def run_job(cfg: DictConfig) -> dict:
     The job is claimed for its whole run (store/claims.py): a job that another live
     process runs is left to it and answered ``{"status": "busy", ...}``, with no record.
     """
-    spec = validate_job(cfg)
+    spec = validate_job(cfg, bind=True)
     with claim_job(spec.results, spec.study, spec.key) as holder:
         if holder is not None:
             log.info("[busy] %s (%s) is being run by %s", spec.name, spec.key, holder)
@@ -214,6 +237,9 @@ def _base_record(spec: JobSpec, cfg: DictConfig) -> dict:
         "model": {"name": spec.model.name, "family": spec.model.family,
                   "size": spec.model.size, "path": spec.model.path, "dtype": spec.model.dtype},
         "data": {"name": spec.data.name, "split": spec.data.split},
+        # fingerprints of what was loaded (runner/identity.py); "keyed_by_files" lists the
+        # roles whose files differ from the store's bindings of their names
+        "identity": {**spec.identity, "keyed_by_files": sorted(spec.files)},
         "eval": asdict(spec.eval),
         "method": asdict(spec.method),
         "format": spec.fmt.describe(),

@@ -3,7 +3,9 @@
 Left out on purpose: paths (results, caches, where a checkpoint or corpus file lies),
 logging and tracking options, progress bars, the device. A model is identified by its
 ``name`` (+ revision and dtype), a corpus by its name and split: the same study run
-from another folder or machine finds its finished jobs.
+from another folder or machine finds its finished jobs. Files that differ from those the
+store first saw under a name add their fingerprints (``files``; runner/identity.py), so
+other weights or text never share a key or a cached measurement.
 """
 
 from __future__ import annotations
@@ -53,16 +55,26 @@ def landscape_identity(landscape_cfg: Any) -> dict:
     return _without(landscape_cfg, getattr(type(landscape_cfg), "not_in_key", ()))
 
 
-def fp_eval_key(model_cfg: Any, data_cfg: Any, eval_cfg: Any) -> str:
+def _with_files(semantic: dict, files: dict | None, roles: tuple[str, ...]) -> dict:
+    """``semantic`` plus the fingerprints of the ``roles`` whose files differ from the names'
+    bindings (none: the key of the name alone, as in every store before bindings)."""
+    differing = {r: files[r] for r in roles if files and r in files}
+    return {**semantic, "files": differing} if differing else semantic
+
+
+def fp_eval_key(model_cfg: Any, data_cfg: Any, eval_cfg: Any, files: dict | None = None) -> str:
     """Key of the model-level full-precision measurement shared by every job of a model."""
-    return digest({"model": model_identity(model_cfg), "data": data_identity(data_cfg),
-                   "eval": eval_identity(eval_cfg), "protocol": PROTOCOL_VERSION})
+    return digest(_with_files({"model": model_identity(model_cfg),
+                               "data": data_identity(data_cfg), "eval": eval_identity(eval_cfg),
+                               "protocol": PROTOCOL_VERSION}, files, ("model", "data")))
 
 
-def landscape_key(model_cfg: Any, data_cfg: Any, eval_cfg: Any, landscape_cfg: Any) -> str:
-    return digest({"model": model_identity(model_cfg), "data": data_identity(data_cfg),
-                   "eval": eval_identity(eval_cfg), "landscape": landscape_identity(landscape_cfg),
-                   "protocol": PROTOCOL_VERSION})
+def landscape_key(model_cfg: Any, data_cfg: Any, eval_cfg: Any, landscape_cfg: Any,
+                  files: dict | None = None) -> str:
+    return digest(_with_files({"model": model_identity(model_cfg),
+                               "data": data_identity(data_cfg), "eval": eval_identity(eval_cfg),
+                               "landscape": landscape_identity(landscape_cfg),
+                               "protocol": PROTOCOL_VERSION}, files, ("model", "data")))
 
 
 def method_identity(method_cfg: Any) -> dict:
@@ -82,7 +94,8 @@ IDENTITY = {"model": model_identity, "data": data_identity, "eval": eval_identit
 
 def job_key(study: str, model_cfg: Any, data_cfg: Any, eval_cfg: Any, method_cfg: Any,
             calib_cfg: Any | None, landscape_cfg: Any | None, seed: int,
-            identity: Callable[[str, Any], dict] | None = None) -> str:
+            identity: Callable[[str, Any], dict] | None = None, files: dict | None = None
+            ) -> str:
     """The key of one job; calibration and landscape settings count only when used.
 
     ``identity(kind, cfg)`` defaults to ``IDENTITY[kind](cfg)``; the planner passes a
@@ -102,4 +115,4 @@ def job_key(study: str, model_cfg: Any, data_cfg: Any, eval_cfg: Any, method_cfg
         semantic["calib"] = ident("calib", calib_cfg)
     if landscape_cfg is not None:
         semantic["landscape"] = ident("landscape", landscape_cfg)
-    return digest(semantic)
+    return digest(_with_files(semantic, files, ("model", "data", "calib")))

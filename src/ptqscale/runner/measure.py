@@ -65,7 +65,7 @@ def model_level(spec: Any, model: torch.nn.Module, tokenizer: Any, timings: dict
                                  cache_dir=os.path.join(spec.cache, "tokens"),
                                  preset=spec.eval.preset)
     with console.stage("full-precision eval", timings, "fp_eval"):
-        fp_key = keys.fp_eval_key(spec.model, spec.data, spec.eval)
+        fp_key = keys.fp_eval_key(spec.model, spec.data, spec.eval, spec.files)
         fp, fp_hit = _cached(spec.results, "fp_eval", fp_key,
                              lambda: measure_perplexity(model, stream, spec.eval,
                                                         progress=spec.progress).to_dict(),
@@ -78,7 +78,7 @@ def model_level(spec: Any, model: torch.nn.Module, tokenizer: Any, timings: dict
         with console.stage("landscape", timings):
             level["landscape"], level["landscape_cached"] = _cached(
                 spec.results, "landscape",
-                keys.landscape_key(spec.model, spec.data, spec.eval, spec.landscape),
+                keys.landscape_key(spec.model, spec.data, spec.eval, spec.landscape, spec.files),
                 lambda: _measure_landscape(spec, model, anatomy, stream),
                 required=("landscape_protocol", "kappa"))
     return level

@@ -85,11 +85,11 @@ def plan_job(job_overrides: list[str]) -> PlannedJob:
     state = "pending" if record is None else ("done" if record["status"] == "complete" else "failed")
     if state != "done" and spec.key in running_claims(spec.results, spec.study):
         state = "running"
-    fp_key = keys.fp_eval_key(spec.model, spec.data, spec.eval)
+    fp_key = keys.fp_eval_key(spec.model, spec.data, spec.eval, spec.files)
     job = PlannedJob(job_overrides, state, name=spec.name, key=spec.key,
                      fp_cached=cache_get(spec.results, "fp_eval", fp_key) is not None)
     if spec.landscape is not None:
-        lkey = keys.landscape_key(spec.model, spec.data, spec.eval, spec.landscape)
+        lkey = keys.landscape_key(spec.model, spec.data, spec.eval, spec.landscape, spec.files)
         job.landscape_cached = cache_get(spec.results, "landscape", lkey) is not None
     return job
 
@@ -144,14 +144,16 @@ class Planner:
                 ("claims", spec.results, spec.study),
                 lambda: running_claims(spec.results, spec.study)):
             state = "running"
-        fp_key = self._memo_get(("fp", id(spec.model), id(spec.data), id(spec.eval)),
-                                lambda: keys.fp_eval_key(spec.model, spec.data, spec.eval))
+        fp_key = self._memo_get(
+            ("fp", id(spec.model), id(spec.data), id(spec.eval)),
+            lambda: keys.fp_eval_key(spec.model, spec.data, spec.eval, spec.files))
         job = PlannedJob(job_overrides, state, name=spec.name, key=spec.key,
                          fp_cached=fp_key in self._cached(spec.results, "fp_eval"))
         if spec.landscape is not None:
             lkey = self._memo_get(
                 ("lkey", id(spec.model), id(spec.data), id(spec.eval), id(spec.landscape)),
-                lambda: keys.landscape_key(spec.model, spec.data, spec.eval, spec.landscape))
+                lambda: keys.landscape_key(spec.model, spec.data, spec.eval, spec.landscape,
+                                           spec.files))
             job.landscape_cached = lkey in self._cached(spec.results, "landscape")
         return job
 
