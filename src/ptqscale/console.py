@@ -39,6 +39,8 @@ QUIET_WARNINGS = (
 QUIET_LOGS = {
     # torchao built for another torch: its C++ kernels are skipped; ptqscale uses none
     "torchao": "Skipping import of cpp extensions",
+    # GGUF files store "no token" as uint32 -1 (stories260K); models/loading.py clears it
+    "transformers.configuration_utils": "must be `None` or an integer within the vocabulary",
 }
 
 

@@ -69,6 +69,11 @@ def test_known_third_party_noise_is_silenced_and_nothing_else(caplog):
     assert [str(w.message) for w in seen] == ["something else is deprecated"]
     torchao = logging.getLogger("torchao")
     assert len(torchao.filters) == 1
+    hf = logging.getLogger("transformers.configuration_utils")
+    with caplog.at_level(logging.WARNING, logger="transformers.configuration_utils"):
+        hf.warning("Model config: pad_token_id must be `None` or an integer within the "
+                   "vocabulary (between 0 and 511), got 4294967295.")
+    assert not caplog.records
     with caplog.at_level(logging.WARNING, logger="torchao"):
         torchao.warning("Skipping import of cpp extensions due to incompatible torch version")
         torchao.warning("a real torchao problem")
