@@ -4,7 +4,9 @@
     ptqscale-run --multirun +sweep=quickstart                   # a study
     ptqscale-run --multirun +sweep=format_scan hydra/launcher=joblib
 
-The conf/ folder is found beside the package's source checkout, or at $PTQSCALE_CONF.
+Configs: $PTQSCALE_CONF if set, else the conf/ of this source checkout, else the copy the
+wheel ships as ``ptqscale/conf`` (conf/ and sweeps/ mapped in by setup.py). Hydra's
+``--config-dir``/``-cd`` adds a folder searched before it (your own studies or groups).
 """
 
 from __future__ import annotations
@@ -22,12 +24,20 @@ log = logging.getLogger("ptqscale")
 
 
 def conf_dir() -> str:
-    """The conf/ folder: $PTQSCALE_CONF, else the one at the root of this checkout."""
+    """The primary config folder: $PTQSCALE_CONF, else the checkout's conf/, else the
+    package's own copy (an installed wheel)."""
     env = os.environ.get("PTQSCALE_CONF")
-    path = Path(env) if env else Path(__file__).resolve().parents[3] / "conf"
-    if not (path / "config.yaml").is_file():
-        raise FileNotFoundError(f"no config.yaml in {path}: set PTQSCALE_CONF to ptqscale's conf/")
-    return str(path)
+    if env:
+        if not (Path(env) / "config.yaml").is_file():
+            raise FileNotFoundError(f"PTQSCALE_CONF={env} has no config.yaml: point it at a "
+                                    "folder laid out like ptqscale's conf/")
+        return str(Path(env))
+    package = Path(__file__).resolve().parents[1]
+    for path in (package.parents[1] / "conf", package / "conf"):
+        if (path / "config.yaml").is_file():
+            return str(path)
+    raise FileNotFoundError(f"no config.yaml in {package.parents[1] / 'conf'} nor in "
+                            f"{package / 'conf'}: reinstall ptqscale or set PTQSCALE_CONF")
 
 
 def task(cfg: DictConfig) -> str:
