@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
-
-from ptqscale.runner.config import register_configs
 
 log = logging.getLogger("ptqscale")
 
@@ -48,8 +47,21 @@ def task(cfg: DictConfig) -> str:
 
 
 def main() -> None:
+    if any(a in sys.argv[1:] for a in ("-h", "--help")):
+        _print_help()   # before the schemas (and torch) are imported: help is instant
+        return
+    from ptqscale.runner.config import register_configs
+
     register_configs()
     hydra.main(config_path=conf_dir(), config_name="config", version_base="1.3")(task)()
+
+
+def _print_help() -> None:
+    from ptqscale.runner.cli_help import help_text
+
+    args = sys.argv[1:]
+    extra = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-cd", "--config-dir")]
+    print(help_text([Path(p) for p in extra] + [Path(conf_dir())]))
 
 
 if __name__ == "__main__":
