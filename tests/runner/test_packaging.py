@@ -124,3 +124,28 @@ def test_wheel_ships_conf_and_sweeps_once(tmp_path):
     expected |= {f"ptqscale/conf/sweep/{p.relative_to(ROOT / 'sweeps')}"
                  for p in (ROOT / "sweeps").rglob("*.yaml")}
     assert sorted(conf) == sorted(expected)
+
+
+def test_group_key_overrides_reach_every_job_of_a_multirun():
+    """``-m method=a,b method.iters=50``: the key goes to each job, not to the master
+    config's default method (which has no iters)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ptqscale.runner.cli import per_job_overrides
+
+    groups = {"method", "model"}
+    args = ["-m", "method=blockft_single,blockft_joint2", "method.iters=50", "format=int8",
+            "method.lr=1e-4,1e-3", "hydra.verbose=true", "model.dtype=float32"]
+    out = per_job_overrides(args, groups)
+    assert out == ["-m", "method=blockft_single,blockft_joint2", "method.iters=choice(50)",
+                   "format=int8", "method.lr=1e-4,1e-3", "hydra.verbose=true",
+                   "model.dtype=choice(float32)"]
+    assert per_job_overrides(["method.iters=50"], groups) == ["method.iters=50"]  # one run
+    assert per_job_overrides(["+sweep=blockft", "method.iters=5"], groups)[1] == \
+        "method.iters=choice(5)"                # a study file is a multirun by itself
+    parsed = OverridesParser.create().parse_overrides(out[1:4])
+    assert not any(o.is_sweep_override() is False and o.key_or_group == "method.iters"
+                   for o in parsed)             # left out of the master composition
+    jobs = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
+    assert [j for j in jobs if "method.iters=50" in j] == jobs and len(jobs) == 2

@@ -50,14 +50,17 @@ def main() -> None:
     if any(a in sys.argv[1:] for a in ("-h", "--help")):
         _print_help()   # before the schemas (and torch) are imported: help is instant
         return
+    from ptqscale.runner.cli import per_job_overrides
     from ptqscale.runner.config import register_configs
 
+    groups = {p.name for p in Path(conf_dir()).iterdir() if p.is_dir()} - {"hydra", "sweep"}
+    sys.argv[1:] = per_job_overrides(sys.argv[1:], groups)
     register_configs()
     hydra.main(config_path=conf_dir(), config_name="config", version_base="1.3")(task)()
 
 
 def _print_help() -> None:
-    from ptqscale.runner.cli_help import help_text
+    from ptqscale.runner.cli import help_text
 
     args = sys.argv[1:]
     extra = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-cd", "--config-dir")]
