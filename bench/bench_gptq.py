@@ -264,7 +264,7 @@ def environment() -> dict:
     import transformers
 
     cuda = torch.cuda.is_available()
-    env = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor()})",
            "torch": torch.__version__, "transformers": transformers.__version__,
            "python": platform.python_version()}

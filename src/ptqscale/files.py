@@ -30,7 +30,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
@@ -106,7 +106,7 @@ def quarantine(path: str | os.PathLike, reason: str, what: str, then: str) -> Pa
     happens next ("it will be recomputed").
     """
     path = Path(path)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     aside = path.with_name(f"{path.name}.corrupt-{stamp}")
     try:
         os.replace(path, aside)

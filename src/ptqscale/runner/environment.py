@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import platform
+import re
 import socket
 import subprocess
 from pathlib import Path
 
 import torch
+
+
+@functools.cache
+def ptqscale_version() -> str:
+    """The installed distribution's version, else (a source checkout on PYTHONPATH) the one
+    pyproject.toml declares."""
+    try:
+        return importlib.metadata.version("ptqscale")
+    except importlib.metadata.PackageNotFoundError:
+        text = (Path(__file__).resolve().parents[3] / "pyproject.toml").read_text()
+        return re.search(r'^version = "([^"]+)"', text, re.M).group(1)
 
 
 @functools.cache
@@ -30,7 +43,8 @@ def environment(model: torch.nn.Module | None = None) -> dict:
 
     device = next(model.parameters()).device if model is not None else torch.device("cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
+    return {"ptqscale": ptqscale_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__,
             "python": platform.python_version(), "git_sha": git_sha(),
             "device": str(device), "device_name": name or platform.machine(),
             "hostname": socket.gethostname()}

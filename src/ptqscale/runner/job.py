@@ -12,7 +12,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -233,7 +233,7 @@ def _base_record(spec: JobSpec, cfg: DictConfig) -> dict:
     return {
         "job_key": spec.key, "study": spec.study, "name": spec.name,
         "protocol_version": PROTOCOL_VERSION,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"name": spec.model.name, "family": spec.model.family,
                   "size": spec.model.size, "path": spec.model.path, "dtype": spec.model.dtype},
         "data": {"name": spec.data.name, "split": spec.data.split},

@@ -2,6 +2,7 @@
 
     ptqscale-plan +sweep=quickstart
     ptqscale-plan +sweep=format_scan model=zoo-xs,zoo-s
+    ptqscale-plan -cd my_conf +sweep=my_study      # Hydra's -cd/--config-dir, -cn as in ptqscale-run
 
 For each grid point: done / failed / pending / running (a live process holds its claim)
 or invalid (with the reason), its key, and
@@ -20,15 +21,20 @@ interpolation) is composed the slow, exact way (:func:`plan_job`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import os
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
+from hydra import compose as _hydra_compose
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.hydra import Hydra
+from hydra._internal.utils import create_config_search_path
+from hydra.core.config_search_path import SearchPathQuery
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
@@ -45,6 +51,37 @@ NODES = ("method", "model", "data", "eval", "calib", "wandb", "landscape", "stud
 _MISSING = object()
 # What makes a grid point invalid (rather than a bug): reported, not raised.
 INVALID = (ConfigError, ValueError, FileNotFoundError)
+
+
+# The root config's name (ptqscale-plan -cn); "config" as in ptqscale-run.
+_CONFIG_NAME = ["config"]
+
+
+def compose(overrides: list[str], **kwargs: Any) -> Any:
+    """Hydra's compose of the root config (the one -cn picked) with ``overrides``."""
+    return _hydra_compose(_CONFIG_NAME[0], overrides=overrides, **kwargs)
+
+
+@contextlib.contextmanager
+def hydra_context(config_dir: str | None = None, config_name: str = "config"):
+    """Hydra initialized as ``ptqscale-run`` initializes it: ptqscale's conf as the primary
+    folder and ``config_dir`` (``-cd``) searched before it, exactly as Hydra's own
+    ``--config-dir`` does."""
+    search_path = create_config_search_path(conf_dir())
+    if config_dir is not None:
+        path = os.path.abspath(config_dir)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--config-dir {path}: not a folder")
+        search_path.prepend(provider="command-line", path=f"file://{path}",
+                            anchor=SearchPathQuery(provider="schema"))
+    GlobalHydra.instance().clear()
+    Hydra.create_main_hydra2(task_name="ptqscale-plan", config_search_path=search_path)
+    _CONFIG_NAME[0] = config_name
+    try:
+        yield
+    finally:
+        _CONFIG_NAME[0] = "config"
+        GlobalHydra.instance().clear()
 
 
 @dataclass
@@ -65,7 +102,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     # it needs to read here
     fixed = [o.input_line for o in parser.parse_overrides(list(overrides))
              if not o.is_sweep_override()]
-    cfg = compose("config", overrides=fixed, return_hydra_config=True)
+    cfg = compose(overrides=fixed, return_hydra_config=True)
     params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
     args = [f"{k}={v}" for k, v in params.items()] + list(overrides)
     parsed = parser.parse_overrides(args)
@@ -76,7 +113,7 @@ def plan_job(job_overrides: list[str]) -> PlannedJob:
     """Validate one grid point and look up its state in the store (composes it: slow)."""
     from ptqscale.runner.job import validate_job
 
-    cfg = compose("config", overrides=job_overrides)
+    cfg = compose(overrides=job_overrides)
     try:
         spec = validate_job(cfg)
     except INVALID as e:
@@ -94,10 +131,11 @@ def plan_job(job_overrides: list[str]) -> PlannedJob:
     return job
 
 
-def plan(overrides: list[str]) -> list[PlannedJob]:
+def plan(overrides: list[str], config_dir: str | None = None,
+         config_name: str = "config") -> list[PlannedJob]:
     """Every job of the sweep ``overrides`` describes, with its state."""
     register_configs()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+    with hydra_context(config_dir, config_name):
         planner = Planner()
         return [planner.plan(job) for job in expand_sweep(overrides)]
 
@@ -107,7 +145,7 @@ class Planner:
 
     Must be used inside Hydra's ``initialize_config_dir`` (as :func:`plan` does).
     ``planner.spec(overrides)`` is the :class:`~ptqscale.runner.job.JobSpec` that
-    ``validate_job(compose("config", overrides))`` returns, built from cached parts.
+    ``validate_job(compose(overrides))`` returns, built from cached parts.
 
     The first job's group choices are the reference composition. A job that differs in
     one group (``model=other``) takes the nodes that choice writes (its footprint, found
@@ -163,7 +201,7 @@ class Planner:
         if split is None:
             from ptqscale.runner.job import validate_job
 
-            return validate_job(compose("config", overrides=job_overrides))
+            return validate_job(compose(overrides=job_overrides))
         return self._verified(job_overrides, self._spec(*split))
 
     # -- a job = group choices + plain value overrides ---------------------------------
@@ -291,7 +329,7 @@ class Planner:
         if type(spec.method) not in self._checked:
             from ptqscale.runner.job import validate_job
 
-            expected = validate_job(compose("config", overrides=job_overrides))
+            expected = validate_job(compose(overrides=job_overrides))
             if expected != spec:
                 diff = [f for f in spec.__dataclass_fields__
                         if getattr(spec, f) != getattr(expected, f)]
@@ -342,7 +380,7 @@ class _Composed:
 
     def __init__(self, index: int, groups: tuple[str, ...]) -> None:
         self.index, self.groups = index, groups
-        self.cfg = compose("config", overrides=list(groups))
+        self.cfg = compose(overrides=list(groups))
         self.raw = OmegaConf.to_container(self.cfg, resolve=False)
         self._deps: dict[str, set[str] | None] = {}
         self._affects: dict[tuple[str, str], bool] = {}
@@ -434,8 +472,13 @@ def format_plan(jobs: list[PlannedJob]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ptqscale-plan", description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. +sweep=quickstart")
+    # Hydra's own flags, so that a ptqscale-run command line plans as it is
+    parser.add_argument("-cd", "--config-dir", help="extra config folder, searched first")
+    parser.add_argument("-cn", "--config-name", default="config", help="root config name")
+    parser.add_argument("-m", "--multirun", action="store_true",
+                        help="accepted and ignored: the plan is always of the whole grid")
     args = parser.parse_args(argv)
-    jobs = plan(args.overrides)
+    jobs = plan(args.overrides, args.config_dir, args.config_name)
     print(format_plan(jobs))
     return 1 if any(j.state == "invalid" for j in jobs) else 0
 

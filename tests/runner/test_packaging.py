@@ -1,0 +1,151 @@
+"""Packaging and CLI: configs in the wheel, the Python floor, the version in records,
+studies that are multiruns by themselves, ptqscale-plan's Hydra flags, a fast --help.
+(The installed-wheel run from an unrelated folder is .ci/wheel, run by .ci/run.)"""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+import zipfile
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ptqscale.runner import plan as plan_module
+from ptqscale.runner.app import conf_dir
+from ptqscale.runner.config import register_configs
+from ptqscale.runner.environment import ptqscale_version
+
+ROOT = Path(__file__).resolve().parents[2]
+STUDIES = sorted((ROOT / "sweeps").glob("*.yaml"))
+# stdlib names that exist only from Python 3.11 on (requires-python says >= 3.10)
+PY311_ONLY = {("datetime", "UTC"), ("enum", "StrEnum"), ("typing", "Self"),
+              ("typing", "LiteralString"), ("typing", "Never"), ("typing", "assert_never")}
+PY311_MODULES = {"tomllib", "wsgiref.types"}
+
+
+def test_requires_python_matches_the_code():
+    """Nothing 3.11-only is imported anywhere (ExceptionGroup/except* are syntax, caught by
+    the 3.10 compile test below)."""
+    bad = []
+    for path in [*ROOT.glob("src/**/*.py"), *ROOT.glob("analysis/**/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                bad += [f"{path}: from {node.module} import {a.name}" for a in node.names
+                        if (node.module, a.name) in PY311_ONLY]
+                bad += [f"{path}: {node.module}" for _ in [0] if node.module in PY311_MODULES]
+            elif isinstance(node, ast.Import):
+                bad += [f"{path}: import {a.name}" for a in node.names if a.name in PY311_MODULES]
+            elif isinstance(node, ast.Name) and node.id in ("ExceptionGroup", "BaseExceptionGroup"):
+                bad.append(f"{path}: {node.id}")
+    assert not bad, bad
+    assert 'requires-python = ">=3.10"' in (ROOT / "pyproject.toml").read_text()
+
+
+def _python310() -> str | None:
+    # pyenv's own build first: its shim on PATH fails unless 3.10 is selected
+    pyenv = sorted((Path.home() / ".pyenv/versions").glob("3.10*/bin/python3.10"))
+    return str(pyenv[0]) if pyenv else shutil.which("python3.10")
+
+
+def test_sources_compile_on_python310(tmp_path):
+    python = _python310()
+    if python is None:
+        pytest.skip("no python3.10 interpreter on this machine")
+    out = subprocess.run([python, "-m", "compileall", "-q", "-d", str(tmp_path),
+                          str(ROOT / "src"), str(ROOT / "analysis")],
+                         capture_output=True, text=True, env={"PYTHONPYCACHEPREFIX": str(tmp_path)})
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_records_carry_the_ptqscale_version():
+    from ptqscale.runner.environment import environment
+
+    assert environment()["ptqscale"] == ptqscale_version() == version("ptqscale")
+
+
+@pytest.mark.parametrize("study", [p.stem for p in STUDIES])
+def test_every_study_is_a_multirun_by_itself(study):
+    register_configs()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=[f"+sweep={study}"], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert OmegaConf.select(cfg, "hydra.sweeper.params"), study
+
+
+def test_plan_accepts_hydra_config_dir(tmp_path, capsys):
+    """A study in the user's own folder (-cd), with ptqscale's groups still found."""
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "mine.yaml").write_text(
+        "# @package _global_\nstudy: mine\npaths:\n  results: " + str(tmp_path / "results")
+        + "\nhydra:\n  mode: MULTIRUN\n  sweeper:\n    params:\n      method: rtn\n"
+        "      format: int8,int4_g32\n")
+    rc = plan_module.main(["-cd", str(tmp_path), "+sweep=mine", "-m"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "2 jobs: 0 done, 0 failed, 2 pending" in out, out
+    assert "mine/stories260k/tinystories/int4_g32/rtn" in out
+    with pytest.raises(FileNotFoundError, match="--config-dir"):
+        plan_module.main(["--config-dir", str(tmp_path / "absent"), "+sweep=mine"])
+
+
+def test_help_is_fast_lists_methods_by_name_and_imports_no_torch():
+    code = ("import sys; sys.argv = ['ptqscale-run', '--help']\n"
+            "from ptqscale.runner.app import main; main()\n"
+            "assert 'torch' not in sys.modules, 'torch imported by --help'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "blockft_joint2" in out.stdout and "ptqscale-run +sweep=quickstart" in out.stdout
+    assert "_schema" not in out.stdout
+    assert "quickstart" in out.stdout.split("Studies")[1]
+
+
+def test_bad_ptqscale_conf_names_the_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv("PTQSCALE_CONF", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="PTQSCALE_CONF"):
+        conf_dir()
+
+
+@pytest.mark.slow
+def test_wheel_ships_conf_and_sweeps_once(tmp_path):
+    """Every file of conf/ and sweeps/ is in the wheel under ptqscale/conf, exactly once."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "-w", str(tmp_path), str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    names = zipfile.ZipFile(next(tmp_path.glob("ptqscale-*.whl"))).namelist()
+    conf = [n for n in names if n.startswith("ptqscale/conf/")]
+    expected = {f"ptqscale/conf/{p.relative_to(ROOT / 'conf')}"
+                for p in (ROOT / "conf").rglob("*.yaml") if "sweep" not in p.parts}
+    expected |= {f"ptqscale/conf/sweep/{p.relative_to(ROOT / 'sweeps')}"
+                 for p in (ROOT / "sweeps").rglob("*.yaml")}
+    assert sorted(conf) == sorted(expected)
+
+
+def test_group_key_overrides_reach_every_job_of_a_multirun():
+    """``-m method=a,b method.iters=50``: the key goes to each job, not to the master
+    config's default method (which has no iters)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ptqscale.runner.cli import per_job_overrides
+
+    groups = {"method", "model"}
+    args = ["-m", "method=blockft_single,blockft_joint2", "method.iters=50", "format=int8",
+            "method.lr=1e-4,1e-3", "hydra.verbose=true", "model.dtype=float32"]
+    out = per_job_overrides(args, groups)
+    assert out == ["-m", "method=blockft_single,blockft_joint2", "method.iters=choice(50)",
+                   "format=int8", "method.lr=1e-4,1e-3", "hydra.verbose=true",
+                   "model.dtype=choice(float32)"]
+    assert per_job_overrides(["method.iters=50"], groups) == ["method.iters=50"]  # one run
+    assert per_job_overrides(["+sweep=blockft", "method.iters=5"], groups)[1] == \
+        "method.iters=choice(5)"                # a study file is a multirun by itself
+    parsed = OverridesParser.create().parse_overrides(out[1:4])
+    assert not any(o.is_sweep_override() is False and o.key_or_group == "method.iters"
+                   for o in parsed)             # left out of the master composition
+    jobs = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
+    assert [j for j in jobs if "method.iters=50" in j] == jobs and len(jobs) == 2
