@@ -64,6 +64,11 @@ class JobSpec:
 
 def validate_job(cfg: DictConfig) -> JobSpec:
     """Check the whole config without loading a model; raise ConfigError naming the key."""
+    from ptqscale.runner.config import refuse_unknown_root_keys
+    from ptqscale.store import check_study
+
+    refuse_unknown_root_keys(cfg)
+    check_study(cfg.study)
     return build_spec(lambda name: typed_node(cfg, name))
 
 
@@ -113,6 +118,9 @@ def build_spec(node: Callable[[str], Any], memo: Callable[[tuple, Callable[[], A
         raise ConfigError(f"eval.seqlen={eval_cfg.seqlen} exceeds the context of model "
                           f"{model.name!r} ({skeleton.context}; model.max_seqlen or the "
                           f"checkpoint's max positions)")
+    if calib is not None and calib.seqlen > skeleton.context:
+        raise ConfigError(f"calib.seqlen={calib.seqlen} exceeds the context of model "
+                          f"{model.name!r} ({skeleton.context}); allowed: at most that")
     memo(("data", id(data)), lambda: validate_data_config(data))
     if calib is not None:
         memo(("data", id(calib)), lambda: validate_data_config(calib.data))

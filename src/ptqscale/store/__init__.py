@@ -30,6 +30,7 @@ from ptqscale.store.claims import claim_job, running_claims
 from ptqscale.store.records import (
     RECORD_SCHEMA_VERSION,
     cache_get,
+    check_study,
     cache_put,
     consolidate,
     iter_records,
@@ -45,6 +46,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "cache_get",
+    "check_study",
     "cache_put",
     "claim_job",
     "consolidate",
