@@ -61,9 +61,15 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+# Overrides of keys that never enter a job key (where results go, logging, the tracker).
+_NOT_IDENTITY = ("paths.", "wandb.", "hydra.", "progress=", "exclusive_gpu=")
+
+
 def invalid_key(study: str, overrides: list[str]) -> str:
-    """Key of the invalid record of a grid point: its study and its (sorted) overrides."""
-    return "invalid-" + digest({"study": study, "overrides": sorted(overrides)})
+    """Key of the invalid record of a grid point: its study and its (sorted) overrides,
+    less those that cannot change a result (``paths.results=...``, ``wandb.mode=...``)."""
+    kept = sorted(o for o in overrides if not o.lstrip("+~").startswith(_NOT_IDENTITY))
+    return "invalid-" + digest({"study": study, "overrides": kept})
 
 
 def run_grid_point(cfg: Any) -> str:
@@ -155,7 +161,8 @@ def report(outcomes: list[dict]) -> tuple[str, int]:
     labels = {"failed": "FAILED ", "invalid": "INVALID", "busy": "RUNNING ELSEWHERE"}
     for o in outcomes:
         if o["status"] in labels:
-            why = o.get("reason") or ""
+            why = " ".join(str(o.get("reason") or "").split())
+            why = why if len(why) <= 300 else why[:297] + "..."
             lines.append(f"  {labels[o['status']]} {o.get('name') or ''}: {why}".rstrip(": "))
     return "\n".join(lines), int(counts["failed"] + counts["invalid"] > 0)
 

@@ -30,8 +30,8 @@ from ptqscale.store.claims import claim_job, running_claims
 from ptqscale.store.records import (
     RECORD_SCHEMA_VERSION,
     cache_get,
-    check_study,
     cache_put,
+    check_study,
     consolidate,
     iter_records,
     read_record,
