@@ -158,7 +158,7 @@ def report(outcomes: list[dict]) -> tuple[str, int]:
               for s in ("complete", "failed", "invalid", "busy")}
     lines = [f"{len(outcomes)} jobs: {counts['complete']} complete, {counts['failed']} failed, "
              f"{counts['invalid']} invalid, {counts['busy']} running elsewhere"]
-    labels = {"failed": "FAILED ", "invalid": "INVALID", "busy": "RUNNING ELSEWHERE"}
+    labels = {"failed": "FAILED", "invalid": "INVALID", "busy": "RUNNING ELSEWHERE"}
     for o in outcomes:
         if o["status"] in labels:
             why = " ".join(str(o.get("reason") or "").split())
