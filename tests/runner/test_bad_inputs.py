@@ -162,6 +162,33 @@ def test_analysis_clis_reject(entry, args, expect, tmp_path, monkeypatch, capsys
     check(code, err, expect, results)
 
 
+PLAN_CASES = [(["model=nope"], "model"), (["+sweep=nope"], "sweep"), (["seed=abc"], "seed"),
+              (["eval.seqlen=abc"], "eval.seqlen")]
+
+
+@pytest.mark.parametrize("overrides,expect", PLAN_CASES, ids=[" ".join(c[0]) for c in PLAN_CASES])
+def test_plan_rejects(overrides, expect, tmp_path, capsys):
+    from ptqscale.runner import plan
+
+    results = tmp_path / "results"
+    GlobalHydra.instance().clear()
+    code = plan.main([*overrides, f"paths.results={results}"])
+    GlobalHydra.instance().clear()
+    check(code, capsys.readouterr().err, expect, results)
+
+
+def test_the_end_of_a_sweep_lists_every_failure_and_busy_job():
+    text, status = outcomes.report([
+        {"status": "complete", "name": "a"}, {"status": "busy", "name": "b", "reason": "pid 7"},
+        {"status": "failed", "name": "c", "reason": "boom"},
+        {"status": "invalid", "name": "d", "reason": "format='int9'\n is bad"}])
+    assert status == 1
+    assert text.splitlines() == ["4 jobs: 1 complete, 1 failed, 1 invalid, 1 running elsewhere",
+                                 "  RUNNING ELSEWHERE b: pid 7", "  FAILED c: boom",
+                                 "  INVALID d: format='int9' is bad"]
+    assert outcomes.report([{"status": "complete"}, {"status": "busy"}])[1] == 0
+
+
 @pytest.mark.parametrize("overrides,expect", [(["+foo=1"], "foo"), (["study=../x"], "study"),
                                               (["eval.seqlen=abc"], "eval.seqlen")])
 def test_end_to_end_exit_status_and_stderr(overrides, expect, tmp_path):

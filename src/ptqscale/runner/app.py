@@ -95,6 +95,7 @@ def one_line(e: BaseException) -> str:
     if e.__cause__ is not None and str(e.__cause__) not in parts[0]:
         parts.append(str(e.__cause__))
     text = "; ".join(" ".join(p.split()) for p in parts if p.strip())
+    text = text.split(" Config search path:")[0]   # Hydra's list of folders: noise here
     return text or type(e).__name__
 
 

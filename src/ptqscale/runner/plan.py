@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -433,7 +434,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ptqscale-plan", description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. +sweep=quickstart")
     args = parser.parse_args(argv)
-    jobs = plan(args.overrides)
+    try:
+        jobs = plan(args.overrides)
+    except Exception as e:  # noqa: BLE001 - a bad sweep is one line, as in ptqscale-run
+        from ptqscale.runner.app import is_bad_input, report_error
+
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not is_bad_input(e):
+            raise
+        return report_error(e)
     print(format_plan(jobs))
     return 1 if any(j.state == "invalid" for j in jobs) else 0
 
