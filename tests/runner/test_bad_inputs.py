@@ -22,7 +22,8 @@ def _corpora(root):
             "latin1": ("latin.txt", "caf\xe9 cr\xe8me br\xfbl\xe9e ".encode("latin-1") * 50),
             "blank": ("blank.txt", b"   \n\n\t  \n"),
             "empty": ("empty.txt", b""),
-            "truncated_xz": ("test.jsonl.xz", XZ_EMPTY)}
+            "truncated_xz": ("test.jsonl.xz", XZ_EMPTY),
+            "shorter_than_a_window": ("short.txt", b"Once upon a time. " * 20)}
 
 
 # (overrides, text that the one-line message must contain)
@@ -76,6 +77,7 @@ RUN_CASES = [
     (["paths.data=/nonexistent/data"], "/nonexistent/data"),
     (["paths.zoo=/nonexistent/zoo", "model=gutenberg-llama-200k"], "/nonexistent/zoo"),
 ]
+# the window is eval.seqlen's: a short calibration corpus is the calibration sampler's to refuse
 CORPUS_CASES = list(_corpora(None))
 ANALYSIS_CASES = [
     ("fit_main", ["--study", "../x"], "study"), ("fit_main", ["--study", "/abs"], "study"),
@@ -131,8 +133,8 @@ def test_run_rejects(overrides, expect, tmp_path, monkeypatch, capsys, no_model_
     check(code, err, expect, results)
 
 
-@pytest.mark.parametrize("case", CORPUS_CASES)
-@pytest.mark.parametrize("role", ["data", "calib"])
+@pytest.mark.parametrize("case,role", [(c, r) for c in CORPUS_CASES for r in ("data", "calib")
+                                       if (c, r) != ("shorter_than_a_window", "calib")])
 def test_run_rejects_bad_corpus_files(case, role, tmp_path, monkeypatch, capsys, no_model_load):
     name, content = _corpora(tmp_path)[case]
     corpus = tmp_path / "corpus"

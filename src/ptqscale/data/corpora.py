@@ -103,8 +103,13 @@ def canonical_split(split: str) -> str:
     return _SPLIT_ALIASES.get(split, split)
 
 
-def validate_data_config(cfg: DataConfig) -> list[str]:
-    """Check the local files exist and are non-empty; returns them (``[]`` for the hub)."""
+def validate_data_config(cfg: DataConfig, min_tokens: int = 0) -> list[str]:
+    """Check the local files exist and hold UTF-8 text; returns them (``[]`` for the hub).
+
+    ``min_tokens`` (one evaluation window): files with fewer bytes than that hold fewer
+    tokens than that too (a token covers at least one byte, up to a BOS/EOS), so they are
+    refused here, before the tokenizer or the model loads.
+    """
     if cfg.path is None:
         return []
     files = _local_files(cfg)
@@ -118,6 +123,11 @@ def validate_data_config(cfg: DataConfig) -> list[str]:
     if all(_is_blank(f, os.path.getsize(f), os.path.getmtime(f)) for f in files):
         raise DataError(f"corpus {cfg.name!r} holds only whitespace: {cfg.path}; "
                         "allowed: UTF-8 text")
+    size = sum(len(_head(f)) for f in files) if min_tokens else 0
+    if min_tokens and size < _CHECK_BYTES and size + 2 < min_tokens:
+        raise DataError(f"corpus {cfg.path} holds {size} bytes, fewer tokens than one window "
+                        f"of eval.seqlen={min_tokens} (data.name={cfg.name}); allowed: a "
+                        "corpus of at least one window")
     return files
 
 

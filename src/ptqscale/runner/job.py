@@ -121,7 +121,7 @@ def build_spec(node: Callable[[str], Any], memo: Callable[[tuple, Callable[[], A
     if calib is not None and calib.seqlen > skeleton.context:
         raise ConfigError(f"calib.seqlen={calib.seqlen} exceeds the context of model "
                           f"{model.name!r} ({skeleton.context}); allowed: at most that")
-    memo(("data", id(data)), lambda: validate_data_config(data))
+    memo(("data", id(data)), lambda: validate_data_config(data, min_tokens=eval_cfg.seqlen))
     if calib is not None:
         memo(("data", id(calib)), lambda: validate_data_config(calib.data))
     if not method.allow_padding:
