@@ -17,7 +17,6 @@ import pyarrow as pa
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
-from ptqscale.errors import ConfigError
 from ptqscale.files import (
     atomic_write,
     atomic_write_json,
@@ -59,6 +58,9 @@ def check_study(study: str) -> str:
     ptqscale.errors.ConfigError: study='../x' is not a study name; allowed: letters, digits, '_', '-', '.' (not first)
     """
     if not isinstance(study, str) or not _STUDY_NAME.fullmatch(study):
+        # imported here: the analysis package loads the store and nothing else of ptqscale
+        from ptqscale.errors import ConfigError
+
         raise ConfigError(f"study={study!r} is not a study name; allowed: letters, digits, "
                           "'_', '-', '.' (not first)")
     return study
