@@ -58,10 +58,12 @@ def _split_args(p: argparse.ArgumentParser, axes=("data", "family", "activations
 
 
 def _run(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
+    from ptqscale.errors import ConfigError
+
     try:
         return main(argv)
-    except AnalysisError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (AnalysisError, ConfigError) as e:   # ConfigError: a study name that is no name
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

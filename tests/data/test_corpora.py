@@ -90,7 +90,7 @@ def test_bad_paths_fail_before_reading(tmp_path):
     with pytest.raises(DataError, match="corpus file is empty"):
         validate_data_config(DataConfig("wikitext2", "test", path=str(tmp_path)))
     (tmp_path / "blank.txt").write_text(" \n\n \n")
-    with pytest.raises(DataError, match="holds no text"):
+    with pytest.raises(DataError, match="holds only whitespace"):
         load_documents(DataConfig("text", path=str(tmp_path / "blank.txt")))
 
 

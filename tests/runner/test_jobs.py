@@ -94,7 +94,10 @@ def test_failing_job_leaves_a_failure_record_and_the_sweep_goes_on(tmp_path, bro
     grid = ["--multirun", "+sweep=quickstart", "model=stories260k,broken", "format=int8",
             f"hydra.searchpath=[file://{broken_model_conf}]", "wandb.mode=disabled", *FAST]
     out = run_cli(grid, results)
-    assert out.returncode != 0
+    assert out.returncode == 1
+    # the summary is written whatever failed, and the end of the sweep names the failure
+    assert (results / "quickstart" / "summary.md").is_file()
+    assert "FAILED quickstart/broken" in out.stdout and "Traceback" not in out.stdout
     by_model = {r["model"]["name"]: r for r in records(results)}
     assert by_model["stories260k"]["status"] == "complete"
     failed = by_model["broken"]

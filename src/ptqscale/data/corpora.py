@@ -24,6 +24,7 @@ random windows from long documents; ``c4-new`` truncates to 256 x seqlen tokens,
 
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import json
@@ -109,15 +110,66 @@ def canonical_split(split: str) -> str:
     return _SPLIT_ALIASES.get(split, split)
 
 
-def validate_data_config(cfg: DataConfig) -> list[str]:
-    """Check the local files exist and are non-empty; returns them (``[]`` for the hub)."""
+def validate_data_config(cfg: DataConfig, min_tokens: int = 0) -> list[str]:
+    """Check the local files exist and hold UTF-8 text; returns them (``[]`` for the hub).
+
+    ``min_tokens`` (one evaluation window): files with fewer bytes than that hold fewer
+    tokens than that too (a token covers at least one byte, up to a BOS/EOS), so they are
+    refused here, before the tokenizer or the model loads.
+    """
     if cfg.path is None:
         return []
     files = _local_files(cfg)
     for f in files:
         if os.path.getsize(f) == 0:
             raise DataError(f"corpus file is empty: {f} (data.name={cfg.name})")
+        problem = _content_problem(f, os.path.getsize(f), os.path.getmtime(f))
+        if problem:
+            raise DataError(f"corpus file {problem}: {f} (data.name={cfg.name}); "
+                            "allowed: UTF-8 text")
+    if all(_is_blank(f, os.path.getsize(f), os.path.getmtime(f)) for f in files):
+        raise DataError(f"corpus {cfg.name!r} holds only whitespace: {cfg.path}; "
+                        "allowed: UTF-8 text")
+    size = sum(len(_head(f)) for f in files) if min_tokens else 0
+    if min_tokens and size < _CHECK_BYTES and size + 2 < min_tokens:
+        raise DataError(f"corpus {cfg.path} holds {size} bytes, fewer tokens than one window "
+                        f"of eval.seqlen={min_tokens} (data.name={cfg.name}); allowed: a "
+                        "corpus of at least one window")
     return files
+
+
+# Content checks read at most this much (decompressed) of each file: cheap even for big
+# corpora, and a binary or mis-encoded file shows itself in its first bytes.
+_CHECK_BYTES = 8 << 20
+
+
+def _head(path: str) -> bytes:
+    opener = lzma.open if path.endswith(".xz") else gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        return fh.read(_CHECK_BYTES)
+
+
+@functools.lru_cache(maxsize=256)
+def _content_problem(path: str, size: int, mtime: float) -> str | None:
+    """Why ``path`` is not a text corpus (binary, not UTF-8, unreadable), else None;
+    keyed by size and mtime so that a changed file is checked again."""
+    try:
+        head = _head(path)
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        return f"cannot be read ({type(e).__name__}: {e})"
+    if b"\0" in head:
+        return "is binary (it holds NUL bytes)"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if len(head) < _CHECK_BYTES or e.start < len(head) - 4:   # not a cut multi-byte char
+            return f"is not UTF-8 (byte {e.start}: {head[e.start:e.start + 1]!r})"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _is_blank(path: str, size: int, mtime: float) -> bool:
+    return not _head(path).strip()
 
 
 def load_documents(cfg: DataConfig) -> list[str]:

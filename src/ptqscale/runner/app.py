@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -40,25 +42,90 @@ def conf_dir() -> str:
 
 
 def task(cfg: DictConfig) -> str:
-    """One job; the record's status is the Hydra job's return value."""
+    """One job; its outcome's status is the Hydra job's return value (runner/outcomes.py)."""
     from ptqscale.console import quiet_third_party
-    from ptqscale.runner.job import run_job
+    from ptqscale.runner.outcomes import run_grid_point
 
     quiet_third_party()
-    return run_job(cfg)["status"]
+    return run_grid_point(cfg)
 
 
 def main() -> None:
+    """Run Hydra; a bad input is one line ``error: ...`` on stderr and exit status 2.
+
+    Exit status: 0 every job complete (or running elsewhere), 1 a job failed or was
+    invalid, 2 a bad input found before any job ran. ``--debug`` (or HYDRA_FULL_ERROR=1)
+    keeps the tracebacks. ``-h``/``--help`` answers before torch is imported.
+    """
     if any(a in sys.argv[1:] for a in ("-h", "--help")):
         _print_help()   # before the schemas (and torch) are imported: help is instant
         return
-    from ptqscale.runner.cli import per_job_overrides
-    from ptqscale.runner.config import register_configs
+    from ptqscale.runner import outcomes
 
-    groups = {p.name for p in Path(conf_dir()).iterdir() if p.is_dir()} - {"hydra", "sweep"}
-    sys.argv[1:] = per_job_overrides(sys.argv[1:], groups)
-    register_configs()
-    hydra.main(config_path=conf_dir(), config_name="config", version_base="1.3")(task)()
+    debug = "--debug" in sys.argv or os.environ.get("HYDRA_FULL_ERROR") == "1"
+    sys.argv = [a for a in sys.argv if a != "--debug"]
+    if debug:
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        with _exceptions_reach_us():
+            from ptqscale.runner.cli import per_job_overrides
+            from ptqscale.runner.config import register_configs
+
+            groups = {p.name for p in Path(conf_dir()).iterdir() if p.is_dir()} - {"hydra",
+                                                                                   "sweep"}
+            sys.argv[1:] = per_job_overrides(sys.argv[1:], groups)
+            register_configs()
+            hydra.main(config_path=conf_dir(), config_name="config", version_base="1.3")(task)()
+    except outcomes.Abort as stop:   # a bad input found by a callback (runner/callbacks.py)
+        if debug:
+            raise stop.error from None
+        sys.exit(report_error(stop.error))
+    except Exception as e:  # noqa: BLE001 - every error becomes one line (or a traceback)
+        if debug:
+            raise
+        sys.exit(report_error(e))
+    sys.exit(outcomes.exit_status())
+
+
+@contextmanager
+def _exceptions_reach_us() -> Iterator[None]:
+    """Make Hydra re-raise instead of printing a traceback itself (run_and_report)."""
+    before = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = before
+
+
+def report_error(e: BaseException) -> int:
+    """Print ``e`` as one line ``error: ...`` on stderr; the exit status: 2 for a bad
+    input (config, override, data, model files), 1 for anything else."""
+    print(f"error: {one_line(e)}", file=sys.stderr)
+    return 2 if is_bad_input(e) else 1
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` (and of the OmegaConf error under a Hydra one) on one line."""
+    parts = [str(e)]
+    if e.__cause__ is not None and str(e.__cause__) not in parts[0]:
+        parts.append(str(e.__cause__))
+    text = "; ".join(" ".join(p.split()) for p in parts if p.strip())
+    text = text.split(" Config search path:")[0]   # Hydra's list of folders: noise here
+    return text or type(e).__name__
+
+
+def is_bad_input(e: BaseException) -> bool:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ptqscale.errors import ConfigError
+
+    return isinstance(e, ConfigError | HydraException | OmegaConfBaseException
+                      | FileNotFoundError)
 
 
 def _print_help() -> None:

@@ -102,6 +102,14 @@ def to_object(node: Any) -> Any:
     return OmegaConf.to_object(node)
 
 
+def refuse_unknown_root_keys(cfg: DictConfig) -> None:
+    """Refuse a root key that ``RunConfig`` does not know (``+foo=1``); ``hydra`` is Hydra's."""
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    for key in cfg.keys():
+        if key not in known and key != "hydra":
+            raise ConfigError(f"{key} is not a known key; allowed root keys: {', '.join(sorted(known))}")
+
+
 def _refuse_unknown_keys(node: Any, schema: Any, where: str = "") -> None:
     if not (isinstance(node, DictConfig) and dataclasses.is_dataclass(schema)):
         return

@@ -73,6 +73,11 @@ def validate_job(cfg: DictConfig, bind: bool = False) -> JobSpec:
     ``bind``: bind names seen for the first time to their files in the store (a job about
     to run does; checking and planning do not write).
     """
+    from ptqscale.runner.config import refuse_unknown_root_keys
+    from ptqscale.store import check_study
+
+    refuse_unknown_root_keys(cfg)
+    check_study(cfg.study)
     return build_spec(lambda name: typed_node(cfg, name), bind=bind)
 
 
@@ -122,7 +127,10 @@ def build_spec(node: Callable[[str], Any], memo: Callable[[tuple, Callable[[], A
         raise ConfigError(f"eval.seqlen={eval_cfg.seqlen} exceeds the context of model "
                           f"{model.name!r} ({skeleton.context}; model.max_seqlen or the "
                           f"checkpoint's max positions)")
-    memo(("data", id(data)), lambda: validate_data_config(data))
+    if calib is not None and calib.seqlen > skeleton.context:
+        raise ConfigError(f"calib.seqlen={calib.seqlen} exceeds the context of model "
+                          f"{model.name!r} ({skeleton.context}); allowed: at most that")
+    memo(("data", id(data)), lambda: validate_data_config(data, min_tokens=eval_cfg.seqlen))
     if calib is not None:
         memo(("data", id(calib)), lambda: validate_data_config(calib.data))
     if not method.allow_padding:

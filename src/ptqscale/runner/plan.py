@@ -478,7 +478,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-m", "--multirun", action="store_true",
                         help="accepted and ignored: the plan is always of the whole grid")
     args = parser.parse_args(argv)
-    jobs = plan(args.overrides, args.config_dir, args.config_name)
+    try:
+        jobs = plan(args.overrides, args.config_dir, args.config_name)
+    except Exception as e:  # noqa: BLE001 - a bad sweep is one line, as in ptqscale-run
+        from ptqscale.runner.app import is_bad_input, report_error
+
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not is_bad_input(e):
+            raise
+        return report_error(e)
     print(format_plan(jobs))
     return 1 if any(j.state == "invalid" for j in jobs) else 0
 

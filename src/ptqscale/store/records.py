@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,8 +45,29 @@ REQUIRED = ("job_key", "study", "status")
 _SKIPPED = "skipped (re-launch its study to recompute it)"
 
 
+# A study is one folder under the results root: a plain name, never a path.
+_STUDY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+
+
+def check_study(study: str) -> str:
+    """``study`` if it is a valid study name, else ConfigError saying what is allowed.
+
+    >>> check_study("../x")
+    Traceback (most recent call last):
+    ...
+    ptqscale.errors.ConfigError: study='../x' is not a study name; allowed: letters, digits, '_', '-', '.' (not first)
+    """
+    if not isinstance(study, str) or not _STUDY_NAME.fullmatch(study):
+        # imported here: the analysis package loads the store and nothing else of ptqscale
+        from ptqscale.errors import ConfigError
+
+        raise ConfigError(f"study={study!r} is not a study name; allowed: letters, digits, "
+                          "'_', '-', '.' (not first)")
+    return study
+
+
 def record_path(root: str | os.PathLike, study: str, job_key: str) -> Path:
-    return Path(root) / study / "records" / f"{job_key}.json"
+    return Path(root) / check_study(study) / "records" / f"{job_key}.json"
 
 
 def write_record(root: str | os.PathLike, record: dict) -> Path:
@@ -128,7 +150,7 @@ def consolidate(root: str | os.PathLike, study: str) -> Path:
     each writes a temporary file of its own, so the Parquet is whole at every moment. A
     Parquet that cannot be read is moved aside (one log line) and rebuilt.
     """
-    sdir = Path(root) / study
+    sdir = Path(root) / check_study(study)
     path = sdir / "records.parquet"
     with locked(sdir / ".records.parquet.lock"):
         reason = _unreadable(path)
@@ -168,7 +190,7 @@ def _text_where_mixed(df: pd.DataFrame) -> pd.DataFrame:
 def _study_dirs(root: str | os.PathLike, study: str | None) -> list[Path]:
     root = Path(root)
     if study is not None:
-        return [root / study]
+        return [root / check_study(study)]
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
