@@ -41,13 +41,38 @@ def conf_dir() -> str:
                             f"{package / 'conf'}: reinstall ptqscale or set PTQSCALE_CONF")
 
 
-def task(cfg: DictConfig) -> str:
-    """One job; its outcome's status is the Hydra job's return value (runner/outcomes.py)."""
+def task(cfg: DictConfig) -> str | float:
+    """One job. What a sweeper sees: the outcome's status (runner/outcomes.py), or the
+    number at the record path ``cfg.objective`` (e.g. ``metrics.dnll``; NaN when the job
+    did not complete, which Optuna counts as a failed trial and goes on)."""
     from ptqscale.console import quiet_third_party
     from ptqscale.runner.outcomes import run_grid_point
+    from ptqscale.store import read_record
 
     quiet_third_party()
-    return run_grid_point(cfg)
+    outcome = run_grid_point(cfg)
+    if cfg.get("objective") is None:
+        return outcome["status"]
+    record = read_record(cfg.paths.results, cfg.study, outcome.get("key") or "") or outcome
+    return objective_value(record, cfg.objective)
+
+
+def objective_value(record: dict, path: str) -> float:
+    """The number at ``path`` (``metrics.dnll``) in ``record``; NaN for an incomplete job."""
+    if record.get("status") != "complete":
+        log.warning("objective %s: job %s is %s, returning NaN", path, record.get("name"),
+                    record.get("status"))
+        return float("nan")
+    node: object = record
+    for i, part in enumerate(path.split(".")):
+        if not isinstance(node, dict) or part not in node:
+            where = ".".join(path.split(".")[:i]) or "the record"
+            keys = ", ".join(sorted(node)) if isinstance(node, dict) else "(not a mapping)"
+            raise KeyError(f"objective={path}: no {part!r} in {where}; it has {keys}")
+        node = node[part]
+    if isinstance(node, bool) or not isinstance(node, (int, float)):
+        raise TypeError(f"objective={path} is {node!r}, not a number")
+    return float(node)
 
 
 def main() -> None:

@@ -67,6 +67,9 @@ class RunConfig:
     # Hold a GPU exclusively for the job (one job per GPU with parallel local workers).
     # false lets several small jobs share one device.
     exclusive_gpu: bool = True
+    # A record path such as ``metrics.dnll``: the job returns that number to the sweeper,
+    # for one that optimizes it (Optuna, see sweeps/gptq_damp_optuna.yaml). Not in the key.
+    objective: str | None = None
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)

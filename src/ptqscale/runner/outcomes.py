@@ -72,8 +72,9 @@ def invalid_key(study: str, overrides: list[str]) -> str:
     return "invalid-" + digest({"study": study, "overrides": kept})
 
 
-def run_grid_point(cfg: Any) -> str:
-    """Run one job and return its status; failures and invalid configs become outcomes.
+def run_grid_point(cfg: Any) -> dict[str, Any]:
+    """Run one job and return its outcome (``status``, ``key``, ``name``, ``reason``);
+    failures and invalid configs become outcomes.
 
     Outside a multirun a config error propagates (the CLI prints one line, exit 2).
     """
@@ -100,7 +101,7 @@ def run_grid_point(cfg: Any) -> str:
         outcome.update(status="failed", reason=f"{type(e).__name__}: {e}",
                        name=" ".join(overrides))
     record_outcome(outcome)
-    return outcome["status"]
+    return outcome
 
 
 def _write_invalid(cfg: Any, overrides: list[str], reason: str) -> str | None:

@@ -103,6 +103,11 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     fixed = [o.input_line for o in parser.parse_overrides(list(overrides))
              if not o.is_sweep_override()]
     cfg = compose(overrides=fixed, return_hydra_config=True)
+    sweeper = OmegaConf.select(cfg, "hydra.sweeper._target_") or ""
+    if not sweeper.endswith("BasicSweeper"):
+        # an optimizer (Optuna) picks its trials as it goes: there is no grid to list
+        raise ConfigError(f"study {cfg.study}: its sweeper is {sweeper}; ptqscale-plan lists "
+                          "the jobs of grid studies (Hydra's basic sweeper) only")
     params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
     args = [f"{k}={v}" for k, v in params.items()] + list(overrides)
     parsed = parser.parse_overrides(args)
