@@ -111,8 +111,9 @@ def summarize_study(results: str, study: str, wandb_dir: str | None = None,
         f"  records:  {root / study / 'records'}/  (consolidated: {parquet})",
         f"  summary:  {summary}",
     ]
-    if wandb_dir:
-        lines.append(f"  W&B runs: {Path(wandb_dir) / 'wandb'}/  (offline runs: `wandb sync` them)")
+    if wandb_dir and (Path(wandb_dir) / "wandb").is_dir():
+        lines.append(f"  W&B runs: {Path(wandb_dir) / 'wandb'}/  (offline runs: "
+                     f"`ptqscale-sync --results {root} --study {study}` uploads them)")
     return "\n".join(lines)
 
 
