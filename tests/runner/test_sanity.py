@@ -74,6 +74,7 @@ def test_an_implausible_model_gives_a_failed_record(tmp_path, how, reason):
     assert record["error"]["type"] == "ImplausibleResultError"
     assert re.search(reason, record["error"]["message"]), record["error"]["message"]
     assert "metrics" not in record or record["metrics"].get("nll") is None
+    assert not list((tmp_path / "results" / "_cache").glob("fp_eval/*.json"))  # never cached
 
 
 def test_non_finite_quantized_weights_fail():

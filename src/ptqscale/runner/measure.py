@@ -35,11 +35,12 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _cached(root: str, kind: str, key: str, compute, required: tuple[str, ...] = ()
-            ) -> tuple[dict, bool]:
+def _cached(root: str, kind: str, key: str, compute, required: tuple[str, ...] = (),
+            check=None) -> tuple[dict, bool]:
     """``compute()`` once per key across jobs and processes; returns (value, was_cached).
 
     An entry without the ``required`` keys is corrupt: moved aside and recomputed.
+    ``check(value)`` raises for a value that cannot be right: it is then never cached.
     """
     hit = cache_get(root, kind, key, required)
     if hit is not None:
@@ -49,6 +50,8 @@ def _cached(root: str, kind: str, key: str, compute, required: tuple[str, ...] =
         if hit is not None:
             return hit, True
         value = compute()
+        if check is not None:
+            check(value)
         cache_put(root, kind, key, value)
         return value, False
 
@@ -64,14 +67,15 @@ def model_level(spec: Any, model: torch.nn.Module, tokenizer: Any, timings: dict
         stream = tokenize_corpus(spec.data, tokenizer,
                                  cache_dir=os.path.join(spec.cache, "tokens"),
                                  preset=spec.eval.preset)
+    what = f"full-precision NLL of {spec.model.name!r} on {spec.data.name}"
     with console.stage("full-precision eval", timings, "fp_eval"):
         fp_key = keys.fp_eval_key(spec.model, spec.data, spec.eval, spec.files)
         fp, fp_hit = _cached(spec.results, "fp_eval", fp_key,
                              lambda: measure_perplexity(model, stream, spec.eval,
                                                         progress=spec.progress).to_dict(),
-                             required=("nll", "perplexity", "nll_sum", "tokens"))
-    check_nll(fp["nll"], f"full-precision NLL of {spec.model.name!r} on {spec.data.name}",
-              vocab_size(model))
+                             required=("nll", "perplexity", "nll_sum", "tokens"),
+                             check=lambda v: check_nll(v["nll"], what, vocab_size(model)))
+    check_nll(fp["nll"], what, vocab_size(model))  # also a value cached before this check
     level = {"anatomy": anatomy, "stream": stream, "fp": fp, "fp_cached": fp_hit,
              "params": count_parameters(model, anatomy), "landscape": None}
     if spec.landscape is not None:
