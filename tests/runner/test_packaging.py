@@ -5,6 +5,7 @@ studies that are multiruns by themselves, ptqscale-plan's Hydra flags, a fast --
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -48,9 +49,20 @@ def test_requires_python_matches_the_code():
 
 
 def _python310() -> str | None:
-    # pyenv's own build first: its shim on PATH fails unless 3.10 is selected
-    pyenv = sorted((Path.home() / ".pyenv/versions").glob("3.10*/bin/python3.10"))
-    return str(pyenv[0]) if pyenv else shutil.which("python3.10")
+    """A Python 3.10 that runs: pyenv's own builds first (its shim on PATH fails unless 3.10
+    is selected, and HOME may not be where pyenv lives), then python3.10 on PATH."""
+    roots = {Path(os.environ.get("PYENV_ROOT", "/nonexistent")), Path.home() / ".pyenv"}
+    shim = shutil.which("python3.10")
+    if shim and Path(shim).parent.name == "shims":  # pyenv on PATH: its root is the shims' parent
+        roots.add(Path(shim).parent.parent)
+    candidates = [str(p) for root in roots for p in sorted(root.glob("versions/3.10*/bin/python3.10"))]
+    candidates += [shutil.which("python3.10")] if shutil.which("python3.10") else []
+    for python in candidates:
+        ok = subprocess.run([python, "-c", "import sys; assert sys.version_info[:2] == (3, 10)"],
+                            capture_output=True).returncode == 0
+        if ok:
+            return python
+    return None
 
 
 def test_sources_compile_on_python310(tmp_path):
