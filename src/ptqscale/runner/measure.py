@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import fcntl
 import math
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +11,7 @@ import torch
 
 from ptqscale import console
 from ptqscale.errors import ImplausibleResultError
+from ptqscale.files import locked
 from ptqscale.models import check_finite
 from ptqscale.runner import keys
 from ptqscale.store import cache_get, cache_put
@@ -21,18 +19,6 @@ from ptqscale.store import cache_get, cache_put
 # Bytes per parameter that a method leaves unquantized (embeddings, norms, head): the
 # 16-bit deployment baseline, whatever dtype the model was loaded in for measuring.
 UNQUANTIZED_BYTES = 2
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock file, so parallel workers compute a shared result only once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _cached(root: str, kind: str, key: str, compute, required: tuple[str, ...] = (),
@@ -45,7 +31,8 @@ def _cached(root: str, kind: str, key: str, compute, required: tuple[str, ...] =
     hit = cache_get(root, kind, key, required)
     if hit is not None:
         return hit, True
-    with _locked(Path(root) / "_cache" / kind / f".{key}.lock"):
+    # one process computes a shared entry; the others wait and read it
+    with locked(Path(root) / "_cache" / kind / f".{key}.lock"):
         hit = cache_get(root, kind, key, required)
         if hit is not None:
             return hit, True
