@@ -9,6 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from ptqscale.errors import ConfigError
+from ptqscale.runner import keys as job_keys
 from ptqscale.runner.app import conf_dir
 from ptqscale.runner.job import validate_job
 from ptqscale.runner.plan import expand_sweep
@@ -100,6 +101,17 @@ def test_key_ignores_speed_only_method_fields(composed):
                                   "method.offload=true"])).key
     other = validate_job(composed(["method=gptq", "format=int4_g128", "method.percdamp=0.1"])).key
     assert base == same != other
+
+
+def test_key_ignores_the_eval_batch_size(composed):
+    """Windows per pass are speed-only: a study re-run at another batch size finds its jobs
+    (and the shared full-precision and landscape entries)."""
+    spec = validate_job(composed(["method=rtn", "format=int8"]))
+    other = validate_job(composed(["method=rtn", "format=int8", "eval.batch_size=3"]))
+    assert spec.key == other.key
+    assert (job_keys.fp_eval_key(spec.model, spec.data, spec.eval)
+            == job_keys.fp_eval_key(other.model, other.data, other.eval))
+    assert validate_job(composed(["method=rtn", "format=int8", "eval.seqlen=128"])).key != spec.key
 
 
 def test_job_names_spell_out_the_activation_scheme(composed):

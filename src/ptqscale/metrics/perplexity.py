@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,11 @@ class EvalConfig:
         >>> EvalConfig(preset="rolling", seqlen=512).effective_stride()
         256
     """
+
+    # Windows per pass change speed, not the result: out of the job key. Keys made before
+    # that hashed the batch size, all at 8; hashing 8 for any batch size keeps them.
+    not_in_key: ClassVar[tuple[str, ...]] = ("batch_size",)
+    keyed_as: ClassVar[dict[str, int]] = {"batch_size": 8}
 
     preset: str = "gptq"  # gptq | rolling
     seqlen: int = 2048

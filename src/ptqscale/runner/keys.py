@@ -44,15 +44,26 @@ def data_identity(data_cfg: Any) -> dict:
     return _without(data_cfg, _DATA_IGNORED)
 
 
+def speed_only(cfg: Any) -> dict:
+    """``cfg`` less the fields its class declares speed- or memory-only (``not_in_key``).
+
+    A field that entered keys before it was declared so is hashed at the one value that
+    every committed key used (``keyed_as``): the old keys stay, and no value re-keys a job.
+    """
+    cls = type(cfg)
+    ignored = getattr(cls, "not_in_key", ())
+    return {**_without(cfg, ignored), **getattr(cls, "keyed_as", {})}
+
+
 def eval_identity(eval_cfg: Any) -> dict:
     """``eval.compile`` counts only when on: eager keys stay those of stores that predate it."""
-    d = _plain(eval_cfg)
+    d = speed_only(eval_cfg)
     return d if d.get("compile") else {k: v for k, v in d.items() if k != "compile"}
 
 
 def landscape_identity(landscape_cfg: Any) -> dict:
     """Landscape settings less those that change memory or speed, not the result."""
-    return _without(landscape_cfg, getattr(type(landscape_cfg), "not_in_key", ()))
+    return speed_only(landscape_cfg)
 
 
 def _with_files(semantic: dict, files: dict | None, roles: tuple[str, ...]) -> dict:
@@ -79,7 +90,7 @@ def landscape_key(model_cfg: Any, data_cfg: Any, eval_cfg: Any, landscape_cfg: A
 
 def method_identity(method_cfg: Any) -> dict:
     """Method settings less those that change memory or speed, not the result."""
-    return _without(method_cfg, type(method_cfg).not_in_key)
+    return speed_only(method_cfg)
 
 
 def calib_identity(calib_cfg: Any) -> dict:
