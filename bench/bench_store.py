@@ -68,7 +68,8 @@ def job_specs(overrides: list[str]) -> list:
 
     from ptqscale.runner.app import conf_dir
     from ptqscale.runner.config import register_configs
-    from ptqscale.runner.plan import INVALID, Planner, expand_sweep
+    from ptqscale.runner.plan import expand_sweep
+    from ptqscale.runner.planner import INVALID, Planner
 
     register_configs()
     specs = []

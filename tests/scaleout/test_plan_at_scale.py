@@ -12,7 +12,8 @@ from ptqscale.runner import keys
 from ptqscale.runner.app import conf_dir
 from ptqscale.runner.config import register_configs
 from ptqscale.runner.job import validate_job
-from ptqscale.runner.plan import Planner, expand_sweep, plan, plan_job
+from ptqscale.runner.plan import expand_sweep, plan, plan_job
+from ptqscale.runner.planner import Planner
 from ptqscale.store import cache_put, claim_job, write_record
 
 SWEEPS = Path(conf_dir()).parent / "sweeps"

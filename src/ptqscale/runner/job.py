@@ -108,7 +108,7 @@ def build_spec(node: Callable[[str], Any], memo: Callable[[tuple, Callable[[], A
     """The job made of the root nodes ``node(name)`` returns, checked in a fixed order.
 
     ``memo(key, make)`` may return an earlier ``make()`` for the same key: the planner
-    (runner/plan.py) shares parsed formats, model skeletons, validated corpora and key
+    (runner/planner.py) shares parsed formats, model skeletons, validated corpora and key
     parts between the jobs of a sweep that hold the same node objects (keys use ``id``).
     """
     from ptqscale.data import validate_data_config
