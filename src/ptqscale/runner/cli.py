@@ -69,8 +69,8 @@ def per_job_overrides(args: list[str], groups: set[str]) -> list[str]:
     ``method.batch_size=4`` is applied to the default method (``none``) and fails before any
     job. A one-value sweep is left out of that composition too and set in every job,
     exactly what the user meant. A job whose method has no such key fails with Hydra's
-    error naming the key and the method's config class (``Key 'iters' not in
-    'GPTQConfig'``). Single runs are left alone.
+    error naming the key and the method's config class (``Key 'batch_size' not in
+    'RTNConfig'``). Single runs are left alone.
     """
     multirun = any(a in ("-m", "--multirun") or a.startswith("+sweep=") for a in args)
     if not multirun:

@@ -86,8 +86,8 @@ def register_configs() -> None:
     """Register the root schema and each method's schema with Hydra (idempotent).
 
     The method schemas are root-level configs (``/rtn_schema``), not options of the
-    ``method`` group: ``method=`` then lists (in ``--hydra-help`` and tab completion) the
-    methods alone, and Hydra lists no root-level config as a group.
+    ``method`` group: Hydra's tab completion of ``method=`` then offers the methods alone,
+    and it lists no root-level config as a group.
     """
     from ptqscale.methods import METHODS
     from ptqscale.runner.gpus import gpu_count
