@@ -1,7 +1,7 @@
 """One job per GPU on one host: the same sweep of equal jobs with 1 and with 2 local workers.
 
     python bench/bench_multigpu.py --out DIR            # a 2-GPU host: 8 GPTQ jobs
-    python bench/bench_multigpu.py --out DIR --method blockft_single --format int3_g32
+    python bench/bench_multigpu.py --out DIR --method blockft --format int3_g32
     python bench/bench_multigpu.py --out DIR --smoke    # CPU: 2 tiny RTN jobs (plumbing only)
 
 Each run is ``ptqscale-run --multirun ... hydra/launcher=local_gpus hydra.launcher.n_jobs=W``
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--model", default="gutenberg-llama-1m")
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--method", default="gptq",
-                        help="blockft_single makes jobs long against a worker's start-up")
+                        help="blockft (single block) makes jobs long against a worker's start-up")
     parser.add_argument("--format", default="int4_g128")
     parser.add_argument("--max-tokens", type=int, default=1 << 20)
     args = parser.parse_args()

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ptqscale.errors import ConfigError
 from ptqscale.formats import get_format
 from ptqscale.methods import (
+    METHODS,
     BlockFTConfig,
     GPTQConfig,
     QuantContext,
@@ -19,7 +20,6 @@ from ptqscale.methods import (
     get_method,
     quantize,
 )
-from ptqscale.methods.blockft import PRESETS
 from ptqscale.methods.blockft_quant import LearnedWeight, gptq_with_params
 from ptqscale.methods.blockft_walk import plan_windows
 from ptqscale.models import get_anatomy
@@ -43,11 +43,18 @@ def calib() -> torch.Tensor:
     return torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
 
 
-def ft(name="blockft_single", **kw) -> BlockFTConfig:
-    variant, window, downstream = PRESETS[name]
-    base = dict(name=name, variant=variant, window=window, stride=window, downstream=downstream,
-                format="int3_g32", iters=20, batch_size=4, device="cpu")
-    return BlockFTConfig(**{**base, **kw})
+# The study's variants as fields, by the label a validated config carries as its name.
+VARIANTS = {"blockft_single": {}, "blockft_joint2": dict(variant="joint", window=2),
+            "blockft_joint3": dict(variant="joint", window=3),
+            "blockft_down1": dict(variant="downstream", downstream=1),
+            "blockft_down2": dict(variant="downstream", downstream=2)}
+
+
+def ft(label="blockft_single", **kw) -> BlockFTConfig:
+    base = dict(format="int3_g32", iters=20, batch_size=4, device="cpu")
+    cfg = BlockFTConfig(**{**base, **VARIANTS[label], **kw})
+    assert cfg.name == label
+    return cfg
 
 
 # ---- the learned quantizer ---------------------------------------------------------------------
@@ -130,23 +137,42 @@ def test_window_plans():
 
 
 @pytest.mark.parametrize("kw, needle", [
-    (dict(name="blockft_joint2", variant="joint", window=3), "blockft_joint2"),
-    (dict(name="blockft_joint3", variant="joint", window=3, stride=4), "stride"),
+    (dict(variant="sideways"), "variant='sideways': allowed single, joint, downstream"),
+    (dict(window=2), "variant=single needs method.window=1 and method.downstream=0"),
+    (dict(downstream=1), "variant=single needs"),
+    (dict(variant="joint"), r"variant=joint needs method.window>=2 .* got window=1"),
+    (dict(variant="joint", window=2, downstream=1), "variant=joint needs"),
+    (dict(variant="downstream"), r"variant=downstream needs .*downstream>=1"),
+    (dict(variant="downstream", downstream=1, window=2), "variant=downstream needs"),
+    (dict(name="blockft_joint2", variant="joint", window=3), "blockft_joint3"),
+    (dict(name="gptq"), "method.name='gptq'"),
+    (dict(variant="joint", window=3, stride=4), "stride"),
+    (dict(variant="joint", window=3, stride=0), "stride"),
     (dict(init="awq"), "init"),
     (dict(optimizer="sgd"), "optimizer"),
     (dict(offload="maybe"), "offload"),
     (dict(nsamples=0), "nsamples"),
     (dict(format="int3_x"), "int3_x"),
-    (dict(name="blockft"), "presets"),
 ])
 def test_bad_configs_name_the_field(kw, needle):
     with pytest.raises(ConfigError, match=needle):
         BlockFTConfig(**kw)
 
 
-def test_every_preset_is_registered():
-    for name in PRESETS:
-        assert get_method(name)[0] is BlockFTConfig
+@pytest.mark.parametrize("label", list(VARIANTS))
+def test_a_variant_is_named_by_its_label_which_finds_the_one_method(label):
+    cfg = ft(label)
+    assert cfg.stride == cfg.window  # non-overlapping windows unless asked
+    assert get_method(label)[0] is BlockFTConfig
+    assert BlockFTConfig(**{**VARIANTS[label], "name": label}) == BlockFTConfig(**VARIANTS[label])
+
+
+def test_only_blockft_is_listed_and_other_labels_are_unknown():
+    assert "blockft" in METHODS and not [m for m in METHODS if m.startswith("blockft_")]
+    assert get_method("blockft_joint4")[0] is BlockFTConfig  # any k, m: no list to extend
+    for bad in ("blockft_joint", "blockft_triple", "blockft_down1x"):
+        with pytest.raises(ConfigError, match="blockft"):
+            get_method(bad)
 
 
 # ---- the walk on a tiny model ------------------------------------------------------------------
@@ -196,7 +222,7 @@ def test_zero_iterations_from_gptq_init_is_gptq(llama3, calib):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_variant_lowers_its_window_errors(llama3, calib, name):
     report = quantize(llama3, ft(name), QuantContext(calibration=calib))
     windows = report.extra["blockft"]["windows"]

@@ -66,6 +66,14 @@ RUN_CASES = [
     (["method=rtn", "format=int8_x"], "format"), (["method=rtn", "format="], "format"),
     (["method=gptq", "format=int9"], "format"), (["method=awq", "format=bogus"], "format"),
     (["method=rtn", "format=mxint9_b32"], "format"), (["method=rtn", "format=int4_g0"], "format"),
+    # blockft's variant is a field; window and downstream must fit it; the old names are gone
+    (["method=blockft", "method.variant=joint"], "method.window>=2"),
+    (["method=blockft", "method.variant=triple"], "method.variant='triple'"),
+    (["method=blockft", "method.window=2"], "variant=single"),
+    (["method=blockft", "method.variant=downstream"], "method.downstream>=1"),
+    (["method=blockft", "method.variant=joint", "method.window=2", "method.stride=3"],
+     "stride"),
+    (["method=blockft_joint2"], "blockft"),
     # data and files
     (["data.split=nope"], "split"), (["data.path=/nonexistent/corpus"], "/nonexistent/corpus"),
     (["data.name=nope"], "nope"), (["data=gutenberg", "data.split=train2"], "split"),

@@ -59,3 +59,37 @@ def test_committed_keys_are_reproduced(study):
     wrong = [(r["job_key"], _recomputed_key(r)) for r in records
              if _recomputed_key(r) != r["job_key"]]
     assert not wrong, f"{len(wrong)} of {len(records)} keys of {study} changed, e.g. {wrong[:3]}"
+
+
+# blockft's variants were five methods (conf/method/blockft_joint2.yaml, ...) when the study
+# ran; they are now fields of the one method ``blockft``. The same settings keep their keys.
+BLOCKFT_SPELLINGS = {
+    "blockft_single": ["method=blockft"],
+    "blockft_joint2": ["method=blockft", "method.variant=joint", "method.window=2"],
+    "blockft_joint3": ["method=blockft", "method.variant=joint", "method.window=3"],
+    "blockft_down1": ["method=blockft", "method.variant=downstream", "method.downstream=1"],
+    "blockft_down2": ["method=blockft", "method.variant=downstream", "method.downstream=2"],
+}
+
+
+@pytest.mark.parametrize("old", sorted(BLOCKFT_SPELLINGS))
+def test_a_blockft_variant_as_fields_has_the_key_of_its_old_method(composed, old):
+    """``method=blockft method.variant=joint method.window=2`` is the job the study ran as
+    ``method=blockft_joint2``: same key (a re-launch finds it), same name in the record."""
+    from ptqscale.runner.job import validate_job
+
+    (record,) = [r for r in _records("blockft") if r["method"]["name"] == old
+                 and r["model"]["name"] == "stories260k" and r["config"]["format"] == "int2_g32"]
+    spec = validate_job(composed(["+sweep=blockft", "model=stories260k", "data=gutenberg",
+                                  "format=int2_g32", *BLOCKFT_SPELLINGS[old]]))
+    assert (spec.key, spec.method.name) == (record["job_key"], old)
+
+
+def test_the_blockft_study_finds_its_committed_records():
+    """The study file's new method axis (sweeps/blockft_method) plans to the committed jobs."""
+    from ptqscale.runner.plan import plan
+
+    jobs = plan(["+sweep=blockft", "model=stories260k", f"paths.results={RESULTS}"])
+    committed = {r["job_key"] for r in _records("blockft") if r["model"]["name"] == "stories260k"}
+    assert len(jobs) == 16 and {j.state for j in jobs} == {"done"}
+    assert {j.key for j in jobs} == committed

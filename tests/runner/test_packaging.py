@@ -24,6 +24,7 @@ from ptqscale.runner.environment import ptqscale_version
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDIES = sorted((ROOT / "sweeps").glob("*.yaml"))
+METHOD_FILES = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
 # stdlib names that exist only from Python 3.11 on (requires-python says >= 3.10)
 PY311_ONLY = {("datetime", "UTC"), ("enum", "StrEnum"), ("typing", "Self"),
               ("typing", "LiteralString"), ("typing", "Never"), ("typing", "assert_never")}
@@ -113,9 +114,25 @@ def test_help_is_fast_lists_methods_by_name_and_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    assert "blockft_joint2" in out.stdout and "ptqscale-run +sweep=quickstart" in out.stdout
-    assert "_schema" not in out.stdout
+    methods = next(ln for ln in out.stdout.splitlines() if ln.strip().startswith("method "))
+    assert methods.split()[1:] == [f"{m}," for m in METHOD_FILES[:-1]] + [METHOD_FILES[-1]]
+    assert "ptqscale-run +sweep=quickstart" in out.stdout
+    assert "_schema" not in out.stdout and "method_common" not in out.stdout
     assert "quickstart" in out.stdout.split("Studies")[1]
+
+
+def test_tab_completion_lists_the_methods_not_their_schemas():
+    """Hydra's completion (``eval "$(ptqscale-run -sc install=bash)"``) offers exactly the
+    method files for ``method=``; the schemas are root-level configs, which it never lists."""
+    def complete(line: str) -> list[str]:
+        out = subprocess.run([sys.executable, "-m", "ptqscale.runner.app", "-sc", "query=bash"],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT,
+                             env={**os.environ, "COMP_LINE": f"ptqscale-run {line}"})
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+
+    assert complete("method=") == [f"method={m}" for m in METHOD_FILES]
+    assert not [w for w in complete("") if "schema" in w or "common" in w]
 
 
 def test_bad_ptqscale_conf_names_the_variable(monkeypatch, tmp_path):
@@ -140,25 +157,25 @@ def test_wheel_ships_conf_and_sweeps_once(tmp_path):
 
 
 def test_group_key_overrides_reach_every_job_of_a_multirun():
-    """``-m method=a,b method.iters=50``: the key goes to each job, not to the master
-    config's default method (which has no iters)."""
+    """``-m method=a,b method.batch_size=4``: the key goes to each job, not to the master
+    config's default method (which has no batch_size)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from ptqscale.runner.cli import per_job_overrides
 
     groups = {"method", "model"}
-    args = ["-m", "method=blockft_single,blockft_joint2", "method.iters=50", "format=int8",
+    args = ["-m", "method=gptq,blockft", "method.batch_size=4", "format=int8",
             "method.lr=1e-4,1e-3", "hydra.verbose=true", "model.dtype=float32"]
     out = per_job_overrides(args, groups)
-    assert out == ["-m", "method=blockft_single,blockft_joint2", "method.iters=choice(50)",
+    assert out == ["-m", "method=gptq,blockft", "method.batch_size=choice(4)",
                    "format=int8", "method.lr=1e-4,1e-3", "hydra.verbose=true",
                    "model.dtype=choice(float32)"]
     assert per_job_overrides(["method.iters=50"], groups) == ["method.iters=50"]  # one run
     assert per_job_overrides(["+sweep=blockft", "method.iters=5"], groups)[1] == \
         "method.iters=choice(5)"                # a study file is a multirun by itself
     parsed = OverridesParser.create().parse_overrides(out[1:4])
-    assert not any(o.is_sweep_override() is False and o.key_or_group == "method.iters"
+    assert not any(o.is_sweep_override() is False and o.key_or_group == "method.batch_size"
                    for o in parsed)             # left out of the master composition
     jobs = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
-    assert [j for j in jobs if "method.iters=50" in j] == jobs and len(jobs) == 2
+    assert [j for j in jobs if "method.batch_size=4" in j] == jobs and len(jobs) == 2

@@ -2,7 +2,9 @@
 
 A method is a config dataclass (ending in ``Config``, with a ``name`` field equal to the
 registry name and to its file in ``conf/method/``) plus a function that quantizes the
-target linear layers of a model in place and returns a :class:`QuantReport`.
+target linear layers of a model in place and returns a :class:`QuantReport`. (A method with
+variants may name a validated config by the variant, as ``blockft`` does: ``blockft_joint2``;
+``register_method(..., aliases=...)`` lets ``get_method`` find it by those names.)
 
 Adding a method ``foo``:
 
@@ -10,8 +12,10 @@ Adding a method ``foo``:
    (``name: str = "foo"``) and ``@register_method("foo", FooConfig) def quantize_foo(model,
    cfg, ctx) -> QuantReport``; every module of this package is imported when the package
    is (discovery), so the decorator registers it: no list to edit;
-2. add ``conf/method/foo.yaml`` (``defaults: [foo_schema, _self_]``) with every default
-   spelled out, so that it lands in every record.
+2. add ``conf/method/foo.yaml`` with ``defaults: [/foo_schema, /method_common, _self_]``
+   (the schema that ``register_configs`` stores for every registered method, then the
+   options all methods share: ``conf/method_common.yaml``) and ``foo``'s own options with
+   their defaults spelled out, so that a reader sees what lands in every record.
 
 Example::
 

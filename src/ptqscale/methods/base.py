@@ -133,22 +133,35 @@ def hash_ids(ids: torch.Tensor) -> str:
 
 QuantizeFn = Callable[[nn.Module, MethodConfig, QuantContext], QuantReport]
 METHODS: dict[str, tuple[type[MethodConfig], QuantizeFn]] = {}
+# Registered method -> a regular expression of the other names its configs carry
+# (blockft's variant labels, e.g. blockft_joint2): get_method finds the method by them too.
+ALIASES: dict[str, re.Pattern] = {}
 
 
-def register_method(name: str, config_cls: type[MethodConfig]) -> Callable[[QuantizeFn], QuantizeFn]:
-    """Register ``fn`` as the implementation of method ``name`` (a duplicate name raises)."""
+def register_method(name: str, config_cls: type[MethodConfig], aliases: str | None = None
+                    ) -> Callable[[QuantizeFn], QuantizeFn]:
+    """Register ``fn`` as the implementation of method ``name`` (a duplicate name raises).
+
+    ``aliases``: a regular expression of the names a validated config of this method may
+    carry besides ``name`` (not listed as methods; see ``blockft``).
+    """
 
     def deco(fn: QuantizeFn) -> QuantizeFn:
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice")
         METHODS[name] = (config_cls, fn)
+        if aliases is not None:
+            ALIASES[name] = re.compile(aliases)
         return fn
 
     return deco
 
 
 def get_method(name: str) -> tuple[type[MethodConfig], QuantizeFn]:
-    """The (config class, function) of a method; an unknown name lists what exists."""
+    """The (config class, function) of a method, by its name or an alias; an unknown name
+    lists what exists."""
+    if name not in METHODS:
+        name = next((m for m, alias in ALIASES.items() if alias.fullmatch(name)), name)
     if name not in METHODS:
         raise ConfigError("method.name: " + unknown_name("method", name, METHODS))
     return METHODS[name]

@@ -3,13 +3,19 @@
 The usual block-wise fine-tuning learns the quantization parameters of one decoder block at a
 time so that its outputs match full precision on calibration data. Shabanovi et al. ("Interactions
 Across Blocks in PTQ of LLMs", 2024) relax the independence of blocks in two ways; all three
-variants are one method with one config each (``conf/method/blockft_*.yaml``):
+variants are one method, ``blockft`` (``conf/method/blockft.yaml``), whose ``variant`` is a field:
 
-- ``blockft_single``: one block, error at its own output (the baseline);
-- ``blockft_joint<k>``: ``k`` consecutive blocks optimised jointly against the full-precision
-  output of the last one, windows ``stride`` blocks apart;
-- ``blockft_down<m>``: one block optimised with the error measured at the output of the block
-  ``m`` further down, the blocks in between held fixed at full precision (our reading).
+- ``variant=single``: one block, error at its own output (the baseline);
+- ``variant=joint, window=k``: ``k`` consecutive blocks optimised jointly against the
+  full-precision output of the last one, windows ``stride`` blocks apart (default ``k``);
+- ``variant=downstream, downstream=m``: one block optimised with the error measured at the
+  output of the block ``m`` further down, the blocks in between held fixed at full precision
+  (our reading).
+
+The validated config's ``name`` is the variant's label, ``blockft_single``,
+``blockft_joint<k>`` or ``blockft_down<m>``: records, job names and the analysis tell the
+variants apart by it, and it is the name the study's first records were written under (one
+registered method per variant then), so their job keys are those of the same settings today.
 
 What is learned (``blockft_quant.py``): a per-weight rounding offset and, where the format
 stores its scale as a free float, a per-group scale multiplier, with straight-through gradients
@@ -19,7 +25,9 @@ windows and the two activation streams are in ``blockft_walk.py``; the calibrati
 
 Example::
 
-    >>> cfg = BlockFTConfig(name="blockft_joint2", variant="joint", window=2, stride=2)
+    >>> cfg = BlockFTConfig(variant="joint", window=2)
+    >>> cfg.name, cfg.stride
+    ('blockft_joint2', 2)
     >>> report = quantize(model, cfg, QuantContext(calibration=ids))   # doctest: +SKIP
     >>> report.extra["blockft"]["windows"][0]["loss_after"]            # doctest: +SKIP
 """
@@ -48,14 +56,21 @@ from ptqscale.methods.base import (
     select_targets,
 )
 
-# Registry name -> (variant, window, downstream): the name of a record never lies about them.
-PRESETS: dict[str, tuple[str, int, int]] = {
-    "blockft_single": ("single", 1, 0),
-    "blockft_joint2": ("joint", 2, 0),
-    "blockft_joint3": ("joint", 3, 0),
-    "blockft_down1": ("downstream", 1, 1),
-    "blockft_down2": ("downstream", 1, 2),
-}
+VARIANTS = ("single", "joint", "downstream")
+# The labels a validated config carries as its name (see the module docstring).
+LABELS = r"blockft_(single|joint\d+|down\d+)"
+
+
+def variant_label(variant: str, window: int, downstream: int) -> str:
+    """The name of a variant: ``blockft_single``, ``blockft_joint<window>``,
+    ``blockft_down<downstream>``.
+
+    Example:
+        >>> variant_label("joint", 2, 0), variant_label("downstream", 1, 2)
+        ('blockft_joint2', 'blockft_down2')
+    """
+    suffix = {"single": "single", "joint": f"joint{window}", "downstream": f"down{downstream}"}
+    return f"blockft_{suffix[variant]}"
 
 
 @dataclass
@@ -63,21 +78,25 @@ class BlockFTConfig(MethodConfig):
     """Block-wise fine-tuning of the learned rounding offsets (and scales) into ``format``.
 
     Example:
-        >>> BlockFTConfig(format="int3_g32").variant, BlockFTConfig().iters
-        ('single', 200)
+        >>> BlockFTConfig(format="int3_g32").name, BlockFTConfig().iters
+        ('blockft_single', 200)
     """
 
     needs_calibration: ClassVar[bool] = True
     not_in_key: ClassVar[tuple[str, ...]] = ("device", "offload")
 
-    name: str = "blockft_single"
+    # "blockft" (or the variant's own label, as in the first records); after validation the
+    # variant's label: blockft_single | blockft_joint<window> | blockft_down<downstream>
+    name: str = "blockft"
     format: str = "int3_g32"
     targets: TargetsConfig = field(default_factory=TargetsConfig)
     allow_padding: bool = True
     variant: str = "single"  # single | joint | downstream
-    window: int = 1  # blocks optimised together (joint)
-    stride: int = 1  # blocks between window starts (joint; 1 <= stride <= window)
-    downstream: int = 0  # blocks between the tuned block and the one whose output is matched
+    window: int = 1  # blocks optimised together (joint: >= 2; else 1)
+    # blocks between window starts (joint; 1 <= stride <= window); None: = window, so that
+    # windows do not overlap (the study's setting; resolved here, so records hold the number)
+    stride: int | None = None
+    downstream: int = 0  # blocks from the tuned one to the one whose output is matched (>= 1)
     init: str = "rtn"  # rtn | gptq: the starting point (and anchor) of the learned rounding
     learn_scale: bool = True  # learn per-group scale multipliers (INT, FP, NF4 formats only)
     offset_bound: float = 1.0  # |rounding offset| <= this many mean grid steps
@@ -96,25 +115,35 @@ class BlockFTConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         parse_format(self.format)
+        self._check_variant()
+        if self.stride is None:
+            self.stride = self.window
         for ok, message in self._checks():
             if not ok:
                 raise ConfigError(message)
+        self.name = variant_label(self.variant, self.window, self.downstream)
+
+    def _check_variant(self) -> None:
+        """variant, window and downstream agree; a given label names them (ConfigError)."""
+        v, k, m = self.variant, self.window, self.downstream
+        if v not in VARIANTS:
+            raise ConfigError(f"method.variant={v!r}: allowed {', '.join(VARIANTS)}")
+        need = {"single": (k == 1 and m == 0, "method.window=1 and method.downstream=0"),
+                "joint": (k >= 2 and m == 0, "method.window>=2 and method.downstream=0"),
+                "downstream": (k == 1 and m >= 1, "method.window=1 and method.downstream>=1")}
+        ok, what = need[v]
+        if not ok:
+            raise ConfigError(f"method.variant={v} needs {what}, got window={k}, downstream={m}")
+        label = variant_label(v, k, m)
+        if self.name not in ("blockft", label):
+            raise ConfigError(f"method.name={self.name!r}: use blockft (variant={v}, window={k}, "
+                              f"downstream={m} is {label})")
 
     def _checks(self):
-        preset = PRESETS.get(self.name)
-        got = (self.variant, self.window, self.downstream)
         return [
-            (preset is not None, f"method.name={self.name!r}: block fine-tuning presets are "
-                                 f"{', '.join(PRESETS)} (add one to blockft.PRESETS)"),
-            (preset is None or preset == got,
-             f"method.name={self.name!r} means (variant, window, downstream)={preset}, got "
-             f"{got}: pick the preset that names them"),
-            (self.variant in ("single", "joint", "downstream"),
-             f"method.variant={self.variant!r}: allowed single, joint, downstream"),
-            (self.window >= 1 and 1 <= self.stride <= self.window,
+            (1 <= self.stride <= self.window,
              f"method.window={self.window}, stride={self.stride}: need 1 <= stride <= window "
              "(a larger stride would leave blocks unquantized)"),
-            (self.variant != "single" or self.stride == 1, "method.stride must be 1 for single"),
             (self.init in ("rtn", "gptq"), f"method.init={self.init!r}: allowed rtn, gptq"),
             (self.optimizer == "adam", f"method.optimizer={self.optimizer!r}: allowed adam"),
             (self.lr > 0 and self.scale_lr > 0, "method.lr and method.scale_lr must be > 0"),
@@ -180,9 +209,7 @@ def _quantize_blockft(model: nn.Module, cfg: BlockFTConfig, ctx: QuantContext) -
     return report
 
 
-for _name in PRESETS:
-    register_method(_name, BlockFTConfig)(_quantize_blockft)
-quantize_blockft = _quantize_blockft
+quantize_blockft = register_method("blockft", BlockFTConfig, aliases=LABELS)(_quantize_blockft)
 
 
 @torch.no_grad()

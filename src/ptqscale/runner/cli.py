@@ -65,11 +65,11 @@ def per_job_overrides(args: list[str], groups: set[str]) -> list[str]:
     """In a multirun, ``<group>.<key>=v`` becomes ``<group>.<key>=choice(v)``.
 
     Hydra composes a multirun's master config with the sweep overrides left out, so with
-    ``method=blockft_single,blockft_joint2`` swept (on the command line or in a study file)
-    ``method.iters=50`` is applied to the default method (``none``) and fails before any
+    ``method=gptq,blockft`` swept (on the command line or in a study file)
+    ``method.batch_size=4`` is applied to the default method (``none``) and fails before any
     job. A one-value sweep is left out of that composition too and set in every job,
     exactly what the user meant. A job whose method has no such key fails with Hydra's
-    error naming the key and the method's config class (``Key 'iters' not in
+    error naming the key and the method's config class (``Key 'batch_size' not in
     'RTNConfig'``). Single runs are left alone.
     """
     multirun = any(a in ("-m", "--multirun") or a.startswith("+sweep=") for a in args)

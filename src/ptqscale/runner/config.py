@@ -73,7 +73,7 @@ class RunConfig:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # Typed per method: each conf/method/<name>.yaml starts from ``<name>_schema``.
+    # Typed per method: each conf/method/<name>.yaml starts from ``/<name>_schema``.
     method: Any = MISSING
     # Calibration data for methods that need it (GPTQ, AWQ, ...); unused by none/rtn.
     calib: CalibConfig = MISSING
@@ -83,7 +83,12 @@ class RunConfig:
 
 
 def register_configs() -> None:
-    """Register the root schema and each method's schema with Hydra (idempotent)."""
+    """Register the root schema and each method's schema with Hydra (idempotent).
+
+    The method schemas are root-level configs (``/rtn_schema``), not options of the
+    ``method`` group: Hydra's tab completion of ``method=`` then offers the methods alone,
+    and it lists no root-level config as a group.
+    """
     from ptqscale.methods import METHODS
     from ptqscale.runner.gpus import gpu_count
 
@@ -92,7 +97,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     for name, (config_cls, _) in METHODS.items():
-        cs.store(group="method", name=f"{name}_schema", node=config_cls)
+        cs.store(name=f"{name}_schema", node=config_cls)
 
 
 def to_object(node: Any) -> Any:

@@ -96,7 +96,7 @@ def _check_method_class(node: DictConfig) -> None:
     config_cls, _ = get_method(name)
     if not issubclass(OmegaConf.get_type(node) or object, config_cls):
         raise ConfigError(f"method={name!r}: the config is not a {config_cls.__name__}; "
-                          f"start conf/method/{name}.yaml from '{name}_schema'")
+                          f"start conf/method/{name}.yaml from '/{name}_schema'")
 
 
 def _now(key: tuple, make: Callable[[], Any]) -> Any:
