@@ -79,11 +79,13 @@ def choose_streamed(mode: str, weight_bytes: int, device: torch.device,
 
 
 def apply_memory_budget(device: torch.device, budget: int | None) -> None:
-    """Cap the CUDA caching allocator of this process on ``device`` at ``budget`` bytes."""
-    if budget is None or device.type != "cuda":
+    """Cap the CUDA caching allocator of this process on ``device`` at ``budget`` bytes; no
+    budget lifts the cap (a worker's earlier job may have set one)."""
+    if device.type != "cuda":
         return
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+    fraction = 1.0 if budget is None else min(1.0, budget / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
 
 
 @contextmanager
