@@ -185,6 +185,42 @@ def test_onloaded_restores_the_originals_or_writes_back():
     assert t.device.type == "cpu" and bool((t.data == 1).all())  # a method's change kept
 
 
+def test_stem_and_head_onload_only_what_they_need(tmp_path):
+    """Untied 128k-vocabulary models: the stem leaves the output layer, the head the input
+    embedding where they wait (a GB each); a tied model's head takes the stem along."""
+    from ptqscale.models.streaming import _head_tensors, outside_blocks
+
+    save_tiny("llama", tmp_path)
+    model, _ = load_model(ModelConfig(name="l", path=str(tmp_path), device="cpu"))
+    assert not model.config.tie_word_embeddings
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    head = {id(t) for t in _head_tensors(model, "model.layers", model.model.layers[0], ids)}
+    assert head == {id(model.model.norm.weight), id(model.lm_head.weight)}
+    stem = {id(t) for t in outside_blocks(model, "model.layers", "stem")}
+    assert id(model.model.embed_tokens.weight) in stem and id(model.lm_head.weight) not in stem
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied
+    head = {id(t) for t in _head_tensors(model, "model.layers", model.model.layers[0], ids)}
+    assert id(model.model.embed_tokens.weight) in head and id(model.model.norm.weight) in head
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_every_family_streams_to_cuda(tmp_path, family):
+    save_tiny(family, tmp_path)
+    one, _ = load_model(ModelConfig(name=family, path=str(tmp_path), device="cuda"))
+    streamed, _ = load_model(ModelConfig(name=family, path=str(tmp_path), device="cuda",
+                                         placement="streamed"))
+    ids = torch.randint(0, 128, (5, 24), generator=torch.Generator().manual_seed(0))
+    batches = list(ids.split(2))
+    with torch.no_grad():
+        expected = [one(input_ids=b.cuda(), use_cache=False).logits for b in batches]
+    got = dict(walk_logits(streamed, batches))
+    assert all(p.device.type == "cpu" for p in streamed.parameters())
+    for i, logits in enumerate(expected):
+        assert got[i].device.type == "cuda"
+        torch.testing.assert_close(got[i], logits, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.gpu
 def test_streamed_on_cuda_keeps_weights_on_the_cpu_and_agrees():
     one, tok = load_model(ModelConfig(name="g", path=GUTENBERG, device="cuda", max_seqlen=512))
@@ -196,3 +232,12 @@ def test_streamed_on_cuda_keeps_weights_on_the_cpu_and_agrees():
     a, b = measure_perplexity(one, stream, ev), measure_perplexity(streamed, stream, ev)
     assert all(p.device.type == "cpu" for p in streamed.parameters())
     assert abs(a.nll - b.nll) < 1e-5 * a.nll
+    calib = stream[:1024].view(4, 256)
+    for method in (RTNConfig(format="int4_g32"), GPTQConfig(format="int4_g32", device="cuda")):
+        qa, qb = copy.deepcopy(one), copy.deepcopy(streamed)
+        quantize(qa, method, QuantContext(calibration=calib, calibration_hash="x"))
+        quantize(qb, method, QuantContext(calibration=calib, calibration_hash="x"))
+        sa, sb = qa.state_dict(), qb.state_dict()
+        assert all(sb[k].device.type == "cpu" for k in sb)
+        for k in sa:  # the same grid: at most a rare one-step flip from rounding
+            assert (sa[k].cpu() != sb[k]).float().mean() < 1e-3, (method.name, k)

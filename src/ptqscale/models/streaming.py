@@ -114,9 +114,19 @@ def module_tensors(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
     return list(seen.values())
 
 
-def outside_blocks(model: nn.Module, prefix: str) -> list[torch.Tensor]:
-    """Tensors of everything but the decoder blocks: embeddings, rotary tables, final norm, head."""
+def outside_blocks(model: nn.Module, prefix: str, part: str) -> list[torch.Tensor]:
+    """Tensors outside the decoder blocks that the ``stem`` (up to the first block: embeddings,
+    rotary tables) or the ``head`` (after the last: final norm, output layer) needs.
+
+    The stem leaves out the output layer, the head the input embedding (unless the two are
+    tied): for a 128k vocabulary each is about 1 GB that a streamed model need not onload.
+    """
+    skip = model.get_output_embeddings() if part == "stem" else model.get_input_embeddings()
+    keep = model.get_input_embeddings() if part == "stem" else model.get_output_embeddings()
     inside = {id(t) for t in module_tensors([model.get_submodule(prefix)])}
+    if skip is not None:
+        shared = {id(t) for t in module_tensors([keep])} if keep is not None else set()
+        inside |= {id(t) for t in module_tensors([skip]) if id(t) not in shared}
     return [t for t in module_tensors([model]) if id(t) not in inside]
 
 
@@ -189,15 +199,26 @@ def capture_block_inputs(model: nn.Module, block0: nn.Module, calibration: torch
                          batch_size: int, storage: torch.device) -> BlockInputs:
     """Inputs of ``block0`` for every batch of ``calibration`` (LongTensor [n, seqlen]).
 
-    The model runs where its input embedding is; only the layers before the first block do
-    work. Everything captured is moved to ``storage``.
+    The model runs where its input embedding is (a streamed model: on its execution device,
+    the layers before the first block onloaded for the pass); only those layers do work.
+    Everything captured is moved to ``storage``.
     """
+    from ptqscale.models.anatomy import decoder_blocks
+
     def hook(module, args, kwargs):
         raise _Captured(args, kwargs)
 
+    placement = placement_of(model)
+    stem = outside_blocks(model, decoder_blocks(model)[0], "stem") if placement.streamed else []
     handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
-    device = model.get_input_embeddings().weight.device
     inputs = BlockInputs([])
+    with onloaded(stem, placement.device, write_back=False):
+        device = model.get_input_embeddings().weight.device
+        _capture(model, calibration, batch_size, storage, device, inputs, handle)
+    return inputs
+
+
+def _capture(model, calibration, batch_size, storage, device, inputs, handle) -> None:
     try:
         for ids in calibration.split(batch_size):
             try:
@@ -211,7 +232,6 @@ def capture_block_inputs(model: nn.Module, block0: nn.Module, calibration: torch
                 raise RuntimeError("the model's forward never called its first block")
     finally:
         handle.remove()
-    return inputs
 
 
 def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
@@ -295,18 +315,16 @@ def walk_logits(model: nn.Module, batches: list[torch.Tensor],
     placement = placement or placement_of(model)
     device = placement.device
     prefix, holder = decoder_blocks(model)
-    rest = outside_blocks(model, prefix)
     dtype = next(holder.parameters()).dtype
     n_tokens = sum(b.numel() for b in batches)
     storage = hidden_storage(placement, n_tokens, model.config.hidden_size, dtype)
     with within_budget(placement, "the streamed forward"):
-        with onloaded(rest, device, write_back=False):
-            inputs = BlockInputs([])
-            for ids in batches:  # one capture per batch keeps the one-piece batches
-                one = capture_block_inputs(model, holder[0], ids, ids.shape[0], storage)
-                inputs.hidden += one.hidden
-                inputs.args += one.args
-                inputs.kwargs += one.kwargs
+        inputs = BlockInputs([])
+        for ids in batches:  # one capture per batch keeps the one-piece batches
+            one = capture_block_inputs(model, holder[0], ids, ids.shape[0], storage)
+            inputs.hidden += one.hidden
+            inputs.args += one.args
+            inputs.kwargs += one.kwargs
         as_tuple = False
         for block in holder:
             with onloaded(module_tensors([block]), device, write_back=False):
@@ -316,8 +334,42 @@ def walk_logits(model: nn.Module, batches: list[torch.Tensor],
                     as_tuple = isinstance(out, tuple | list)
                     hidden.append((out[0] if as_tuple else out).to(storage))
                 inputs = BlockInputs(hidden, inputs.args, inputs.kwargs)
-        with onloaded(rest, device, write_back=False), \
-                _replaying(holder, inputs.hidden, as_tuple) as first:
+        with onloaded(_head_tensors(model, prefix, holder[0], batches[0]), device,
+                      write_back=False), _replaying(holder, inputs.hidden, as_tuple) as first:
+            embed_device = model.get_input_embeddings().weight.device
             for i, ids in enumerate(batches):
                 first.batch = i
-                yield i, model(input_ids=ids.to(device), use_cache=False).logits
+                yield i, model(input_ids=ids.to(embed_device), use_cache=False).logits
+
+
+def _head_tensors(model: nn.Module, prefix: str, block0: nn.Module,
+                  ids: torch.Tensor) -> list[torch.Tensor]:
+    """What the head pass onloads: the tensors of the modules outside the blocks that do not
+    run before the first block (final norm, output layer), found with hooks on a 2-token
+    forward. The layers before the first block then run where they wait (their output is
+    replaced by the replay), unless the output layer shares the input embedding: then all."""
+    blocks = model.get_submodule(prefix)
+    inside = {id(m) for m in blocks.modules()}
+    outside = [m for m in model.modules() if id(m) not in inside]
+    ran: set[int] = set()
+    hooks = [m.register_forward_hook(lambda m, a, o: ran.add(id(m))) for m in outside]
+    try:
+        capture_block_inputs(model, block0, ids[:1, :2], 1, torch.device("cpu"))
+    finally:
+        for h in hooks:
+            h.remove()
+    head = [m for m in outside if id(m) not in ran]
+    tensors = module_tensors_direct(head)
+    embedding = model.get_input_embeddings().weight
+    if any(t is embedding for t in tensors):  # tied: the stem must run on the device too
+        return module_tensors_direct(outside)
+    return tensors
+
+
+def module_tensors_direct(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
+    """Parameters and buffers that ``modules`` own themselves (not their children's), once."""
+    seen: dict[int, torch.Tensor] = {}
+    for m in modules:
+        for t in itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False)):
+            seen.setdefault(id(t), t)
+    return list(seen.values())
