@@ -16,6 +16,10 @@ are cast to fp32 before log-softmax whatever the weight dtype (bf16 log-softmax 
 significant digits), one window at a time so fp32 logits never exist for a whole batch. The
 sum is accumulated in float64 in window order, so the result is bitwise reproducible on CPU.
 
+A streamed model (``model.placement=streamed``) is scored by ``models.streaming.walk_logits``:
+all windows through one decoder block, then the next, the same batches and arithmetic, so the
+same NLL (bitwise on CPU; tests/models/test_streaming.py).
+
 ``EvalConfig.compile`` runs the pass with each decoder block compiled (regional compilation:
 ``torch.compile(block, dynamic=False)``; the blocks share one class, so they share one graph)
 and the loss as one compiled kernel per batch: fp32 log-softmax computed on the fly from the
