@@ -96,8 +96,14 @@ def build_model(args) -> torch.nn.Module:
         shape["num_hidden_layers"] = args.layers
     config = T.LlamaConfig(**shape, max_position_embeddings=max(args.seqlen, 2048),
                            tie_word_embeddings=False)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in T.AutoModelForCausalLM.from_config(config).parameters())
+    nbytes = n * torch.finfo(DTYPES[args.dtype]).bits // 8
+    dev = device()
+    if dev.type == "cuda" and nbytes > 0.8 * torch.cuda.mem_get_info(dev)[0]:
+        dev = torch.device("cpu")  # too big to initialise on the GPU: slower, on the CPU
     torch.manual_seed(args.seed)
-    with torch.device(device()):
+    with dev:
         model = T.AutoModelForCausalLM.from_config(config, dtype=DTYPES[args.dtype])
     model = model.to("cpu").eval().requires_grad_(False)
     release()
@@ -171,6 +177,8 @@ def run_placement(args, out: Path, model, original: dict, placement: str, stream
         return {"nll": res.nll, "nll_sum": res.nll_sum, "tokens": res.tokens}
 
     def restore():
+        if original is None:
+            return
         with torch.no_grad():
             for k, v in model.state_dict().items():
                 v.copy_(original[k])
@@ -206,7 +214,10 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     model = build_model(args)
     emit(out, header(args, model))
-    original = {k: v.clone() for k, v in model.state_dict().items()}
+    # a copy of the weights to undo each quantization, unless only one ever runs (big shapes:
+    # host memory holds the model once)
+    quant_runs = len(args.placements.split(",")) * len({"rtn", "gptq"} & set(args.stages.split(",")))
+    original = {k: v.clone() for k, v in model.state_dict().items()} if quant_runs > 1 else None
     gen = torch.Generator().manual_seed(args.seed)
     vocab = model.config.vocab_size
     stream = torch.randint(0, vocab, (args.tokens,), generator=gen)
