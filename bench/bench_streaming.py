@@ -194,7 +194,9 @@ def run_placement(args, out: Path, model, original: dict, placement: str, stream
         if name == "rtn":
             method, ctx = RTNConfig(format=args.format), QuantContext()
         else:
-            method = GPTQConfig(format=args.format, device=str(device()))
+            # under a budget the calibration activations wait on the CPU between blocks
+            method = GPTQConfig(format=args.format, device=str(device()),
+                                offload=budget is not None)
             ctx = QuantContext(calibration=calib, calibration_hash="synthetic")
         emit(out, {**base, "stage": name, **measure(
             lambda m=method, c=ctx: {"weight_sqnr_db": quantize(model, m, c).weight_sqnr_db})})

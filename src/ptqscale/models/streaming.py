@@ -319,12 +319,12 @@ def walk_logits(model: nn.Module, batches: list[torch.Tensor],
     n_tokens = sum(b.numel() for b in batches)
     storage = hidden_storage(placement, n_tokens, model.config.hidden_size, dtype)
     with within_budget(placement, "the streamed forward"):
-        inputs = BlockInputs([])
-        for ids in batches:  # one capture per batch keeps the one-piece batches
-            one = capture_block_inputs(model, holder[0], ids, ids.shape[0], storage)
-            inputs.hidden += one.hidden
-            inputs.args += one.args
-            inputs.kwargs += one.kwargs
+        # one capture pass (the stem onloaded once) cuts the very batches given
+        size = batches[0].shape[0]
+        if any(b.shape[0] != size for b in batches[:-1]) or batches[-1].shape[0] > size:
+            raise ValueError("walk_logits: batches must all have the first one's size "
+                             "(the last may be smaller)")
+        inputs = capture_block_inputs(model, holder[0], torch.cat(batches), size, storage)
         as_tuple = False
         for block in holder:
             with onloaded(module_tensors([block]), device, write_back=False):
@@ -334,6 +334,9 @@ def walk_logits(model: nn.Module, batches: list[torch.Tensor],
                     as_tuple = isinstance(out, tuple | list)
                     hidden.append((out[0] if as_tuple else out).to(storage))
                 inputs = BlockInputs(hidden, inputs.args, inputs.kwargs)
+        if placement.budget is not None and storage.type == "cuda":
+            # under a budget the head pass needs the room (logits over the vocabulary)
+            inputs.hidden = [h.cpu() for h in inputs.hidden]
         with onloaded(_head_tensors(model, prefix, holder[0], batches[0]), device,
                       write_back=False), _replaying(holder, inputs.hidden, as_tuple) as first:
             embed_device = model.get_input_embeddings().weight.device
