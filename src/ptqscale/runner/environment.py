@@ -41,7 +41,10 @@ def git_sha() -> str | None:
 def environment(model: torch.nn.Module | None = None) -> dict:
     import transformers
 
-    device = next(model.parameters()).device if model is not None else torch.device("cpu")
+    from ptqscale.models import placement_of
+
+    # where the model computes: a streamed model's weights wait on the CPU
+    device = placement_of(model).device if model is not None else torch.device("cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     return {"ptqscale": ptqscale_version(), "torch": torch.__version__,
             "transformers": transformers.__version__,
