@@ -74,6 +74,8 @@ def place_model(model: nn.Module, cfg: ModelConfig):
     )
 
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is None:  # the budget and memory queries want one
+        device = torch.device("cuda", torch.cuda.current_device())
     budget = None
     if cfg.max_gpu_memory is not None and device.type == "cuda":
         budget = parse_bytes(cfg.max_gpu_memory, "model.max_gpu_memory")

@@ -83,9 +83,10 @@ def apply_memory_budget(device: torch.device, budget: int | None) -> None:
     budget lifts the cap (a worker's earlier job may have set one)."""
     if device.type != "cuda":
         return
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
     fraction = 1.0 if budget is None else min(1.0, budget / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)  # wants an index, not "cuda"
 
 
 @contextmanager
@@ -264,20 +265,27 @@ class _Replay(nn.Module):
     """Stands in for a decoder block in the head pass: the first returns the stored final
     hidden states of the current batch, the others pass them on; in the block's output type."""
 
-    def __init__(self, source: list | None, as_tuple: bool):
+    def __init__(self, block: nn.Module, source: list | None, as_tuple: bool,
+                 device: torch.device):
         super().__init__()
-        self.source, self.as_tuple, self.batch = source, as_tuple, 0
+        self.source, self.as_tuple, self.device, self.batch = source, as_tuple, device, 0
+        # plain attributes a family's forward may read off its blocks (attention_type, ...)
+        for key, value in vars(block).items():
+            if not key.startswith("_") and isinstance(value, str | int | float | bool):
+                setattr(self, key, value)
 
     def forward(self, hidden_states, *args, **kwargs):
-        if self.source is not None:
-            hidden_states = self.source[self.batch].to(hidden_states.device)
+        if self.source is not None:  # onto the execution device: the stem may run elsewhere
+            hidden_states = self.source[self.batch].to(self.device)
         return (hidden_states,) if self.as_tuple else hidden_states
 
 
 @contextmanager
-def _replaying(holder: nn.ModuleList, final: list[torch.Tensor], as_tuple: bool):
+def _replaying(holder: nn.ModuleList, final: list[torch.Tensor], as_tuple: bool,
+               device: torch.device):
     originals = list(holder)
-    replays = [_Replay(final if i == 0 else None, as_tuple) for i in range(len(originals))]
+    replays = [_Replay(block, final if i == 0 else None, as_tuple, device)
+               for i, block in enumerate(originals)]
     try:
         for i, r in enumerate(replays):
             holder[i] = r
@@ -338,7 +346,7 @@ def walk_logits(model: nn.Module, batches: list[torch.Tensor],
             # under a budget the head pass needs the room (logits over the vocabulary)
             inputs.hidden = [h.cpu() for h in inputs.hidden]
         with onloaded(_head_tensors(model, prefix, holder[0], batches[0]), device,
-                      write_back=False), _replaying(holder, inputs.hidden, as_tuple) as first:
+                      write_back=False), _replaying(holder, inputs.hidden, as_tuple, device) as first:
             embed_device = model.get_input_embeddings().weight.device
             for i, ids in enumerate(batches):
                 first.batch = i
