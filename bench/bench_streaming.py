@@ -68,7 +68,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--max-gpu-memory", default=None, help="e.g. 4GiB (streamed runs only)")
     p.add_argument("--budget-one", action="store_true", help="apply the budget to 'one' too")
     p.add_argument("--stages", default="ppl,rtn", help="comma list of ppl,rtn,gptq")
-    p.add_argument("--tokens", type=int, default=65536, help="synthetic eval stream length")
+    # WikiText-2 test is about 290k tokens under Llama-3's tokenizer
+    p.add_argument("--tokens", type=int, default=262144, help="synthetic eval stream length")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8, help="eval windows per forward")
     p.add_argument("--format", default="int4_g128")

@@ -18,5 +18,6 @@ def test_streamed_job_has_the_key_and_numbers_of_the_one_piece_job(composed, tmp
     assert one["status"] == streamed["status"] == "complete"
     assert streamed["job_key"] == one["job_key"]
     assert streamed["config"]["model"]["placement"] == "streamed"
+    assert (streamed["env"]["placement"], one["env"]["placement"]) == ("streamed", "one")
     for name in ("nll_sum", "nll_fp", "weight_sqnr_db", "tokens"):
         assert streamed["metrics"][name] == one["metrics"][name], name
