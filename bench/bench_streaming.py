@@ -80,7 +80,8 @@ def parse(argv=None) -> argparse.Namespace:
     if args.dry_run:
         args.shape, args.tokens, args.seqlen, args.batch_size, args.nsamples = \
             "tiny", 2048, 128, 4, 8
-        args.stages = "ppl,rtn,gptq"
+        if args.stages == p.get_default("stages"):
+            args.stages = "ppl,rtn,gptq"  # every stage, unless asked otherwise
     return args
 
 
