@@ -5,7 +5,9 @@ of the current block's input held in memory (one tensor per batch of sequences):
 
 1. :func:`capture_block_inputs` runs the model up to the first block (a pre-hook stores the
    block's positional and keyword arguments, including position embeddings and attention
-   masks that the model builds, then stops the forward with a sentinel exception);
+   masks that the model builds, then stops the forward with a sentinel exception); it, the
+   block passes and the onloading of a block live in ``ptqscale.models.streaming``, the one
+   walker that perplexity and the methods share, for models in one piece or streamed;
 2. :func:`input_groups` finds which linears of a block read the same input tensor (q/k/v;
    gate/up; ...) in one forward of the first batch: such linears share one Hessian;
 3. :func:`collect_hessians` runs the block over all batches with pre-hooks accumulating
@@ -24,100 +26,25 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ptqscale import console
+from ptqscale.models.streaming import (  # noqa: F401 (the block plumbing, re-exported)
+    BlockInputs,
+    block_output,
+    capture_block_inputs,
+    onloaded_block,
+    run_block,
+    to_device,
+)
 
 
 class _Stop(Exception):
     """Raised by a hook to end a forward pass early (what it needed has been seen)."""
-
-
-@dataclass
-class BlockInputs:
-    """Calibration activations entering a block: per batch, the hidden states and the other
-    arguments the model passes to every block (masks, position embeddings, ...)."""
-
-    hidden: list[torch.Tensor]
-    args: list[tuple] = field(default_factory=list)
-    kwargs: list[dict[str, Any]] = field(default_factory=list)
-
-    def batches(self, device: torch.device):
-        for x, a, kw in zip(self.hidden, self.args, self.kwargs, strict=True):
-            yield x.to(device), to_device(a, device), to_device(kw, device)
-
-
-def to_device(obj: Any, device: torch.device) -> Any:
-    """Tensors inside tuples/lists/dicts moved to ``device``; anything else as is."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple | list):
-        return type(obj)(to_device(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, block0: nn.Module, calibration: torch.Tensor,
-                         batch_size: int, storage: torch.device) -> BlockInputs:
-    """Inputs of ``block0`` for every batch of ``calibration`` (LongTensor [n, seqlen]).
-
-    The model runs where it is; only the embedding layers (and whatever the model computes
-    before its first block) do work. Everything captured is moved to ``storage``.
-    """
-    def hook(module, args, kwargs):
-        raise _Captured(args, kwargs)
-
-    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
-    device = model.get_input_embeddings().weight.device
-    inputs = BlockInputs([])
-    try:
-        for ids in calibration.split(batch_size):
-            try:
-                model(input_ids=ids.to(device), use_cache=False)
-            except _Captured as cap:
-                hidden, args, kwargs = _split_hidden(cap.args, cap.kwargs)
-                inputs.hidden.append(hidden.to(storage))
-                inputs.args.append(to_device(args, storage))
-                inputs.kwargs.append(to_device(kwargs, storage))
-            else:
-                raise RuntimeError("the model's forward never called its first block")
-    finally:
-        handle.remove()
-    return inputs
-
-
-class _Captured(Exception):
-    def __init__(self, args, kwargs):
-        super().__init__("block inputs captured")
-        self.args, self.kwargs = args, kwargs
-
-
-def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
-    kwargs = dict(kwargs)
-    if args:
-        return args[0], tuple(args[1:]), kwargs
-    if "hidden_states" in kwargs:
-        return kwargs.pop("hidden_states"), (), kwargs
-    raise RuntimeError("cannot find the hidden states among the first block's arguments")
-
-
-def _call(block: nn.Module, x, args, kwargs) -> torch.Tensor:
-    out = block(x, *args, **kwargs)
-    return out[0] if isinstance(out, tuple | list) else out
-
-
-@torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device,
-              storage: torch.device) -> BlockInputs:
-    """The block's outputs for every batch: the next block's inputs (same extra arguments)."""
-    hidden = [_call(block, x, a, kw).to(storage) for x, a, kw in inputs.batches(device)]
-    return BlockInputs(hidden, inputs.args, inputs.kwargs)
 
 
 @torch.no_grad()
@@ -136,7 +63,7 @@ def input_groups(block: nn.Module, order: list[str], inputs: BlockInputs) -> lis
     handles = [block.get_submodule(n).register_forward_pre_hook(hook(n)) for n in order]
     try:
         x, a, kw = next(inputs.batches(next(block.parameters()).device))
-        _call(block, x, a, kw)
+        block_output(block, x, a, kw)
     finally:
         for h in handles:
             h.remove()
@@ -202,7 +129,7 @@ def collect_hessians(block: nn.Module, groups: list[list[str]], inputs: BlockInp
     try:
         for x, a, kw in inputs.batches(device):
             try:
-                out = _call(block, x, a, kw)
+                out = block_output(block, x, a, kw)
             except _Stop:
                 continue
             if storage is not None:
@@ -246,9 +173,7 @@ def walk_blocks(model: nn.Module, anat: Any, selected: dict[str, nn.Module],
                                       plan.storage)
     for i, block in enumerate(console.progress(anat.blocks, plan.desc, plan.progress,
                                                unit="block")):
-        home = next(block.parameters()).device
-        block.to(plan.device)
-        try:
+        with onloaded_block(block, plan.device):
             if groups is None:
                 groups = input_groups(block, anat.block_order, inputs)
                 if cache is not None:
@@ -258,8 +183,6 @@ def walk_blocks(model: nn.Module, anat: Any, selected: dict[str, nn.Module],
             wanted = [g for g in wanted if g]
             need_out = i < (last_needed if plan.fp_inputs else n - 1)
             inputs = _block(block, wanted, inputs, plan, need_out, quantize_group, cache, prefix)
-        finally:
-            block.to(home)
 
 
 def _missing(anat, i: int, groups, selected, cache) -> bool:

@@ -45,20 +45,25 @@ def quantize_none(model: nn.Module, cfg: NoneConfig, ctx: QuantContext) -> Quant
 
 @register_method("rtn", RTNConfig)
 def quantize_rtn(model: nn.Module, cfg: RTNConfig, ctx: QuantContext) -> QuantReport:
-    from ptqscale.models import get_anatomy
+    from ptqscale.models import get_anatomy, placement_of
 
     fmt = get_format(cfg.format)
     report = QuantReport(method="rtn", format=fmt.name)
+    placement = placement_of(model)
+    # streamed: each weight visits the execution device to be rounded, one at a time
+    device = placement.device if placement.streamed else None
     for name, module in select_targets(model, get_anatomy(model), cfg.targets).items():
-        report.layers.append(round_weight_(name, module, fmt))
+        report.layers.append(round_weight_(name, module, fmt, device))
     return report
 
 
 @torch.no_grad()
-def round_weight_(name: str, module: nn.Module, fmt) -> dict:
-    """Replace ``module.weight`` by ``fmt.fake_quantize`` of it; return its layer stats."""
+def round_weight_(name: str, module: nn.Module, fmt, device: torch.device | None = None) -> dict:
+    """Replace ``module.weight`` by ``fmt.fake_quantize`` of it (computed on ``device``, default
+    where the weight is); return its layer stats."""
     weight = module.weight
-    quantized = fmt.fake_quantize(weight.data)
-    stats = layer_stats(name, weight.data, quantized, fmt.padding_needed(weight.shape[-1]))
+    w = weight.data if device is None else weight.data.to(device)
+    quantized = fmt.fake_quantize(w)
+    stats = layer_stats(name, w, quantized, fmt.padding_needed(weight.shape[-1]))
     weight.data.copy_(quantized)
     return stats

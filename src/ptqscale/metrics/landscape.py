@@ -127,17 +127,35 @@ def nll_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     kwargs = {"use_cache": False} if hasattr(model, "config") else {}
     input_ids = input_ids.to(next(model.parameters()).device)  # token windows may live on the CPU
     out = model(input_ids, **kwargs)
-    logits = getattr(out, "logits", out)[:, :-1]
+    return nll_from_logits(getattr(out, "logits", out), input_ids)
+
+
+def nll_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of ``input_ids[b, t]`` given the model's ``logits[b, t, v]``."""
+    logits = logits[:, :-1]
     logits = logits if logits.dtype == torch.float64 else logits.float()  # fp32 at least
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
 
 
 @torch.no_grad()
 def mean_nll(model: nn.Module, batches: torch.Tensor, batch_size: int = 1) -> float:
-    """Mean next-token NLL over all windows; windows have equal length, so batches weigh by rows."""
+    """Mean next-token NLL over all windows; windows have equal length, so batches weigh by rows.
+
+    A streamed model (``model.placement=streamed``) is walked block by block, all batches
+    through one block, then the next; the per-batch losses are the same arithmetic.
+    """
+    from ptqscale.models.streaming import placement_of, walk_logits
+
+    chunks = list(batches.split(batch_size))
+    placement = placement_of(model)
+    if placement.streamed:
+        losses = (nll_from_logits(logits, chunks[b].to(logits.device))
+                  for b, logits in walk_logits(model, chunks, placement))
+    else:
+        losses = (nll_loss(model, ids) for ids in chunks)
     total = 0.0
-    for ids in batches.split(batch_size):
-        total += float(nll_loss(model, ids).double()) * ids.shape[0]
+    for ids, loss in zip(chunks, losses, strict=True):
+        total += float(loss.double()) * ids.shape[0]
     return total / batches.shape[0]
 
 

@@ -16,6 +16,10 @@ are cast to fp32 before log-softmax whatever the weight dtype (bf16 log-softmax 
 significant digits), one window at a time so fp32 logits never exist for a whole batch. The
 sum is accumulated in float64 in window order, so the result is bitwise reproducible on CPU.
 
+A streamed model (``model.placement=streamed``) is scored by ``models.streaming.walk_logits``:
+all windows through one decoder block, then the next, the same batches and arithmetic, so the
+same NLL (bitwise on CPU; tests/models/test_streaming.py).
+
 ``EvalConfig.compile`` runs the pass with each decoder block compiled (regional compilation:
 ``torch.compile(block, dynamic=False)``; the blocks share one class, so they share one graph)
 and the loss as one compiled kernel per batch: fp32 log-softmax computed on the fly from the
@@ -137,21 +141,32 @@ def measure_perplexity(model, stream: torch.Tensor, cfg: EvalConfig,
         >>> res.tokens == res.windows * 511  # doctest: +SKIP
         True
     """
+    from ptqscale.models.streaming import placement_of, walk_logits, within_budget
+
     validate_eval_config(cfg, model)
+    placement = placement_of(model)
+    if placement.streamed and cfg.compile:
+        raise ConfigError("eval.compile=true needs the model in one piece; "
+                          "set model.placement=one or eval.compile=false")
     stream = _check_stream(stream, cfg, model)
     windows = window_plan(stream.numel(), cfg)
-    device = next(model.parameters()).device
+    device = placement.device
     # float64 on the model's device: one host sync at the end, not one per window
     total = torch.zeros((), dtype=torch.float64, device=device)
     scored = 0
-    batches = console.progress(range(0, len(windows), cfg.batch_size),
-                               f"ppl {cfg.preset}/{cfg.seqlen}", progress, unit="batch")
-    with torch.inference_mode(), compiled_blocks(model, cfg.compile) as compiled_nll:
-        for b in batches:
-            plan = windows[b:b + cfg.batch_size]
-            ids = torch.stack([stream[s:s + cfg.seqlen] for s, _ in plan]).to(device)
-            logits = model(input_ids=ids, use_cache=False).logits
-            for nll in _window_losses(logits, ids, plan, compiled_nll):
+    plans = [windows[b:b + cfg.batch_size] for b in range(0, len(windows), cfg.batch_size)]
+    batches = [torch.stack([stream[s:s + cfg.seqlen] for s, _ in plan]) for plan in plans]
+    with torch.inference_mode(), within_budget(placement, "perplexity"), \
+            compiled_blocks(model, cfg.compile) as compiled_nll:
+        if placement.streamed:  # all windows through one block, then the next
+            logits_of = walk_logits(model, batches, placement)
+        else:
+            logits_of = ((b, model(input_ids=ids.to(device), use_cache=False).logits)
+                         for b, ids in enumerate(batches))
+        for b, logits in console.progress(logits_of, f"ppl {cfg.preset}/{cfg.seqlen}", progress,
+                                          unit="batch", total=len(batches)):
+            ids = batches[b].to(device)
+            for nll in _window_losses(logits, ids, plans[b], compiled_nll):
                 total += nll.double().sum()
                 scored += nll.numel()
     nll_sum = float(total.cpu())

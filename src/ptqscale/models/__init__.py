@@ -10,6 +10,10 @@ Example::
     >>> len(anat.targets), anat.context_length          # doctest: +SKIP
     (35, 512)
 
+Placement: ``ModelConfig.placement`` holds a model in one piece or streamed (weights on the
+CPU, one decoder block at a time on the device; ``streaming.py``), under an optional
+``max_gpu_memory`` cap; ``walk_logits`` is the block-by-block forward every stage can use.
+
 How to add a family: nothing is written per family. Build a tiny config of it in
 ``tests/models/test_anatomy.py`` (hidden 32-64, 2 layers), assert the target names the anatomy
 finds, and add its ``model_type`` to ``SUPPORTED_ARCHITECTURES`` in ``anatomy.py``. If it uses a
@@ -18,7 +22,13 @@ Linear-like layer that is not ``nn.Linear`` (as GPT-2's ``Conv1D``), convert it 
 """
 
 from ptqscale.models.anatomy import SUPPORTED_ARCHITECTURES, Anatomy, count_parameters, get_anatomy
-from ptqscale.models.config import DTYPES, ModelConfig, ModelSource, validate_model_config
+from ptqscale.models.config import (
+    DTYPES,
+    PLACEMENTS,
+    ModelConfig,
+    ModelSource,
+    validate_model_config,
+)
 from ptqscale.models.errors import (
     ModelNotFoundError,
     UnsafeCheckpointError,
@@ -28,17 +38,27 @@ from ptqscale.models.loading import (
     check_finite,
     load_gguf_tokenizer,
     load_model,
+    place_model,
     replace_conv1d,
     resolve_device,
+)
+from ptqscale.models.streaming import (
+    GPUMemoryBudgetError,
+    Placement,
+    placement_of,
+    walk_logits,
 )
 
 __all__ = [
     "DTYPES",
+    "PLACEMENTS",
     "SUPPORTED_ARCHITECTURES",
     "Anatomy",
+    "GPUMemoryBudgetError",
     "ModelConfig",
     "ModelNotFoundError",
     "ModelSource",
+    "Placement",
     "UnsafeCheckpointError",
     "UnsupportedArchitectureError",
     "check_finite",
@@ -46,7 +66,10 @@ __all__ = [
     "get_anatomy",
     "load_gguf_tokenizer",
     "load_model",
+    "place_model",
+    "placement_of",
     "replace_conv1d",
     "resolve_device",
     "validate_model_config",
+    "walk_logits",
 ]

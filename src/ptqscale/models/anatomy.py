@@ -105,6 +105,11 @@ def count_parameters(model: nn.Module, anat: Anatomy) -> dict[str, int]:
     return {k: counts[k] for k in ("total", "embedding", "head", "blocks", "quantizable")}
 
 
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(prefix, ModuleList)`` of the decoder blocks, found without a forward pass."""
+    return _find_blocks(model, model.config.num_hidden_layers)
+
+
 def _find_blocks(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
     found = [(name, m) for name, m in model.named_modules()
              if isinstance(m, nn.ModuleList) and len(m) == n_layers and name]

@@ -10,14 +10,20 @@ A model path is one of three kinds, decided here once:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ptqscale.errors import ConfigError
 from ptqscale.models.errors import ModelNotFoundError, UnsafeCheckpointError, unknown_name
 
 DTYPES = ("float32", "bfloat16", "float16")
+# ``auto``: the dtype the checkpoint states (``checkpoint_dtype``); keys use the resolved one.
+DTYPE_CHOICES = (*DTYPES, "auto")
+PLACEMENTS = ("one", "streamed", "auto")
+_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GiB|MiB)\s*$")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Weight files transformers can read; pickle ones execute code on load, hence opt-in only.
@@ -33,8 +39,16 @@ class ModelConfig:
 
         >>> cfg = ModelConfig(name="stories260k", path="../shared/data/models/stories260K/"
         ...                   "stories260K.gguf", max_seqlen=512)
-        >>> cfg.dtype, cfg.device, cfg.allow_pickle
-        ('float32', 'auto', False)
+        >>> cfg.dtype, cfg.device, cfg.allow_pickle, cfg.placement
+        ('float32', 'auto', False, 'one')
+
+    ``placement`` and ``max_gpu_memory`` change where the weights wait and how much GPU memory
+    a job may take, never a number (tests/models/test_streaming.py), so they are not part of
+    the job key: ``one`` holds the model on ``device``; ``streamed`` keeps the weights on the
+    CPU and brings one decoder block at a time to ``device`` (models/streaming.py); ``auto``
+    streams when the weights plus a working margin do not fit the budget (``max_gpu_memory``,
+    else the device's free memory). ``max_gpu_memory`` (e.g. ``"20GiB"``, ``"512MiB"``) caps
+    the process's CUDA allocator on ``device``: going over fails with an error naming it.
     """
 
     name: str
@@ -42,26 +56,50 @@ class ModelConfig:
     family: str = ""
     size: str = ""
     revision: str | None = None
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (weights; log-softmax is always fp32)
+    # float32 | bfloat16 | float16 | auto (the checkpoint's); log-softmax is always fp32
+    dtype: str = "float32"
     device: str = "auto"  # auto -> cuda if available else cpu
     allow_pickle: bool = False  # pickle checkpoints run code when unpickled: opt-in only
     trust_remote_code: bool = False
     tokenizer: str | None = None  # separate tokenizer path / hub id / .gguf (default: the model's)
     max_seqlen: int | None = None  # usable context; must not exceed the checkpoint's own
+    placement: str = "one"  # one | streamed | auto (speed and memory only: not in the key)
+    max_gpu_memory: str | None = None  # e.g. "20GiB": a CUDA memory cap the job enforces
 
     def __post_init__(self):
         if not self.name:
             raise ConfigError("model.name must be a non-empty string")
         if not self.path:
             raise ConfigError(f"model.path must be a non-empty string (model {self.name!r})")
-        if self.dtype not in DTYPES:
-            raise ConfigError("model.dtype: " + unknown_name("dtype", self.dtype, DTYPES))
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError("model.dtype: " + unknown_name("dtype", self.dtype, DTYPE_CHOICES))
+        if self.placement not in PLACEMENTS:
+            raise ConfigError("model.placement: "
+                              + unknown_name("placement", self.placement, PLACEMENTS))
+        if self.max_gpu_memory is not None:
+            parse_bytes(self.max_gpu_memory, "model.max_gpu_memory")
         if not _DEVICE.match(self.device):
             raise ConfigError(
                 f"model.device={self.device!r} is not one of auto, cpu, mps, cuda, cuda:N"
             )
         if self.max_seqlen is not None and self.max_seqlen < 2:
             raise ConfigError(f"model.max_seqlen={self.max_seqlen} must be >= 2 (or null)")
+
+
+def parse_bytes(text: str, key: str) -> int:
+    """``"20GiB"`` -> 21474836480 (GiB or MiB, a positive number); a clear error naming ``key``.
+
+    Example::
+
+        >>> parse_bytes("1.5GiB", "model.max_gpu_memory")
+        1610612736
+    """
+    match = _BYTES.match(str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"{key}={text!r}: expected a positive size in GiB or MiB "
+                          "such as '20GiB' or '512MiB' (or null for no cap)")
+    unit = 2**30 if match.group(2) == "GiB" else 2**20
+    return int(float(match.group(1)) * unit)
 
 
 @dataclass(frozen=True)
@@ -71,6 +109,44 @@ class ModelSource:
     kind: str
     path: str
     weights: tuple[str, ...] = ()
+
+
+def resolved_dtype(cfg: ModelConfig) -> str:
+    """``cfg.dtype``, with ``auto`` replaced by :func:`checkpoint_dtype` (what keys and loading use)."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    return checkpoint_dtype(cfg.path, cfg.revision, cfg.trust_remote_code)
+
+
+@lru_cache(maxsize=256)
+def checkpoint_dtype(path: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
+    """The dtype a checkpoint states in its config (``dtype`` / ``torch_dtype``); reads no weights.
+
+    GGUF files are dequantized to float32 by transformers, so they resolve to float32; so does a
+    config that states no dtype (transformers' own default then). A dtype outside ``DTYPES``
+    is an error: set ``model.dtype`` explicitly.
+    """
+    local = os.path.expanduser(path)
+    if local.endswith(".gguf"):
+        return "float32"
+    if os.path.isdir(local):
+        if not os.path.isfile(os.path.join(local, "config.json")):
+            raise ModelNotFoundError(f"model.dtype=auto: no config.json in {path} to read the "
+                                     "checkpoint's dtype from; set model.dtype explicitly")
+        with open(os.path.join(local, "config.json")) as f:
+            stated = json.load(f)
+        value = stated.get("dtype") or stated.get("torch_dtype")
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, revision=revision,
+                                            trust_remote_code=trust_remote_code)
+        value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    value = str(value).removeprefix("torch.") if value is not None else "float32"
+    if value not in DTYPES:
+        raise ConfigError(f"model.dtype=auto: the checkpoint {path} states dtype {value!r}; "
+                          f"set model.dtype to one of {list(DTYPES)}")
+    return value
 
 
 def looks_like_path(path: str) -> bool:

@@ -1,7 +1,8 @@
 """``load_model``: a causal LM and its tokenizer from a hub id, a local folder or a GGUF file.
 
 Every model comes back the same way: eval mode, ``requires_grad`` off, on the configured device
-and dtype, GPT-2's ``Conv1D`` layers turned into ``nn.Linear`` (so every quantization target is a
+(or, streamed, on the CPU with that device as where its blocks compute: ``model.placement``,
+models/streaming.py) and dtype, GPT-2's ``Conv1D`` layers turned into ``nn.Linear`` (so every quantization target is a
 plain Linear), and the usable context recorded on ``model.config.ptqscale_max_seqlen``.
 """
 
@@ -13,7 +14,14 @@ import torch
 from torch import nn
 
 from ptqscale.errors import ConfigError, ImplausibleResultError
-from ptqscale.models.config import ModelConfig, ModelSource, looks_like_path, validate_model_config
+from ptqscale.models.config import (
+    ModelConfig,
+    ModelSource,
+    looks_like_path,
+    parse_bytes,
+    resolved_dtype,
+    validate_model_config,
+)
 
 # Attribute names under which families store their trained context, most specific first.
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_seq_len")
@@ -45,8 +53,41 @@ def load_model(cfg: ModelConfig):
     model = _load_weights(cfg, source, config)
     model.eval().requires_grad_(False)
     replace_conv1d(model)
-    model.to(resolve_device(cfg.device))
+    place_model(model, cfg)
     return model, _load_tokenizer(cfg, source)
+
+
+def place_model(model: nn.Module, cfg: ModelConfig):
+    """Apply ``cfg.placement`` and ``cfg.max_gpu_memory`` to a model loaded on the CPU.
+
+    The budget caps this process's CUDA allocator on the device (nothing to cap on a CPU);
+    in one piece the model moves to the device, streamed it stays on the CPU. Returns the
+    :class:`~ptqscale.models.streaming.Placement` it records on the model.
+    """
+    from ptqscale.models.streaming import (
+        Placement,
+        apply_memory_budget,
+        choose_streamed,
+        module_tensors,
+        set_placement,
+        within_budget,
+    )
+
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is None:  # the budget and memory queries want one
+        device = torch.device("cuda", torch.cuda.current_device())
+    budget = None
+    if cfg.max_gpu_memory is not None and device.type == "cuda":
+        budget = parse_bytes(cfg.max_gpu_memory, "model.max_gpu_memory")
+    apply_memory_budget(device, budget)
+    weight_bytes = sum(t.numel() * t.element_size() for t in module_tensors([model]))
+    placement = Placement(choose_streamed(cfg.placement, weight_bytes, device, budget), device,
+                          budget)
+    if not placement.streamed:
+        with within_budget(placement, f"loading model {cfg.name!r} in one piece"):
+            model.to(device)
+    set_placement(model, placement)
+    return placement
 
 
 def resolve_device(device: str, key: str = "model.device") -> torch.device:
@@ -111,7 +152,7 @@ def _load_config(cfg: ModelConfig, source: ModelSource):
 def _load_weights(cfg: ModelConfig, source: ModelSource, config):
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(config=config, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
+    kwargs = dict(config=config, dtype=_DTYPES[resolved_dtype(cfg)], trust_remote_code=cfg.trust_remote_code,
                   output_loading_info=True)
     if source.kind == "gguf":
         folder, name = os.path.split(os.path.abspath(source.path))

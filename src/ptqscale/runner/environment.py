@@ -41,10 +41,16 @@ def git_sha() -> str | None:
 def environment(model: torch.nn.Module | None = None) -> dict:
     import transformers
 
-    device = next(model.parameters()).device if model is not None else torch.device("cpu")
+    from ptqscale.models import placement_of
+
+    # where the model computes: a streamed model's weights wait on the CPU
+    placement = placement_of(model) if model is not None else None
+    device = placement.device if placement is not None else torch.device("cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     return {"ptqscale": ptqscale_version(), "torch": torch.__version__,
             "transformers": transformers.__version__,
             "python": platform.python_version(), "git_sha": git_sha(),
             "device": str(device), "device_name": name or platform.machine(),
+            # what model.placement (auto too) decided: speed and memory only
+            "placement": "streamed" if placement is not None and placement.streamed else "one",
             "hostname": socket.gethostname()}

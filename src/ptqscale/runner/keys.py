@@ -1,8 +1,10 @@
 """Job keys: hashes of the semantic config (what changes a result), nothing else.
 
 Left out on purpose: paths (results, caches, where a checkpoint or corpus file lies),
-logging and tracking options, progress bars, the device. A model is identified by its
-``name`` (+ revision and dtype), a corpus by its name and split: the same study run
+logging and tracking options, progress bars, the device and the placement (one piece or
+streamed, the GPU memory cap: tests/models/test_streaming.py shows they change no number). A
+model is identified by its ``name`` (+ revision and dtype; ``auto`` keys as the checkpoint's
+dtype it resolves to, so it shares the records of that dtype spelled out), a corpus by its name and split: the same study run
 from another folder or machine finds its finished jobs. Files that differ from those the
 store first saw under a name add their fingerprints (``files``; runner/identity.py), so
 other weights or text never share a key or a cached measurement.
@@ -18,7 +20,7 @@ from typing import Any
 
 from ptqscale.metrics import PROTOCOL_VERSION
 
-_MODEL_IGNORED = ("path", "device", "tokenizer")
+_MODEL_IGNORED = ("path", "device", "tokenizer", "placement", "max_gpu_memory")
 _DATA_IGNORED = ("path",)
 
 
@@ -37,7 +39,14 @@ def _without(obj: Any, ignored: tuple[str, ...]) -> dict:
 
 
 def model_identity(model_cfg: Any) -> dict:
-    return _without(model_cfg, _MODEL_IGNORED)
+    plain = _plain(model_cfg)
+    ident = _without(plain, _MODEL_IGNORED)
+    if ident.get("dtype") == "auto":
+        from ptqscale.models.config import checkpoint_dtype
+
+        ident["dtype"] = checkpoint_dtype(plain["path"], plain.get("revision"),
+                                          bool(plain.get("trust_remote_code")))
+    return ident
 
 
 def data_identity(data_cfg: Any) -> dict:

@@ -1,0 +1,236 @@
+"""Models larger than the GPU: time and peak GPU memory in one piece vs streamed (issue 19).
+
+Usage::
+
+    python bench/bench_streaming.py --shape 1b --out DIR/streaming_1b.jsonl
+    python bench/bench_streaming.py --shape llama3-8b --placements streamed \\
+        --max-gpu-memory 4GiB --stages ppl,rtn,gptq --out DIR/streaming_8b.jsonl
+    python bench/bench_streaming.py --dry-run --out /tmp/streaming.jsonl   # tiny, CPU
+
+A randomly initialised Llama of the given shape (built from a config: no download), bf16 by
+default, seeded. For each placement (``one``: the whole model on the GPU; ``streamed``: the
+weights on the CPU, one decoder block at a time on the GPU; ptqscale's own ``place_model`` with
+``model.max_gpu_memory`` enforced) the stages run in order on the same weights:
+
+- ``ppl``: perplexity (gptq preset) of a synthetic token stream (``--tokens``, ``--seqlen``);
+- ``rtn``: RTN into ``--format`` (int4_g128), then ``ppl_rtn``: the quantized model's perplexity;
+- ``gptq``: GPTQ into ``--format`` on ``--nsamples`` x ``--seqlen`` synthetic calibration
+  tokens (from the original weights), then ``ppl_gptq``.
+
+Each measurement is one JSON line (stage, placement, seconds, peak GPU GiB allocated and
+reserved, NLL, status; a stage that fails, e.g. over the budget, is a ``failed`` line and the
+run goes on), printed and appended to ``--out``; the first line describes the run (device,
+date, versions, shape, parameters). The NLLs of one and streamed must agree to float rounding.
+Needs only torch and transformers (and ptqscale from ``src/``: ``PYTHONPATH=$PWD/src``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # Llama shapes: hidden, layers, ffn, heads, kv heads, vocab
+    "tiny": dict(hidden_size=64, num_hidden_layers=3, intermediate_size=128,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256),
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "3b": dict(hidden_size=3072, num_hidden_layers=28, intermediate_size=8192,
+               num_attention_heads=24, num_key_value_heads=8, vocab_size=128256),
+    "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "14b": dict(hidden_size=5120, num_hidden_layers=40, intermediate_size=13824,
+                num_attention_heads=40, num_key_value_heads=8, vocab_size=128256),
+    "32b": dict(hidden_size=5120, num_hidden_layers=64, intermediate_size=27648,
+                num_attention_heads=40, num_key_value_heads=8, vocab_size=128256),
+    "70b": dict(hidden_size=8192, num_hidden_layers=80, intermediate_size=28672,
+                num_attention_heads=64, num_key_value_heads=8, vocab_size=128256),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+GIB = 2**30
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="JSON-lines file (appended to)")
+    p.add_argument("--shape", default="1b", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--placements", default="one,streamed", help="comma list of one,streamed")
+    p.add_argument("--max-gpu-memory", default=None, help="e.g. 4GiB (streamed runs only)")
+    p.add_argument("--budget-one", action="store_true", help="apply the budget to 'one' too")
+    p.add_argument("--stages", default="ppl,rtn", help="comma list of ppl,rtn,gptq")
+    # WikiText-2 test is about 290k tokens under Llama-3's tokenizer
+    p.add_argument("--tokens", type=int, default=262144, help="synthetic eval stream length")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8, help="eval windows per forward")
+    p.add_argument("--format", default="int4_g128")
+    p.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration sequences")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true", help="tiny shape, CPU, small stream")
+    args = p.parse_args(argv)
+    if args.dry_run:
+        args.shape, args.tokens, args.seqlen, args.batch_size, args.nsamples = \
+            "tiny", 2048, 128, 4, 8
+        if args.stages == p.get_default("stages"):
+            args.stages = "ppl,rtn,gptq"  # every stage, unless asked otherwise
+    return args
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_model(args) -> torch.nn.Module:
+    """Random-init Llama on the CPU, seeded (initialised on the GPU when there is one: fast)."""
+    import transformers as T
+
+    shape = dict(SHAPES[args.shape])
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    config = T.LlamaConfig(**shape, max_position_embeddings=max(args.seqlen, 2048),
+                           tie_word_embeddings=False)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in T.AutoModelForCausalLM.from_config(config).parameters())
+    nbytes = n * torch.finfo(DTYPES[args.dtype]).bits // 8
+    dev = device()
+    if dev.type == "cuda" and nbytes > 0.8 * torch.cuda.mem_get_info(dev)[0]:
+        dev = torch.device("cpu")  # too big to initialise on the GPU: slower, on the CPU
+    torch.manual_seed(args.seed)
+    with dev:
+        model = T.AutoModelForCausalLM.from_config(config, dtype=DTYPES[args.dtype])
+    model = model.to("cpu").eval().requires_grad_(False)
+    release()
+    return model
+
+
+def release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def header(args, model) -> dict:
+    import transformers
+
+    dev = device()
+    return {"kind": "run", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.machine(),
+            "gpu_total_gib": (torch.cuda.get_device_properties(dev).total_memory / GIB
+                              if dev.type == "cuda" else None),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": sys.version.split()[0], "shape": args.shape, "config": vars(args),
+            "params": sum(p.numel() for p in model.parameters()),
+            "weight_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / GIB}
+
+
+def emit(out: Path, row: dict) -> None:
+    line = json.dumps(row, default=str)
+    print(line, flush=True)
+    with out.open("a") as f:
+        f.write(line + "\n")
+
+
+def measure(fn) -> dict:
+    """Wall seconds and peak GPU memory of ``fn()``; an error becomes a ``failed`` row."""
+    release()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    row: dict = {"status": "ok"}
+    try:
+        row.update(fn() or {})
+    except Exception as e:  # a stage over the budget is a result, not the end of the run
+        row = {"status": "failed", "error": f"{type(e).__name__}: {str(e)[:500]}",
+               "traceback": traceback.format_exc()[-1500:]}
+    if cuda:
+        torch.cuda.synchronize()
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+        row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def run_placement(args, out: Path, model, original: dict, placement: str, stream, calib):
+    from ptqscale.methods import GPTQConfig, QuantContext, RTNConfig, quantize
+    from ptqscale.metrics import EvalConfig, measure_perplexity
+    from ptqscale.models import ModelConfig, place_model
+
+    budget = args.max_gpu_memory if (placement == "streamed" or args.budget_one) else None
+    base = {"kind": "measurement", "shape": args.shape, "placement": placement,
+            "max_gpu_memory": budget, "dtype": args.dtype}
+    cfg = ModelConfig(name=f"random-{args.shape}", path="random-init", device=str(device()),
+                      dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype],
+                      placement=placement, max_gpu_memory=budget)
+    ev = EvalConfig(seqlen=args.seqlen, batch_size=args.batch_size)
+
+    def ppl():
+        res = measure_perplexity(model, stream, ev)
+        return {"nll": res.nll, "nll_sum": res.nll_sum, "tokens": res.tokens}
+
+    def restore():
+        if original is None:
+            return
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                v.copy_(original[k])
+
+    placed = measure(lambda: {"streamed": place_model(model, cfg).streamed})
+    emit(out, {**base, "stage": "place", **placed})
+    stages = args.stages.split(",") if placed["status"] == "ok" else []
+    if "ppl" in stages:
+        emit(out, {**base, "stage": "ppl", **measure(ppl)})
+    for name in ("rtn", "gptq"):
+        if name not in stages:
+            continue
+        if name == "rtn":
+            method, ctx = RTNConfig(format=args.format), QuantContext()
+        else:
+            # under a budget the calibration activations wait on the CPU between blocks
+            method = GPTQConfig(format=args.format, device=str(device()),
+                                offload=budget is not None)
+            ctx = QuantContext(calibration=calib, calibration_hash="synthetic")
+        emit(out, {**base, "stage": name, **measure(
+            lambda m=method, c=ctx: {"weight_sqnr_db": quantize(model, m, c).weight_sqnr_db})})
+        emit(out, {**base, "stage": f"ppl_{name}", **measure(ppl)})
+        restore()
+    # back to the CPU, the cap lifted, for the next placement
+    model.to("cpu")
+    release()
+    from ptqscale.models.streaming import apply_memory_budget
+
+    apply_memory_budget(device(), None)
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = build_model(args)
+    emit(out, header(args, model))
+    # a copy of the weights to undo each quantization, unless only one ever runs (big shapes:
+    # host memory holds the model once)
+    quant_runs = len(args.placements.split(",")) * len({"rtn", "gptq"} & set(args.stages.split(",")))
+    original = {k: v.clone() for k, v in model.state_dict().items()} if quant_runs > 1 else None
+    gen = torch.Generator().manual_seed(args.seed)
+    vocab = model.config.vocab_size
+    stream = torch.randint(0, vocab, (args.tokens,), generator=gen)
+    calib = torch.randint(0, vocab, (args.nsamples, args.seqlen), generator=gen)
+    for placement in args.placements.split(","):
+        run_placement(args, out, model, original, placement, stream, calib)
+    del original
+    release()
+
+
+if __name__ == "__main__":
+    main()
