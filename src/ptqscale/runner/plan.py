@@ -47,7 +47,7 @@ from ptqscale.store import cache_get, read_record, record_states, running_claims
 
 # The root nodes a job is made of (validate_job reads these and nothing else).
 NODES = ("method", "model", "data", "eval", "calib", "wandb", "landscape", "study", "seed",
-         "paths", "progress", "exclusive_gpu")
+         "paths", "progress", "exclusive_gpu", "metrics")
 _MISSING = object()
 # What makes a grid point invalid (rather than a bug): reported, not raised.
 INVALID = (ConfigError, ValueError, FileNotFoundError)
