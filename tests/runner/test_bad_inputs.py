@@ -66,6 +66,8 @@ RUN_CASES = [
     (["method=rtn", "format=int8_x"], "format"), (["method=rtn", "format="], "format"),
     (["method=gptq", "format=int9"], "format"), (["method=awq", "format=bogus"], "format"),
     (["method=rtn", "format=mxint9_b32"], "format"), (["method=rtn", "format=int4_g0"], "format"),
+    (["metrics=[nll,bogus]"], "bogus"), (["metrics=[weight_sqnr]"], "nll"),
+    (["metrics=[nll,nll]"], "twice"), (["metrics=nll"], "metrics"),
     # data and files
     (["data.split=nope"], "split"), (["data.path=/nonexistent/corpus"], "/nonexistent/corpus"),
     (["data.name=nope"], "nope"), (["data=gutenberg", "data.split=train2"], "split"),

@@ -114,14 +114,17 @@ def build_spec(node: Callable[[str], Any], memo: Callable[[tuple, Callable[[], A
     """
     from ptqscale.data import validate_data_config
     from ptqscale.methods.base import parse_format
-    from ptqscale.metrics.registry import needs_any, resolve_metrics
+    from ptqscale.metrics.registry import check_device, needs_any, resolve_metrics
     from ptqscale.models.skeleton import describe_model
+    from ptqscale.runner.gpus import gpu_count
 
     method = node("method")
     fmt = memo(("format", method.format), lambda: parse_format(method.format, "format"))
     model, data, eval_cfg = node("model"), node("data"), node("eval")
     names = tuple(node("metrics"))
     metrics = memo(("metrics", names), lambda: resolve_metrics(names))
+    if bind:  # a job about to run, on this machine (a plan made elsewhere does not check)
+        check_device(metrics, model.device, gpu_count())
     uses_calib = method.uses_calibration or needs_any(metrics, "calibration")
     calib = node("calib") if uses_calib else None
     node("wandb")  # validates wandb.mode
@@ -182,22 +185,12 @@ def run_job(cfg: DictConfig) -> dict:
     process runs is left to it and answered ``{"status": "busy", ...}``, with no record.
     """
     spec = validate_job(cfg, bind=True)
-    _check_metric_device(spec)
     with claim_job(spec.results, spec.study, spec.key) as holder:
         if holder is not None:
             log.info("[busy] %s (%s) is being run by %s", spec.name, spec.key, holder)
             return {"job_key": spec.key, "study": spec.study, "name": spec.name,
                     "status": "busy", "holder": holder}
         return _run_claimed(spec, cfg)
-
-
-def _check_metric_device(spec: JobSpec) -> None:
-    """A metric that needs a GPU is refused here, on the machine that runs the job (a plan
-    made on a laptop for a GPU host does not check it)."""
-    from ptqscale.metrics.registry import check_device
-    from ptqscale.runner.gpus import gpu_count
-
-    check_device(spec.metrics, spec.model.device, gpu_count())
 
 
 def _run_claimed(spec: JobSpec, cfg: DictConfig) -> dict:
