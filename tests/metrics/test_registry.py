@@ -80,6 +80,12 @@ def test_a_registered_metric_reaches_the_record_and_the_analysis(composed, tmp_p
     assert frame["metrics.toy_noise"].notna().sum() == 1
     assert higher_is_better(frame, "metrics.weight_sqnr_db")
     assert not higher_is_better(frame, "metrics.toy_noise")
+    # and in the study summary, next to the default columns
+    from ptqscale.runner.callbacks import summarize_study
+
+    summarize_study(str(tmp_path), "adhoc")
+    header = (tmp_path / "adhoc" / "summary.md").read_text().splitlines()[4]
+    assert "metrics.weight_sqnr_db" in header and "metrics.toy_noise" in header
 
 
 def test_unknown_metric_is_refused_before_any_model_load(composed, tmp_path, monkeypatch):
