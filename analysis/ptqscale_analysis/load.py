@@ -21,6 +21,10 @@ Derived columns (names are part of this package's contract, see docs/analysis.md
 - ``activations``           ``none`` (weight-only) or the activation scheme, e.g.
                             ``int8 per_token`` or ``int8 crossquant a=0.15``
 
+Every metric a job measured is a column ``metrics.<field>`` as the record holds it (the
+store flattens records generically), and its version and direction are the columns
+``metric_info.<metric>.*``; :func:`higher_is_better` reads the direction.
+
 Example::
 
     >>> frame = load_study("results", "quickstart")              # doctest: +SKIP
@@ -91,6 +95,29 @@ def add_derived(frame: pd.DataFrame) -> pd.DataFrame:
     df["rtn_sqnr_db"] = _rtn_sqnr(df)
     df["activations"] = activation_scheme(df)
     return df
+
+
+def higher_is_better(frame: pd.DataFrame, column: str) -> bool:
+    """Whether larger values of ``column`` are better, as the records' ``metric_info`` declares
+    it for the metric whose headline field the column is (``metrics.weight_sqnr_db`` -> True).
+
+    Columns no record declares (derived ones such as ``dnll``, records that predate
+    ``metric_info``) are losses: smaller is better. Every metric a job measured is a
+    ``metrics.<field>`` column of the frame, whatever its name; nothing here lists them.
+    """
+    if not column.startswith("metrics."):
+        return False
+    field = column[len("metrics."):]
+    flags: set[bool] = set()
+    for col in frame.columns:
+        if col.startswith("metric_info.") and col.endswith(".headline"):
+            rows = frame[col] == field
+            flag_col = col[: -len("headline")] + "higher_is_better"
+            if rows.any() and flag_col in frame:
+                flags |= {bool(v) for v in frame.loc[rows, flag_col].dropna()}
+    if len(flags) > 1:
+        raise AnalysisError(f"the records disagree on whether higher {column} is better")
+    return flags.pop() if flags else False
 
 
 def activation_scheme(df: pd.DataFrame) -> pd.Series:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ptqscale_analysis.errors import AnalysisError
+from ptqscale_analysis.load import higher_is_better
 from ptqscale_analysis.predictor import Predictor, add_features
 
 # Axes along which NLLs are not comparable: another corpus, another tokenizer (a family has
@@ -160,12 +161,16 @@ def _measured(frame, model, fmt, method) -> float | None:
 
 def pareto_frontier(frame: pd.DataFrame, x: str = "model_bytes",
                     y: str = "metrics.nll") -> pd.DataFrame:
-    """Rows no other row beats on both ``x`` and ``y`` (smaller is better), sorted by ``x``."""
+    """Rows no other row beats on both ``x`` (smaller is better) and ``y`` (in the direction
+    its records declare, see :func:`~ptqscale_analysis.load.higher_is_better`), sorted by ``x``."""
     if frame.empty:
         raise AnalysisError("no rows to build a Pareto frontier from")
-    df = frame.sort_values([x, y])
-    best = np.minimum.accumulate(df[y].to_numpy(float))
-    keep = np.r_[True, df[y].to_numpy(float)[1:] < best[:-1]]
+    sign = -1.0 if higher_is_better(frame, y) else 1.0
+    cost = frame[y].to_numpy(float) * sign          # smaller is better from here on
+    order = np.lexsort((cost, frame[x].to_numpy(float)))
+    df, cost = frame.iloc[order], cost[order]
+    best = np.minimum.accumulate(cost)
+    keep = np.r_[True, cost[1:] < best[:-1]]
     return df[keep]
 
 

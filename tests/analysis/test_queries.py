@@ -104,3 +104,21 @@ def test_an_evaluation_protocol_that_varies_splits_queries_and_panels(small):
     fig = plots.plot_pareto(two)
     assert sorted(ax.get_gid() for ax in fig.axes if ax.get_gid()) == [
         "model.family=zoo|eval.seqlen=2048", "model.family=zoo|eval.seqlen=512"]
+
+
+def test_pareto_frontier_follows_the_direction_the_records_declare():
+    from ptqscale_analysis.load import higher_is_better
+
+    frame = pd.DataFrame({"model_bytes": [1.0, 2.0, 3.0, 4.0],
+                          "metrics.acc": [0.5, 0.4, 0.7, 0.9],
+                          "metric_info.acc.headline": "acc",
+                          "metric_info.acc.higher_is_better": True})
+    assert higher_is_better(frame, "metrics.acc")
+    assert pareto_frontier(frame, y="metrics.acc")["model_bytes"].tolist() == [1.0, 3.0, 4.0]
+    # undeclared (records before metric_info): a loss, smaller is better
+    old = frame.drop(columns=["metric_info.acc.headline", "metric_info.acc.higher_is_better"])
+    assert not higher_is_better(old, "metrics.acc")
+    assert pareto_frontier(old, y="metrics.acc")["model_bytes"].tolist() == [1.0, 2.0]
+    frame.loc[0, "metric_info.acc.higher_is_better"] = False
+    with pytest.raises(AnalysisError, match="disagree"):
+        higher_is_better(frame, "metrics.acc")

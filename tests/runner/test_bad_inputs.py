@@ -74,6 +74,8 @@ RUN_CASES = [
     (["method=blockft", "method.variant=joint", "method.window=2", "method.stride=3"],
      "stride"),
     (["method=blockft_joint2"], "blockft"),
+    (["metrics=[nll,bogus]"], "bogus"), (["metrics=[weight_sqnr]"], "nll"),
+    (["metrics=[nll,nll]"], "twice"), (["metrics=nll"], "metrics"),
     # data and files
     (["data.split=nope"], "split"), (["data.path=/nonexistent/corpus"], "/nonexistent/corpus"),
     (["data.name=nope"], "nope"), (["data=gutenberg", "data.split=train2"], "split"),

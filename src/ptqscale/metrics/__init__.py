@@ -1,4 +1,4 @@
-"""Measurements of a model: perplexity (and, from other modules, the loss landscape).
+"""Measurements of a model: perplexity, the loss landscape, and the metric registry.
 
 Example::
 
@@ -7,11 +7,16 @@ Example::
     >>> res.to_dict()["protocol_version"]  # doctest: +SKIP
     1
 
-How to add a metric: one module per metric with a ``<Name>Config`` dataclass (validated in
-``__post_init__``), a ``measure_<name>(model, ..., cfg)`` verb returning a result dataclass with
-``to_dict()`` and its protocol version, a test against an independent reference, and an export
-here. A change to what a metric measures bumps ``PROTOCOL_VERSION``.
+How to add a metric: one module ``<name>.py`` here with a function registered by
+``@register_metric("<name>", higher_is_better=..., version=1, needs=(...))`` that returns
+``{field: value}`` (the contract is in metrics/registry.py). Every module of this package is
+imported with it (discovery), so the metric is then known to ``metrics: [...]`` in a job
+config, lands in ``record["metrics"]`` and in the analysis frame: no list to edit. Add a
+test against an independent reference. A change to what a metric measures bumps its version.
 """
+
+import importlib
+import pkgutil
 
 from ptqscale.metrics.landscape import (
     LANDSCAPE_PROTOCOL,
@@ -33,8 +38,33 @@ from ptqscale.metrics.perplexity import (
     window_nll,
     window_plan,
 )
+from ptqscale.metrics.registry import (
+    DEFAULT_METRICS,
+    METRICS,
+    Metric,
+    MetricContext,
+    get_metric,
+    register_metric,
+    resolve_metrics,
+)
+
+
+def _discover() -> None:
+    """Import every module of this package; each metric module registers itself by decorator."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_discover()
 
 __all__ = [
+    "DEFAULT_METRICS",
+    "METRICS",
+    "Metric",
+    "MetricContext",
+    "get_metric",
+    "register_metric",
+    "resolve_metrics",
     "LANDSCAPE_PROTOCOL",
     "LandscapeConfig",
     "measure_directional_profile",

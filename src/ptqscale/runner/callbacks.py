@@ -97,6 +97,7 @@ def summarize_study(results: str, study: str, wandb_dir: str | None = None,
     if since is not None and not invalid.empty:
         invalid = invalid[invalid["created_at"].astype(str) >= since]
     cols = [c for c in SUMMARY_COLUMNS if c in done.columns]
+    cols += [c for c in _headline_columns(done) if c not in cols]   # further metrics asked for
     table = done[cols].sort_values(cols[:3]).to_markdown(index=False, floatfmt=".4f") \
         if not done.empty else "(no complete jobs)"
     problems = "".join(f"\n- {kind} `{name}`: {_reason(read_record(root, study, key))}"
@@ -115,6 +116,13 @@ def summarize_study(results: str, study: str, wandb_dir: str | None = None,
         lines.append(f"  W&B runs: {Path(wandb_dir) / 'wandb'}/  (offline runs: "
                      f"`ptqscale-sync --results {root} --study {study}` uploads them)")
     return "\n".join(lines)
+
+
+def _headline_columns(frame) -> list[str]:
+    """``metrics.<headline>`` of every metric the records declare (``metric_info``)."""
+    names = {v for c in frame.columns if c.startswith("metric_info.") and c.endswith(".headline")
+             for v in frame[c].dropna()}
+    return [f"metrics.{n}" for n in sorted(names) if f"metrics.{n}" in frame.columns]
 
 
 def _reason(record: dict | None) -> str:

@@ -20,7 +20,7 @@ from ptqscale.assets import DATA as ASSETS_DATA
 from ptqscale.assets import ZOO_CHECKPOINTS
 from ptqscale.data import CalibConfig, DataConfig
 from ptqscale.errors import ConfigError
-from ptqscale.metrics import EvalConfig, LandscapeConfig
+from ptqscale.metrics import DEFAULT_METRICS, EvalConfig, LandscapeConfig
 from ptqscale.models import ModelConfig
 
 
@@ -70,6 +70,9 @@ class RunConfig:
     # A record path such as ``metrics.dnll``: the job returns that number to the sweeper,
     # for one that optimizes it (Optuna, see sweeps/gptq_damp_optuna.yaml). Not in the key.
     objective: str | None = None
+    # Metrics to measure, by registry name (ptqscale/metrics/registry.py); a set other
+    # than the default enters the job key with each metric's version.
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)

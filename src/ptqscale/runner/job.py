@@ -51,6 +51,7 @@ class JobSpec:
     cache: str
     progress: bool
     exclusive_gpu: bool = True
+    metrics: tuple = ()   # the registered Metric objects the job measures, in order
     # fingerprints of what the job loads (role -> fingerprint), and those that differ from
     # the store's bindings of their names (they are in the key; runner/identity.py)
     identity: dict = field(default_factory=dict)
@@ -113,12 +114,19 @@ def build_spec(node: Callable[[str], Any], memo: Callable[[tuple, Callable[[], A
     """
     from ptqscale.data import validate_data_config
     from ptqscale.methods.base import parse_format
+    from ptqscale.metrics.registry import check_device, needs_any, resolve_metrics
     from ptqscale.models.skeleton import describe_model
+    from ptqscale.runner.gpus import gpu_count
 
     method = node("method")
     fmt = memo(("format", method.format), lambda: parse_format(method.format, "format"))
     model, data, eval_cfg = node("model"), node("data"), node("eval")
-    calib = node("calib") if method.uses_calibration else None
+    names = tuple(node("metrics"))
+    metrics = memo(("metrics", names), lambda: resolve_metrics(names))
+    if bind:  # a job about to run, on this machine (a plan made elsewhere does not check)
+        check_device(metrics, model.device, gpu_count())
+    uses_calib = method.uses_calibration or needs_any(metrics, "calibration")
+    calib = node("calib") if uses_calib else None
     node("wandb")  # validates wandb.mode
     landscape = node("landscape")
     landscape = landscape if landscape.enabled else None
@@ -145,12 +153,12 @@ def build_spec(node: Callable[[str], Any], memo: Callable[[tuple, Callable[[], A
     key = keys.job_key(study, model, data, eval_cfg, method, calib, landscape, seed,
                        identity=lambda kind, obj: memo(("identity", kind, id(obj)),
                                                        lambda: keys.IDENTITY[kind](obj)),
-                       files=files)
+                       files=files, metrics=metrics)
     return JobSpec(study=study, model=model, data=data, eval=eval_cfg, method=method,
                    calib=calib, landscape=landscape, fmt=fmt, seed=seed, key=key,
                    identity={r: p for r, p in prints.items() if p is not None}, files=files,
                    results=paths.results, cache=paths.cache, progress=node("progress"),
-                   exclusive_gpu=node("exclusive_gpu"))
+                   exclusive_gpu=node("exclusive_gpu"), metrics=metrics)
 
 
 def _fingerprint(role: str, cfg: Any, resolve_hub: bool) -> str | None:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
 from ptqscale.metrics import PROTOCOL_VERSION
+from ptqscale.metrics.registry import Metric, metrics_identity
 
 _MODEL_IGNORED = ("path", "device", "tokenizer", "placement", "max_gpu_memory")
 _DATA_IGNORED = ("path",)
@@ -114,9 +115,10 @@ IDENTITY = {"model": model_identity, "data": data_identity, "eval": eval_identit
 
 def job_key(study: str, model_cfg: Any, data_cfg: Any, eval_cfg: Any, method_cfg: Any,
             calib_cfg: Any | None, landscape_cfg: Any | None, seed: int,
-            identity: Callable[[str, Any], dict] | None = None, files: dict | None = None
-            ) -> str:
-    """The key of one job; calibration and landscape settings count only when used.
+            identity: Callable[[str, Any], dict] | None = None, files: dict | None = None,
+            metrics: Iterable[Metric] | None = None) -> str:
+    """The key of one job; calibration and landscape settings count only when used, the
+    metrics only when they are not the default set (``{name: version}``; metrics/registry.py).
 
     ``identity(kind, cfg)`` defaults to ``IDENTITY[kind](cfg)``; the planner passes a
     memoised one (``dataclasses.asdict`` of six configs per job dominates a 10^5-job plan).
@@ -135,4 +137,7 @@ def job_key(study: str, model_cfg: Any, data_cfg: Any, eval_cfg: Any, method_cfg
         semantic["calib"] = ident("calib", calib_cfg)
     if landscape_cfg is not None:
         semantic["landscape"] = ident("landscape", landscape_cfg)
+    asked = metrics_identity(metrics) if metrics is not None else None
+    if asked is not None:
+        semantic["metrics"] = asked
     return digest(_with_files(semantic, files, ("model", "data", "calib")))

@@ -1,24 +1,28 @@
-"""The measuring half of a job: model-level results (cached) and the quantized model's."""
+"""The measuring half of a job: model-level results (cached) and the quantized model's.
+
+What is measured after quantization is the job's ``metrics`` (ptqscale/metrics/registry.py):
+this module provides what each metric needs and loops over them; it names none of them.
+"""
 
 from __future__ import annotations
 
-import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ptqscale import console
-from ptqscale.errors import ImplausibleResultError
 from ptqscale.files import locked
+from ptqscale.metrics.nll import check_nll, vocab_size
+from ptqscale.metrics.registry import MetricContext
 from ptqscale.models import check_finite
 from ptqscale.runner import keys
 from ptqscale.store import cache_get, cache_put
 
-# Bytes per parameter that a method leaves unquantized (embeddings, norms, head): the
-# 16-bit deployment baseline, whatever dtype the model was loaded in for measuring.
-UNQUANTIZED_BYTES = 2
+__all__ = ["ModelLevel", "check_nll", "measure_metrics", "model_level", "quantize_and_measure",
+           "vocab_size"]
 
 
 def _cached(root: str, kind: str, key: str, compute, required: tuple[str, ...] = (),
@@ -43,7 +47,20 @@ def _cached(root: str, kind: str, key: str, compute, required: tuple[str, ...] =
         return value, False
 
 
-def model_level(spec: Any, model: torch.nn.Module, tokenizer: Any, timings: dict) -> dict:
+@dataclass
+class ModelLevel:
+    """What depends on the model but not on the method: measured once per model (cached)."""
+
+    anatomy: Any                      # models.Anatomy: the targets and their roles
+    stream: torch.Tensor              # the evaluation corpus as 1-D token ids
+    fp: dict                          # full-precision NLL result (measure_perplexity's dict)
+    fp_cached: bool                   # fp came from the store's cache
+    params: dict                      # parameter counts (models.count_parameters)
+    landscape: dict | None = None     # landscape features, where the job asks for them
+    landscape_cached: bool = False
+
+
+def model_level(spec: Any, model: torch.nn.Module, tokenizer: Any, timings: dict) -> ModelLevel:
     """Everything that depends on the model but not on the method: computed once per model."""
     from ptqscale.data import tokenize_corpus
     from ptqscale.metrics import measure_perplexity
@@ -63,11 +80,11 @@ def model_level(spec: Any, model: torch.nn.Module, tokenizer: Any, timings: dict
                              required=("nll", "perplexity", "nll_sum", "tokens"),
                              check=lambda v: check_nll(v["nll"], what, vocab_size(model)))
     check_nll(fp["nll"], what, vocab_size(model))  # also a value cached before this check
-    level = {"anatomy": anatomy, "stream": stream, "fp": fp, "fp_cached": fp_hit,
-             "params": count_parameters(model, anatomy), "landscape": None}
+    level = ModelLevel(anatomy=anatomy, stream=stream, fp=fp, fp_cached=fp_hit,
+                       params=count_parameters(model, anatomy))
     if spec.landscape is not None:
         with console.stage("landscape", timings):
-            level["landscape"], level["landscape_cached"] = _cached(
+            level.landscape, level.landscape_cached = _cached(
                 spec.results, "landscape",
                 keys.landscape_key(spec.model, spec.data, spec.eval, spec.landscape, spec.files),
                 lambda: _measure_landscape(spec, model, anatomy, stream),
@@ -85,11 +102,11 @@ def _measure_landscape(spec: Any, model, anatomy, stream: torch.Tensor) -> dict:
                              spec.progress)
 
 
-def quantize_and_measure(spec: Any, model: torch.nn.Module, tokenizer: Any, level: dict,
+def quantize_and_measure(spec: Any, model: torch.nn.Module, tokenizer: Any, level: ModelLevel,
                          timings: dict) -> dict:
-    """Quantize with the job's method and format; measure; return the record's result part."""
+    """Quantize with the job's method and format; measure the job's metrics; return the
+    record's result part (``metrics``, ``metric_info``, ``params``, ``quantization``, ...)."""
     from ptqscale.methods import QuantContext, quantize
-    from ptqscale.metrics import measure_perplexity
 
     ctx = QuantContext(device=next(model.parameters()).device, progress=spec.progress,
                        cache_dir=os.path.join(spec.cache, "methods"))
@@ -99,64 +116,46 @@ def quantize_and_measure(spec: Any, model: torch.nn.Module, tokenizer: Any, leve
         with console.stage("calibration", timings):
             ctx.calibration, ctx.calibration_hash = sample_calibration(
                 spec.calib, tokenizer, cache_dir=os.path.join(spec.cache, "tokens"))
+    mctx = MetricContext(
+        model=model, stream=level.stream, eval=spec.eval, fp=level.fp, params=level.params,
+        fmt=spec.fmt, method=spec.method, progress=spec.progress, timings=timings,
+        calibration=ctx.calibration,
+        label=f"{spec.model.name!r} after {spec.method.name} {spec.fmt.name} on {spec.data.name}")
+    for metric in spec.metrics:   # on the full-precision model, before it is quantized
+        if metric.prepare is not None:
+            with console.stage(f"prepare {metric.name}", timings, f"prepare_{metric.name}"):
+                mctx.prepared[metric.name] = metric.prepare(mctx)
     torch.manual_seed(spec.seed)
     with console.stage(f"quantize {spec.method.name} {spec.fmt.name}"):
         report = quantize(model, spec.method, ctx)
     timings["quantize"] = report.seconds
     check_finite(model, f"{spec.method.name} into {spec.fmt.name}: the quantized model")
 
-    fp = level["fp"]
-    if report.layers:
-        with console.stage("quantized eval", timings, "eval"):
-            quant = measure_perplexity(model, level["stream"], spec.eval,
-                                       progress=spec.progress).to_dict()
-    else:  # nothing was quantized: the full-precision numbers are the answer
-        quant = dict(fp)
-    check_nll(quant["nll"], f"NLL of {spec.model.name!r} after {spec.method.name} "
-              f"{spec.fmt.name} on {spec.data.name}")
-    params = level["params"]
-    metrics = {
-        "nll": quant["nll"], "perplexity": quant["perplexity"],
-        "nll_sum": quant["nll_sum"], "tokens": quant["tokens"],
-        "nll_fp": fp["nll"], "perplexity_fp": fp["perplexity"],
-        "dnll": quant["nll"] - fp["nll"],
-        "weight_sqnr_db": report.weight_sqnr_db,
-        # a method that stores more than the format's bits (codebooks, low-rank factors)
-        # reports its own effective bits per weight
-        "model_bytes": model_bytes(params["total"], report.quantized_numel,
-                                   report.extra.get("bits_per_weight") or spec.fmt.bits_per_weight),
-        "fp_cached": level["fp_cached"],
-    }
-    result: dict[str, Any] = {"metrics": metrics, "params": params,
+    mctx.report = report
+    metrics = measure_metrics(spec.metrics, mctx)
+    metrics["fp_cached"] = level.fp_cached   # bookkeeping of the model-level cache
+    result: dict[str, Any] = {"metrics": metrics,
+                              "metric_info": {m.name: m.info() for m in spec.metrics},
+                              "params": level.params,
                               "quantization": report.to_dict(), "layers": report.layers}
     if ctx.calibration_hash:
         result["quantization"]["calibration_hash"] = ctx.calibration_hash
-    if level["landscape"] is not None:
-        result["landscape"] = _job_landscape(level["landscape"], report.weight_sqnr_db)
+    if level.landscape is not None:
+        result["landscape"] = _job_landscape(level.landscape, report.weight_sqnr_db)
     return result
 
 
-def vocab_size(model: torch.nn.Module) -> int:
-    """Rows of the output head: the support of the model's next-token distribution."""
-    return model.get_output_embeddings().weight.shape[0]
-
-
-def check_nll(nll: float, what: str, vocab: int | None = None) -> None:
-    """Fail on a non-finite NLL, and (``vocab`` given: full precision) on one above
-    ln(vocab), which a uniform guess achieves: the weights or the tokenizer are wrong.
-    A quantized model may legitimately be that bad, so only the reference is bounded."""
-    if not math.isfinite(nll):
-        raise ImplausibleResultError(f"{what} is {nll}: the model produced non-finite logits")
-    if vocab is not None and nll > math.log(vocab):
-        raise ImplausibleResultError(
-            f"{what} is {nll:.4f} nats, above ln(vocab) = {math.log(vocab):.4f} (a uniform "
-            "guess): wrong weights or a tokenizer that does not match the model")
-
-
-def model_bytes(total_params: int, quantized_params: int, bits_per_weight: float) -> int:
-    """Bytes of the deployed model: quantized weights at their effective bits, the rest at 16."""
-    quantized = quantized_params * bits_per_weight / 8
-    return int(round(quantized + (total_params - quantized_params) * UNQUANTIZED_BYTES))
+def measure_metrics(metrics: tuple, ctx: MetricContext) -> dict:
+    """Each metric's fields, in the order asked; two metrics writing one field is a bug."""
+    out: dict[str, Any] = {}
+    for metric in metrics:
+        values = metric.compute(ctx)
+        clash = sorted(set(values) & (set(out) | {"fp_cached"}))
+        if clash:
+            raise RuntimeError(f"metric {metric.name!r} writes {clash}, which another metric "
+                               "or the runner writes too")
+        out.update(values)
+    return out
 
 
 def _job_landscape(features: dict, sqnr_db: float | None) -> dict:

@@ -31,7 +31,7 @@ from ptqscale.runner.app import conf_dir
 
 # The root nodes a job is made of (validate_job reads these and nothing else).
 NODES = ("method", "model", "data", "eval", "calib", "wandb", "landscape", "study", "seed",
-         "paths", "progress", "exclusive_gpu")
+         "paths", "progress", "exclusive_gpu", "metrics")
 _MISSING = object()
 # What makes a grid point invalid (rather than a bug): reported, not raised.
 INVALID = (ConfigError, ValueError, FileNotFoundError)

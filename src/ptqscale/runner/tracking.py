@@ -33,7 +33,7 @@ log = logging.getLogger("ptqscale")
 
 # Record fields that describe the job (config); everything else measured goes to summary.
 _CONFIG = ("study", "name", "job_key", "protocol_version", "model", "data", "eval", "method",
-           "format", "config", "env", "identity", "created_at")
+           "format", "config", "env", "identity", "created_at", "metric_info")
 _SUMMARY = ("metrics", "params", "landscape", "timings", "quantization")
 
 def needs_mirror(record: dict, mode: str) -> bool:
