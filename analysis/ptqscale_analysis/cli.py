@@ -58,7 +58,8 @@ def _split_args(p: argparse.ArgumentParser, axes=("data", "family", "activations
 
 
 def _run(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
-    from ptqscale.errors import ConfigError, RecordSchemaError
+    from ptqscale.errors import ConfigError
+    from ptqscale.store import RecordSchemaError
 
     try:
         return main(argv)

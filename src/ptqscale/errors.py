@@ -17,10 +17,6 @@ class ImplausibleResultError(PTQScaleError):
     instead of storing a number that would be trusted."""
 
 
-class RecordSchemaError(PTQScaleError, ValueError):
-    """A stored record whose layout this ptqscale cannot read (a newer ``schema_version``)."""
-
-
 def unknown_name(kind: str, name: str, allowed) -> str:
     """Message for an unknown registry name: the close matches, then everything allowed.
 

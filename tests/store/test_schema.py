@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from ptqscale.errors import RecordSchemaError
 from ptqscale.files import atomic_write_json
 from ptqscale.formats import EXAMPLES, get_format
 from ptqscale.store import (
@@ -21,7 +20,7 @@ from ptqscale.store import (
     upgrade,
     write_record,
 )
-from ptqscale.store.schema import FormatInfo, field_paths, record_problems
+from ptqscale.store.schema import FormatInfo, RecordSchemaError, field_paths, record_problems
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "records.md"

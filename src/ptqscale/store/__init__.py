@@ -14,8 +14,8 @@ missing fields, unreadable Parquet) is named in one log line and read as absent;
 it is about to be recomputed it is first moved aside to ``<name>.corrupt-<time>``
 (ptqscale/files.py). The layout of a record is ``Record`` in store/schema.py, versioned by
 ``RECORD_SCHEMA_VERSION``: the writer stamps it, readers upgrade older records. This module
-imports no torch and of the package only ptqscale.files and ptqscale.errors: the analysis
-package reads records through :func:`read_records` alone.
+imports no torch and of the package only ptqscale.files: the analysis package reads records
+through :func:`read_records` alone.
 
 Example::
 
@@ -41,11 +41,18 @@ from ptqscale.store.records import (
     record_states,
     write_record,
 )
-from ptqscale.store.schema import RECORD_SCHEMA_VERSION, Record, job_config, upgrade
+from ptqscale.store.schema import (
+    RECORD_SCHEMA_VERSION,
+    Record,
+    RecordSchemaError,
+    job_config,
+    upgrade,
+)
 
 __all__ = [
     "RECORD_SCHEMA_VERSION",
     "Record",
+    "RecordSchemaError",
     "atomic_write_json",
     "atomic_write_text",
     "cache_get",

@@ -43,9 +43,15 @@ from typing import (
     is_typeddict,
 )
 
-from ptqscale.errors import RecordSchemaError
-
 RECORD_SCHEMA_VERSION = 2
+
+
+class RecordSchemaError(ValueError):
+    """A stored record whose layout this ptqscale cannot read (a newer ``schema_version``).
+
+    Defined here, not in ptqscale.errors: the analysis package loads the store and nothing
+    else of ptqscale.
+    """
 
 Status = Literal["complete", "failed", "invalid"]
 Scalar = float | int | bool | str | None
@@ -227,7 +233,7 @@ def upgrade(record: dict, where: str = "record") -> dict:
     >>> upgrade({"job_key": "k", "study": "s", "status": "failed", "schema_version": 9})
     Traceback (most recent call last):
     ...
-    ptqscale.errors.RecordSchemaError: record: schema_version=9 is newer than this ptqscale reads (1..2); a newer ptqscale wrote it: upgrade ptqscale
+    ptqscale.store.schema.RecordSchemaError: record: schema_version=9 is newer than this ptqscale reads (1..2); a newer ptqscale wrote it: upgrade ptqscale
     """
     version = check_version(record.get("schema_version"), where)
     for v in range(version, RECORD_SCHEMA_VERSION):
