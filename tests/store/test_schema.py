@@ -127,6 +127,12 @@ def test_the_writer_stamps_the_version_and_stores_the_format_name_once(tmp_path)
         write_record(tmp_path, {**new, "method": {"name": "rtn", "format": "int4_g128"}})
 
 
+def test_job_config_of_an_invalid_record_says_it_has_none():
+    with pytest.raises(ValueError, match="'invalid-1' .status 'invalid'. holds no job config"):
+        job_config({"job_key": "invalid-1", "study": "s", "status": "invalid",
+                    "overrides": ["format=int9"]})
+
+
 def test_record_problems_names_each_departure():
     rec = {"job_key": "k", "study": "s", "status": "done", "model": {"name": 3},
            "metrics": {"nll": "2.0", "tokens": 5, "ok": True}, "layers": {}, "extra": 1}

@@ -183,9 +183,14 @@ def job_config(record: Mapping[str, Any]) -> dict:
     """The config a record's job was composed from: ``config`` with the format name put back
     at ``format`` and ``method.format`` (what a job key and a re-run need).
 
-    Accepts every layout (older ones are upgraded first).
+    Accepts every layout (older ones are upgraded first). The root ``format`` comes back as
+    the format the method used: where they differed (method ``none`` ignores the sweep's
+    format axis), the root value changed nothing, neither result nor key.
     """
     record = upgrade(dict(record))
+    if "config" not in record or "format" not in record:
+        raise ValueError(f"record {record.get('job_key')!r} (status {record.get('status')!r}) "
+                         "holds no job config: only complete and failed records do")
     config = dict(record["config"])
     name = record["format"]["name"]
     config["format"] = name
