@@ -39,6 +39,7 @@ import pyarrow
 
 from ptqscale.store import consolidate, read_records, write_record
 from ptqscale.store.records import record_states
+from ptqscale.store.schema import stored_method
 
 STUDY = "store_bench"
 MODELS = ["stories260k", "gutenberg-llama-200k", "gutenberg-llama-500k", "gutenberg-llama-1m"]
@@ -98,7 +99,8 @@ def synthetic_record(spec, rng: random.Random, status: str) -> dict:
         "model": {"name": spec.model.name, "family": spec.model.family, "size": spec.model.size,
                   "path": spec.model.path, "dtype": spec.model.dtype},
         "data": {"name": spec.data.name, "split": spec.data.split},
-        "eval": asdict(spec.eval), "method": asdict(spec.method), "format": spec.fmt.describe(),
+        "eval": asdict(spec.eval), "method": stored_method(asdict(spec.method)),
+        "format": spec.fmt.describe(),
         "params": {"total": 1_340_448, "embedding": 786_432, "head": 0, "blocks": 553_920,
                    "quantizable": 552_960},
         "metrics": {"nll": nll, "perplexity": math.exp(nll), "nll_fp": nll_fp,
@@ -111,7 +113,8 @@ def synthetic_record(spec, rng: random.Random, status: str) -> dict:
         "wandb": {"status": "offline"}, "layers": layers,
         "config": {"study": spec.study, "seed": spec.seed, "model": asdict(spec.model),
                    "data": asdict(spec.data), "eval": asdict(spec.eval),
-                   "method": asdict(spec.method), "paths": {"results": spec.results}},
+                   "method": stored_method(asdict(spec.method)),
+                   "paths": {"results": spec.results}},
     }
     if status == "failed":
         record["error"] = {"type": "RuntimeError", "message": "CUDA out of memory",

@@ -59,10 +59,13 @@ def _split_args(p: argparse.ArgumentParser, axes=("data", "family", "activations
 
 def _run(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
     from ptqscale.errors import ConfigError
+    from ptqscale.store import RecordSchemaError
 
     try:
         return main(argv)
-    except (AnalysisError, ConfigError) as e:   # ConfigError: a study name that is no name
+    # ConfigError: a study name that is no name; RecordSchemaError: a record a newer
+    # ptqscale wrote
+    except (AnalysisError, ConfigError, RecordSchemaError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 

@@ -1,11 +1,18 @@
 """Records -> frame: derived columns checked against the records they come from."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from ptqscale.store import write_record
+from ptqscale.files import atomic_write_json
+from ptqscale.store import RECORD_SCHEMA_VERSION, record_path, upgrade, write_record
+from ptqscale_analysis.cli import fit_main
 from ptqscale_analysis.errors import AnalysisError
 from ptqscale_analysis.load import load_study, load_wandb
+
+COMMITTED = Path(__file__).resolve().parents[2] / "results" / "awq" / "records"
 
 
 def test_derived_columns(synth_frame):
@@ -51,6 +58,26 @@ def test_missing_columns_named(tmp_path):
                             "metrics": {"nll": 1.0}})
     with pytest.raises(AnalysisError, match="lack the columns.*metrics.nll_fp"):
         load_study(tmp_path, "s")
+
+
+def test_old_and_new_record_layouts_load_alike(tmp_path, capsys):
+    """A study may hold version-1 records (five copies of the format name, committed and
+    never rewritten) next to new ones (the name once, in format.name)."""
+    old = json.loads(min(COMMITTED.glob("*.json")).read_text())
+    assert old["schema_version"] == 1 and old["method"]["format"] == old["format"]["name"]
+    atomic_write_json(record_path(tmp_path, "awq", old["job_key"]), old)
+    write_record(tmp_path, {**upgrade(old), "job_key": "new"})
+    frame = load_study(tmp_path, "awq")
+    assert frame["schema_version"].tolist() == [1, RECORD_SCHEMA_VERSION]
+    assert frame["format.name"].tolist() == [old["format"]["name"]] * 2
+    assert frame["dnll"].iloc[0] == frame["dnll"].iloc[1]
+    # a record of a newer layout: one line, exit 2
+    atomic_write_json(record_path(tmp_path, "awq", "newer"),
+                      {**old, "job_key": "newer", "schema_version": RECORD_SCHEMA_VERSION + 1})
+    assert fit_main(["--results", str(tmp_path), "--study", "awq"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "newer.json: schema_version=" in err
+    assert "upgrade ptqscale" in err
 
 
 class _Run:

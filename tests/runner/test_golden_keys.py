@@ -2,7 +2,9 @@
 
 A change to the key code (a new field, a default, an identity rule) that would re-key the
 committed studies, and so make a re-launch redo them, fails here. The configs are rebuilt
-through the same typed schemas the runner uses (``RunConfig`` and the method's config class).
+through the same typed schemas the runner uses (``RunConfig`` and the method's config class),
+from ``job_config(record)``: the stored config with the format name put back (a record stores
+it once, in ``format.name``; store/schema.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from omegaconf import OmegaConf
 from ptqscale.methods import get_method
 from ptqscale.runner import keys
 from ptqscale.runner.config import RunConfig
+from ptqscale.store import job_config
 
 RESULTS = Path(__file__).resolve().parents[2] / "results"
 STUDIES = sorted(p.parent.name for p in RESULTS.glob("*/records"))
@@ -40,7 +43,7 @@ def _typed(config: dict):
 
 
 def _recomputed_key(record: dict) -> str:
-    c = _typed(record["config"])
+    c = _typed(job_config(record))
     method = c["method"]
     calib = c["calib"] if method.uses_calibration else None
     landscape = c["landscape"] if c["landscape"].enabled else None

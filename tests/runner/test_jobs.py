@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import wandb_offline
 from runner_utils import FAST, ONE_MODEL, run_cli
+from test_golden_keys import _recomputed_key
 
 from ptqscale.runner.job import run_job
 from ptqscale.store import iter_records, read_records
+from ptqscale.store.schema import record_problems
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +41,13 @@ def test_single_job_writes_the_record_fields(composed, tmp_path):
     assert len(rec["layers"]) == 35   # 5 blocks x (q, k, v, o, gate, up, down)
     # the head and embeddings stay in full precision unless asked
     assert not any("embed" in layer["name"] or "lm_head" in layer["name"] for layer in rec["layers"])
+    # the record is what store/schema.py declares, with the format named once, and its key
+    # comes back from its stored config (the format name put back by job_config)
+    stored = next(iter_records(tmp_path))
+    assert record_problems(stored) == [] and stored["format"]["name"] == "int4_g128"
+    assert "format" not in stored["method"] and "format" not in stored["quantization"]
+    assert "format" not in stored["config"] and "format" not in stored["config"]["method"]
+    assert _recomputed_key(stored) == stored["job_key"]
 
 
 def test_same_config_twice_gives_bitwise_identical_nll(composed, tmp_path):

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from ptqscale.store import (
+    RECORD_SCHEMA_VERSION,
     atomic_write_json,
     cache_get,
     cache_put,
@@ -31,7 +32,7 @@ def test_round_trip_and_overwrite(tmp_path):
     write_record(tmp_path, rec("k1", "complete", 1.5))
     got = read_record(tmp_path, "s", "k1")
     assert got["status"] == "complete" and got["metrics"]["nll"] == 1.5
-    assert got["schema_version"] == 1
+    assert got["schema_version"] == RECORD_SCHEMA_VERSION
     assert read_record(tmp_path, "s", "missing") is None
     assert [p.name for p in record_path(tmp_path, "s", "k1").parent.iterdir()] == ["k1.json"]
 

@@ -93,7 +93,8 @@ class QuantReport:
         return sum(layer["numel"] for layer in self.layers)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "format": self.format, "seconds": self.seconds,
+        """The record's ``quantization`` block (the format is named once, in ``format.name``)."""
+        return {"method": self.method, "seconds": self.seconds,
                 "weight_sqnr_db": self.weight_sqnr_db, "quantized_numel": self.quantized_numel,
                 **self.extra}
 

@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,6 +25,14 @@ from ptqscale.runner.environment import environment
 from ptqscale.runner.gpus import claim_gpu
 from ptqscale.runner.measure import model_level, quantize_and_measure
 from ptqscale.store import claim_job, read_record, write_record
+from ptqscale.store.schema import stored_config, stored_method
+
+if TYPE_CHECKING:   # the methods and formats load torch; the annotations are never evaluated
+    from ptqscale.data import CalibConfig, DataConfig
+    from ptqscale.formats import Format
+    from ptqscale.methods import MethodConfig
+    from ptqscale.metrics import EvalConfig, LandscapeConfig
+    from ptqscale.models import ModelConfig
 
 log = logging.getLogger("ptqscale")
 
@@ -35,16 +43,20 @@ class JobFailed(PTQScaleError):
 
 @dataclass
 class JobSpec:
-    """A validated job: typed configs, the parsed format and the keys."""
+    """A validated job: typed configs, the parsed format and the keys.
+
+    ``fmt`` is ``method.format`` parsed, once: the job and its record use it (the record
+    stores the name once, in ``format.name``).
+    """
 
     study: str
-    model: Any
-    data: Any
-    eval: Any
-    method: Any
-    calib: Any | None
-    landscape: Any | None
-    fmt: Any
+    model: ModelConfig
+    data: DataConfig
+    eval: EvalConfig
+    method: MethodConfig
+    calib: CalibConfig | None     # None: the method reads no calibration data
+    landscape: LandscapeConfig | None   # None: landscape.enabled is false
+    fmt: Format
     seed: int
     key: str
     results: str
@@ -54,8 +66,8 @@ class JobSpec:
     metrics: tuple = ()   # the registered Metric objects the job measures, in order
     # fingerprints of what the job loads (role -> fingerprint), and those that differ from
     # the store's bindings of their names (they are in the key; runner/identity.py)
-    identity: dict = field(default_factory=dict)
-    files: dict = field(default_factory=dict)
+    identity: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -169,7 +181,7 @@ def _fingerprint(role: str, cfg: Any, resolve_hub: bool) -> str | None:
     return identity.data_fingerprint(cfg)
 
 
-def _check_divisible(fmt: Any, shapes: dict[str, tuple[int, int]]) -> None:
+def _check_divisible(fmt: Format, shapes: dict[str, tuple[int, int]]) -> None:
     for name, (_, n_in) in shapes.items():
         if fmt.padding_needed(n_in):
             raise ConfigError(
@@ -257,9 +269,11 @@ def _base_record(spec: JobSpec, cfg: DictConfig) -> dict:
         # roles whose files differ from the store's bindings of their names
         "identity": {**spec.identity, "keyed_by_files": sorted(spec.files)},
         "eval": asdict(spec.eval),
-        "method": asdict(spec.method),
+        # the format name is stored once, in "format" (store/schema.py job_config puts it
+        # back into the config)
+        "method": stored_method(asdict(spec.method)),
         "format": spec.fmt.describe(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": stored_config(OmegaConf.to_container(cfg, resolve=True)),
     }
 
 

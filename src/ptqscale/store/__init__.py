@@ -12,8 +12,10 @@ so a job killed at any point leaves either the previous file or the new one, nev
 of one, and concurrent writers never share a temporary file. A corrupt file (bad JSON,
 missing fields, unreadable Parquet) is named in one log line and read as absent; where
 it is about to be recomputed it is first moved aside to ``<name>.corrupt-<time>``
-(ptqscale/files.py). This module imports no torch and of the package only ptqscale.files: the
-analysis package reads records through :func:`read_records` alone.
+(ptqscale/files.py). The layout of a record is ``Record`` in store/schema.py, versioned by
+``RECORD_SCHEMA_VERSION``: the writer stamps it, readers upgrade older records. This module
+imports no torch and of the package only ptqscale.files: the analysis package reads records
+through :func:`read_records` alone.
 
 Example::
 
@@ -28,7 +30,6 @@ Example::
 from ptqscale.files import atomic_write_json, atomic_write_text, locked, quarantine
 from ptqscale.store.claims import claim_job, running_claims
 from ptqscale.store.records import (
-    RECORD_SCHEMA_VERSION,
     cache_get,
     cache_put,
     check_study,
@@ -40,9 +41,18 @@ from ptqscale.store.records import (
     record_states,
     write_record,
 )
+from ptqscale.store.schema import (
+    RECORD_SCHEMA_VERSION,
+    Record,
+    RecordSchemaError,
+    job_config,
+    upgrade,
+)
 
 __all__ = [
     "RECORD_SCHEMA_VERSION",
+    "Record",
+    "RecordSchemaError",
     "atomic_write_json",
     "atomic_write_text",
     "cache_get",
@@ -51,6 +61,7 @@ __all__ = [
     "claim_job",
     "consolidate",
     "iter_records",
+    "job_config",
     "locked",
     "quarantine",
     "read_record",
@@ -58,5 +69,6 @@ __all__ = [
     "record_path",
     "record_states",
     "running_claims",
+    "upgrade",
     "write_record",
 ]

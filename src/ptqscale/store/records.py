@@ -26,9 +26,13 @@ from ptqscale.files import (
     quarantine,
     read_json,
 )
-
-# Bumped whenever the layout of a record changes; readers may branch on it.
-RECORD_SCHEMA_VERSION = 1
+from ptqscale.store.schema import (
+    RECORD_SCHEMA_VERSION,
+    REQUIRED,
+    check_version,
+    check_written,
+    upgrade,
+)
 
 # Nested fields kept out of the tidy frame: they are per-layer lists or whole configs,
 # available from the JSON records themselves.
@@ -38,8 +42,6 @@ _WIDE_FIELDS = ("layers", "config", "error")
 _MTIME = "_source_mtime_ns"
 # From this many files on, records are parsed by Arrow's JSON reader.
 _ARROW_MIN = 64
-# What every record holds; a file without them is corrupt.
-REQUIRED = ("job_key", "study", "status")
 # What a reader says about a corrupt record: it skips it and leaves it where it is (the
 # job itself moves it aside when it meets it, then recomputes it).
 _SKIPPED = "skipped (re-launch its study to recompute it)"
@@ -71,28 +73,31 @@ def record_path(root: str | os.PathLike, study: str, job_key: str) -> Path:
 
 
 def write_record(root: str | os.PathLike, record: dict) -> Path:
-    """Write one job record (needs ``job_key``, ``study`` and ``status``)."""
-    for field in REQUIRED:
-        if field not in record:
-            raise ValueError(f"a record needs the field {field!r}")
-    record = {"schema_version": RECORD_SCHEMA_VERSION, **record}
+    """Write one job record in the current layout (store/schema.py ``Record``: it needs
+    ``job_key``, ``study`` and ``status``, and holds no field the schema lacks)."""
+    check_written(record)
+    record = {**record, "schema_version": RECORD_SCHEMA_VERSION}
     return atomic_write_json(record_path(root, record["study"], record["job_key"]), record)
 
 
 def read_record(root: str | os.PathLike, study: str, job_key: str) -> dict | None:
-    """The record of one job, or None when the store has none.
+    """The record of one job in the current layout, or None when the store has none.
 
     A corrupt record (not JSON, or without ``job_key``/``study``/``status``) is moved
-    aside with one log line naming it, and reads as absent: the job is recomputed.
+    aside with one log line naming it, and reads as absent: the job is recomputed. One of
+    a newer layout than this ptqscale reads raises RecordSchemaError.
     """
-    return read_json(record_path(root, study, job_key), REQUIRED, "record",
-                     "its job will be recomputed")
+    path = record_path(root, study, job_key)
+    record = read_json(path, REQUIRED, "record", "its job will be recomputed")
+    return None if record is None else upgrade(record, str(path))
 
 
 def iter_records(root: str | os.PathLike, study: str | None = None) -> Iterator[dict]:
-    """Every readable record under ``root`` (one study, or all), in a stable order.
+    """Every readable record under ``root`` (one study, or all), in a stable order, each in
+    the current layout.
 
-    A corrupt record is named in one log line and skipped.
+    A corrupt record is named in one log line and skipped; one of a newer layout than this
+    ptqscale reads raises RecordSchemaError.
     """
     for sdir in _study_dirs(root, study):
         for key in sorted(_listing(sdir)):
@@ -103,7 +108,7 @@ def iter_records(root: str | os.PathLike, study: str | None = None) -> Iterator[
                 continue
             record = _checked(text, path)
             if record is not None:
-                yield record
+                yield upgrade(record, str(path))
 
 
 def _checked(text: bytes, path: Path) -> dict | None:
@@ -121,13 +126,32 @@ def read_records(root: str | os.PathLike, study: str | None = None,
     ``status=None`` keeps failed jobs too. Where a study was consolidated, rows come from
     ``records.parquet`` as long as their JSON file is unchanged; only new or rewritten
     records are parsed. The JSON files stay the truth: a deleted file drops its row.
+
+    Rows hold each record's fields as stored, whatever its ``schema_version``: the
+    columns every layout shares (``format.name`` for the format) read the same, and
+    version-1 rows also carry the redundant ``method.format``/``quantization.format``
+    (left in place, so that what was read, and a fingerprint of it, does not change).
+    A record of a newer layout than this ptqscale reads raises RecordSchemaError.
     """
     frames = [f for f in (_study_frame(d) for d in _study_dirs(root, study)) if not f.empty]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     df = df.drop(columns=[_MTIME], errors="ignore")
+    _check_versions(df, root)
     if status is not None and not df.empty:
         df = df[df["status"] == status].reset_index(drop=True)
     return df
+
+
+def _check_versions(df: pd.DataFrame, root: str | os.PathLike) -> None:
+    """RecordSchemaError naming the first record whose layout this ptqscale cannot read."""
+    if df.empty or "schema_version" not in df:
+        return
+    versions = pd.to_numeric(df["schema_version"], errors="coerce").fillna(1)
+    bad = df[(versions > RECORD_SCHEMA_VERSION) | (versions < 1)]
+    if not bad.empty:
+        row = bad.iloc[0]
+        check_version(int(versions[bad.index[0]]),
+                      str(record_path(root, row["study"], row["job_key"])))
 
 
 def record_states(root: str | os.PathLike, study: str) -> dict[str, str]:
