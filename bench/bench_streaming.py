@@ -30,13 +30,18 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import platform
 import sys
 import time
 import traceback
 from pathlib import Path
 
-import torch
+# Under a small budget the caching allocator's fixed segments fragment (a GiB reserved but
+# unusable at 4 GiB); growable segments keep what is reserved usable. Set before CUDA starts.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 SHAPES = {  # Llama shapes: hidden, layers, ffn, heads, kv heads, vocab
     "tiny": dict(hidden_size=64, num_hidden_layers=3, intermediate_size=128,
@@ -74,6 +79,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="eval windows per forward")
     p.add_argument("--format", default="int4_g128")
     p.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration sequences")
+    p.add_argument("--method-batch-size", type=int, default=8,
+                   help="GPTQ calibration sequences per forward (method.batch_size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true", help="tiny shape, CPU, small stream")
     args = p.parse_args(argv)
@@ -198,7 +205,7 @@ def run_placement(args, out: Path, model, original: dict, placement: str, stream
         else:
             # under a budget the calibration activations wait on the CPU between blocks
             method = GPTQConfig(format=args.format, device=str(device()),
-                                offload=budget is not None)
+                                offload=budget is not None, batch_size=args.method_batch_size)
             ctx = QuantContext(calibration=calib, calibration_hash="synthetic")
         emit(out, {**base, "stage": name, **measure(
             lambda m=method, c=ctx: {"weight_sqnr_db": quantize(model, m, c).weight_sqnr_db})})

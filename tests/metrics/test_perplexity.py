@@ -154,3 +154,14 @@ def test_bad_inputs_fail_before_any_forward(model, stream):
         measure_perplexity(model, stream + 96, EvalConfig(seqlen=64))
     with pytest.raises(ConfigError, match="1-D integer tensor"):
         measure_perplexity(model, stream.float(), EvalConfig(seqlen=64))
+
+
+def test_the_loss_in_row_chunks_equals_one_call(model, stream, monkeypatch):
+    """Big vocabularies are scored a few rows at a time (bounded fp32 logits): same values."""
+    from ptqscale.metrics import perplexity
+
+    cfg = EvalConfig(seqlen=64, batch_size=4)
+    whole = measure_perplexity(model, stream, cfg)
+    monkeypatch.setattr(perplexity, "LOSS_CHUNK_FLOATS", 7 * model.config.vocab_size)
+    chunked = measure_perplexity(model, stream, cfg)
+    assert chunked.nll_sum == whole.nll_sum and chunked.tokens == whole.tokens

@@ -175,9 +175,18 @@ def measure_perplexity(model, stream: torch.Tensor, cfg: EvalConfig,
                             cfg.seqlen, cfg.effective_stride())
 
 
+# fp32 logits scored at once: a 2048-token window over a 128k vocabulary is 1 GB in fp32,
+# too much beside a budget (model.max_gpu_memory); 2^26 floats (256 MB) at a time bound it.
+# Rows are scored independently, so the values are those of one call.
+LOSS_CHUNK_FLOATS = 2**26
+
+
 def window_nll(logits: torch.Tensor, ids: torch.Tensor, first: int) -> torch.Tensor:
     """Per-token NLL (fp32) of targets ``ids[first:]`` given ``logits[first-1:-1]`` of one window."""
-    return F.cross_entropy(logits[first - 1:-1].float(), ids[first:], reduction="none")
+    pred, target = logits[first - 1:-1], ids[first:]
+    rows = max(1, LOSS_CHUNK_FLOATS // pred.shape[-1])
+    return torch.cat([F.cross_entropy(pred[i:i + rows].float(), target[i:i + rows],
+                                      reduction="none") for i in range(0, len(pred), rows)])
 
 
 def batch_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
