@@ -124,6 +124,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format | str, blocksize
     W, H = W[:, perm], H[perm][:, perm]
     groups.permute(perm)
     Hinv, frac, damp, retries = damped_inverse_factor(H, percdamp, max_retries)
+    del H  # the sweep needs only the factor (one n x n less at the peak)
     Q, loss = sweep(W, Hinv, groups, blocksize)
     Q = Q[:, torch.argsort(perm)].to(W_orig.dtype)
     return Q, GPTQInfo(frac, damp, retries, loss, int(dead.sum()))
@@ -150,12 +151,19 @@ def damped_inverse_factor(H: torch.Tensor, percdamp: float, max_retries: int):
     most ``max_retries`` times. Returns ``(Hinv, fraction, lambda, retries)``.
     """
     mean_diag = torch.diag(H).mean()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for retry in range(max_retries + 1):
         frac = percdamp * 10.0**retry
-        L, info = torch.linalg.cholesky_ex(H + frac * mean_diag * eye)
+        # lambda on the diagonal in place: H + lambda * I without an identity matrix (the
+        # same values; at 14336 columns each n x n copy is 0.8 GB beside a GPU budget)
+        damped = H.clone()
+        damped.diagonal().add_(frac * mean_diag)
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inverse = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and bool(torch.isfinite(U).all()):
                 return U, frac, float(frac * mean_diag), retry
     raise GPTQNumericalError(
