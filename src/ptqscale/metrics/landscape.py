@@ -335,25 +335,31 @@ def measure_hessian(
     Per-layer entries are under ``"layers"`` (name -> trace and ``||W||^2/numel``); every
     other key is a scalar. Standard errors come from the spread over probes.
     """
+    from ptqscale.models.streaming import placement_of
+
     windows = select_windows(batches, cfg)
     _check_targets(model, targets, windows)
     weights = [m.weight for m in targets.values()]
     with _measuring(model, targets) as reference, hs.double_backward_ready(model, weights):
-        start = time.perf_counter()
-        samples = hs.hutchinson_samples(
-            _batch_hvps(model, windows, weights, reference, cfg, cfg.hvp_retain_graph),
-            weights, cfg.hutchinson_probes, cfg.seed, progress)
-        trace_s = time.perf_counter() - start
+        if placement_of(model).streamed:
+            samples, trace_s, eig, iters, converged, eig_s = _streamed_hessian(
+                model, targets, windows, cfg, progress)
+        else:
+            start = time.perf_counter()
+            samples = hs.hutchinson_samples(
+                _batch_hvps(model, windows, weights, reference, cfg, cfg.hvp_retain_graph),
+                weights, cfg.hutchinson_probes, cfg.seed, progress)
+            trace_s = time.perf_counter() - start
 
-        start = time.perf_counter()
-        eig, iters, converged = None, 0, False
-        if cfg.power_iters > 0:  # one product per graph: never worth retaining it
-            full_hvp = hs.summed_hvp(
-                _batch_hvps(model, windows, weights, reference, cfg, False), weights)
-            eig, iters, converged = hs.power_iteration(
-                full_hvp, weights, cfg.power_iters, cfg.power_tol, cfg.seed, progress
-            )
-        eig_s = time.perf_counter() - start
+            start = time.perf_counter()
+            eig, iters, converged = None, 0, False
+            if cfg.power_iters > 0:  # one product per graph: never worth retaining it
+                full_hvp = hs.summed_hvp(
+                    _batch_hvps(model, windows, weights, reference, cfg, False), weights)
+                eig, iters, converged = hs.power_iteration(
+                    full_hvp, weights, cfg.power_iters, cfg.power_tol, cfg.seed, progress
+                )
+            eig_s = time.perf_counter() - start
     scale = torch.tensor(_sq_per_numel(reference), dtype=torch.float64)
     out = {"hvp_method": cfg.hvp, "hutchinson_probes": cfg.hutchinson_probes,
            "hvp_windows": cfg.hvp_windows, "hvp_retain_graph": cfg.hvp_retain_graph}
@@ -373,6 +379,25 @@ def measure_hessian(
         for name, t, c in zip(targets, samples.mean(dim=0), scale)
     }
     return out
+
+
+def _streamed_hessian(model, targets, windows, cfg, progress):
+    """The trace samples and top eigenvalue of a streamed model (``hessian_streamed``): the
+    same probes and start vector as in one piece on the execution device; exact HVPs."""
+    from .hessian_streamed import StreamedHVP
+
+    if cfg.hvp != "autograd":
+        raise ConfigError(f"landscape.hvp={cfg.hvp!r} does not stream; a streamed model "
+                          f"(model.placement=streamed) takes landscape.hvp=autograd")
+    hvp = StreamedHVP(model, targets, windows, cfg.hvp_windows)
+    start = time.perf_counter()
+    samples = hvp.hutchinson_samples(cfg.hutchinson_probes, cfg.seed, progress)
+    trace_s, start = time.perf_counter() - start, time.perf_counter()
+    eig, iters, converged = None, 0, False
+    if cfg.power_iters > 0:
+        eig, iters, converged = hs.power_iteration(
+            hvp, hvp.weights, cfg.power_iters, cfg.power_tol, cfg.seed, progress, hvp.device)
+    return samples, trace_s, eig, iters, converged, time.perf_counter() - start
 
 
 def _passes_per_trace(cfg: LandscapeConfig) -> int:
