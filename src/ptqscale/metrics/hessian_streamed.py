@@ -5,8 +5,8 @@ A model in one piece gets ``H v`` by double backward through the whole graph
 sweeps over the blocks (forward-over-reverse, Pearlmutter's R-operator written per block):
 
 1. **forward, with tangents**: ``x_{i+1} = f_i(x_i, W_i)`` and its directional derivative
-   along the probe, ``dx_{i+1} = J_x f_i dx_i + J_W f_i v_i`` (``torch.func.jvp``; ``dx_0 = 0``:
-   the embedding is not probed). Only ``x_i`` and ``dx_i`` of every block are kept (the
+   along the probe, ``dx_{i+1} = J_x f_i dx_i + J_W f_i v_i`` (a JVP by double backward of
+   the block, see ``_block_jvp``; ``dx_0 = 0``: the embedding is not probed). Only ``x_i`` and ``dx_i`` of every block are kept (the
    checkpoints), not the graph.
 2. **head**: the loss from ``x_L`` (the model's own final norm and head, by replay), its
    gradient ``a_L = dL/dx_L`` and that gradient's tangent ``da_L = (d^2 L/dx_L^2) dx_L``.
@@ -38,7 +38,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp
 
 from ptqscale import console
 from ptqscale.models.streaming import (
@@ -153,11 +152,11 @@ class StreamedHVP:
         xs, dxs, as_tuple = [x0.hidden], [[None] * len(self.batches)], False
         for i, block in enumerate(self.holder):
             with onloaded(module_tensors([block]), self.device, write_back=False):
-                v, ys, dys = probe(i), [], []
+                params = dict(block.named_parameters())
+                w, v, ys, dys = [params[n] for n in self.names[i]], probe(i), [], []
                 for b, (x, a, kw) in enumerate(self._inputs(xs[-1])):
-                    dx = dxs[-1][b]
-                    dx = torch.zeros_like(x) if dx is None else dx.to(self.device)
-                    y, dy, as_tuple = _block_jvp(block, list(self.names[i]), x, dx, a, kw, v)
+                    dx = None if dxs[-1][b] is None else dxs[-1][b].to(self.device)
+                    y, dy, as_tuple = _block_jvp(block, w, x, dx, a, kw, v)
                     ys.append(y.to(self.storage))
                     dys.append(dy.to(self.storage))
             xs.append(ys)
@@ -221,18 +220,25 @@ class StreamedHVP:
         return new_adj, new_dadj
 
 
-@torch.no_grad()
-def _block_jvp(block: nn.Module, names: list[str], x, dx, args, kwargs, v):
+
+def _block_jvp(block: nn.Module, w: list[torch.Tensor], x, dx, args, kwargs, v):
     """``(y, dy, as_tuple)``: the block's output and its derivative along ``(dx, v)``, where
-    ``v`` perturbs the parameters ``names`` (forward mode: no graph is kept)."""
-    params = dict(block.named_parameters())
-    as_tuple = False
+    ``v`` perturbs the parameters ``w`` (``dx=None``: the input is not perturbed).
 
-    def f(x, *w):
-        nonlocal as_tuple
-        out = functional_call(block, dict(zip(names, w)), (x, *args), kwargs)
+    The JVP as the derivative of a VJP w.r.t. its cotangent ``u`` (``J^T u`` is linear in
+    ``u``, so ``d/du [(J^T u) . t] = J t``): two backwards of one block's graph, freed on
+    return. Forward mode (``torch.func.jvp``) would be cheaper, but custom autograd
+    Functions without a forward derivative (Bloom's GeLU) refuse it; this needs only the
+    double backward that the HVP needs anyway.
+    """
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(dx is not None)
+        out = block(x, *args, **kwargs)
         as_tuple = isinstance(out, tuple | list)
-        return out[0] if as_tuple else out
-
-    y, dy = jvp(f, (x, *(params[n].detach() for n in names)), (dx, *v))
-    return y, dy, as_tuple
+        y = out[0] if as_tuple else out
+        u = torch.zeros_like(y, requires_grad=True)
+        wrt, t = ([x, *w], [dx, *v]) if dx is not None else (w, v)
+        grads = torch.autograd.grad(y, wrt, u, create_graph=True, allow_unused=True)
+        s = sum((g * d).sum() for g, d in zip(grads, t) if g is not None)
+        (dy,) = torch.autograd.grad(s, u)
+    return y.detach(), dy, as_tuple
