@@ -6,8 +6,8 @@ sweeps over the blocks (forward-over-reverse, Pearlmutter's R-operator written p
 
 1. **forward, with tangents**: ``x_{i+1} = f_i(x_i, W_i)`` and its directional derivative
    along the probe, ``dx_{i+1} = J_x f_i dx_i + J_W f_i v_i`` (a JVP by double backward of
-   the block, see ``_block_jvp``; ``dx_0 = 0``: the embedding is not probed). Only ``x_i`` and ``dx_i`` of every block are kept (the
-   checkpoints), not the graph.
+   the block, ``_block_jvp``; ``dx_0 = 0``: the embedding is not probed). Only ``x_i`` and
+   ``dx_i`` of every block are kept (the checkpoints), not the graph.
 2. **head**: the loss from ``x_L`` (the model's own final norm and head, by replay), its
    gradient ``a_L = dL/dx_L`` and that gradient's tangent ``da_L = (d^2 L/dx_L^2) dx_L``.
 3. **backward, block by block from the last**, each block's forward recomputed from its
@@ -19,8 +19,9 @@ sweeps over the blocks (forward-over-reverse, Pearlmutter's R-operator written p
 Every quantity is exact (no step size): it differs from the one-piece double backward only
 in the order of floating-point operations (docs/landscape.md gives the measured difference).
 All windows pass through block i before block i+1 (micro-batches of ``hvp_windows``, each
-weighted by its share of the windows, as in one piece). GPU memory: one block's weights,
-its probe and product, and the graph of one block for one micro-batch; the checkpoints
+weighted by its share of the windows, as in one piece). GPU memory: one block's fp32
+weights, its probe, gradient and product (4 block-sized vectors), and the graph of one
+block for one micro-batch; the checkpoints
 (``x_i``, ``dx_i`` of every block and window) wait on the device when they fit in a third of
 its free memory, else on the CPU (``streaming.hidden_storage``).
 
@@ -55,8 +56,9 @@ from ptqscale.models.streaming import (
 
 from . import hessian as hs
 
-# v_block(i) -> the probe's part for block i's targets (on the execution device);
-# reduce(i, v, hv) consumes block i's part of H v
+# probe(i) -> the probe's part for block i's targets (on the execution device);
+# reduce(i, v, hv) consumes one micro-batch's share of block i's part of H v (summed over
+# micro-batches by the consumer: no accumulator the size of a block on the device)
 ProbeFn = Callable[[int], list[torch.Tensor]]
 ReduceFn = Callable[[int, list[torch.Tensor], list[torch.Tensor]], None]
 
@@ -106,11 +108,12 @@ class StreamedHVP:
         def probe(i: int) -> list[torch.Tensor]:
             return [v[j].to(self.device) for j in self.names[i].values()]
 
-        def keep(i: int, _v, hv) -> None:
+        def add(i: int, _v, hv) -> None:
             for j, h in zip(self.names[i].values(), hv):
-                out[j] = h.to(self.homes[j])
+                h = h.to(self.homes[j])
+                out[j] = h if out[j] is None else out[j].add_(h)
 
-        self.sweep(probe, keep)
+        self.sweep(probe, add)
         return out
 
     def hutchinson_samples(self, probes: int, seed: int, progress: bool = False) -> torch.Tensor:
@@ -125,7 +128,7 @@ class StreamedHVP:
                                          list(index.values()))
 
                 def dots(i: int, v, hv, k=k) -> None:
-                    samples[k, list(self.names[i].values())] = hs.blockwise_dot(v, hv)
+                    samples[k, list(self.names[i].values())] += hs.blockwise_dot(v, hv)
 
                 self.sweep(probe, dots)
                 bar.update()
@@ -196,7 +199,6 @@ class StreamedHVP:
             params = dict(block.named_parameters())
             w = [params[n] for n in self.names[i]]
             v = probe(i)
-            hv = [torch.zeros_like(p) for p in w]
             for b, (x, a, kw) in enumerate(self._inputs(xs)):
                 x = x.requires_grad_(not first)
                 with torch.enable_grad():
@@ -210,13 +212,11 @@ class StreamedHVP:
                     tangents = torch.autograd.grad(s, wrt, allow_unused=True)
                 tangents = [torch.zeros_like(t) if d is None else d
                             for t, d in zip(wrt, tangents)]
-                for acc, h in zip(hv, tangents[-len(w):]):
-                    acc.add_(h)
+                reduce(i, v, tangents[-len(w):])  # this micro-batch's share of (H v)_i
                 if not first:
                     new_adj.append(grads[0].detach().to(self.storage))
                     new_dadj.append(tangents[0].to(self.storage))
                 del y, grads, s, tangents
-            reduce(i, v, hv)
         return new_adj, new_dadj
 
 
