@@ -1,9 +1,9 @@
 """Streamed Hessian features (forward-over-reverse, one block at a time) equal the one-piece ones.
 
-The streamed HVP is exact, as the one-piece double backward is, but it orders the floating
-point operations differently (per block, forward mode for the tangents), so the agreement is
-to fp32 rounding, not bitwise: products within 1e-4 of the largest entry, trace, kappa_h and
-top eigenvalue within 1e-5 relative (observed 1e-7 to 4e-7).
+The streamed HVP is exact, as the one-piece double backward is, and on CPU it is the same
+arithmetic: every block's products come from the same derivative formulas applied to the
+same values, and the micro-batches are weighted and summed with the same operations in the
+same order. So the products, the trace samples and the power iteration are bitwise equal.
 """
 
 from __future__ import annotations
@@ -58,14 +58,13 @@ def _assert_same_products(one, streamed, windows, hvp_windows, v_seed=3):
         expect = hs.summed_hvp(_batch_hvps(one, windows, w1, None, cfg, False), w1)(v)
     with hs.fp32(streamed), hs.double_backward_ready(streamed, w2):
         got = StreamedHVP(streamed, t2, windows, hvp_windows)(v)
-    scale = max(float(e.abs().max()) for e in expect)
-    assert scale > 1e-2  # not a vacuous zero Hessian
+    assert max(float(e.abs().max()) for e in expect) > 1e-2  # not a vacuous zero Hessian
     for g, e in zip(got, expect, strict=True):
         assert g.device.type == "cpu" and g.grad_fn is None
-        torch.testing.assert_close(g, e, rtol=0, atol=1e-4 * scale)
+        assert torch.equal(g, e)
 
 
-@pytest.mark.parametrize("hvp_windows", [2, 4])  # 4: a short last micro-batch
+@pytest.mark.parametrize("hvp_windows", [2, 4])  # 2: weights 1/3; 4: a short last one
 def test_streamed_hvp_is_the_one_piece_hvp(models, hvp_windows):
     one, streamed, windows = models
     _assert_same_products(one, streamed, windows, hvp_windows)
@@ -80,15 +79,16 @@ def test_streamed_hessian_features_match_the_one_piece_ones(models):
     b = measure_landscape(streamed, _targets(streamed), windows, cfg)
     assert all(torch.equal(before[k], v) for k, v in streamed.state_dict().items())
     assert all(p.device.type == "cpu" for p in streamed.parameters())
-    for key in ("nll_clean", "kappa", "dnll_at_20db"):  # forward only: bitwise
-        assert a[key] == b[key], key
     assert a["hessian_trace"] > 0 and a["top_eigenvalue"] > 0
-    for key in ("hessian_trace", "kappa_h", "top_eigenvalue", "kappa_ratio"):
-        assert b[key] == pytest.approx(a[key], rel=1e-5), key
-    for name, layer in a["layers"].items():
-        assert b["layers"][name]["hessian_trace"] == pytest.approx(
-            layer["hessian_trace"], rel=1e-4, abs=1e-5 * abs(a["hessian_trace"])), name
     assert b["power_iters_run"] == a["power_iters_run"] == 4
+
+    def numbers(d):
+        return {k: v for k, v in d.items() if not k.startswith("cost_")}
+
+    assert numbers(a) == numbers(b)  # every feature and per-layer trace, bitwise
+    # a probe is a forward and a recomputing backward sweep; each power step the same
+    assert b["cost_hessian_trace_tokens"] == 2 * 3 * windows.numel()
+    assert b["cost_top_eigenvalue_tokens"] == 2 * 4 * windows.numel()
 
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))

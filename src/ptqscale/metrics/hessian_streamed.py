@@ -57,10 +57,11 @@ from ptqscale.models.streaming import (
 from . import hessian as hs
 
 # probe(i) -> the probe's part for block i's targets (on the execution device);
-# reduce(i, v, hv) consumes one micro-batch's share of block i's part of H v (summed over
-# micro-batches by the consumer: no accumulator the size of a block on the device)
+# reduce(i, v, hv, fraction) consumes micro-batch b's block-i part of H_b v, to be summed
+# as sum_b fraction_b H_b v by the consumer (no block-sized accumulator on the device), in
+# the order and with the operations of hessian.summed_hvp / hutchinson_samples: bitwise
 ProbeFn = Callable[[int], list[torch.Tensor]]
-ReduceFn = Callable[[int, list[torch.Tensor], list[torch.Tensor]], None]
+ReduceFn = Callable[[int, list[torch.Tensor], list[torch.Tensor], float], None]
 
 
 class StreamedHVP:
@@ -108,10 +109,10 @@ class StreamedHVP:
         def probe(i: int) -> list[torch.Tensor]:
             return [v[j].to(self.device) for j in self.names[i].values()]
 
-        def add(i: int, _v, hv) -> None:
+        def add(i: int, _v, hv, fraction: float) -> None:
             for j, h in zip(self.names[i].values(), hv):
-                h = h.to(self.homes[j])
-                out[j] = h if out[j] is None else out[j].add_(h)
+                h = h.to(self.homes[j])  # as summed_hvp: the first product is the accumulator
+                out[j] = h.mul_(fraction) if out[j] is None else out[j].add_(h, alpha=fraction)
 
         self.sweep(probe, add)
         return out
@@ -127,8 +128,8 @@ class StreamedHVP:
                     return hs.rademacher([self.weights[j] for j in index.values()], seed + k,
                                          list(index.values()))
 
-                def dots(i: int, v, hv, k=k) -> None:
-                    samples[k, list(self.names[i].values())] += hs.blockwise_dot(v, hv)
+                def dots(i: int, v, hv, fraction: float, k=k) -> None:
+                    samples[k, list(self.names[i].values())] += fraction * hs.blockwise_dot(v, hv)
 
                 self.sweep(probe, dots)
                 bar.update()
@@ -170,8 +171,8 @@ class StreamedHVP:
         return BlockInputs(hidden, self.args, self.kwargs).batches(self.device)
 
     def _head(self, x_last: list[torch.Tensor], dx_last: list[torch.Tensor], as_tuple: bool):
-        """``a_L`` (the gradient of the weighted loss w.r.t. the last hidden states) and its
-        tangent ``da_L``, per micro-batch, from the model's own head (by replay)."""
+        """``a_L`` (the gradient of the micro-batch's loss w.r.t. the last hidden states) and
+        its tangent ``da_L``, per micro-batch, from the model's own head (by replay)."""
         from .landscape import nll_from_logits
 
         source = [None]
@@ -180,11 +181,11 @@ class StreamedHVP:
         with onloaded(tensors, self.device, write_back=False), \
                 _replaying(self.holder, source, as_tuple, self.device) as first:
             embed = self.model.get_input_embeddings().weight.device
-            for ids, frac, x, dx in zip(self.batches, self.fractions, x_last, dx_last):
+            for ids, x, dx in zip(self.batches, x_last, dx_last):
                 x = x.to(self.device).requires_grad_(True)
                 source[0], first.batch = x, 0
                 logits = self.model(input_ids=ids.to(embed), use_cache=False).logits
-                loss = frac * nll_from_logits(logits, ids.to(logits.device))
+                loss = nll_from_logits(logits, ids.to(logits.device))
                 (a,) = torch.autograd.grad(loss, x, create_graph=True)
                 (da,) = torch.autograd.grad(a, x, dx.to(self.device), allow_unused=True)
                 adj.append(a.detach().to(self.storage))
@@ -212,7 +213,7 @@ class StreamedHVP:
                     tangents = torch.autograd.grad(s, wrt, allow_unused=True)
                 tangents = [torch.zeros_like(t) if d is None else d
                             for t, d in zip(wrt, tangents)]
-                reduce(i, v, tangents[-len(w):])  # this micro-batch's share of (H v)_i
+                reduce(i, v, tangents[-len(w):], self.fractions[b])  # (H_b v)_i
                 if not first:
                     new_adj.append(grads[0].detach().to(self.storage))
                     new_dadj.append(tangents[0].to(self.storage))

@@ -365,13 +365,14 @@ def measure_hessian(
            "hvp_windows": cfg.hvp_windows, "hvp_retain_graph": cfg.hvp_retain_graph}
     out.update(hs.trace_stats(samples, scale))
     out.update(top_eigenvalue=eig, power_iters_run=iters, power_converged=converged)
-    n_tok = windows.numel()
+    n_tok, streamed = windows.numel(), placement_of(model).streamed
     out.update(
         cost_hessian_trace_s=trace_s,
-        cost_hessian_trace_tokens=n_tok * _passes_per_trace(cfg),
+        cost_hessian_trace_tokens=n_tok * _passes_per_trace(cfg, streamed),
         cost_hessian_trace_hvps=cfg.hutchinson_probes,
         cost_top_eigenvalue_s=eig_s,
-        cost_top_eigenvalue_tokens=n_tok * (2 if cfg.hvp == "finite_difference" else 1) * iters,
+        cost_top_eigenvalue_tokens=n_tok * (2 if cfg.hvp == "finite_difference" or streamed
+                                            else 1) * iters,
         cost_top_eigenvalue_hvps=iters,
     )
     out["layers"] = {
@@ -400,10 +401,11 @@ def _streamed_hessian(model, targets, windows, cfg, progress):
     return samples, trace_s, eig, iters, converged, time.perf_counter() - start
 
 
-def _passes_per_trace(cfg: LandscapeConfig) -> int:
+def _passes_per_trace(cfg: LandscapeConfig, streamed: bool = False) -> int:
     """Forward passes over the budget for the trace: FD takes 2 gradients per probe; autograd
-    builds each micro-batch's graph once for all probes, or once per probe when not retained."""
-    if cfg.hvp == "finite_difference":
+    builds each micro-batch's graph once for all probes, or once per probe when not retained;
+    streamed, every probe is a forward sweep plus a recomputing backward sweep (2 passes)."""
+    if cfg.hvp == "finite_difference" or streamed:
         return 2 * cfg.hutchinson_probes
     return 1 if cfg.hvp_retain_graph else cfg.hutchinson_probes
 
