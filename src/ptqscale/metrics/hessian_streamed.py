@@ -35,12 +35,14 @@ Example::
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ptqscale import console
+from ptqscale.errors import ConfigError
 from ptqscale.models.streaming import (
     BlockInputs,
     _head_tensors,
@@ -83,23 +85,10 @@ class StreamedHVP:
         self.prefix, self.holder = decoder_blocks(model)
         self.weights = [m.weight for m in targets.values()]
         self.homes = [w.device for w in self.weights]  # where H v goes (the CPU, streamed)
-        self.names = self._names_in_blocks(targets)
+        self.names = names_in_blocks(self.holder, targets)
         self.batches = list(windows.split(hvp_windows))
         # windows have equal length: the share of windows is the share of tokens
         self.fractions = [b.shape[0] / windows.shape[0] for b in self.batches]
-
-    def _names_in_blocks(self, targets: dict[str, nn.Linear]) -> list[dict[str, int]]:
-        """Per block: the target weights' names inside the block -> their target index."""
-        where = {id(m): (i, rel) for i, block in enumerate(self.holder)
-                 for rel, m in block.named_modules()}
-        names: list[dict[str, int]] = [{} for _ in self.holder]
-        for j, (name, m) in enumerate(targets.items()):
-            if id(m) not in where:
-                raise ValueError(f"streamed Hessian: target {name!r} is outside the decoder "
-                                 f"blocks; only block linears stream (use model.placement=one)")
-            i, rel = where[id(m)]
-            names[i][f"{rel}.weight"] = j
-        return names
 
     # ------------------------------------------------------------ public uses
 
@@ -220,6 +209,47 @@ class StreamedHVP:
                 del y, grads, s, tangents
         return new_adj, new_dadj
 
+
+
+def streamed_hessian(model: nn.Module, targets: dict[str, nn.Linear], windows: torch.Tensor,
+                     cfg, progress: bool = False):
+    """``measure_hessian``'s numbers for a streamed model (``cfg``: a ``LandscapeConfig``):
+    ``(trace samples, seconds, top eigenvalue, iterations, converged, seconds)``, with the
+    probes and the start vector drawn on the execution device, as a model in one piece there
+    would draw them."""
+    hvp = StreamedHVP(model, targets, windows, cfg.hvp_windows)
+    start = time.perf_counter()
+    samples = hvp.hutchinson_samples(cfg.hutchinson_probes, cfg.seed, progress)
+    trace_s, start = time.perf_counter() - start, time.perf_counter()
+    eig, iters, converged = None, 0, False
+    if cfg.power_iters > 0:
+        eig, iters, converged = hs.power_iteration(
+            hvp, hvp.weights, cfg.power_iters, cfg.power_tol, cfg.seed, progress, hvp.device)
+    return samples, trace_s, eig, iters, converged, time.perf_counter() - start
+
+
+def names_in_blocks(holder: nn.ModuleList, targets: dict[str, nn.Linear]) -> list[dict[str, int]]:
+    """Per decoder block: its target weights' names inside the block -> their target index.
+    A target outside the blocks (an output layer) cannot stream: a clear error, before work."""
+    where = {id(m): (i, rel) for i, block in enumerate(holder) for rel, m in block.named_modules()}
+    names: list[dict[str, int]] = [{} for _ in holder]
+    for j, (name, m) in enumerate(targets.items()):
+        if id(m) not in where:
+            raise ValueError(f"streamed Hessian: target {name!r} is outside the decoder "
+                             f"blocks; only block linears stream (use model.placement=one)")
+        i, rel = where[id(m)]
+        names[i][f"{rel}.weight"] = j
+    return names
+
+
+def check_streamable(model: nn.Module, targets: dict[str, nn.Linear], hvp: str) -> None:
+    """Refuse, before any work, what the streamed Hessian cannot do."""
+    from ptqscale.models.anatomy import decoder_blocks
+
+    if hvp != "autograd":
+        raise ConfigError(f"landscape.hvp={hvp!r} does not stream; a streamed model "
+                          f"(model.placement=streamed) takes landscape.hvp=autograd")
+    names_in_blocks(decoder_blocks(model)[1], targets)
 
 
 def _block_jvp(block: nn.Module, w: list[torch.Tensor], x, dx, args, kwargs, v):

@@ -46,6 +46,7 @@ from ptqscale import console
 from ptqscale.errors import ConfigError
 
 from . import hessian as hs
+from .hessian_streamed import check_streamable, streamed_hessian
 
 LANDSCAPE_PROTOCOL = 1
 HVP_METHODS = ("autograd", "finite_difference")
@@ -339,10 +340,12 @@ def measure_hessian(
 
     windows = select_windows(batches, cfg)
     _check_targets(model, targets, windows)
+    if placement_of(model).streamed:
+        check_streamable(model, targets, cfg.hvp)
     weights = [m.weight for m in targets.values()]
     with _measuring(model, targets) as reference, hs.double_backward_ready(model, weights):
         if placement_of(model).streamed:
-            samples, trace_s, eig, iters, converged, eig_s = _streamed_hessian(
+            samples, trace_s, eig, iters, converged, eig_s = streamed_hessian(
                 model, targets, windows, cfg, progress)
         else:
             start = time.perf_counter()
@@ -382,25 +385,6 @@ def measure_hessian(
     return out
 
 
-def _streamed_hessian(model, targets, windows, cfg, progress):
-    """The trace samples and top eigenvalue of a streamed model (``hessian_streamed``): the
-    same probes and start vector as in one piece on the execution device; exact HVPs."""
-    from .hessian_streamed import StreamedHVP
-
-    if cfg.hvp != "autograd":
-        raise ConfigError(f"landscape.hvp={cfg.hvp!r} does not stream; a streamed model "
-                          f"(model.placement=streamed) takes landscape.hvp=autograd")
-    hvp = StreamedHVP(model, targets, windows, cfg.hvp_windows)
-    start = time.perf_counter()
-    samples = hvp.hutchinson_samples(cfg.hutchinson_probes, cfg.seed, progress)
-    trace_s, start = time.perf_counter() - start, time.perf_counter()
-    eig, iters, converged = None, 0, False
-    if cfg.power_iters > 0:
-        eig, iters, converged = hs.power_iteration(
-            hvp, hvp.weights, cfg.power_iters, cfg.power_tol, cfg.seed, progress, hvp.device)
-    return samples, trace_s, eig, iters, converged, time.perf_counter() - start
-
-
 def _passes_per_trace(cfg: LandscapeConfig, streamed: bool = False) -> int:
     """Forward passes over the budget for the trace: FD takes 2 gradients per probe; autograd
     builds each micro-batch's graph once for all probes, or once per probe when not retained;
@@ -437,6 +421,10 @@ def measure_landscape(
 
     All keys are JSON scalars except ``"layers"`` (per-layer Hessian traces).
     """
+    from ptqscale.models.streaming import placement_of
+
+    if cfg.hessian and placement_of(model).streamed:  # before the noise response's work
+        check_streamable(model, targets, cfg.hvp)
     out: dict = {"landscape_protocol": LANDSCAPE_PROTOCOL}
     out.update(measure_noise_response(model, targets, batches, cfg, progress))
     if cfg.hessian:
