@@ -194,19 +194,23 @@ class StreamedHVP:
                 with torch.enable_grad():
                     y = block_output(block, x, a, kw)
                     wrt = w if first else [x, *w]
-                    grads = torch.autograd.grad(y, wrt, adj[b].to(self.device), create_graph=True)
+                    grads = list(torch.autograd.grad(y, wrt, adj[b].to(self.device),
+                                                     create_graph=True))
+                    gx = None if first else grads.pop(0)
                     s = (y * dadj[b].to(self.device)).sum()
-                    s = s + sum((g * t).sum() for g, t in zip(grads[-len(w):], v))
+                    s = s + sum((g * t).sum() for g, t in zip(grads, v))
+                    # the graph of s keeps v and activations, not these block-sized gradients
+                    del grads
                     if not first:
-                        s = s + (grads[0] * dxs[b].to(self.device)).sum()
+                        s = s + (gx * dxs[b].to(self.device)).sum()
                     tangents = torch.autograd.grad(s, wrt, allow_unused=True)
                 tangents = [torch.zeros_like(t) if d is None else d
                             for t, d in zip(wrt, tangents)]
                 reduce(i, v, tangents[-len(w):], self.fractions[b])  # (H_b v)_i
                 if not first:
-                    new_adj.append(grads[0].detach().to(self.storage))
+                    new_adj.append(gx.detach().to(self.storage))
                     new_dadj.append(tangents[0].to(self.storage))
-                del y, grads, s, tangents
+                del y, gx, s, tangents
         return new_adj, new_dadj
 
 
@@ -269,7 +273,8 @@ def _block_jvp(block: nn.Module, w: list[torch.Tensor], x, dx, args, kwargs, v):
         y = out[0] if as_tuple else out
         u = torch.zeros_like(y, requires_grad=True)
         wrt, t = ([x, *w], [dx, *v]) if dx is not None else (w, v)
-        grads = torch.autograd.grad(y, wrt, u, create_graph=True, allow_unused=True)
+        grads = list(torch.autograd.grad(y, wrt, u, create_graph=True, allow_unused=True))
         s = sum((g * d).sum() for g, d in zip(grads, t) if g is not None)
+        del grads  # block-sized; the graph of s does not need them
         (dy,) = torch.autograd.grad(s, u)
     return y.detach(), dy, as_tuple
