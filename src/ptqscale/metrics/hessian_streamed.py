@@ -20,8 +20,8 @@ Every quantity is exact (no step size): it differs from the one-piece double bac
 in the order of floating-point operations (docs/landscape.md gives the measured difference).
 All windows pass through block i before block i+1 (micro-batches of ``hvp_windows``, each
 weighted by its share of the windows, as in one piece). GPU memory: one block's fp32
-weights, its probe, gradient and product (4 block-sized vectors), and the graph of one
-block for one micro-batch; the checkpoints
+weights, its probe, and its gradient or product (3 block-sized vectors), and the graph of
+one block for one micro-batch; the checkpoints
 (``x_i``, ``dx_i`` of every block and window) wait on the device when they fit in a third of
 its free memory, else on the CPU (``streaming.hidden_storage``).
 
