@@ -9,6 +9,7 @@ same order. So the products, the trace samples and the power iteration are bitwi
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -137,12 +138,14 @@ def _one_and_streamed_hessian(device: str, budget: str | None):
                           power_tol=0.0, hvp_windows=2)
     place_model(one, ModelConfig(name="r", path="random", device=device))
     a = measure_hessian(one, _targets(one), windows, cfg)
+    del one  # off the device before the streamed run's peak is measured
+    gc.collect()
     cuda = device == "cuda"
     try:
         place_model(streamed, ModelConfig(name="r", path="random", device=device,
                                           placement="streamed", max_gpu_memory=budget))
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         b = measure_hessian(streamed, _targets(streamed), windows, cfg)
         peak = torch.cuda.max_memory_allocated() if cuda else None
