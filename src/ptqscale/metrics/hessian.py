@@ -256,10 +256,14 @@ def power_iteration(
 
 
 def _normalize(v: Vector) -> Vector:
+    # in place (the same numbers as x / norm): v is a fresh draw or product the iteration owns,
+    # and a third model-sized vector would not fit beside v and H v for a streamed 8B model
     norm = math.sqrt(sum(float(x.double().pow(2).sum()) for x in v))
     if norm == 0.0:
         raise FloatingPointError("power iteration hit H v = 0 (the Hessian vanishes on this vector)")
-    return [x / norm for x in v]
+    for x in v:
+        x.div_(norm)
+    return v
 
 
 @contextmanager
