@@ -167,3 +167,23 @@ def test_streamed_hessian_on_cuda_agrees_and_holds_one_block():
     for key in ("hessian_trace", "kappa_h", "top_eigenvalue"):
         assert b[key] == pytest.approx(a[key], rel=1e-4), key  # same probes on the device
     assert peak < 0.5 * fp32_bytes, (peak, fp32_bytes)  # a block at a time, not the model
+
+
+@pytest.mark.gpu
+def test_streamed_noise_response_on_cuda_draws_the_one_piece_noise():
+    """Noise drawn on the execution device: the same directions as in one piece there."""
+    from ptqscale.metrics.landscape import measure_noise_response
+    from ptqscale.models import place_model
+
+    one, windows = _random_llama()
+    streamed = copy.deepcopy(one)
+    place_model(one, ModelConfig(name="r", path="random", device="cuda"))
+    place_model(streamed, ModelConfig(name="r", path="random", device="cuda",
+                                      placement="streamed"))
+    cfg = LandscapeConfig(enabled=True, levels_db=[20.0, 10.0], seeds=2, max_tokens=256,
+                          hessian=False)
+    a = measure_noise_response(one, _targets(one), windows, cfg)
+    b = measure_noise_response(streamed, _targets(streamed), windows, cfg)
+    assert a["dnll_at_10db"] > 1e-3  # a visible response, not rounding
+    for key in ("nll_clean", "dnll_at_20db", "dnll_at_10db"):
+        assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key

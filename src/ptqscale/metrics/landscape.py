@@ -223,9 +223,17 @@ def measure_noise_response(
     model: nn.Module, targets: dict[str, nn.Linear], batches: torch.Tensor, cfg: LandscapeConfig,
     progress: bool = False,
 ) -> dict:
-    """dNLL per SQNR level (mean and standard error over seeds), ``kappa`` and ``s_star_db``."""
+    """dNLL per SQNR level (mean and standard error over seeds), ``kappa`` and ``s_star_db``.
+
+    A streamed model draws its noise on the execution device (then moves it to the weights on
+    the CPU), so it gets the directions a model in one piece there gets.
+    """
+    from ptqscale.models.streaming import placement_of
+
     windows = select_windows(batches, cfg)
     _check_targets(model, targets, windows)
+    placement = placement_of(model)
+    draw = placement.device if placement.streamed else None  # None: each weight's device
     levels = sorted((float(s) for s in cfg.levels_db), reverse=True)
     signs = (1.0, -1.0) if cfg.antithetic else (1.0,)
     start = time.perf_counter()
@@ -239,7 +247,7 @@ def measure_noise_response(
             progress, unit="level")
         for k, i in steps:  # seed-major, as the draws of the seeds' directions
             if i == 0:
-                noise = hs.gaussian(reference, cfg.seed + k)  # one direction for every level
+                noise = hs.gaussian(reference, cfg.seed + k, draw)  # one for every level
             sigmas = [math.sqrt(p / 10 ** (levels[i] / 10)) for p in power]
             scores = [_noisy_nll(model, windows, cfg, weights, reference, noise, sigmas, sign)
                       for sign in signs]
