@@ -184,6 +184,6 @@ def test_streamed_noise_response_on_cuda_draws_the_one_piece_noise():
                           hessian=False)
     a = measure_noise_response(one, _targets(one), windows, cfg)
     b = measure_noise_response(streamed, _targets(streamed), windows, cfg)
-    assert a["dnll_at_10db"] > 1e-3  # a visible response, not rounding
+    assert abs(a["dnll_at_10db"]) > 1e-3  # a visible response (of either sign), not rounding
     for key in ("nll_clean", "dnll_at_20db", "dnll_at_10db"):
         assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
