@@ -5,6 +5,9 @@ Usage::
     python bench/bench_streaming.py --shape 1b --out DIR/streaming_1b.jsonl
     python bench/bench_streaming.py --shape llama3-8b --placements streamed \\
         --max-gpu-memory 4GiB --stages ppl,rtn,gptq --out DIR/streaming_8b.jsonl
+    python bench/bench_streaming.py --shape llama3-8b --placements streamed \
+        --max-gpu-memory 4GiB --stages noise,hessian --landscape-seqlen 512 \
+        --out DIR/streaming_8b_landscape.jsonl
     python bench/bench_streaming.py --dry-run --out /tmp/streaming.jsonl   # tiny, CPU
 
 A randomly initialised Llama of the given shape (built from a config: no download), bf16 by
@@ -15,7 +18,13 @@ weights on the CPU, one decoder block at a time on the GPU; ptqscale's own ``pla
 - ``ppl``: perplexity (gptq preset) of a synthetic token stream (``--tokens``, ``--seqlen``);
 - ``rtn``: RTN into ``--format`` (int4_g128), then ``ppl_rtn``: the quantized model's perplexity;
 - ``gptq``: GPTQ into ``--format`` on ``--nsamples`` x ``--seqlen`` synthetic calibration
-  tokens (from the original weights), then ``ppl_gptq``.
+  tokens (from the original weights), then ``ppl_gptq``;
+- ``noise``: the noise response (``measure_noise_response``: NLL at ``--noise-levels`` dB of
+  weight SQNR, one antithetic draw each, kappa) and ``hessian``: the Hutchinson trace with
+  ``--probes`` probes and, with ``--power-iters`` > 0, the top eigenvalue
+  (``measure_hessian``, fp32, exact HVPs; streamed: forward-over-reverse block by block), both
+  on the first ``--landscape-tokens`` tokens of the stream in windows of ``--landscape-seqlen``
+  and run before any quantization (the landscape of the original weights).
 
 Each measurement is one JSON line (stage, placement, seconds, peak GPU GiB allocated and
 reserved, NLL, status; a stage that fails, e.g. over the budget, is a ``failed`` line and the
@@ -72,7 +81,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--placements", default="one,streamed", help="comma list of one,streamed")
     p.add_argument("--max-gpu-memory", default=None, help="e.g. 4GiB (streamed runs only)")
     p.add_argument("--budget-one", action="store_true", help="apply the budget to 'one' too")
-    p.add_argument("--stages", default="ppl,rtn", help="comma list of ppl,rtn,gptq")
+    p.add_argument("--stages", default="ppl,rtn", help="comma list of ppl,noise,hessian,rtn,gptq")
     # WikiText-2 test is about 290k tokens under Llama-3's tokenizer
     p.add_argument("--tokens", type=int, default=262144, help="synthetic eval stream length")
     p.add_argument("--seqlen", type=int, default=2048)
@@ -82,13 +91,24 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--method-batch-size", type=int, default=8,
                    help="GPTQ calibration sequences per forward (method.batch_size)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--landscape-tokens", type=int, default=4096, help="noise/hessian budget")
+    p.add_argument("--landscape-seqlen", type=int, default=None, help="default: --seqlen")
+    p.add_argument("--noise-levels", default="40,30,20", help="dB of weight SQNR")
+    p.add_argument("--probes", type=int, default=4, help="Hutchinson probes")
+    p.add_argument("--power-iters", type=int, default=0, help="top eigenvalue (0: skip)")
+    p.add_argument("--hvp-windows", type=int, default=1, help="windows per HVP micro-batch")
     p.add_argument("--dry-run", action="store_true", help="tiny shape, CPU, small stream")
     args = p.parse_args(argv)
     if args.dry_run:
         args.shape, args.tokens, args.seqlen, args.batch_size, args.nsamples = \
             "tiny", 2048, 128, 4, 8
+        args.landscape_tokens, args.power_iters = 512, 3
         if args.stages == p.get_default("stages"):
-            args.stages = "ppl,rtn,gptq"  # every stage, unless asked otherwise
+            args.stages = "ppl,noise,hessian,rtn,gptq"  # every stage, unless asked otherwise
+    args.landscape_seqlen = args.landscape_seqlen or args.seqlen
+    if args.landscape_tokens < args.landscape_seqlen:
+        p.error(f"--landscape-tokens={args.landscape_tokens} is less than one window "
+                f"(--landscape-seqlen={args.landscape_seqlen})")
     return args
 
 
@@ -197,6 +217,9 @@ def run_placement(args, out: Path, model, original: dict, placement: str, stream
     stages = args.stages.split(",") if placed["status"] == "ok" else []
     if "ppl" in stages:
         emit(out, {**base, "stage": "ppl", **measure(ppl)})
+    for name in ("noise", "hessian"):
+        if name in stages:
+            emit(out, {**base, "stage": name, **measure(lambda n=name: landscape(args, model, stream, n))})
     for name in ("rtn", "gptq"):
         if name not in stages:
             continue
@@ -217,6 +240,23 @@ def run_placement(args, out: Path, model, original: dict, placement: str, stream
     from ptqscale.models.streaming import apply_memory_budget
 
     apply_memory_budget(device(), None)
+
+
+def landscape(args, model, stream: torch.Tensor, stage: str) -> dict:
+    """The noise response or the Hessian features of the original weights (scalars only)."""
+    from ptqscale.metrics.landscape import LandscapeConfig, measure_hessian, measure_noise_response
+    from ptqscale.models import get_anatomy
+
+    n = args.landscape_tokens // args.landscape_seqlen
+    windows = stream[: n * args.landscape_seqlen].view(n, args.landscape_seqlen)
+    cfg = LandscapeConfig(
+        enabled=True, levels_db=[float(s) for s in args.noise_levels.split(",")], seeds=1,
+        max_tokens=args.landscape_tokens, batch_size=args.batch_size,
+        hutchinson_probes=args.probes, power_iters=args.power_iters, power_tol=0.0,
+        hvp_windows=args.hvp_windows, hvp_retain_graph=False)
+    measure_fn = measure_noise_response if stage == "noise" else measure_hessian
+    feats = measure_fn(model, dict(get_anatomy(model).targets), windows, cfg)
+    return {k: v for k, v in feats.items() if not isinstance(v, dict)}
 
 
 def main(argv=None) -> None:

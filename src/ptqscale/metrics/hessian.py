@@ -107,28 +107,42 @@ def finite_difference_hvp(
     return hvp
 
 
-def rademacher(weights: Sequence[torch.Tensor], seed: int) -> Vector:
+def rademacher(weights: Sequence[torch.Tensor], seed: int,
+               indices: Sequence[int] | None = None) -> Vector:
     """A probe of +-1 entries shaped like ``weights``; the same seed gives the same probe.
 
     Each block draws from its own generator on its own device (seeded by ``seed`` and the
     block index), so a probe can be regenerated for every batch instead of being stored.
+    ``indices`` gives the blocks' positions in the full weight list when ``weights`` is a
+    part of it (a streamed model draws the probe of one decoder block at a time).
     """
     probe = []
-    for i, w in enumerate(weights):
+    for i, w in zip(_indices(weights, indices), weights, strict=True):
         gen = torch.Generator(device=w.device).manual_seed(_block_seed(seed, i))
         bits = torch.randint(0, 2, w.shape, generator=gen, device=w.device, dtype=torch.int8)
         probe.append(bits.to(_vector_dtype(w)).mul_(2).sub_(1))
     return probe
 
 
-def gaussian(weights: Sequence[torch.Tensor], seed: int) -> Vector:
-    """Standard-normal noise shaped like ``weights`` (per-block generators, as ``rademacher``)."""
+def gaussian(weights: Sequence[torch.Tensor], seed: int,
+             device: torch.device | None = None) -> Vector:
+    """Standard-normal noise shaped like ``weights`` (per-block generators, as ``rademacher``).
+
+    ``device``: draw there (one block at a time) and move each block to its weight's device;
+    a streamed model draws on its execution device, so it gets the numbers a model in one
+    piece there would get. Default: each weight's own device.
+    """
     out = []
     for i, w in enumerate(weights):
-        gen = torch.Generator(device=w.device).manual_seed(_block_seed(seed, i))
-        z = torch.randn(w.shape, generator=gen, device=w.device, dtype=torch.float32)
-        out.append(z.to(_vector_dtype(w)))
+        at = w.device if device is None else torch.device(device)
+        gen = torch.Generator(device=at).manual_seed(_block_seed(seed, i))
+        z = torch.randn(w.shape, generator=gen, device=at, dtype=torch.float32)
+        out.append(z.to(_vector_dtype(w)).to(w.device))
     return out
+
+
+def _indices(weights: Sequence[torch.Tensor], indices: Sequence[int] | None) -> Sequence[int]:
+    return range(len(weights)) if indices is None else indices
 
 
 def _vector_dtype(w: torch.Tensor) -> torch.dtype:
@@ -217,15 +231,16 @@ def trace_stats(samples: torch.Tensor, scale: torch.Tensor) -> dict:
 
 def power_iteration(
     full_hvp: HVP, weights: Sequence[torch.Tensor], iters: int, tol: float, seed: int,
-    progress: bool = False,
+    progress: bool = False, draw_device: torch.device | None = None,
 ) -> tuple[float, int, bool]:
     """Eigenvalue of largest magnitude of H: ``(eigenvalue, iterations run, converged)``.
 
     Starts from seeded Gaussian noise; the estimate is the Rayleigh quotient ``v^T H v``
     of the unit iterate, which for symmetric H converges at twice the rate of the iterate.
     Stops early when it changes by less than ``tol`` relative (``tol=0`` runs all ``iters``).
+    ``draw_device``: where the start vector is drawn (``gaussian``'s ``device``).
     """
-    v = _normalize(gaussian(weights, seed))
+    v = _normalize(gaussian(weights, seed, draw_device))
     if iters < 1:
         raise ValueError(f"power iteration needs iters >= 1, got {iters}")
     eig, converged = float("nan"), False
@@ -241,10 +256,14 @@ def power_iteration(
 
 
 def _normalize(v: Vector) -> Vector:
+    # in place (the same numbers as x / norm): v is a fresh draw or product the iteration owns,
+    # and a third model-sized vector would not fit beside v and H v for a streamed 8B model
     norm = math.sqrt(sum(float(x.double().pow(2).sum()) for x in v))
     if norm == 0.0:
         raise FloatingPointError("power iteration hit H v = 0 (the Hessian vanishes on this vector)")
-    return [x / norm for x in v]
+    for x in v:
+        x.div_(norm)
+    return v
 
 
 @contextmanager

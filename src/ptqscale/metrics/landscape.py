@@ -46,6 +46,7 @@ from ptqscale import console
 from ptqscale.errors import ConfigError
 
 from . import hessian as hs
+from .hessian_streamed import check_streamable, streamed_hessian
 
 LANDSCAPE_PROTOCOL = 1
 HVP_METHODS = ("autograd", "finite_difference")
@@ -222,9 +223,17 @@ def measure_noise_response(
     model: nn.Module, targets: dict[str, nn.Linear], batches: torch.Tensor, cfg: LandscapeConfig,
     progress: bool = False,
 ) -> dict:
-    """dNLL per SQNR level (mean and standard error over seeds), ``kappa`` and ``s_star_db``."""
+    """dNLL per SQNR level (mean and standard error over seeds), ``kappa`` and ``s_star_db``.
+
+    A streamed model draws its noise on the execution device (then moves it to the weights on
+    the CPU), so it gets the directions a model in one piece there gets.
+    """
+    from ptqscale.models.streaming import placement_of
+
     windows = select_windows(batches, cfg)
     _check_targets(model, targets, windows)
+    placement = placement_of(model)
+    draw = placement.device if placement.streamed else None  # None: each weight's device
     levels = sorted((float(s) for s in cfg.levels_db), reverse=True)
     signs = (1.0, -1.0) if cfg.antithetic else (1.0,)
     start = time.perf_counter()
@@ -238,7 +247,7 @@ def measure_noise_response(
             progress, unit="level")
         for k, i in steps:  # seed-major, as the draws of the seeds' directions
             if i == 0:
-                noise = hs.gaussian(reference, cfg.seed + k)  # one direction for every level
+                noise = hs.gaussian(reference, cfg.seed + k, draw)  # one for every level
             sigmas = [math.sqrt(p / 10 ** (levels[i] / 10)) for p in power]
             scores = [_noisy_nll(model, windows, cfg, weights, reference, noise, sigmas, sign)
                       for sign in signs]
@@ -335,37 +344,46 @@ def measure_hessian(
     Per-layer entries are under ``"layers"`` (name -> trace and ``||W||^2/numel``); every
     other key is a scalar. Standard errors come from the spread over probes.
     """
+    from ptqscale.models.streaming import placement_of
+
     windows = select_windows(batches, cfg)
     _check_targets(model, targets, windows)
+    if placement_of(model).streamed:
+        check_streamable(model, targets, cfg.hvp)
     weights = [m.weight for m in targets.values()]
     with _measuring(model, targets) as reference, hs.double_backward_ready(model, weights):
-        start = time.perf_counter()
-        samples = hs.hutchinson_samples(
-            _batch_hvps(model, windows, weights, reference, cfg, cfg.hvp_retain_graph),
-            weights, cfg.hutchinson_probes, cfg.seed, progress)
-        trace_s = time.perf_counter() - start
+        if placement_of(model).streamed:
+            samples, trace_s, eig, iters, converged, eig_s = streamed_hessian(
+                model, targets, windows, cfg, progress)
+        else:
+            start = time.perf_counter()
+            samples = hs.hutchinson_samples(
+                _batch_hvps(model, windows, weights, reference, cfg, cfg.hvp_retain_graph),
+                weights, cfg.hutchinson_probes, cfg.seed, progress)
+            trace_s = time.perf_counter() - start
 
-        start = time.perf_counter()
-        eig, iters, converged = None, 0, False
-        if cfg.power_iters > 0:  # one product per graph: never worth retaining it
-            full_hvp = hs.summed_hvp(
-                _batch_hvps(model, windows, weights, reference, cfg, False), weights)
-            eig, iters, converged = hs.power_iteration(
-                full_hvp, weights, cfg.power_iters, cfg.power_tol, cfg.seed, progress
-            )
-        eig_s = time.perf_counter() - start
+            start = time.perf_counter()
+            eig, iters, converged = None, 0, False
+            if cfg.power_iters > 0:  # one product per graph: never worth retaining it
+                full_hvp = hs.summed_hvp(
+                    _batch_hvps(model, windows, weights, reference, cfg, False), weights)
+                eig, iters, converged = hs.power_iteration(
+                    full_hvp, weights, cfg.power_iters, cfg.power_tol, cfg.seed, progress
+                )
+            eig_s = time.perf_counter() - start
     scale = torch.tensor(_sq_per_numel(reference), dtype=torch.float64)
     out = {"hvp_method": cfg.hvp, "hutchinson_probes": cfg.hutchinson_probes,
            "hvp_windows": cfg.hvp_windows, "hvp_retain_graph": cfg.hvp_retain_graph}
     out.update(hs.trace_stats(samples, scale))
     out.update(top_eigenvalue=eig, power_iters_run=iters, power_converged=converged)
-    n_tok = windows.numel()
+    n_tok, streamed = windows.numel(), placement_of(model).streamed
     out.update(
         cost_hessian_trace_s=trace_s,
-        cost_hessian_trace_tokens=n_tok * _passes_per_trace(cfg),
+        cost_hessian_trace_tokens=n_tok * _passes_per_trace(cfg, streamed),
         cost_hessian_trace_hvps=cfg.hutchinson_probes,
         cost_top_eigenvalue_s=eig_s,
-        cost_top_eigenvalue_tokens=n_tok * (2 if cfg.hvp == "finite_difference" else 1) * iters,
+        cost_top_eigenvalue_tokens=n_tok * (2 if cfg.hvp == "finite_difference" or streamed
+                                            else 1) * iters,
         cost_top_eigenvalue_hvps=iters,
     )
     out["layers"] = {
@@ -375,10 +393,11 @@ def measure_hessian(
     return out
 
 
-def _passes_per_trace(cfg: LandscapeConfig) -> int:
+def _passes_per_trace(cfg: LandscapeConfig, streamed: bool = False) -> int:
     """Forward passes over the budget for the trace: FD takes 2 gradients per probe; autograd
-    builds each micro-batch's graph once for all probes, or once per probe when not retained."""
-    if cfg.hvp == "finite_difference":
+    builds each micro-batch's graph once for all probes, or once per probe when not retained;
+    streamed, every probe is a forward sweep plus a recomputing backward sweep (2 passes)."""
+    if cfg.hvp == "finite_difference" or streamed:
         return 2 * cfg.hutchinson_probes
     return 1 if cfg.hvp_retain_graph else cfg.hutchinson_probes
 
@@ -410,6 +429,10 @@ def measure_landscape(
 
     All keys are JSON scalars except ``"layers"`` (per-layer Hessian traces).
     """
+    from ptqscale.models.streaming import placement_of
+
+    if cfg.hessian and placement_of(model).streamed:  # before the noise response's work
+        check_streamable(model, targets, cfg.hvp)
     out: dict = {"landscape_protocol": LANDSCAPE_PROTOCOL}
     out.update(measure_noise_response(model, targets, batches, cfg, progress))
     if cfg.hessian:
