@@ -5,7 +5,7 @@ The method module and the config files are written to a temporary folder, exactl
 contributor would write them into src/ptqscale/methods/ and conf/: the module is found by
 the package's own discovery (its folder added to the package path), the configs through
 Hydra's ``--config-dir`` search path (``ptqscale-run -cd``). A metric is demonstrated in
-tests/metrics/test_registry.py, a format's fast-path guard in
+tests/metrics/test_metric_registry.py, a format's fast-path guard in
 tests/formats/test_formats_kernel_spec.py.
 """
 
