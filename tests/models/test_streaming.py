@@ -11,10 +11,8 @@ import copy
 
 import pytest
 import torch
-from tiny_models import TINY_CONFIGS, save_tiny
+from tiny_models import TINY_CONFIGS, one_and_streamed, real_model_paths, save_tiny
 
-from ptqscale.assets import DATA as ASSETS
-from ptqscale.assets import ZOO_CHECKPOINTS
 from ptqscale.data import CalibConfig, DataConfig, sample_calibration, tokenize_corpus
 from ptqscale.errors import ConfigError
 from ptqscale.methods import GPTQConfig, QuantContext, RTNConfig, quantize
@@ -33,17 +31,10 @@ from ptqscale.models.config import checkpoint_dtype
 from ptqscale.models.streaming import choose_streamed, onloaded, within_budget
 from ptqscale.runner import keys
 
-STORIES = str(ASSETS / "models" / "stories260K" / "stories260K.gguf")
-GUTENBERG = str(ZOO_CHECKPOINTS / "gutenberg-llama-200k")
-TINYSTORIES = str(ASSETS / "tinystories-valid-sample")
-
-
-def _both(path: str, **kw):
-    """The model loaded in one piece and streamed, and its tokenizer."""
-    one, tok = load_model(ModelConfig(name="m", path=path, device="cpu", max_seqlen=512, **kw))
-    streamed, _ = load_model(ModelConfig(name="m", path=path, device="cpu", max_seqlen=512,
-                                         placement="streamed", **kw))
-    return one, streamed, tok
+PATHS = real_model_paths()
+STORIES, GUTENBERG, TINYSTORIES = PATHS["stories260k"], PATHS["gutenberg-llama-200k"], \
+    PATHS["tinystories"]
+_both = one_and_streamed
 
 
 @pytest.fixture(scope="module", params=["stories260k", "gutenberg-llama-200k"])

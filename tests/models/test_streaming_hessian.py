@@ -13,10 +13,8 @@ import gc
 
 import pytest
 import torch
-from tiny_models import TINY_CONFIGS, save_tiny
+from tiny_models import TINY_CONFIGS, one_and_streamed, real_model_paths, save_tiny
 
-from ptqscale.assets import DATA as ASSETS
-from ptqscale.assets import ZOO_CHECKPOINTS
 from ptqscale.data import DataConfig, tokenize_corpus
 from ptqscale.errors import ConfigError
 from ptqscale.metrics import hessian as hs
@@ -29,19 +27,14 @@ from ptqscale.metrics.landscape import (
 )
 from ptqscale.models import ModelConfig, Placement, get_anatomy, load_model
 
-STORIES = str(ASSETS / "models" / "stories260K" / "stories260K.gguf")
-GUTENBERG = str(ZOO_CHECKPOINTS / "gutenberg-llama-200k")
-TINYSTORIES = str(ASSETS / "tinystories-valid-sample")
+PATHS = real_model_paths()
 
 
 @pytest.fixture(scope="module", params=["stories260k", "gutenberg-llama-200k"])
 def models(request):
     """The model in one piece and streamed (CPU), and 6 windows of 64 tokens of real text."""
-    path = STORIES if request.param == "stories260k" else GUTENBERG
-    kw = dict(name="m", path=path, device="cpu", max_seqlen=512)
-    one, tok = load_model(ModelConfig(**kw))
-    streamed, _ = load_model(ModelConfig(**kw, placement="streamed"))
-    stream = tokenize_corpus(DataConfig("tinystories", "validation", path=TINYSTORIES,
+    one, streamed, tok = one_and_streamed(PATHS[request.param])
+    stream = tokenize_corpus(DataConfig("tinystories", "validation", path=PATHS["tinystories"],
                                         max_documents=50), tok, None, preset="gptq")
     return one, streamed, stream[:384].view(6, 64)
 

@@ -49,3 +49,23 @@ def save_tiny(family: str, folder, seed: int = 0):
     model.save_pretrained(folder, safe_serialization=True)
     tiny_tokenizer().save_pretrained(folder)
     return model
+
+
+# The embedded real models and corpus the placement tests compare on.
+def real_model_paths() -> dict[str, str]:
+    from ptqscale.assets import DATA, ZOO_CHECKPOINTS
+
+    return {"stories260k": str(DATA / "models" / "stories260K" / "stories260K.gguf"),
+            "gutenberg-llama-200k": str(ZOO_CHECKPOINTS / "gutenberg-llama-200k"),
+            "tinystories": str(DATA / "tinystories-valid-sample")}
+
+
+def one_and_streamed(path: str, **kw):
+    """A model loaded in one piece and streamed (CPU), and its tokenizer."""
+    from ptqscale.models import ModelConfig, load_model
+
+    one, tok = load_model(ModelConfig(name="m", path=path, device="cpu", max_seqlen=512, **kw))
+    streamed, _ = load_model(ModelConfig(name="m", path=path, device="cpu", max_seqlen=512,
+                                         placement="streamed", **kw))
+    return one, streamed, tok
+
