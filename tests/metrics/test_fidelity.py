@@ -122,3 +122,23 @@ def test_kl_zero_against_itself(stories):
     got = F.compare(model, stream, cfg, ref, max_tokens=600)
     assert got["kl_max"] == 0.0 and got["flip_rate"] == 0.0
     assert got["fidelity_tokens"] == 599   # rolling: every token after the first, once
+
+
+def test_fp_reference_cache_reused_and_corrupt_entry_recomputed(stories, tmp_path):
+    from ptqscale.metrics.registry import MetricContext
+
+    model, stream = stories
+    ctx = MetricContext(model=model, stream=stream, eval=EvalConfig(seqlen=128, batch_size=4),
+                        fp={}, params={}, fmt=None, method=None, results=str(tmp_path),
+                        fp_key="0123456789abcdef")
+    F.fp_passes = 0
+    first = F.prepare_reference(ctx)
+    again = F.prepare_reference(ctx)
+    assert (first["cached"], again["cached"], F.fp_passes) == (False, True, 1)
+    assert torch.equal(first["logp"], again["logp"]) and torch.equal(first["idx"], again["idx"])
+    (path,) = (tmp_path / "_cache" / "fidelity").glob("*.pt")
+    path.write_bytes(b"not a tensor file")
+    fresh = F.prepare_reference(ctx)
+    assert fresh["cached"] is False and F.fp_passes == 2
+    assert torch.equal(fresh["logp"], first["logp"])
+    assert list(path.parent.glob("*.corrupt-*"))   # moved aside, not silently overwritten

@@ -159,7 +159,7 @@ def _load(path: Path) -> dict | None:
         return None
 
 
-def _prepare(ctx: MetricContext) -> dict:
+def prepare_reference(ctx: MetricContext) -> dict:
     """The fp reference of the model: from the cache, else computed and cached."""
     path = _cache_path(ctx)
     compute = lambda: fp_reference(ctx.model, ctx.stream, ctx.eval, progress=ctx.progress)  # noqa: E731
@@ -177,7 +177,7 @@ def _prepare(ctx: MetricContext) -> dict:
 
 
 @register_metric("fidelity", higher_is_better=False, version=VERSION, headline="kl_mean",
-                 needs=("stream", "fp_model", "report"), prepare=_prepare)
+                 needs=("stream", "fp_model", "report"), prepare=prepare_reference)
 def measure_fidelity(ctx: MetricContext) -> dict:
     """KL to the fp model (mean, p90, p99, max), top-1 agreement and flip rate."""
     ref = ctx.prepared["fidelity"]
