@@ -73,6 +73,8 @@ class MetricContext:
     fmt: Any                         # the job's parsed Format
     method: Any                      # the job's method config
     label: str = ""                  # "<model> after <method> <format> on <data>", for errors
+    results: str = ""                # the store's root: a metric's per-model cache lies under it
+    fp_key: str = ""                 # the model's fp_eval key (runner/keys.py), to key that cache
     progress: bool = False
     calibration: Any = None
     report: Any = None               # QuantReport, set after quantization

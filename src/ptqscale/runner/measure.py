@@ -58,6 +58,7 @@ class ModelLevel:
     params: dict                      # parameter counts (models.count_parameters)
     landscape: dict | None = None     # landscape features, where the job asks for them
     landscape_cached: bool = False
+    fp_key: str = ""                  # key of fp (metrics key their own per-model caches by it)
 
 
 def model_level(spec: Any, model: torch.nn.Module, tokenizer: Any, timings: dict) -> ModelLevel:
@@ -81,7 +82,7 @@ def model_level(spec: Any, model: torch.nn.Module, tokenizer: Any, timings: dict
                              check=lambda v: check_nll(v["nll"], what, vocab_size(model)))
     check_nll(fp["nll"], what, vocab_size(model))  # also a value cached before this check
     level = ModelLevel(anatomy=anatomy, stream=stream, fp=fp, fp_cached=fp_hit,
-                       params=count_parameters(model, anatomy))
+                       params=count_parameters(model, anatomy), fp_key=fp_key)
     if spec.landscape is not None:
         with console.stage("landscape", timings):
             level.landscape, level.landscape_cached = _cached(
@@ -119,7 +120,7 @@ def quantize_and_measure(spec: Any, model: torch.nn.Module, tokenizer: Any, leve
     mctx = MetricContext(
         model=model, stream=level.stream, eval=spec.eval, fp=level.fp, params=level.params,
         fmt=spec.fmt, method=spec.method, progress=spec.progress, timings=timings,
-        calibration=ctx.calibration,
+        calibration=ctx.calibration, results=spec.results, fp_key=level.fp_key,
         label=f"{spec.model.name!r} after {spec.method.name} {spec.fmt.name} on {spec.data.name}")
     for metric in spec.metrics:   # on the full-precision model, before it is quantized
         if metric.prepare is not None:
