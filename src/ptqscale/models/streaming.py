@@ -26,7 +26,7 @@ Example::
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -309,14 +309,37 @@ def hidden_storage(placement: Placement, n_tokens: int, hidden_size: int,
     return device if need <= free / 3 else torch.device("cpu")
 
 
+# What a block computes with instead of some of its tensors: ``(tensor, values)`` pairs.
+BlockTransform = Callable[[int, nn.Module], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+@contextmanager
+def _standing_in(pairs: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Each ``tensor`` holds ``values`` (its ``.data`` swapped, never written) for a body."""
+    held = [t.data for t, _ in pairs]
+    try:
+        for t, values in pairs:
+            t.data = values
+        yield
+    finally:
+        for (t, _), data in zip(pairs, held, strict=True):
+            t.data = data
+
+
 @torch.no_grad()
 def walk_logits(model: nn.Module, batches: list[torch.Tensor],
-                placement: Placement | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+                placement: Placement | None = None,
+                transform: BlockTransform | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """``(batch index, logits)`` for each batch of token ids (LongTensor [b, seqlen]), with the
     model walked block by block: all batches through block i, then block i+1.
 
     The weights stay where they wait; each block, and the layers outside the blocks for the
     first and last step, visit ``placement.device`` in turn.
+
+    ``transform(i, block)``, called once block ``i`` is on the device, returns
+    ``(tensor, values)`` pairs: the block computes with ``values`` in place of those tensors
+    (perturbed weights of the noise response, made on the device). The tensors are never
+    written, so the weights waiting on the CPU stay as they were.
     """
     from ptqscale.models.anatomy import decoder_blocks
 
@@ -334,8 +357,9 @@ def walk_logits(model: nn.Module, batches: list[torch.Tensor],
                              "(the last may be smaller)")
         inputs = capture_block_inputs(model, holder[0], torch.cat(batches), size, storage)
         as_tuple = False
-        for block in holder:
-            with onloaded(module_tensors([block]), device, write_back=False):
+        for b, block in enumerate(holder):
+            with onloaded(module_tensors([block]), device, write_back=False), \
+                    _standing_in(list(transform(b, block)) if transform else []):
                 hidden = []
                 for x, a, kw in inputs.batches(device):
                     out = block(x, *a, **kw)
