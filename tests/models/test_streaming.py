@@ -98,10 +98,18 @@ def test_streamed_noise_response_is_the_one_piece_one(models):
     assert numbers(a) == numbers(b) and len(numbers(a)) > 4
 
 
-def test_streamed_noise_and_directional_perturb_on_the_device_only(models):
+def test_streamed_noise_and_directional_perturb_on_the_device_only(models, monkeypatch):
     """Perturbed block by block as each is onloaded: the one-piece numbers, bitwise, and the
-    weights waiting on the CPU are never written (no reference copy restores them)."""
+    weights waiting on the CPU are never written (no reference copy restores them); one walk
+    per seed serves the clean pass and every level and sign (the weights move once)."""
+    import ptqscale.models.streaming as streaming
+
     one, streamed, _, stream = models
+    onloads = []
+    real = streaming.onloaded
+    monkeypatch.setattr(streaming, "onloaded", lambda *a, **k: onloads.append(1) or real(*a, **k))
+    list(walk_logits(streamed, [stream[:512].view(2, 256)]))
+    per_walk, onloads[:] = len(onloads), []
     windows = stream[:768].view(3, 256)
     targets = dict(get_anatomy(streamed).targets)
     before = {k: v.clone() for k, v in streamed.state_dict().items()}
@@ -110,6 +118,7 @@ def test_streamed_noise_and_directional_perturb_on_the_device_only(models):
                           batch_size=2, hessian=False)
     a = measure_noise_response(one, dict(get_anatomy(one).targets), windows, cfg)
     b = measure_noise_response(streamed, targets, windows, cfg)
+    assert len(onloads) == cfg.seeds * per_walk
     assert {k: v for k, v in a.items() if not k.startswith("cost_")} == \
         {k: v for k, v in b.items() if not k.startswith("cost_")}
     assert a["dnll_at_15db"] != 0
@@ -121,7 +130,9 @@ def test_streamed_noise_and_directional_perturb_on_the_device_only(models):
     ts = (0.5, 1.0)
     c = measure_directional_profile(one, dict(get_anatomy(one).targets), windows, rtn, ts,
                                     batch_size=2)
+    onloads[:] = []
     d = measure_directional_profile(streamed, targets, windows, rtn, ts, batch_size=2)
+    assert len(onloads) == per_walk
     assert {k: v for k, v in c.items() if not k.startswith("cost_")} == \
         {k: v for k, v in d.items() if not k.startswith("cost_")}
     assert c["directional_dnll_at_t1"] > 0 and c["directional_sqnr_db"] > 0

@@ -142,13 +142,11 @@ def nll_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def mean_nll(model: nn.Module, batches: torch.Tensor, batch_size: int = 1,
-             transform=None) -> float:
+def mean_nll(model: nn.Module, batches: torch.Tensor, batch_size: int = 1) -> float:
     """Mean next-token NLL over all windows; windows have equal length, so batches weigh by rows.
 
     A streamed model (``model.placement=streamed``) is walked block by block, all batches
     through one block, then the next; the per-batch losses are the same arithmetic.
-    ``transform``: a streamed model's block transform (``walk_logits``), e.g. perturbed weights.
     """
     from ptqscale.models.streaming import placement_of, walk_logits
 
@@ -156,9 +154,7 @@ def mean_nll(model: nn.Module, batches: torch.Tensor, batch_size: int = 1,
     placement = placement_of(model)
     if placement.streamed:
         losses = (nll_from_logits(logits, chunks[b].to(logits.device))
-                  for b, logits in walk_logits(model, chunks, placement, transform))
-    elif transform is not None:
-        raise ValueError("mean_nll: a block transform needs a streamed model")
+                  for b, logits in walk_logits(model, chunks, placement))
     else:
         losses = (nll_loss(model, ids) for ids in chunks)
     total = 0.0
@@ -222,31 +218,42 @@ def _streamed(model: nn.Module) -> bool:
     return placement_of(model).streamed
 
 
-def _shifted_nll(model: nn.Module, windows: torch.Tensor, batch_size: int,
-                 targets: dict[str, nn.Linear], reference: list[torch.Tensor] | None,
-                 shift: Callable[[int, torch.Tensor], torch.Tensor]) -> float:
-    """Mean NLL with each target weight ``j`` at ``shift(j, W_j)``, ``W_j`` its clean values.
+def _shifted_nlls(model: nn.Module, windows: torch.Tensor, batch_size: int,
+                  targets: dict[str, nn.Linear], reference: list[torch.Tensor] | None,
+                  shifts: list[Callable[[int, torch.Tensor], torch.Tensor]]) -> list[float]:
+    """Mean NLL per shift: each target weight ``j`` at ``shift(j, W_j)``, ``W_j`` its clean
+    values (a shift that returns ``W_j`` itself: the clean model).
 
-    In one piece the weights are overwritten (``reference`` holds the clean ones). Streamed
-    (``reference`` None), the targets of each block are shifted on the device once the block
-    is onloaded, and the shifted values stand in for the weights there (nothing written back).
+    In one piece the weights are overwritten, one shift after the other (``reference`` holds
+    the clean ones). Streamed (``reference`` None), one walk serves every shift: each block is
+    onloaded once, and per shift its targets are shifted there and stand in for the weights
+    (nothing is written back); each shift's NLL is the arithmetic of ``mean_nll``.
     """
     if reference is not None:
-        with torch.no_grad():
-            for j, (m, r) in enumerate(zip(targets.values(), reference)):
-                shifted = shift(j, r)
-                if shifted is not r:  # the clean pass leaves the weights as they are
-                    m.weight.copy_(shifted)
-        return mean_nll(model, windows, batch_size)
+        out = []
+        for shift in shifts:
+            with torch.no_grad():
+                for j, (m, r) in enumerate(zip(targets.values(), reference)):
+                    shifted = shift(j, r)
+                    if shifted is not r:  # a clean pass leaves the weights as they are
+                        m.weight.copy_(shifted)
+            out.append(mean_nll(model, windows, batch_size))
+        return out
     from ptqscale.models.anatomy import decoder_blocks
+    from ptqscale.models.streaming import walk_variants
 
     names = names_in_blocks(decoder_blocks(model)[1], targets)  # per block: name -> j
 
-    def transform(b: int, block: nn.Module):
+    def transform(shift, b: int, block: nn.Module):
         return [(p, shift(j, p.data)) for rel, j in names[b].items()
                 for p in [block.get_parameter(rel)]]
 
-    return mean_nll(model, windows, batch_size, transform)
+    chunks = list(windows.split(batch_size))
+    totals = [0.0] * len(shifts)
+    for v, b, logits in walk_variants(model, chunks, [partial(transform, s) for s in shifts]):
+        loss = nll_from_logits(logits, chunks[b].to(logits.device))
+        totals[v] += float(loss.double()) * chunks[b].shape[0]  # as mean_nll, in batch order
+    return [t / windows.shape[0] for t in totals]
 
 
 def _sq(w: torch.Tensor) -> float:
@@ -288,21 +295,21 @@ def measure_noise_response(
     start = time.perf_counter()
     with _measuring(model, targets, copy=not _streamed(model)) as reference:
         power = [0.0] * len(targets)  # ||W_l||^2 / numel_l: the variance at 0 dB
-        clean = _shifted_nll(model, windows, cfg.batch_size, targets, reference,
-                             partial(_power_of, power))  # streamed: measured on the device
-        noise = None  # streamed: drawn per block on the device, for every pass
         dnll = torch.zeros(len(levels), cfg.seeds, dtype=torch.float64)
-        steps = console.progress(
-            [(k, i) for k in range(cfg.seeds) for i in range(len(levels))], "noise response",
-            progress, unit="level")
-        for k, i in steps:  # seed-major, as the draws of the seeds' directions
-            if i == 0 and reference is not None:
-                noise = hs.gaussian(reference, cfg.seed + k)  # one for every level
-            sigmas = [math.sqrt(p / 10 ** (levels[i] / 10)) for p in power]
-            scores = [_shifted_nll(model, windows, cfg.batch_size, targets, reference,
-                                   partial(_noisy, noise, cfg.seed + k, sigmas, sign))
-                      for sign in signs]
-            dnll[i, k] = sum(scores) / len(scores) - clean
+        clean = None
+        for k in console.progress(range(cfg.seeds), "noise response", progress, unit="seed"):
+            # one for every level; streamed: drawn per block on the device, in every pass
+            noise = hs.gaussian(reference, cfg.seed + k) if reference is not None else None
+            shifts = [partial(_noisy, noise, cfg.seed + k, power, s, sign)
+                      for s in levels for sign in signs]
+            if clean is None:  # first: ||W||^2 per target, read before any level needs it
+                shifts.insert(0, partial(_power_of, power))
+            scores = _shifted_nlls(model, windows, cfg.batch_size, targets, reference, shifts)
+            if clean is None:
+                clean = scores.pop(0)
+            for i in range(len(levels)):  # one walk per seed when streamed
+                pair = scores[i * len(signs):(i + 1) * len(signs)]
+                dnll[i, k] = sum(pair) / len(pair) - clean
     out = {"nll_clean": clean, "landscape_tokens": windows.numel()}
     out.update(summarize_noise_response(levels, dnll, cfg))
     out["cost_noise_response_s"] = time.perf_counter() - start
@@ -315,12 +322,13 @@ def _power_of(power: list[float], j: int, w: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def _noisy(noise: list[torch.Tensor] | None, seed: int, sigmas: list[float], sign: float,
-           j: int, w: torch.Tensor) -> torch.Tensor:
-    """``W_j + sign sigma_j z_j``, one expression for both placements (the same bits); ``z_j``
-    from ``noise``, or drawn where ``w`` is (streamed: on the device, block by block)."""
+def _noisy(noise: list[torch.Tensor] | None, seed: int, power: list[float], level: float,
+           sign: float, j: int, w: torch.Tensor) -> torch.Tensor:
+    """``W_j + sign sigma_j z_j`` at SQNR ``level``, one expression for both placements (the
+    same bits); ``z_j`` from ``noise``, or drawn where ``w`` is (streamed: on the device)."""
     z = noise[j] if noise is not None else hs.gaussian_block(w, seed, j)
-    return torch.add(w, z, alpha=sign * sigmas[j])
+    sigma = math.sqrt(power[j] / 10 ** (level / 10))
+    return torch.add(w, z, alpha=sign * sigma)
 
 
 def summarize_noise_response(
@@ -525,11 +533,11 @@ def measure_directional_profile(
         if reference is not None:
             with torch.no_grad():
                 deltas = [_delta(name, quantize_fn, r) for name, r in zip(names, reference)]
-        clean = mean_nll(model, batches, batch_size)
-        dnll = []
-        for n, t in enumerate(ts):
-            shift = partial(_toward_q, deltas, quantize_fn, names, float(t), sums if n == 0 else None)
-            dnll.append(_shifted_nll(model, batches, batch_size, targets, reference, shift) - clean)
+        shifts = [partial(_toward_q, deltas, quantize_fn, names, float(t), sums if n == 0 else None)
+                  for n, t in enumerate(ts)]
+        clean, *shifted = _shifted_nlls(model, batches, batch_size, targets, reference,
+                                        [_unshifted, *shifts])  # streamed: one walk
+        dnll = [nll - clean for nll in shifted]
     signal, err = sum(s for s, _ in sums), sum(e for _, e in sums)
     out = {f"directional_dnll_at_t{_key(float(t))}": d for t, d in zip(ts, dnll)}
     # None when Q(W) == W (no error: infinite SQNR, which JSON cannot hold)
@@ -540,6 +548,10 @@ def measure_directional_profile(
     out["cost_directional_s"] = time.perf_counter() - start
     out["cost_directional_tokens"] = batches.numel() * (1 + len(ts))
     return out
+
+
+def _unshifted(j: int, w: torch.Tensor) -> torch.Tensor:
+    return w
 
 
 def _toward_q(deltas, quantize_fn, names, t: float, sums: list | None, j: int,

@@ -326,7 +326,6 @@ def _standing_in(pairs: list[tuple[torch.Tensor, torch.Tensor]]):
             t.data = data
 
 
-@torch.no_grad()
 def walk_logits(model: nn.Module, batches: list[torch.Tensor],
                 placement: Placement | None = None,
                 transform: BlockTransform | None = None) -> Iterator[tuple[int, torch.Tensor]]:
@@ -334,12 +333,26 @@ def walk_logits(model: nn.Module, batches: list[torch.Tensor],
     model walked block by block: all batches through block i, then block i+1.
 
     The weights stay where they wait; each block, and the layers outside the blocks for the
-    first and last step, visit ``placement.device`` in turn.
+    first and last step, visit ``placement.device`` in turn. ``transform``: as in
+    :func:`walk_variants`.
+    """
+    for _, i, logits in walk_variants(model, batches, [transform], placement):
+        yield i, logits
 
-    ``transform(i, block)``, called once block ``i`` is on the device, returns
-    ``(tensor, values)`` pairs: the block computes with ``values`` in place of those tensors
-    (perturbed weights of the noise response, made on the device). The tensors are never
-    written, so the weights waiting on the CPU stay as they were.
+
+@torch.no_grad()
+def walk_variants(model: nn.Module, batches: list[torch.Tensor],
+                  transforms: list[BlockTransform | None], placement: Placement | None = None
+                  ) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(variant, batch index, logits)``: :func:`walk_logits` for several variants of the
+    model at once, each block onloaded once for all of them (a small forward is bound by
+    moving the weights, not by computing: the noise response's levels share one walk).
+
+    ``transforms[v](i, block)``, called once block ``i`` is on the device, returns
+    ``(tensor, values)`` pairs: variant ``v`` computes with ``values`` in place of those
+    tensors (perturbed weights, made on the device); None: the block as it is. The tensors are
+    never written, so the weights waiting on the CPU stay as they were. Each variant's
+    batches see the arithmetic of a walk of their own.
     """
     from ptqscale.models.anatomy import decoder_blocks
 
@@ -347,7 +360,7 @@ def walk_logits(model: nn.Module, batches: list[torch.Tensor],
     device = placement.device
     prefix, holder = decoder_blocks(model)
     dtype = next(holder.parameters()).dtype
-    n_tokens = sum(b.numel() for b in batches)
+    n_tokens = sum(b.numel() for b in batches) * len(transforms)
     storage = hidden_storage(placement, n_tokens, model.config.hidden_size, dtype)
     with within_budget(placement, "the streamed forward"):
         # one capture pass (the stem onloaded once) cuts the very batches given
@@ -355,26 +368,30 @@ def walk_logits(model: nn.Module, batches: list[torch.Tensor],
         if any(b.shape[0] != size for b in batches[:-1]) or batches[-1].shape[0] > size:
             raise ValueError("walk_logits: batches must all have the first one's size "
                              "(the last may be smaller)")
-        inputs = capture_block_inputs(model, holder[0], torch.cat(batches), size, storage)
+        captured = capture_block_inputs(model, holder[0], torch.cat(batches), size, storage)
+        hidden = [captured.hidden] * len(transforms)  # the stem is the same for every variant
         as_tuple = False
         for b, block in enumerate(holder):
-            with onloaded(module_tensors([block]), device, write_back=False), \
-                    _standing_in(list(transform(b, block)) if transform else []):
-                hidden = []
-                for x, a, kw in inputs.batches(device):
-                    out = block(x, *a, **kw)
-                    as_tuple = isinstance(out, tuple | list)
-                    hidden.append((out[0] if as_tuple else out).to(storage))
-                inputs = BlockInputs(hidden, inputs.args, inputs.kwargs)
+            with onloaded(module_tensors([block]), device, write_back=False):
+                for v, transform in enumerate(transforms):
+                    inputs = BlockInputs(hidden[v], captured.args, captured.kwargs)
+                    hidden[v] = []
+                    with _standing_in(list(transform(b, block)) if transform else []):
+                        for x, a, kw in inputs.batches(device):
+                            out = block(x, *a, **kw)
+                            as_tuple = isinstance(out, tuple | list)
+                            hidden[v].append((out[0] if as_tuple else out).to(storage))
         if placement.budget is not None and storage.type == "cuda":
             # under a budget the head pass needs the room (logits over the vocabulary)
-            inputs.hidden = [h.cpu() for h in inputs.hidden]
+            hidden = [[h.cpu() for h in hv] for hv in hidden]
         with onloaded(_head_tensors(model, prefix, holder[0], batches[0]), device,
-                      write_back=False), _replaying(holder, inputs.hidden, as_tuple, device) as first:
+                      write_back=False):
             embed_device = model.get_input_embeddings().weight.device
-            for i, ids in enumerate(batches):
-                first.batch = i
-                yield i, model(input_ids=ids.to(embed_device), use_cache=False).logits
+            for v, final in enumerate(hidden):
+                with _replaying(holder, final, as_tuple, device) as first:
+                    for i, ids in enumerate(batches):
+                        first.batch = i
+                        yield v, i, model(input_ids=ids.to(embed_device), use_cache=False).logits
 
 
 def _head_tensors(model: nn.Module, prefix: str, block0: nn.Module,
