@@ -17,7 +17,11 @@ from ptqscale.data import CalibConfig, DataConfig, sample_calibration, tokenize_
 from ptqscale.errors import ConfigError
 from ptqscale.methods import GPTQConfig, QuantContext, RTNConfig, quantize
 from ptqscale.metrics import EvalConfig, LandscapeConfig, measure_perplexity
-from ptqscale.metrics.landscape import mean_nll, measure_noise_response
+from ptqscale.metrics.landscape import (
+    mean_nll,
+    measure_directional_profile,
+    measure_noise_response,
+)
 from ptqscale.models import (
     GPUMemoryBudgetError,
     ModelConfig,
@@ -83,6 +87,50 @@ def test_streamed_noise_response_is_the_one_piece_one(models):
         return {k: v for k, v in d.items() if not k.startswith("cost_")}
 
     assert numbers(a) == numbers(b) and len(numbers(a)) > 4
+
+
+def test_streamed_noise_and_directional_perturb_on_the_device_only(models, monkeypatch):
+    """Perturbed block by block as each is onloaded: the one-piece numbers, bitwise, and the
+    weights waiting on the CPU are never written (no reference copy restores them); one walk
+    per seed serves the clean pass and every level and sign (the weights move once)."""
+    import ptqscale.models.streaming as streaming
+
+    one, streamed, _, stream = models
+    onloads = []
+    real = streaming.onloaded
+    monkeypatch.setattr(streaming, "onloaded", lambda *a, **k: onloads.append(1) or real(*a, **k))
+    list(walk_logits(streamed, [stream[:512].view(2, 256)]))
+    per_walk, onloads[:] = len(onloads), []
+    windows = stream[:768].view(3, 256)
+    targets = dict(get_anatomy(streamed).targets)
+    before = {k: v.clone() for k, v in streamed.state_dict().items()}
+    writes = [m.weight._version for m in targets.values()]  # bumped by any in-place write
+    cfg = LandscapeConfig(enabled=True, levels_db=[25.0, 15.0], seeds=2, max_tokens=768,
+                          batch_size=2, hessian=False)
+    a = measure_noise_response(one, dict(get_anatomy(one).targets), windows, cfg)
+    b = measure_noise_response(streamed, targets, windows, cfg)
+    assert len(onloads) == cfg.seeds * per_walk
+    assert {k: v for k, v in a.items() if not k.startswith("cost_")} == \
+        {k: v for k, v in b.items() if not k.startswith("cost_")}
+    assert a["dnll_at_15db"] != 0
+
+    def rtn(w):  # int4 per row, symmetric
+        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 7
+        return (w / scale).round().clamp(-8, 7) * scale
+
+    ts = (0.5, 1.0)
+    c = measure_directional_profile(one, dict(get_anatomy(one).targets), windows, rtn, ts,
+                                    batch_size=2)
+    onloads[:] = []
+    d = measure_directional_profile(streamed, targets, windows, rtn, ts, batch_size=2)
+    assert len(onloads) == per_walk
+    assert {k: v for k, v in c.items() if not k.startswith("cost_")} == \
+        {k: v for k, v in d.items() if not k.startswith("cost_")}
+    assert c["directional_dnll_at_t1"] > 0 and c["directional_sqnr_db"] > 0
+    assert [m.weight._version for m in targets.values()] == writes
+    after = streamed.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype
+               for k in before)
 
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))

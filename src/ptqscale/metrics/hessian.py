@@ -132,13 +132,17 @@ def gaussian(weights: Sequence[torch.Tensor], seed: int,
     a streamed model draws on its execution device, so it gets the numbers a model in one
     piece there would get. Default: each weight's own device.
     """
-    out = []
-    for i, w in enumerate(weights):
-        at = w.device if device is None else torch.device(device)
-        gen = torch.Generator(device=at).manual_seed(_block_seed(seed, i))
-        z = torch.randn(w.shape, generator=gen, device=at, dtype=torch.float32)
-        out.append(z.to(_vector_dtype(w)).to(w.device))
-    return out
+    return [gaussian_block(w, seed, i, device) for i, w in enumerate(weights)]
+
+
+def gaussian_block(w: torch.Tensor, seed: int, index: int,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """Block ``index`` of :func:`gaussian` (``w``: that weight), drawn alone: a streamed model
+    draws each weight's noise on the device right after its decoder block is onloaded."""
+    at = w.device if device is None else torch.device(device)
+    gen = torch.Generator(device=at).manual_seed(_block_seed(seed, index))
+    z = torch.randn(w.shape, generator=gen, device=at, dtype=torch.float32)
+    return z.to(_vector_dtype(w)).to(w.device)
 
 
 def _indices(weights: Sequence[torch.Tensor], indices: Sequence[int] | None) -> Sequence[int]:

@@ -239,7 +239,7 @@ def names_in_blocks(holder: nn.ModuleList, targets: dict[str, nn.Linear]) -> lis
     names: list[dict[str, int]] = [{} for _ in holder]
     for j, (name, m) in enumerate(targets.items()):
         if id(m) not in where:
-            raise ValueError(f"streamed Hessian: target {name!r} is outside the decoder "
+            raise ValueError(f"streamed landscape: target {name!r} is outside the decoder "
                              f"blocks; only block linears stream (use model.placement=one)")
         i, rel = where[id(m)]
         names[i][f"{rel}.weight"] = j

@@ -4,7 +4,10 @@ The loss everywhere is the mean next-token NLL (nats) of the model over fixed to
 ``batches[n, seqlen]``, with fp32 logits and float64 accumulation. Every feature is measured
 with the model temporarily in fp32 (bf16 -> fp32 -> bf16 is exact), so the noise response and
 the Hessian see the same function; the quantizable weights are restored bit-exactly after
-every perturbation, and that is asserted.
+every perturbation, and that is asserted. A streamed model (``model.placement=streamed``) is
+perturbed block by block on the execution device as each block is onloaded (the noise drawn
+there, the same numbers and the same expression ``W + a z`` as in one piece); its weights on the
+CPU are never written, so no host copy of them is kept.
 
 - Noise response: Gaussian noise of per-layer variance ``||W_l||^2 / (numel_l 10^(s/10))``
   at each SQNR level ``s``; ``dNLL(s) = NLL(noisy) - NLL(clean)``, mean over seeds. Seed k
@@ -46,7 +49,7 @@ from ptqscale import console
 from ptqscale.errors import ConfigError
 
 from . import hessian as hs
-from .hessian_streamed import check_streamable, streamed_hessian
+from .hessian_streamed import check_streamable, names_in_blocks, streamed_hessian
 
 LANDSCAPE_PROTOCOL = 1
 HVP_METHODS = ("autograd", "finite_difference")
@@ -188,17 +191,73 @@ def _check_targets(model: nn.Module, targets: dict[str, nn.Linear], batches: tor
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and int(batches.max()) >= emb.num_embeddings:
         raise ValueError(f"token id {int(batches.max())} >= vocab size {emb.num_embeddings}")
+    if _streamed(model):  # only block linears are perturbed block by block
+        from ptqscale.models.anatomy import decoder_blocks
+
+        names_in_blocks(decoder_blocks(model)[1], targets)
 
 
 @contextmanager
-def _measuring(model: nn.Module, targets: dict[str, nn.Linear]) -> Iterator[list[torch.Tensor]]:
-    # fp32 first so that the reference copy is the fp32 view; eval for deterministic forwards
+def _measuring(model: nn.Module, targets: dict[str, nn.Linear], copy: bool = True
+               ) -> Iterator[list[torch.Tensor] | None]:
+    """fp32 and eval mode (deterministic forwards), and a reference copy of the targets restored
+    and checked on exit; with ``copy`` False (a streamed forward-only feature, which never
+    writes the weights) no copy: None."""
+    if not copy:
+        with hs.fp32(model), hs.eval_mode(model):
+            yield None
+        return
+    # fp32 first so that the reference copy is the fp32 view
     with hs.fp32(model), hs.eval_mode(model), hs.restored_exactly(targets) as reference:
         yield reference
 
 
-def _sq_per_numel(reference: Sequence[torch.Tensor]) -> list[float]:
-    return [float(r.double().pow(2).sum()) / r.numel() for r in reference]
+def _streamed(model: nn.Module) -> bool:
+    from ptqscale.models.streaming import placement_of
+
+    return placement_of(model).streamed
+
+
+def _shifted_nlls(model: nn.Module, windows: torch.Tensor, batch_size: int,
+                  targets: dict[str, nn.Linear], reference: list[torch.Tensor] | None,
+                  shifts: list[Callable[[int, torch.Tensor], torch.Tensor]]) -> list[float]:
+    """Mean NLL per shift: each target weight ``j`` at ``shift(j, W_j)``, ``W_j`` its clean
+    values (a shift that returns ``W_j`` itself: the clean model).
+
+    In one piece the weights are overwritten, one shift after the other (``reference`` holds
+    the clean ones). Streamed (``reference`` None), one walk serves every shift: each block is
+    onloaded once, and per shift its targets are shifted there and stand in for the weights
+    (nothing is written back); each shift's NLL is the arithmetic of ``mean_nll``.
+    """
+    if reference is not None:
+        out = []
+        for shift in shifts:
+            with torch.no_grad():
+                for j, (m, r) in enumerate(zip(targets.values(), reference)):
+                    shifted = shift(j, r)
+                    if shifted is not r:  # a clean pass leaves the weights as they are
+                        m.weight.copy_(shifted)
+            out.append(mean_nll(model, windows, batch_size))
+        return out
+    from ptqscale.models.anatomy import decoder_blocks
+    from ptqscale.models.streaming import walk_variants
+
+    names = names_in_blocks(decoder_blocks(model)[1], targets)  # per block: name -> j
+
+    def transform(shift, b: int, block: nn.Module):
+        return [(p, shift(j, p.data)) for rel, j in names[b].items()
+                for p in [block.get_parameter(rel)]]
+
+    chunks = list(windows.split(batch_size))
+    totals = [0.0] * len(shifts)
+    for v, b, logits in walk_variants(model, chunks, [partial(transform, s) for s in shifts]):
+        loss = nll_from_logits(logits, chunks[b].to(logits.device))
+        totals[v] += float(loss.double()) * chunks[b].shape[0]  # as mean_nll, in batch order
+    return [t / windows.shape[0] for t in totals]
+
+
+def _sq(w: torch.Tensor) -> float:
+    return float(w.double().pow(2).sum())
 
 
 def _key(value: float) -> str:
@@ -225,33 +284,32 @@ def measure_noise_response(
 ) -> dict:
     """dNLL per SQNR level (mean and standard error over seeds), ``kappa`` and ``s_star_db``.
 
-    A streamed model draws its noise on the execution device (then moves it to the weights on
-    the CPU), so it gets the directions a model in one piece there gets.
+    A streamed model draws each weight's noise on the execution device once its block is
+    there (the per-weight generators of ``hs.gaussian``), so it gets the directions a model
+    in one piece there gets, and perturbs it there.
     """
-    from ptqscale.models.streaming import placement_of
-
     windows = select_windows(batches, cfg)
     _check_targets(model, targets, windows)
-    placement = placement_of(model)
-    draw = placement.device if placement.streamed else None  # None: each weight's device
     levels = sorted((float(s) for s in cfg.levels_db), reverse=True)
     signs = (1.0, -1.0) if cfg.antithetic else (1.0,)
     start = time.perf_counter()
-    with _measuring(model, targets) as reference:
-        weights = [m.weight for m in targets.values()]
-        power = _sq_per_numel(reference)  # ||W_l||^2 / numel_l: the variance at 0 dB
-        clean = mean_nll(model, windows, cfg.batch_size)
+    with _measuring(model, targets, copy=not _streamed(model)) as reference:
+        power = [0.0] * len(targets)  # ||W_l||^2 / numel_l: the variance at 0 dB
         dnll = torch.zeros(len(levels), cfg.seeds, dtype=torch.float64)
-        steps = console.progress(
-            [(k, i) for k in range(cfg.seeds) for i in range(len(levels))], "noise response",
-            progress, unit="level")
-        for k, i in steps:  # seed-major, as the draws of the seeds' directions
-            if i == 0:
-                noise = hs.gaussian(reference, cfg.seed + k, draw)  # one for every level
-            sigmas = [math.sqrt(p / 10 ** (levels[i] / 10)) for p in power]
-            scores = [_noisy_nll(model, windows, cfg, weights, reference, noise, sigmas, sign)
-                      for sign in signs]
-            dnll[i, k] = sum(scores) / len(scores) - clean
+        clean = None
+        for k in console.progress(range(cfg.seeds), "noise response", progress, unit="seed"):
+            # one for every level; streamed: drawn per block on the device, in every pass
+            noise = hs.gaussian(reference, cfg.seed + k) if reference is not None else None
+            shifts = [partial(_noisy, noise, cfg.seed + k, power, s, sign)
+                      for s in levels for sign in signs]
+            if clean is None:  # first: ||W||^2 per target, read before any level needs it
+                shifts.insert(0, partial(_power_of, power))
+            scores = _shifted_nlls(model, windows, cfg.batch_size, targets, reference, shifts)
+            if clean is None:
+                clean = scores.pop(0)
+            for i in range(len(levels)):  # one walk per seed when streamed
+                pair = scores[i * len(signs):(i + 1) * len(signs)]
+                dnll[i, k] = sum(pair) / len(pair) - clean
     out = {"nll_clean": clean, "landscape_tokens": windows.numel()}
     out.update(summarize_noise_response(levels, dnll, cfg))
     out["cost_noise_response_s"] = time.perf_counter() - start
@@ -259,11 +317,18 @@ def measure_noise_response(
     return out
 
 
-def _noisy_nll(model, windows, cfg, weights, reference, noise, sigmas, sign) -> float:
-    with torch.no_grad():
-        for w, r, z, sigma in zip(weights, reference, noise, sigmas):
-            w.copy_(r).add_(z, alpha=sign * sigma)
-    return mean_nll(model, windows, cfg.batch_size)
+def _power_of(power: list[float], j: int, w: torch.Tensor) -> torch.Tensor:
+    power[j] = _sq(w) / w.numel()  # where the weight is: on the device when streamed
+    return w
+
+
+def _noisy(noise: list[torch.Tensor] | None, seed: int, power: list[float], level: float,
+           sign: float, j: int, w: torch.Tensor) -> torch.Tensor:
+    """``W_j + sign sigma_j z_j`` at SQNR ``level``, one expression for both placements (the
+    same bits); ``z_j`` from ``noise``, or drawn where ``w`` is (streamed: on the device)."""
+    z = noise[j] if noise is not None else hs.gaussian_block(w, seed, j)
+    sigma = math.sqrt(power[j] / 10 ** (level / 10))
+    return torch.add(w, z, alpha=sign * sigma)
 
 
 def summarize_noise_response(
@@ -371,7 +436,7 @@ def measure_hessian(
                     full_hvp, weights, cfg.power_iters, cfg.power_tol, cfg.seed, progress
                 )
             eig_s = time.perf_counter() - start
-    scale = torch.tensor(_sq_per_numel(reference), dtype=torch.float64)
+    scale = torch.tensor([_sq(r) / r.numel() for r in reference], dtype=torch.float64)
     out = {"hvp_method": cfg.hvp, "hutchinson_probes": cfg.hutchinson_probes,
            "hvp_windows": cfg.hvp_windows, "hvp_retain_graph": cfg.hvp_retain_graph}
     out.update(hs.trace_stats(samples, scale))
@@ -461,19 +526,19 @@ def measure_directional_profile(
     _check_ts(ts)
     _check_targets(model, targets, batches)
     start = time.perf_counter()
-    with _measuring(model, targets) as reference:
-        weights = [m.weight for m in targets.values()]
-        with torch.no_grad():
-            deltas = [_delta(name, quantize_fn, r) for name, r in zip(targets, reference)]
-        clean = mean_nll(model, batches, batch_size)
-        dnll = []
-        for t in ts:
+    names = list(targets)
+    sums: list[tuple[float, float]] = [(0.0, 0.0)] * len(names)  # per target: ||W||^2, ||D||^2
+    with _measuring(model, targets, copy=not _streamed(model)) as reference:
+        deltas = None  # streamed: D = Q(W) - W made per block on the device, for every pass
+        if reference is not None:
             with torch.no_grad():
-                for w, r, d in zip(weights, reference, deltas):
-                    w.copy_(r).add_(d, alpha=float(t))
-            dnll.append(mean_nll(model, batches, batch_size) - clean)
-    signal = sum(float(r.double().pow(2).sum()) for r in reference)
-    err = sum(float(d.double().pow(2).sum()) for d in deltas)
+                deltas = [_delta(name, quantize_fn, r) for name, r in zip(names, reference)]
+        shifts = [partial(_toward_q, deltas, quantize_fn, names, float(t), sums if n == 0 else None)
+                  for n, t in enumerate(ts)]
+        clean, *shifted = _shifted_nlls(model, batches, batch_size, targets, reference,
+                                        [_unshifted, *shifts])  # streamed: one walk
+        dnll = [nll - clean for nll in shifted]
+    signal, err = sum(s for s, _ in sums), sum(e for _, e in sums)
     out = {f"directional_dnll_at_t{_key(float(t))}": d for t, d in zip(ts, dnll)}
     # None when Q(W) == W (no error: infinite SQNR, which JSON cannot hold)
     out["directional_sqnr_db"] = 10 * math.log10(signal / err) if err > 0 else None
@@ -483,6 +548,19 @@ def measure_directional_profile(
     out["cost_directional_s"] = time.perf_counter() - start
     out["cost_directional_tokens"] = batches.numel() * (1 + len(ts))
     return out
+
+
+def _unshifted(j: int, w: torch.Tensor) -> torch.Tensor:
+    return w
+
+
+def _toward_q(deltas, quantize_fn, names, t: float, sums: list | None, j: int,
+              w: torch.Tensor) -> torch.Tensor:
+    """``W_j + t D_j``, one expression for both placements; records ``||W_j||^2, ||D_j||^2``."""
+    d = deltas[j] if deltas is not None else _delta(names[j], quantize_fn, w)
+    if sums is not None:
+        sums[j] = (_sq(w), _sq(d))
+    return torch.add(w, d, alpha=t)
 
 
 def _delta(name: str, quantize_fn, w: torch.Tensor) -> torch.Tensor:

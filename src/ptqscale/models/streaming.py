@@ -26,7 +26,7 @@ Example::
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -309,14 +309,50 @@ def hidden_storage(placement: Placement, n_tokens: int, hidden_size: int,
     return device if need <= free / 3 else torch.device("cpu")
 
 
-@torch.no_grad()
+# What a block computes with instead of some of its tensors: ``(tensor, values)`` pairs.
+BlockTransform = Callable[[int, nn.Module], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+@contextmanager
+def _standing_in(pairs: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Each ``tensor`` holds ``values`` (its ``.data`` swapped, never written) for a body."""
+    held = [t.data for t, _ in pairs]
+    try:
+        for t, values in pairs:
+            t.data = values
+        yield
+    finally:
+        for (t, _), data in zip(pairs, held, strict=True):
+            t.data = data
+
+
 def walk_logits(model: nn.Module, batches: list[torch.Tensor],
-                placement: Placement | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+                placement: Placement | None = None,
+                transform: BlockTransform | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """``(batch index, logits)`` for each batch of token ids (LongTensor [b, seqlen]), with the
     model walked block by block: all batches through block i, then block i+1.
 
     The weights stay where they wait; each block, and the layers outside the blocks for the
-    first and last step, visit ``placement.device`` in turn.
+    first and last step, visit ``placement.device`` in turn. ``transform``: as in
+    :func:`walk_variants`.
+    """
+    for _, i, logits in walk_variants(model, batches, [transform], placement):
+        yield i, logits
+
+
+@torch.no_grad()
+def walk_variants(model: nn.Module, batches: list[torch.Tensor],
+                  transforms: list[BlockTransform | None], placement: Placement | None = None
+                  ) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(variant, batch index, logits)``: :func:`walk_logits` for several variants of the
+    model at once, each block onloaded once for all of them (a small forward is bound by
+    moving the weights, not by computing: the noise response's levels share one walk).
+
+    ``transforms[v](i, block)``, called once block ``i`` is on the device, returns
+    ``(tensor, values)`` pairs: variant ``v`` computes with ``values`` in place of those
+    tensors (perturbed weights, made on the device); None: the block as it is. The tensors are
+    never written, so the weights waiting on the CPU stay as they were. Each variant's
+    batches see the arithmetic of a walk of their own.
     """
     from ptqscale.models.anatomy import decoder_blocks
 
@@ -324,7 +360,7 @@ def walk_logits(model: nn.Module, batches: list[torch.Tensor],
     device = placement.device
     prefix, holder = decoder_blocks(model)
     dtype = next(holder.parameters()).dtype
-    n_tokens = sum(b.numel() for b in batches)
+    n_tokens = sum(b.numel() for b in batches) * len(transforms)
     storage = hidden_storage(placement, n_tokens, model.config.hidden_size, dtype)
     with within_budget(placement, "the streamed forward"):
         # one capture pass (the stem onloaded once) cuts the very batches given
@@ -332,25 +368,30 @@ def walk_logits(model: nn.Module, batches: list[torch.Tensor],
         if any(b.shape[0] != size for b in batches[:-1]) or batches[-1].shape[0] > size:
             raise ValueError("walk_logits: batches must all have the first one's size "
                              "(the last may be smaller)")
-        inputs = capture_block_inputs(model, holder[0], torch.cat(batches), size, storage)
+        captured = capture_block_inputs(model, holder[0], torch.cat(batches), size, storage)
+        hidden = [captured.hidden] * len(transforms)  # the stem is the same for every variant
         as_tuple = False
-        for block in holder:
+        for b, block in enumerate(holder):
             with onloaded(module_tensors([block]), device, write_back=False):
-                hidden = []
-                for x, a, kw in inputs.batches(device):
-                    out = block(x, *a, **kw)
-                    as_tuple = isinstance(out, tuple | list)
-                    hidden.append((out[0] if as_tuple else out).to(storage))
-                inputs = BlockInputs(hidden, inputs.args, inputs.kwargs)
+                for v, transform in enumerate(transforms):
+                    inputs = BlockInputs(hidden[v], captured.args, captured.kwargs)
+                    hidden[v] = []
+                    with _standing_in(list(transform(b, block)) if transform else []):
+                        for x, a, kw in inputs.batches(device):
+                            out = block(x, *a, **kw)
+                            as_tuple = isinstance(out, tuple | list)
+                            hidden[v].append((out[0] if as_tuple else out).to(storage))
         if placement.budget is not None and storage.type == "cuda":
             # under a budget the head pass needs the room (logits over the vocabulary)
-            inputs.hidden = [h.cpu() for h in inputs.hidden]
+            hidden = [[h.cpu() for h in hv] for hv in hidden]
         with onloaded(_head_tensors(model, prefix, holder[0], batches[0]), device,
-                      write_back=False), _replaying(holder, inputs.hidden, as_tuple, device) as first:
+                      write_back=False):
             embed_device = model.get_input_embeddings().weight.device
-            for i, ids in enumerate(batches):
-                first.batch = i
-                yield i, model(input_ids=ids.to(embed_device), use_cache=False).logits
+            for v, final in enumerate(hidden):
+                with _replaying(holder, final, as_tuple, device) as first:
+                    for i, ids in enumerate(batches):
+                        first.batch = i
+                        yield v, i, model(input_ids=ids.to(embed_device), use_cache=False).logits
 
 
 def _head_tensors(model: nn.Module, prefix: str, block0: nn.Module,
