@@ -62,7 +62,7 @@ def task_manager():
 @functools.lru_cache(maxsize=64)
 def task_version(name: str):
     """The version in task ``name``'s YAML (``metadata.version``; None for a group without)."""
-    from lm_eval.tasks._yaml_loader import load_yaml   # the loader lm-eval's index uses
+    from lm_eval.tasks._yaml_loader import load_yaml  # the loader lm-eval's index uses
 
     tm = task_manager()
     if name not in tm.all_tasks:
