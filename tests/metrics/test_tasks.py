@@ -3,6 +3,7 @@ its settings key only the jobs that ask for it, and the offline tasks rebuild by
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -39,9 +40,23 @@ def test_shipped_task_data_is_what_the_builder_makes(name):
         assert len(set(item["choices"])) == 4 and 0 <= item["label"] < 4
 
 
-pytest.importorskip("lm_eval")
+def test_without_lm_eval_the_tasks_metric_is_a_config_error(monkeypatch):
+    from ptqscale.metrics import tasks
+
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)   # import fails as if absent
+    tasks.task_manager.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=r"pip install 'ptqscale\[tasks\]'"):
+            tasks.task_manager()
+    finally:
+        tasks.task_manager.cache_clear()
 
 
+needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                                   reason="lm-eval not installed (extra 'tasks')")
+
+
+@needs_lm_eval
 @pytest.mark.slow
 def test_task_settings_key_only_the_jobs_that_ask(composed, tmp_path):
     paths = [f"paths.results={tmp_path}"]
@@ -70,6 +85,7 @@ def _cli_table(folder, task: str, limit: int) -> dict[str, str]:
     return {m: v for m, v, _ in rows} | {f"{m}_stderr": s for m, _, s in rows}
 
 
+@needs_lm_eval
 @pytest.mark.slow
 def test_job_accuracy_equals_lm_eval_cli(composed, tmp_path):
     rec = run_job(composed([*FAST, f"paths.results={tmp_path}", "method=none", *TASKS]))
