@@ -172,3 +172,24 @@ def test_two_metrics_writing_one_field_fail():
     b = Metric("b", lambda ctx: {"nll": 0.0}, False, 1, frozenset(), "nll")
     with pytest.raises(RuntimeError, match=r"metric 'b' writes \['nll'\]"):
         measure_metrics((a, b), None)
+
+
+def test_metric_settings_enter_key_and_info_of_jobs_that_ask_only():
+    """A metric's ``settings(eval_cfg)`` (e.g. ``tasks``: eval.tasks) keys and records it."""
+    from ptqscale.metrics import EvalConfig
+
+    @register_metric("toy_set", higher_is_better=True, version=2,
+                     settings=lambda e: {"seqlen": e.seqlen})
+    def measure_toy_set(ctx):
+        return {"toy_set": 1.0}
+
+    try:
+        toy = resolve_metrics(["nll", "weight_sqnr", "model_bytes", "toy_set"])
+        short, long = EvalConfig(seqlen=128), EvalConfig(seqlen=256)
+        assert metrics_identity(toy, short)["toy_set"] == {"version": 2,
+                                                           "settings": {"seqlen": 128}}
+        assert metrics_identity(toy, short) != metrics_identity(toy, long)
+        assert METRICS["toy_set"].info(long)["settings"] == {"seqlen": 256}
+        assert metrics_identity(resolve_metrics(DEFAULT_METRICS), short) is None
+    finally:
+        METRICS.pop("toy_set", None)

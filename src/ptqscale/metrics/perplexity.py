@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
 import torch
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from ptqscale import console
 from ptqscale.errors import ConfigError, PTQScaleError
+from ptqscale.metrics.tasks import TasksConfig
 
 PROTOCOL_VERSION = 1
 PRESETS = ("gptq", "rolling")
@@ -73,7 +74,9 @@ class EvalConfig:
 
     # Windows per pass change speed, not the result: out of the job key. Keys made before
     # that hashed the batch size, all at 8; hashing 8 for any batch size keeps them.
-    not_in_key: ClassVar[tuple[str, ...]] = ("batch_size",)
+    # eval.tasks is read by the metric ``tasks`` only, and enters the keys of the jobs that ask
+    # for it through that metric (metrics/tasks.py): out of every other key.
+    not_in_key: ClassVar[tuple[str, ...]] = ("batch_size", "tasks")
     keyed_as: ClassVar[dict[str, int]] = {"batch_size": 8}
 
     preset: str = "gptq"  # gptq | rolling
@@ -82,6 +85,7 @@ class EvalConfig:
     batch_size: int = 8  # windows per forward pass (changes speed, not the result)
     max_tokens: int | None = None  # evaluate only the first N tokens of the stream
     compile: bool = False  # torch.compile the decoder blocks and the loss for the pass
+    tasks: TasksConfig = field(default_factory=TasksConfig)  # lm-eval tasks (metric tasks)
 
     def __post_init__(self):
         if not isinstance(self.compile, bool):

@@ -16,6 +16,11 @@ registered with :func:`register_metric`. It declares
   version is recorded (``record["metric_info"]``) and, for metrics beyond the default
   set, enters the job key, so old numbers are never silently mixed with new ones.
 
+A metric with options (e.g. ``tasks``: ``eval.tasks``) declares ``settings(eval_cfg) ->
+dict``: what of the config changes its numbers. It runs when the job key is made (before
+the model loads: the place to refuse bad options), enters the key beside the version, and
+is recorded in ``metric_info``; jobs that do not ask for the metric never see it.
+
 ``compute(ctx: MetricContext) -> dict`` runs after quantization and returns flat
 ``field -> number`` pairs that land in ``record["metrics"]`` (and in the analysis frame as
 ``metrics.<field>``): no other file lists them. ``prepare(ctx)``, where given, runs on the
@@ -72,6 +77,7 @@ class MetricContext:
     params: dict                     # parameter counts (models.count_parameters)
     fmt: Any                         # the job's parsed Format
     method: Any                      # the job's method config
+    tokenizer: Any = None            # the job's tokenizer (e.g. for lm-evaluation-harness)
     label: str = ""                  # "<model> after <method> <format> on <data>", for errors
     results: str = ""                # the store's root: a metric's per-model cache lies under it
     fp_key: str = ""                 # the model's fp_eval key (runner/keys.py), to key that cache
@@ -93,11 +99,21 @@ class Metric:
     needs: frozenset[str]
     headline: str
     prepare: Callable[[MetricContext], Any] | None = None
+    settings: Callable[[Any], dict] | None = None
 
-    def info(self) -> dict:
+    def info(self, eval_cfg: Any = None) -> dict:
         """What the record stores about the metric (``record["metric_info"][name]``)."""
-        return {"version": self.version, "higher_is_better": self.higher_is_better,
-                "headline": self.headline, "needs": sorted(self.needs)}
+        out = {"version": self.version, "higher_is_better": self.higher_is_better,
+               "headline": self.headline, "needs": sorted(self.needs)}
+        if self.settings is not None and eval_cfg is not None:
+            out["settings"] = self.settings(eval_cfg)
+        return out
+
+    def identity(self, eval_cfg: Any = None) -> Any:
+        """The metric's part of a job key: its version, with its settings where it has any."""
+        if self.settings is None or eval_cfg is None:
+            return self.version
+        return {"version": self.version, "settings": self.settings(eval_cfg)}
 
 
 METRICS: dict[str, Metric] = {}
@@ -105,7 +121,8 @@ METRICS: dict[str, Metric] = {}
 
 def register_metric(name: str, *, higher_is_better: bool, version: int,
                     needs: Iterable[str] = (), headline: str | None = None,
-                    prepare: Callable[[MetricContext], Any] | None = None):
+                    prepare: Callable[[MetricContext], Any] | None = None,
+                    settings: Callable[[Any], dict] | None = None):
     """Decorator registering ``compute(ctx) -> dict`` as the metric ``name``.
 
     >>> @register_metric("doc_demo", higher_is_better=True, version=1, needs=("report",))
@@ -128,7 +145,7 @@ def register_metric(name: str, *, higher_is_better: bool, version: int,
         if name in METRICS:
             raise ValueError(f"metric {name!r} is registered twice")
         METRICS[name] = Metric(name, compute, bool(higher_is_better), version, needs,
-                               headline or name, prepare)
+                               headline or name, prepare, settings)
         return compute
     return decorate
 
@@ -158,12 +175,13 @@ def resolve_metrics(names: Iterable[str]) -> tuple[Metric, ...]:
     return metrics
 
 
-def metrics_identity(metrics: Iterable[Metric]) -> dict | None:
-    """The metrics' part of a job key: None for the default set, else ``{name: version}``."""
+def metrics_identity(metrics: Iterable[Metric], eval_cfg: Any = None) -> dict | None:
+    """The metrics' part of a job key: None for the default set, else ``{name: version}``
+    (``{name: {"version", "settings"}}`` for a metric with settings; ``Metric.identity``)."""
     metrics = list(metrics)
     if {m.name for m in metrics} == set(DEFAULT_METRICS):
         return None
-    return {m.name: m.version for m in sorted(metrics, key=lambda m: m.name)}
+    return {m.name: m.identity(eval_cfg) for m in sorted(metrics, key=lambda m: m.name)}
 
 
 def needs_any(metrics: Iterable[Metric], need: str) -> bool:

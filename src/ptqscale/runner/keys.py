@@ -137,7 +137,7 @@ def job_key(study: str, model_cfg: Any, data_cfg: Any, eval_cfg: Any, method_cfg
         semantic["calib"] = ident("calib", calib_cfg)
     if landscape_cfg is not None:
         semantic["landscape"] = ident("landscape", landscape_cfg)
-    asked = metrics_identity(metrics) if metrics is not None else None
+    asked = metrics_identity(metrics, eval_cfg) if metrics is not None else None
     if asked is not None:
         semantic["metrics"] = asked
     return digest(_with_files(semantic, files, ("model", "data", "calib")))

@@ -119,8 +119,9 @@ def quantize_and_measure(spec: Any, model: torch.nn.Module, tokenizer: Any, leve
                 spec.calib, tokenizer, cache_dir=os.path.join(spec.cache, "tokens"))
     mctx = MetricContext(
         model=model, stream=level.stream, eval=spec.eval, fp=level.fp, params=level.params,
-        fmt=spec.fmt, method=spec.method, progress=spec.progress, timings=timings,
-        calibration=ctx.calibration, results=spec.results, fp_key=level.fp_key,
+        fmt=spec.fmt, method=spec.method, tokenizer=tokenizer, progress=spec.progress,
+        timings=timings, calibration=ctx.calibration, results=spec.results,
+        fp_key=level.fp_key,
         label=f"{spec.model.name!r} after {spec.method.name} {spec.fmt.name} on {spec.data.name}")
     for metric in spec.metrics:   # on the full-precision model, before it is quantized
         if metric.prepare is not None:
@@ -136,7 +137,7 @@ def quantize_and_measure(spec: Any, model: torch.nn.Module, tokenizer: Any, leve
     metrics = measure_metrics(spec.metrics, mctx)
     metrics["fp_cached"] = level.fp_cached   # bookkeeping of the model-level cache
     result: dict[str, Any] = {"metrics": metrics,
-                              "metric_info": {m.name: m.info() for m in spec.metrics},
+                              "metric_info": {m.name: m.info(spec.eval) for m in spec.metrics},
                               "params": level.params,
                               "quantization": report.to_dict(), "layers": report.layers}
     if ctx.calibration_hash:

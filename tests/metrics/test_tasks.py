@@ -1,0 +1,107 @@
+"""Metric ``tasks``: lm-evaluation-harness inside a job gives the numbers of lm-eval's own CLI,
+its settings key only the jobs that ask for it, and the offline tasks rebuild byte for byte."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from ptqscale.assets import ZOO_CHECKPOINTS
+from ptqscale.data.tasks import SPECS, TASKS_DIR, build_task, to_jsonl
+from ptqscale.errors import ConfigError
+from ptqscale.runner.app import conf_dir
+from ptqscale.runner.config import register_configs
+from ptqscale.runner.job import run_job, validate_job
+
+FAST = ["eval.max_tokens=2048", "eval.seqlen=256", "progress=false", "wandb.mode=disabled",
+        "model=gutenberg-llama-200k", "model.device=cpu"]
+TASKS = ["metrics=[nll,weight_sqnr,model_bytes,tasks]", "eval.tasks.names=[ptq_gutenberg_cloze]",
+         "eval.tasks.limit=100"]
+
+
+@pytest.fixture
+def composed():
+    register_configs()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        yield lambda overrides=(): compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_shipped_task_data_is_what_the_builder_makes(name):
+    assert (TASKS_DIR / f"{name}.jsonl").read_text(encoding="utf-8") == to_jsonl(build_task(name))
+    items = build_task(name)
+    assert len(items) == SPECS[name][3]
+    for item in items[:50]:   # the label points at the passage's real last word
+        assert len(set(item["choices"])) == 4 and 0 <= item["label"] < 4
+
+
+def test_without_lm_eval_the_tasks_metric_is_a_config_error(monkeypatch):
+    from ptqscale.metrics import tasks
+
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)   # import fails as if absent
+    tasks.task_manager.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=r"pip install 'ptqscale\[tasks\]'"):
+            tasks.task_manager()
+    finally:
+        tasks.task_manager.cache_clear()
+
+
+needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                                   reason="lm-eval not installed (extra 'tasks')")
+
+
+@needs_lm_eval
+@pytest.mark.slow
+def test_task_settings_key_only_the_jobs_that_ask(composed, tmp_path):
+    paths = [f"paths.results={tmp_path}"]
+    plain = validate_job(composed([*FAST, *paths]))
+    # eval.tasks is read by the tasks metric only: no other job's key moves with it
+    assert validate_job(composed([*FAST, *paths, "eval.tasks.limit=5"])).key == plain.key
+    asked = validate_job(composed([*FAST, *paths, *TASKS]))
+    other = validate_job(composed([*FAST, *paths, *TASKS[:2], "eval.tasks.limit=50"]))
+    assert len({plain.key, asked.key, other.key}) == 3
+    with pytest.raises(ConfigError, match="eval.tasks.names"):
+        validate_job(composed([*FAST, *paths, TASKS[0]]))
+    with pytest.raises(ConfigError, match="unknown task 'ptq_gutenberg_clze'"):
+        validate_job(composed([*FAST, *paths, TASKS[0], "eval.tasks.names=[ptq_gutenberg_clze]"]))
+
+
+def _cli_table(folder, task: str, limit: int) -> dict[str, str]:
+    """lm-eval's CLI on an HF folder: ``{metric: printed value}`` of its results table."""
+    out = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+         f"pretrained={folder},dtype=float32", "--tasks", task, "--include_path", str(TASKS_DIR),
+         "--device", "cpu", "--batch_size", "16", "--limit", str(limit)],
+        capture_output=True, text=True, timeout=600, check=True).stdout
+    rows = re.findall(r"\|\s*(acc(?:_norm)?)\s*\|[^|]*\|\s*([0-9.]+)\s*\|\s*±\s*\|\s*([0-9.]+)\s*\|",
+                      out)
+    assert {r[0] for r in rows} == {"acc", "acc_norm"}, out
+    return {m: v for m, v, _ in rows} | {f"{m}_stderr": s for m, _, s in rows}
+
+
+@needs_lm_eval
+@pytest.mark.slow
+def test_job_accuracy_equals_lm_eval_cli(composed, tmp_path):
+    rec = run_job(composed([*FAST, f"paths.results={tmp_path}", "method=none", *TASKS]))
+    m = rec["metrics"]
+    assert rec["status"] == "complete"
+    printed = _cli_table(ZOO_CHECKPOINTS / "gutenberg-llama-200k", "ptq_gutenberg_cloze", 100)
+    for field, value in printed.items():   # to the printed precision (4 decimals or fewer)
+        decimals = len(value.partition(".")[2])
+        assert m[f"task.ptq_gutenberg_cloze.{field}"] == pytest.approx(
+            float(value), abs=0.5 * 10 ** -decimals + 1e-12), (field, value)
+    assert 0.25 < m["tasks_acc"] == m["task.ptq_gutenberg_cloze.acc"]   # above chance (4-way)
+    assert m["task.ptq_gutenberg_cloze.version"] == 1.0
+    info = rec["metric_info"]["tasks"]
+    assert info["settings"]["versions"] == {"ptq_gutenberg_cloze": 1.0}
+    assert info["headline"] == "tasks_acc" and info["higher_is_better"] is True
+    # the metric measures the quantized model: 3-bit RTN changes the answers
+    q = run_job(composed([*FAST, f"paths.results={tmp_path}", "method=rtn", "format=int3_g64",
+                          *TASKS]))
+    assert q["metrics"]["task.ptq_gutenberg_cloze.acc_norm"] != m["task.ptq_gutenberg_cloze.acc_norm"]
