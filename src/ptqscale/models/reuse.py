@@ -149,7 +149,8 @@ def shared_model(cfg: ModelConfig, fingerprint: str | None = None):
 
     Every model taken here must be handed to :func:`give_back` when the job ends.
     """
-    from ptqscale.models.loading import load_model
+    # looked up at call time: tests can refuse loads there
+    from ptqscale import models
 
     key = reuse_key(cfg, fingerprint)
     entry = _KEPT.get(key) if cfg.reuse else None
@@ -160,7 +161,7 @@ def shared_model(cfg: ModelConfig, fingerprint: str | None = None):
         _IN_USE[id(entry.model)] = entry
         return entry.model, entry.tokenizer, True
     forget()   # another model's memory is freed before this one is loaded
-    model, tokenizer = load_model(cfg)
+    model, tokenizer = models.load_model(cfg)
     if fingerprint is not None and cfg.reuse:
         _IN_USE[id(model)] = _Entry(key, model, tokenizer, ModelSnapshot(model))
     return model, tokenizer, False
