@@ -49,6 +49,8 @@ class ModelConfig:
     streams when the weights plus a working margin do not fit the budget (``max_gpu_memory``,
     else the device's free memory). ``max_gpu_memory`` (e.g. ``"20GiB"``, ``"512MiB"``) caps
     the process's CUDA allocator on ``device``: going over fails with an error naming it.
+    ``reuse`` (default true) keeps the model loaded for the next jobs of this process that
+    load the same files the same way (models/reuse.py); false reloads it for every job.
     """
 
     name: str
@@ -65,6 +67,9 @@ class ModelConfig:
     max_seqlen: int | None = None  # usable context; must not exceed the checkpoint's own
     placement: str = "one"  # one | streamed | auto (speed and memory only: not in the key)
     max_gpu_memory: str | None = None  # e.g. "20GiB": a CUDA memory cap the job enforces
+    # keep the loaded model (+ a host copy of its weights) for this process's later jobs of
+    # it (models/reuse.py); costs host memory, changes no number: not in the job key
+    reuse: bool = True
 
     def __post_init__(self):
         if not self.name:

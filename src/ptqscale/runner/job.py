@@ -242,16 +242,23 @@ def _execute(spec: JobSpec) -> dict:
 
 
 def _execute_on_device(spec: JobSpec) -> dict:
-    from ptqscale.models import load_model
+    from ptqscale.models.reuse import give_back, shared_model
 
     timings: dict[str, float] = {}
     console.library_bars(spec.progress)
     with console.stage(f"load {spec.model.name}", timings, "load"):
-        model, tokenizer = load_model(spec.model)
-    level = model_level(spec, model, tokenizer, timings)
-    result = quantize_and_measure(spec, model, tokenizer, level, timings)
+        # a model this process loaded for an earlier job of the same files, put back as loaded
+        model, tokenizer, reused = shared_model(spec.model, spec.identity.get("model"))
+    ok = False
+    try:
+        level = model_level(spec, model, tokenizer, timings)
+        result = quantize_and_measure(spec, model, tokenizer, level, timings)
+        ok = True
+    finally:   # a failed job's model is dropped, never kept half-quantized
+        with console.stage("restore the model", timings, "restore"):
+            give_back(model, ok)
     result["timings"] = timings
-    result["env"] = environment(model)
+    result["env"] = {**environment(model), "model_load": "reused" if reused else "loaded"}
     return result
 
 

@@ -2,7 +2,8 @@
 
 Left out on purpose: paths (results, caches, where a checkpoint or corpus file lies),
 logging and tracking options, progress bars, the device and the placement (one piece or
-streamed, the GPU memory cap: tests/models/test_streaming.py shows they change no number). A
+streamed, the GPU memory cap: tests/models/test_streaming.py shows they change no number),
+whether a worker keeps the model for its next jobs (``model.reuse``: tests/runner/test_reuse.py). A
 model is identified by its ``name`` (+ revision and dtype; ``auto`` keys as the checkpoint's
 dtype it resolves to, so it shares the records of that dtype spelled out), a corpus by its name and split: the same study run
 from another folder or machine finds its finished jobs. Files that differ from those the
@@ -21,7 +22,7 @@ from typing import Any
 from ptqscale.metrics import PROTOCOL_VERSION
 from ptqscale.metrics.registry import Metric, metrics_identity
 
-_MODEL_IGNORED = ("path", "device", "tokenizer", "placement", "max_gpu_memory")
+_MODEL_IGNORED = ("path", "device", "tokenizer", "placement", "max_gpu_memory", "reuse")
 _DATA_IGNORED = ("path",)
 
 
