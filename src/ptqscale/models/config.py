@@ -65,6 +65,9 @@ class ModelConfig:
     max_seqlen: int | None = None  # usable context; must not exceed the checkpoint's own
     placement: str = "one"  # one | streamed | auto (speed and memory only: not in the key)
     max_gpu_memory: str | None = None  # e.g. "20GiB": a CUDA memory cap the job enforces
+    # true: a tiny random model of this member's architecture instead of its checkpoint
+    # (models/standins.py); a plumbing check: keyed and recorded as a stand-in
+    stand_in: bool = False
 
     def __post_init__(self):
         if not self.name:
@@ -82,6 +85,14 @@ class ModelConfig:
             raise ConfigError(
                 f"model.device={self.device!r} is not one of auto, cpu, mps, cuda, cuda:N"
             )
+        if self.stand_in:
+            from ptqscale.models.standins import architecture_of
+
+            architecture_of(self)  # a family without a stand-in fails here, naming it
+            if self.dtype == "auto":
+                raise ConfigError(f"model.stand_in=true with model.dtype=auto (model "
+                                  f"{self.name!r}): a stand-in has no checkpoint to take a "
+                                  f"dtype from; set model.dtype to one of {list(DTYPES)}")
         if self.max_seqlen is not None and self.max_seqlen < 2:
             raise ConfigError(f"model.max_seqlen={self.max_seqlen} must be >= 2 (or null)")
 
