@@ -15,6 +15,7 @@ binding has its own label, and its record says so (``model.path`` starts ``stand
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -24,6 +25,12 @@ from ptqscale.errors import ConfigError
 TOKENIZER = Path(__file__).resolve().parents[1] / "zoo" / "checkpoints" / "gutenberg-llama-200k"
 VOCAB = 8192   # the size of that tokenizer
 SEED = 0       # the stand-in's weights are torch.manual_seed(SEED) initialisation
+# The head's bias: log unigram frequencies (add-one) of the first PRIOR_CHARS characters of
+# the embedded Gutenberg validation text. A data-independent random model scores above
+# ln(vocab) (Jensen), which the full-precision check refuses as broken weights; with this
+# prior a stand-in scores like a unigram model, below it.
+PRIOR_TEXT = Path(__file__).resolve().parents[1] / "assets" / "data" / "gutenberg-en" / "valid.jsonl.xz"
+PRIOR_CHARS = 300_000
 
 # family -> model_type of its members (conf/model/<member>.yaml: ``family``).
 FAMILY_ARCHITECTURE = {
@@ -77,7 +84,8 @@ def fingerprint(cfg) -> str:
     """``stand-in:<digest>`` of the description, the seed and the tokenizer's file."""
     from ptqscale.runner.identity import file_digest
 
-    text = json.dumps({"description": description(cfg), "seed": SEED,
+    text = json.dumps({"description": description(cfg), "seed": SEED, "prior_chars": PRIOR_CHARS,
+                       "prior_text": file_digest(PRIOR_TEXT),
                        "tokenizer": file_digest(TOKENIZER / "tokenizer.json")}, sort_keys=True)
     return "stand-in:" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -91,14 +99,40 @@ def standin_config(cfg):
 
 
 def standin_model(cfg, config, dtype):
-    """The stand-in itself: ``config`` with weights from ``torch.manual_seed(SEED)``."""
+    """The stand-in itself: ``config`` with weights from ``torch.manual_seed(SEED)`` and a
+    head whose bias is the unigram prior (the head's weight kept, tied if it was)."""
     import torch
+    from torch import nn
     from transformers import AutoModelForCausalLM
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = AutoModelForCausalLM.from_config(config)
+    old = model.get_output_embeddings()
+    head = nn.Linear(old.in_features, old.out_features, bias=True)
+    head.weight = old.weight   # the same Parameter: a tied head stays tied
+    head.bias = nn.Parameter(unigram_prior())
+    model.set_output_embeddings(head)
     return model.to(dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def unigram_prior():
+    """Log unigram frequencies (add-one) of the prior text under the stand-in tokenizer."""
+    import lzma
+
+    import torch
+
+    texts, size = [], 0
+    with lzma.open(PRIOR_TEXT, "rt") as f:
+        for line in f:
+            texts.append(json.loads(line)["text"])
+            size += len(texts[-1])
+            if size >= PRIOR_CHARS:
+                break
+    ids = standin_tokenizer()("".join(texts)[:PRIOR_CHARS])["input_ids"]
+    counts = torch.bincount(torch.tensor(ids), minlength=VOCAB)[:VOCAB].double() + 1
+    return (counts / counts.sum()).log().float()
 
 
 def standin_tokenizer():
