@@ -100,3 +100,21 @@ def test_stand_ins_run_a_study_end_to_end(tmp_path):
         assert 5.0 < stored["metrics"]["nll"] < math.log(8192)
         assert math.isfinite(stored["metrics"]["dnll"])
     assert records[0]["job_key"] != records[1]["job_key"]
+
+
+def test_family_standins_study_runs_every_architecture(tmp_path):
+    """+sweep=family_standins: the smallest member of every family, as stand-ins, on a CPU."""
+    from ptqscale.runner.plan import expand_sweep
+
+    register_configs()
+    with hydra_context():
+        jobs = expand_sweep(["+sweep=family_standins"])
+        records = [run_job(compose(overrides=[*job, f"paths.results={tmp_path}", "progress=false",
+                                              "wandb.mode=disabled"])) for job in jobs]
+    assert len(records) == 9
+    archs = set()
+    for record in records:
+        assert record["status"] == "complete" and record["model"]["path"].startswith("stand-in:")
+        assert record["metrics"]["nll"] < math.log(8192)
+        archs.add(record["env"]["stand_in"].split()[1])
+    assert archs == set(ARCHITECTURES)

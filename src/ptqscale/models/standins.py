@@ -73,8 +73,8 @@ def architecture_of(cfg) -> str:
 def description(cfg) -> dict:
     """The whole description of ``cfg``'s stand-in: model_type and its config fields."""
     arch = architecture_of(cfg)
-    fields = {**ARCHITECTURES[arch], "vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 0,
-              "pad_token_id": 0}
+    # no pad_token_id, as the real members (GPT-2's forward then checks inputs for padding)
+    fields = {**ARCHITECTURES[arch], "vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 0}
     if _POSITIONS[arch]:
         fields[_POSITIONS[arch]] = cfg.max_seqlen or 2048
     return {"model_type": arch, **fields}
