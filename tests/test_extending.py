@@ -85,6 +85,8 @@ tokenizer: null
 max_seqlen: 512
 placement: one
 max_gpu_memory: null
+reuse: true
+stand_in: false
 """
 
 

@@ -10,6 +10,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from ptqscale.errors import ConfigError
 from ptqscale.methods import get_method
+from ptqscale.models.config import looks_like_path
 from ptqscale.runner import keys as job_keys
 from ptqscale.runner.app import conf_dir
 from ptqscale.runner.job import validate_job
@@ -53,8 +54,9 @@ def test_every_sweep_composes_and_validates(composed, study):
     for job in jobs[:200]:
         cfg = composed(job)
         assert cfg.study == study
-        if not Path(cfg.model.path).exists():
+        if looks_like_path(cfg.model.path) and not Path(cfg.model.path).exists():
             continue  # larger family members are reproduced by one command, not committed
+        # (hub members validate offline: docs/models.md "Planning without the hub")
         keys.add(validate_job(cfg).key)
     assert keys
 

@@ -70,6 +70,9 @@ class ModelConfig:
     # keep the loaded model (+ a host copy of its weights) for this process's later jobs of
     # it (models/reuse.py); costs host memory, changes no number: not in the job key
     reuse: bool = True
+    # true: a tiny random model of this member's architecture instead of its checkpoint
+    # (models/standins.py); a plumbing check: keyed and recorded as a stand-in
+    stand_in: bool = False
 
     def __post_init__(self):
         if not self.name:
@@ -87,6 +90,14 @@ class ModelConfig:
             raise ConfigError(
                 f"model.device={self.device!r} is not one of auto, cpu, mps, cuda, cuda:N"
             )
+        if self.stand_in:
+            from ptqscale.models.standins import architecture_of
+
+            architecture_of(self)  # a family without a stand-in fails here, naming it
+            if self.dtype == "auto":
+                raise ConfigError(f"model.stand_in=true with model.dtype=auto (model "
+                                  f"{self.name!r}): a stand-in has no checkpoint to take a "
+                                  f"dtype from; set model.dtype to one of {list(DTYPES)}")
         if self.max_seqlen is not None and self.max_seqlen < 2:
             raise ConfigError(f"model.max_seqlen={self.max_seqlen} must be >= 2 (or null)")
 

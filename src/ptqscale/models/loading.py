@@ -138,6 +138,10 @@ def _sanitize_special_ids(config) -> None:
 def _load_config(cfg: ModelConfig, source: ModelSource):
     from transformers import AutoConfig
 
+    if cfg.stand_in:
+        from ptqscale.models.standins import standin_config
+
+        return standin_config(cfg)
     if source.kind == "gguf":
         folder, name = os.path.split(os.path.abspath(source.path))
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
@@ -152,6 +156,10 @@ def _load_config(cfg: ModelConfig, source: ModelSource):
 def _load_weights(cfg: ModelConfig, source: ModelSource, config):
     from transformers import AutoModelForCausalLM
 
+    if cfg.stand_in:
+        from ptqscale.models.standins import standin_model
+
+        return standin_model(cfg, config, _DTYPES[cfg.dtype])
     kwargs = dict(config=config, dtype=_DTYPES[resolved_dtype(cfg)], trust_remote_code=cfg.trust_remote_code,
                   output_loading_info=True)
     if source.kind == "gguf":
@@ -193,6 +201,10 @@ def check_finite(model: nn.Module, what: str) -> None:
 def _load_tokenizer(cfg: ModelConfig, source: ModelSource):
     from transformers import AutoTokenizer
 
+    if cfg.stand_in:
+        from ptqscale.models.standins import standin_tokenizer
+
+        return standin_tokenizer()
     name = cfg.tokenizer or source.path
     if name.endswith(".gguf"):
         return load_gguf_tokenizer(os.path.expanduser(name))

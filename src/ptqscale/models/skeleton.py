@@ -21,14 +21,24 @@ class ModelSkeleton:
     target_shapes: dict[str, tuple[int, int]]   # full module name -> (out_features, in_features)
 
 
-def describe_model(cfg: ModelConfig) -> ModelSkeleton:
-    """Validate ``cfg`` and return the model's skeleton (reads only the config)."""
-    from transformers import AutoModelForCausalLM
+def describe_model(cfg: ModelConfig, hub_cache_only: bool = False) -> ModelSkeleton | None:
+    """Validate ``cfg`` and return the model's skeleton (reads only the config).
+
+    ``hub_cache_only`` (planning): a hub model whose config is not in the local hub cache is
+    not looked up (no network, no retries); the answer is None, "needs download".
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from ptqscale.models.anatomy import get_anatomy
     from ptqscale.models.loading import _load_config, _usable_context, replace_conv1d
 
     source = validate_model_config(cfg)
+    if hub_cache_only and source.kind == "hub" and not cfg.stand_in:
+        try:
+            AutoConfig.from_pretrained(source.path, revision=cfg.revision, local_files_only=True,
+                                       trust_remote_code=cfg.trust_remote_code)
+        except OSError:
+            return None
     config = _load_config(cfg, source)
     context = _usable_context(config, cfg.max_seqlen)
     with torch.device("meta"):

@@ -68,6 +68,10 @@ def model_fingerprint(cfg: Any, resolve_hub: bool = True) -> str | None:
     without the network and ``resolve_hub`` is False, as when planning offline)."""
     from ptqscale.models import validate_model_config
 
+    if getattr(cfg, "stand_in", False):
+        from ptqscale.models.standins import fingerprint
+
+        return fingerprint(cfg)
     source = validate_model_config(cfg)
     if source.kind == "hub":
         return hub_commit(source.path, cfg.revision, resolve_hub)
@@ -157,7 +161,10 @@ def bind(results: str, kind: str, label: str, fingerprint: str, where: str) -> s
 
 def labels(spec_model: Any, data: Any, calib: Any | None) -> dict[str, tuple[str, str, Any]]:
     """``role -> (kind, label, config)`` of what a job loads: the label is what the key names."""
-    out = {"model": ("model", f"{spec_model.name}@{spec_model.revision or 'default'}", spec_model),
+    model = f"{spec_model.name}@{spec_model.revision or 'default'}"
+    if getattr(spec_model, "stand_in", False):
+        model += "~stand-in"   # a stand-in never binds (or is checked against) the real name
+    out = {"model": ("model", model, spec_model),
            "data": ("data", f"{data.name}-{data.split}", data)}
     if calib is not None:
         out["calib"] = ("data", f"{calib.data.name}-{calib.data.split}", calib.data)

@@ -68,11 +68,15 @@ class JobSpec:
     # the store's bindings of their names (they are in the key; runner/identity.py)
     identity: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    # a plan made without the hub: the model's config is not cached, so the checks that need
+    # its shapes (context, block divisibility) wait for the run
+    needs_download: bool = False
 
     @property
     def name(self) -> str:
         """Readable job name (the key identifies the job); activation schemes are spelled out."""
-        name = f"{self.study}/{self.model.name}/{self.data.name}/{self.fmt.name}/{self.method.name}"
+        model = self.model.name + ("~stand-in" if self.model.stand_in else "")
+        name = f"{self.study}/{model}/{self.data.name}/{self.fmt.name}/{self.method.name}"
         act = getattr(self.method, "activations", None)
         if act is None:
             return name
@@ -142,18 +146,21 @@ def build_spec(node: Callable[[str], Any], memo: Callable[[tuple, Callable[[], A
     node("wandb")  # validates wandb.mode
     landscape = node("landscape")
     landscape = landscape if landscape.enabled else None
-    skeleton = memo(("skeleton", id(model)), lambda: describe_model(model))
-    if eval_cfg.seqlen > skeleton.context:
+    skeleton = memo(("skeleton", id(model), bind),
+                    lambda: describe_model(model, hub_cache_only=not bind))
+    # without the checkpoint's config (planning offline) the configured context stands in
+    context = skeleton.context if skeleton is not None else model.max_seqlen
+    if context is not None and eval_cfg.seqlen > context:
         raise ConfigError(f"eval.seqlen={eval_cfg.seqlen} exceeds the context of model "
-                          f"{model.name!r} ({skeleton.context}; model.max_seqlen or the "
+                          f"{model.name!r} ({context}; model.max_seqlen or the "
                           f"checkpoint's max positions)")
-    if calib is not None and calib.seqlen > skeleton.context:
+    if context is not None and calib is not None and calib.seqlen > context:
         raise ConfigError(f"calib.seqlen={calib.seqlen} exceeds the context of model "
-                          f"{model.name!r} ({skeleton.context}); allowed: at most that")
+                          f"{model.name!r} ({context}); allowed: at most that")
     memo(("data", id(data)), lambda: validate_data_config(data, min_tokens=eval_cfg.seqlen))
     if calib is not None:
         memo(("data", id(calib)), lambda: validate_data_config(calib.data))
-    if not method.allow_padding:
+    if not method.allow_padding and skeleton is not None:
         memo(("divisible", id(fmt), id(model)),
              lambda: _check_divisible(fmt, skeleton.target_shapes))
     study, seed, paths = node("study"), node("seed"), node("paths")
@@ -170,7 +177,8 @@ def build_spec(node: Callable[[str], Any], memo: Callable[[tuple, Callable[[], A
                    calib=calib, landscape=landscape, fmt=fmt, seed=seed, key=key,
                    identity={r: p for r, p in prints.items() if p is not None}, files=files,
                    results=paths.results, cache=paths.cache, progress=node("progress"),
-                   exclusive_gpu=node("exclusive_gpu"), metrics=metrics)
+                   exclusive_gpu=node("exclusive_gpu"), metrics=metrics,
+                   needs_download=skeleton is None)
 
 
 def _fingerprint(role: str, cfg: Any, resolve_hub: bool) -> str | None:
@@ -259,6 +267,10 @@ def _execute_on_device(spec: JobSpec) -> dict:
             give_back(model, ok)
     result["timings"] = timings
     result["env"] = {**environment(model), "model_load": "reused" if reused else "loaded"}
+    if spec.model.stand_in:
+        from ptqscale.models.standins import summary
+
+        result["env"]["stand_in"] = summary(spec.model)
     return result
 
 
@@ -269,8 +281,10 @@ def _base_record(spec: JobSpec, cfg: DictConfig) -> dict:
         "job_key": spec.key, "study": spec.study, "name": spec.name,
         "protocol_version": PROTOCOL_VERSION,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": spec.model.name, "family": spec.model.family,
-                  "size": spec.model.size, "path": spec.model.path, "dtype": spec.model.dtype},
+        "model": {"name": spec.model.name, "family": spec.model.family, "size": spec.model.size,
+                  # a stand-in (models/standins.py) says so where the checkpoint is named
+                  "path": ("stand-in:" if spec.model.stand_in else "") + spec.model.path,
+                  "dtype": spec.model.dtype},
         "data": {"name": spec.data.name, "split": spec.data.split},
         # fingerprints of what was loaded (runner/identity.py); "keyed_by_files" lists the
         # roles whose files differ from the store's bindings of their names

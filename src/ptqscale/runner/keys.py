@@ -43,6 +43,8 @@ def _without(obj: Any, ignored: tuple[str, ...]) -> dict:
 def model_identity(model_cfg: Any) -> dict:
     plain = _plain(model_cfg)
     ident = _without(plain, _MODEL_IGNORED)
+    if not ident.get("stand_in"):   # counts only when on: real models keep their keys
+        ident.pop("stand_in", None)
     if ident.get("dtype") == "auto":
         from ptqscale.models.config import checkpoint_dtype
 

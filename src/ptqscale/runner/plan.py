@@ -38,7 +38,7 @@ from ptqscale.store import record_states, running_claims
 @dataclass
 class PlannedJob:
     overrides: list[str]
-    state: str                  # done | failed | pending | running | invalid
+    state: str                  # done | failed | pending | needs-download | running | invalid
     name: str = ""
     key: str = ""
     fp_cached: bool = False
@@ -103,6 +103,8 @@ def _planned(job_overrides: list[str], spec_of: Callable[[], Any], store: _Store
             ("claims", spec.results, spec.study),
             lambda: running_claims(spec.results, spec.study)):
         state = "running"
+    if state == "pending" and spec.needs_download:
+        state = "needs-download"   # a hub model not in the local cache: the run fetches it
     fp_key = memo(("fp", id(spec.model), id(spec.data), id(spec.eval)),
                   lambda: keys.fp_eval_key(spec.model, spec.data, spec.eval, spec.files))
     job = PlannedJob(job_overrides, state, name=spec.name, key=spec.key,
@@ -135,15 +137,15 @@ class _Store:
 
 
 def format_plan(jobs: list[PlannedJob]) -> str:
-    lines = [f"{'state':8} {'key':16} {'fp':3} {'ls':3} job"]
+    lines = [f"{'state':14} {'key':16} {'fp':3} {'ls':3} job"]
     for j in jobs:
         ls = "-" if j.landscape_cached is None else ("yes" if j.landscape_cached else "no")
         fp = "yes" if j.fp_cached else "no"
         what = j.name or " ".join(j.overrides)
-        lines.append(f"{j.state:8} {j.key or '-':16} {fp:3} {ls:3} {what}"
-                     + (f"\n         {j.reason}" if j.reason else ""))
+        lines.append(f"{j.state:14} {j.key or '-':16} {fp:3} {ls:3} {what}"
+                     + (f"\n               {j.reason}" if j.reason else ""))
     counts = {s: sum(j.state == s for j in jobs)
-              for s in ("done", "failed", "pending", "running", "invalid")}
+              for s in ("done", "failed", "pending", "needs-download", "running", "invalid")}
     lines.append(f"{len(jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     lines.append("fp = full-precision eval cached, ls = landscape features cached (- = not used)")
     return "\n".join(lines)
