@@ -11,7 +11,13 @@ import copy
 
 import pytest
 import torch
-from tiny_models import TINY_CONFIGS, one_and_streamed, real_model_paths, save_tiny
+from tiny_models import (
+    TINY_CONFIGS,
+    one_and_streamed,
+    real_model_paths,
+    save_tiny,
+    tiny_one_and_streamed,
+)
 
 from ptqscale.data import CalibConfig, DataConfig, sample_calibration, tokenize_corpus
 from ptqscale.errors import ConfigError
@@ -136,10 +142,7 @@ def test_streamed_noise_and_directional_perturb_on_the_device_only(models, monke
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
 def test_every_family_walks_block_by_block(tmp_path, family):
     """The replay of the final hidden states suits every family's block outputs and head."""
-    save_tiny(family, tmp_path)
-    one, _ = load_model(ModelConfig(name=family, path=str(tmp_path), device="cpu"))
-    streamed = copy.deepcopy(one)
-    streamed.ptqscale_placement = Placement(True, torch.device("cpu"))
+    one, streamed = tiny_one_and_streamed(family, tmp_path)
     ids = torch.randint(0, 128, (5, 24), generator=torch.Generator().manual_seed(0))
     batches = list(ids.split(2))
     with torch.no_grad():

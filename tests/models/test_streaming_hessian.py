@@ -13,7 +13,12 @@ import gc
 
 import pytest
 import torch
-from tiny_models import TINY_CONFIGS, one_and_streamed, real_model_paths, save_tiny
+from tiny_models import (
+    TINY_CONFIGS,
+    one_and_streamed,
+    real_model_paths,
+    tiny_one_and_streamed,
+)
 
 from ptqscale.data import DataConfig, tokenize_corpus
 from ptqscale.errors import ConfigError
@@ -25,7 +30,7 @@ from ptqscale.metrics.landscape import (
     measure_hessian,
     measure_landscape,
 )
-from ptqscale.models import ModelConfig, Placement, get_anatomy, load_model
+from ptqscale.models import ModelConfig, get_anatomy
 
 PATHS = real_model_paths()
 
@@ -88,10 +93,7 @@ def test_streamed_hessian_features_match_the_one_piece_ones(models):
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
 def test_every_family_streams_its_hvp(tmp_path, family):
     """Forward-mode tangents and the replayed head suit every family's block and head."""
-    save_tiny(family, tmp_path)
-    one, _ = load_model(ModelConfig(name=family, path=str(tmp_path), device="cpu"))
-    streamed = copy.deepcopy(one)
-    streamed.ptqscale_placement = Placement(True, torch.device("cpu"))
+    one, streamed = tiny_one_and_streamed(family, tmp_path)
     windows = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
     _assert_same_products(one, streamed, windows, hvp_windows=2)
 

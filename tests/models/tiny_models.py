@@ -69,3 +69,20 @@ def one_and_streamed(path: str, **kw):
                                          placement="streamed", **kw))
     return one, streamed, tok
 
+
+def tiny_one_and_streamed(family: str, folder):
+    """A tiny random model of ``family`` saved to ``folder`` and loaded in one piece, and a
+    copy of it marked streamed (CPU: the block-by-block code path on the same arithmetic)."""
+    import copy
+
+    import torch
+
+    from ptqscale.models import ModelConfig, Placement, load_model
+    from ptqscale.models.streaming import set_placement
+
+    save_tiny(family, folder)
+    one, _ = load_model(ModelConfig(name=family, path=str(folder), device="cpu"))
+    streamed = copy.deepcopy(one)
+    set_placement(streamed, Placement(True, torch.device("cpu")))
+    return one, streamed
+
