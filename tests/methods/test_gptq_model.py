@@ -154,3 +154,40 @@ def test_partial_targets_and_missing_calibration(tiny_llama, calib):
         f"model.layers.{i}.mlp.{p}_proj" for i in (0, 1) for p in ("gate", "up")]
     with pytest.raises(ConfigError, match="calibration"):
         quantize(tiny_llama, GPTQConfig(device="cpu"), QuantContext())
+
+
+def test_damped_inverse_factor_in_place_equals_the_textbook_chain():
+    """The factor written over one buffer is bitwise the out-of-place chain
+    chol(inv(chol(H + lambda I)))^T, and H is left intact (a retry needs it)."""
+    from ptqscale.methods.gptq import damped_inverse_factor
+
+    X = torch.randn(400, 48, generator=torch.Generator().manual_seed(1))
+    H = X.T @ X / 400
+    before = H.clone()
+    U, frac, damp, retries = damped_inverse_factor(H, 0.01, 3)
+    damped = H + 0.01 * torch.diag(H).mean() * torch.eye(48)
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)),
+                                      upper=True)
+    assert torch.equal(H, before) and (frac, retries) == (0.01, 0)
+    assert torch.allclose(U, expected, rtol=0, atol=1e-6)
+    assert torch.equal(U, damped_inverse_factor(H, 0.01, 3)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_offload_gives_the_same_weights_in_less_gpu_memory(tiny_llama, calib):
+    """method.offload: activations and Hessians wait on the CPU; the numbers do not change."""
+    wide = LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=256, intermediate_size=4096, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    runs, peaks = [], []
+    for offload in (False, True):
+        model = copy.deepcopy(wide).cuda()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        quantize(model, GPTQConfig(format="int4_g128", device="cuda", offload=offload),
+                 QuantContext(calibration=calib))
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+        runs.append(weights(model))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert peaks[1] <= peaks[0] - 4096**2 * 4  # the 4096-wide Hessian off the GPU at its peak

@@ -69,6 +69,18 @@ def test_streamed_hvp_is_the_one_piece_hvp(models, hvp_windows):
     _assert_same_products(one, streamed, windows, hvp_windows)
 
 
+def test_a_head_in_spans_gives_the_same_products(models, monkeypatch):
+    """The head's double backward over spans of positions (as a 128k vocabulary needs) is
+    bitwise the whole window's: the head acts per position, the loss gradients are the mean's."""
+    import ptqscale.metrics.hessian_streamed as hst
+
+    one, streamed, windows = models
+    vocab = one.config.vocab_size
+    monkeypatch.setattr(hst, "HEAD_CHUNK_FLOATS", 2 * 11 * vocab)  # spans of 11: a short last
+    assert len(hst.head_spans(windows[:2].shape, vocab)) == 6
+    _assert_same_products(one, streamed, windows, hvp_windows=2)
+
+
 def test_streamed_hessian_features_match_the_one_piece_ones(models):
     one, streamed, windows = models
     cfg = LandscapeConfig(enabled=True, levels_db=[30.0, 20.0], seeds=1, max_tokens=384,

@@ -204,8 +204,9 @@ def _block(block, wanted, inputs, plan: WalkPlan, need_out: bool, quantize_group
         if not p:
             continue
         hessians, _ = collect_hessians(block, [rel[k] for k in p], inputs, plan.device)
+        _to_storage(hessians, plan.storage)
         for k in p:
-            quantize_group(wanted[k], *hessians[rel[k][0]], "off")
+            quantize_group(wanted[k], *hessians.pop(rel[k][0]), "off")
     return run_block(block, inputs, plan.device, plan.storage) if need_out else None
 
 
@@ -215,7 +216,7 @@ def _block_fp(block, wanted, rel, inputs, plan, need_out, quantize_group, cache)
     found = {}
     if cache is not None:
         for g, r in zip(wanted, rel, strict=True):
-            hit = cache.load(g[0], plan.device)
+            hit = cache.load(g[0], plan.storage)
             if hit is not None:
                 found[r[0]] = (*hit, "hit")
     todo = [r for r in rel if r[0] not in found]
@@ -223,6 +224,7 @@ def _block_fp(block, wanted, rel, inputs, plan, need_out, quantize_group, cache)
     if todo:
         hessians, outputs = collect_hessians(block, todo, inputs, plan.device,
                                              plan.storage if need_out else None)
+        _to_storage(hessians, plan.storage)
         for r, g in zip(rel, wanted, strict=True):
             if r[0] in hessians:
                 found[r[0]] = (*hessians[r[0]], status)
@@ -231,5 +233,12 @@ def _block_fp(block, wanted, rel, inputs, plan, need_out, quantize_group, cache)
     elif need_out:
         outputs = run_block(block, inputs, plan.device, plan.storage)
     for g, r in zip(wanted, rel, strict=True):
-        quantize_group(g, *found[r[0]])
+        quantize_group(g, *found.pop(r[0]))  # popped: each H freed once its group is done
     return outputs
+
+
+def _to_storage(hessians: dict, storage: torch.device) -> None:
+    """Hessians wait where the activations wait (offloaded: the CPU, so that a large one,
+    0.8 GB for a 14336-wide input, is not held on the GPU beside GPTQ's own working copy)."""
+    for name, (H, tokens) in hessians.items():
+        hessians[name] = (H.to(storage), tokens)

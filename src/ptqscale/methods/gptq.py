@@ -115,18 +115,20 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format | str, blocksize
     sweep = _sweep(W, fmt, blocksize, mx_aware, kernel)
     W_orig = W
     W = W.detach().to(torch.float32).clone()
-    H = H.detach().to(device=W.device, dtype=torch.float32).clone()
+    # one working copy of H on W's device (``copy=True``: exactly one, wherever H waits)
+    H = H.detach().to(device=W.device, dtype=torch.float32, copy=True)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     groups = ScaleGroups(fmt, W, static_groups)
     perm = _order(H, groups, actorder, mx_aware)
-    W, H = W[:, perm], H[perm][:, perm]
-    groups.permute(perm)
+    if actorder:  # the identity order needs no permuted copies (n x n each)
+        W, H = W[:, perm], H[perm][:, perm]
+        groups.permute(perm)
     Hinv, frac, damp, retries = damped_inverse_factor(H, percdamp, max_retries)
     del H  # the sweep needs only the factor (one n x n less at the peak)
     Q, loss = sweep(W, Hinv, groups, blocksize)
-    Q = Q[:, torch.argsort(perm)].to(W_orig.dtype)
+    Q = (Q[:, torch.argsort(perm)] if actorder else Q).to(W_orig.dtype)
     return Q, GPTQInfo(frac, damp, retries, loss, int(dead.sum()))
 
 
@@ -151,21 +153,22 @@ def damped_inverse_factor(H: torch.Tensor, percdamp: float, max_retries: int):
     most ``max_retries`` times. Returns ``(Hinv, fraction, lambda, retries)``.
     """
     mean_diag = torch.diag(H).mean()
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     for retry in range(max_retries + 1):
         frac = percdamp * 10.0**retry
-        # lambda on the diagonal in place: H + lambda * I without an identity matrix (the
-        # same values; at 14336 columns each n x n copy is 0.8 GB beside a GPU budget)
-        damped = H.clone()
-        damped.diagonal().add_(frac * mean_diag)
-        L, info = torch.linalg.cholesky_ex(damped)
-        del damped
+        # One n x n buffer besides H: lambda added on the diagonal (no identity matrix), then
+        # factor, inverse and factor again, each written over its input (``out=`` the input:
+        # the same kernels and values; at 14336 columns each n x n copy is 0.8 GB beside a GPU
+        # budget). H itself stays intact for a retry with more damping.
+        A = H.clone()
+        A.diagonal().add_(frac * mean_diag)
+        torch.linalg.cholesky_ex(A, out=(A, info))
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
-                return U, frac, float(frac * mean_diag), retry
+            torch.cholesky_inverse(A, out=A)
+            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
+            if int(info) == 0 and bool(torch.isfinite(A).all()):
+                return A, frac, float(frac * mean_diag), retry
+        del A
     raise GPTQNumericalError(
         f"the damped Hessian is not positive definite even with percdamp={frac:g} "
         f"({max_retries} retries); check the calibration inputs for inf/NaN or raise "
@@ -435,7 +438,7 @@ def _quantize_group(modules: list[tuple[str, nn.Module]], H: torch.Tensor, fmt: 
     into one matrix (one Cholesky, one column sweep: q/k/v cost one pass instead of three).
     """
     Ws = [m.weight.data for _, m in modules]
-    H = H.to(Ws[0].device)
+    device = Ws[0].device  # H stays where the walk keeps it: gptq_quantize copies it over
     kw = dict(blocksize=cfg.blocksize, percdamp=cfg.percdamp, actorder=cfg.actorder,
               static_groups=cfg.static_groups, mx_aware=cfg.mx_aware,
               max_retries=cfg.max_damp_retries, kernel=cfg.kernel)
@@ -448,10 +451,17 @@ def _quantize_group(modules: list[tuple[str, nn.Module]], H: torch.Tensor, fmt: 
     for (name, module), W, (Q, info) in zip(modules, Ws, results, strict=True):
         entry = layer_stats(name, W, Q, fmt.padding_needed(W.shape[1]))
         entry.update(info.to_dict())
-        entry.update(output_errors(W, Q, fmt.fake_quantize(W), H))
+        entry.update(output_errors(W, Q, fmt.fake_quantize(W), H.to(device)))
         module.weight.data.copy_(Q)
         entries.append(entry)
     return entries
+
+
+ERROR_CHUNK = 4096  # columns of H per float64 product in output_errors
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def output_errors(W: torch.Tensor, Q: torch.Tensor, R: torch.Tensor, H: torch.Tensor) -> dict:
@@ -461,11 +471,11 @@ def output_errors(W: torch.Tensor, Q: torch.Tensor, R: torch.Tensor, H: torch.Te
     squared output error per token (summed over output features), from ``H`` alone; ``rel``
     divides by the same quantity of ``W`` (the output energy).
     """
-    Hd = H.double()
-
     def energy(D: torch.Tensor) -> float:
+        # in float64, over column chunks of H: never a float64 n x n (1.6 GB at n = 14336)
         D = D.double()
-        return float(((D @ Hd) * D).sum() / 2)
+        return math.fsum(float(((D @ H[:, c].double()) * D[:, c]).sum())
+                         for c in _chunks(H.shape[1], ERROR_CHUNK)) / 2
 
     signal = energy(W)
     gptq, rtn = energy(W - Q), energy(W - R)

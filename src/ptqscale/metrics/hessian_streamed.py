@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ptqscale import console
@@ -63,6 +64,7 @@ from . import hessian as hs
 # as sum_b fraction_b H_b v by the consumer (no block-sized accumulator on the device), in
 # the order and with the operations of hessian.summed_hvp / hutchinson_samples: bitwise
 ProbeFn = Callable[[int], list[torch.Tensor]]
+HEAD_CHUNK_FLOATS = 2**24  # logits per span of the streamed head (64 MB in fp32)
 ReduceFn = Callable[[int, list[torch.Tensor], list[torch.Tensor], float], None]
 
 
@@ -161,9 +163,14 @@ class StreamedHVP:
 
     def _head(self, x_last: list[torch.Tensor], dx_last: list[torch.Tensor], as_tuple: bool):
         """``a_L`` (the gradient of the micro-batch's loss w.r.t. the last hidden states) and
-        its tangent ``da_L``, per micro-batch, from the model's own head (by replay)."""
-        from .landscape import nll_from_logits
+        its tangent ``da_L``, per micro-batch, from the model's own head (by replay).
 
+        The final norm and the head act on each position alone, so ``a`` and ``da`` of a
+        span of positions depend on that span only: the head runs over spans of at most
+        ``HEAD_CHUNK_FLOATS`` logits (the double backward of a 2048 x 128k head would hold
+        several GB of logit-sized tensors). Each span's loss is its summed NLL over the
+        micro-batch's token count, whose gradients are those of the mean (tests: bitwise).
+        """
         source = [None]
         adj, dadj = [], []
         tensors = _head_tensors(self.model, self.prefix, self.holder[0], self.batches[0])
@@ -171,15 +178,25 @@ class StreamedHVP:
                 _replaying(self.holder, source, as_tuple, self.device) as first:
             embed = self.model.get_input_embeddings().weight.device
             for ids, x, dx in zip(self.batches, x_last, dx_last):
-                x = x.to(self.device).requires_grad_(True)
-                source[0], first.batch = x, 0
-                logits = self.model(input_ids=ids.to(embed), use_cache=False).logits
-                loss = nll_from_logits(logits, ids.to(logits.device))
-                (a,) = torch.autograd.grad(loss, x, create_graph=True)
-                (da,) = torch.autograd.grad(a, x, dx.to(self.device), allow_unused=True)
-                adj.append(a.detach().to(self.storage))
-                dadj.append((torch.zeros_like(x) if da is None else da).to(self.storage))
+                parts = [self._head_span(ids, x, dx, span, source, first, embed)
+                         for span in head_spans(ids.shape, self.model.config.vocab_size)]
+                adj.append(torch.cat([a for a, _ in parts], dim=1).to(self.storage))
+                dadj.append(torch.cat([da for _, da in parts], dim=1).to(self.storage))
         return adj, dadj
+
+    def _head_span(self, ids, x, dx, span: slice, source: list, first, embed):
+        rows, length = ids.shape
+        xs = x[:, span].to(self.device).requires_grad_(True)
+        source[0], first.batch = xs, 0
+        logits = self.model(input_ids=ids[:, span].to(embed), use_cache=False).logits
+        target = ids[:, span.start + 1:span.stop + 1].to(logits.device)  # t predicts t + 1
+        pred = logits[:, :target.shape[1]]
+        pred = pred if pred.dtype == torch.float64 else pred.float()  # fp32 at least
+        loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1),
+                               reduction="sum") / (rows * (length - 1))
+        (a,) = torch.autograd.grad(loss, xs, create_graph=True)
+        (da,) = torch.autograd.grad(a, xs, dx[:, span].to(self.device), allow_unused=True)
+        return a.detach(), (torch.zeros_like(xs) if da is None else da)
 
     def _backward(self, i: int, xs, dxs, adj, dadj, probe: ProbeFn, reduce: ReduceFn):
         block = self.holder[i]
@@ -230,6 +247,13 @@ def streamed_hessian(model: nn.Module, targets: dict[str, nn.Linear], windows: t
         eig, iters, converged = hs.power_iteration(
             hvp, hvp.weights, cfg.power_iters, cfg.power_tol, cfg.seed, progress, hvp.device)
     return samples, trace_s, eig, iters, converged, time.perf_counter() - start
+
+
+def head_spans(shape: torch.Size, vocab: int) -> list[slice]:
+    """Spans of positions whose logits (rows x span x vocab) stay within HEAD_CHUNK_FLOATS."""
+    rows, length = shape
+    step = max(1, HEAD_CHUNK_FLOATS // (rows * vocab))
+    return [slice(s, min(s + step, length)) for s in range(0, length, step)]
 
 
 def names_in_blocks(holder: nn.ModuleList, targets: dict[str, nn.Linear]) -> list[dict[str, int]]:

@@ -69,6 +69,7 @@ def place_model(model: nn.Module, cfg: ModelConfig):
         apply_memory_budget,
         choose_streamed,
         module_tensors,
+        pin_host_weights,
         set_placement,
         within_budget,
     )
@@ -86,6 +87,8 @@ def place_model(model: nn.Module, cfg: ModelConfig):
     if not placement.streamed:
         with within_budget(placement, f"loading model {cfg.name!r} in one piece"):
             model.to(device)
+    elif device.type == "cuda":
+        pin_host_weights(model, weight_bytes)
     set_placement(model, placement)
     return placement
 
