@@ -115,17 +115,18 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format | str, blocksize
     sweep = _sweep(W, fmt, blocksize, mx_aware, kernel)
     W_orig = W
     W = W.detach().to(torch.float32).clone()
-    # one working copy of H on W's device (``copy=True``: exactly one, wherever H waits)
-    H = H.detach().to(device=W.device, dtype=torch.float32, copy=True)
+    # One working copy of H, where H waits: on the CPU when the caller offloads it, so that
+    # the device holds only the factorization's buffers (``damped_inverse_factor``).
+    H = H.detach().to(dtype=torch.float32, copy=True)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
+    W[:, dead.to(W.device)] = 0
     groups = ScaleGroups(fmt, W, static_groups)
-    perm = _order(H, groups, actorder, mx_aware)
+    perm = _order(H, groups, actorder, mx_aware).to(W.device)
     if actorder:  # the identity order needs no permuted copies (n x n each)
-        W, H = W[:, perm], H[perm][:, perm]
+        W, H = W[:, perm], H[perm.to(H.device)][:, perm.to(H.device)]
         groups.permute(perm)
-    Hinv, frac, damp, retries = damped_inverse_factor(H, percdamp, max_retries)
+    Hinv, frac, damp, retries = damped_inverse_factor(H, percdamp, max_retries, W.device)
     del H  # the sweep needs only the factor (one n x n less at the peak)
     Q, loss = sweep(W, Hinv, groups, blocksize)
     Q = (Q[:, torch.argsort(perm)] if actorder else Q).to(W_orig.dtype)
@@ -146,21 +147,24 @@ def _sweep(W: torch.Tensor, fmt: Format, blocksize: int, mx_aware: bool, kernel:
     return _columnwise_sweep
 
 
-def damped_inverse_factor(H: torch.Tensor, percdamp: float, max_retries: int):
-    """``Hinv``: upper Cholesky factor of ``(H + lambda I)^-1`` (Alg. 1, line 2).
+def damped_inverse_factor(H: torch.Tensor, percdamp: float, max_retries: int,
+                          device: torch.device | None = None):
+    """``Hinv``: upper Cholesky factor of ``(H + lambda I)^-1`` (Alg. 1, line 2), on
+    ``device`` (default: H's).
 
     ``lambda = percdamp * mean(diag H)``; on a failed factorization the fraction grows 10x, at
     most ``max_retries`` times. Returns ``(Hinv, fraction, lambda, retries)``.
     """
-    mean_diag = torch.diag(H).mean()
-    info = torch.empty((), dtype=torch.int32, device=H.device)
+    device = H.device if device is None else device
+    mean_diag = torch.diag(H).to(device).mean()  # on the device: the same sum wherever H waits
+    info = torch.empty((), dtype=torch.int32, device=device)
     for retry in range(max_retries + 1):
         frac = percdamp * 10.0**retry
-        # One n x n buffer besides H: lambda added on the diagonal (no identity matrix), then
-        # factor, inverse and factor again, each written over its input (``out=`` the input:
-        # the same kernels and values; at 14336 columns each n x n copy is 0.8 GB beside a GPU
-        # budget). H itself stays intact for a retry with more damping.
-        A = H.clone()
+        # One n x n buffer on the device (besides H, wherever H waits): lambda added on the
+        # diagonal (no identity matrix), then factor, inverse and factor again, each written
+        # over its input (``out=`` the input: the same kernels and values; at 14336 columns
+        # each n x n copy is 0.8 GB beside a GPU budget). H stays intact for a retry.
+        A = H.to(device, copy=True)
         A.diagonal().add_(frac * mean_diag)
         torch.linalg.cholesky_ex(A, out=(A, info))
         if int(info) == 0:
