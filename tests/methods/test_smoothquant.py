@@ -49,6 +49,21 @@ def test_smoothing_leaves_the_tiny_llama_function_unchanged(tiny_llama):
         {"o_proj", "down_proj"}
 
 
+def test_a_float64_model_is_smoothed_too(tiny_llama):
+    """The fold check runs in the model's precision: in fp32 a float64 model's tolerance
+    refused every fold and SmoothQuant (and AWQ, which shares it) silently smoothed nothing."""
+    model = copy.deepcopy(tiny_llama).double()
+    _spiky_norms_(model)
+    ids = torch.randint(0, 128, (3, 24))
+    with torch.no_grad():
+        ref = model(ids).logits
+    groups = smooth_(model, ids, alpha=0.5, batch_size=2)
+    assert [g["folded_into"].split(".")[-1] for g in groups if g["smoothed"]] == \
+        ["input_layernorm", "post_attention_layernorm"] * 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-10, atol=1e-10)
+
+
 def test_smoothing_leaves_stories260k_unchanged():
     path = ASSETS / "models" / "stories260K" / "stories260K.gguf"
     model, _ = load_model(ModelConfig(name="stories260k", path=str(path), max_seqlen=512))

@@ -119,16 +119,20 @@ def find_fold_target(block: nn.Module, group: list[str], order: list[str], batch
     ``batch`` is ``(hidden, args, kwargs)`` of the block on its device (any hidden states
     do: the test is structural).
     """
-    x_ref = _group_input(block, group[0], batch).float()
+    dtype = next(block.parameters()).dtype
+    # compared in the model's precision (at least fp32): a float64 model's 1e-9 tolerance
+    # would refuse every fold if the check itself ran in fp32
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    x_ref = _group_input(block, group[0], batch).to(work)
     gen = torch.Generator().manual_seed(0)
-    r = torch.empty(x_ref.shape[-1]).uniform_(0.5, 2.0, generator=gen)
-    tol = _TOL.get(next(block.parameters()).dtype, _TOL_LOW)
+    r = torch.empty(x_ref.shape[-1], dtype=work).uniform_(0.5, 2.0, generator=gen)
+    tol = _TOL.get(dtype, _TOL_LOW)
     for cand in _candidates(block, group, order, batch):
         module = block.get_submodule(cand.name)
         saved = [p.data.clone() for p, _ in _channel_params(module)]
         _divide_outputs_(module, 1.0 / r)
         try:
-            x_new = _group_input(block, group[0], batch).float()
+            x_new = _group_input(block, group[0], batch).to(work)
         finally:
             for (p, _), old in zip(_channel_params(module), saved, strict=True):
                 p.data.copy_(old)
