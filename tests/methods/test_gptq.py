@@ -162,7 +162,57 @@ def test_bad_inputs_are_refused_clearly():
     ({"format": "int4_g12x"}, "format"), ({"percdamp": 0.0}, "percdamp"),
     ({"mx_aware": True, "format": "int4"}, "mx_aware"), ({"device": "gpu"}, "device"),
     ({"targets": TargetsConfig(head=True)}, "head"), ({"batch_size": 0}, "batch_size"),
+    ({"group_fit": "ist"}, "group_fit"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         GPTQConfig(**kwargs)
+
+
+def reference_fasterquant(W, H, fmt, blocksize=128, percdamp=0.01):
+    """A transcription of IST-DASLab/gptq's ``fasterquant`` (groupsize, no act-order, no static
+    groups): a group's parameters come from ``W`` before the current lazy block's updates."""
+    W, H = W.clone().float(), H.clone()
+    n = W.shape[1]
+    g = fmt.scale_group_size(n)
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(n)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, n, blocksize):
+        i2 = min(i1 + blocksize, n)
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2]), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            if (i1 + i) % g == 0:
+                params = fmt.fit(W[:, i1 + i:i1 + i + g])
+            w, d = W1[:, i], Hinv1[i, i]
+            Q[:, i1 + i] = q = fmt.quantize_with(w.unsqueeze(1), params).flatten()
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return Q
+
+
+@pytest.mark.parametrize("name", ["int3_g32", "int4_g32_asym"])
+def test_group_fit_reference_is_the_reference_code(name):
+    """``group_fit=reference`` reproduces the reference loop; ``current`` (the default) differs
+    for groups that start inside a lazy block (issue 23 a: 23-43% of int3_g32 weights)."""
+    fmt = get_format(name)
+    H = correlated_hessian(256, seed=5)
+    W = torch.randn(32, 256, generator=torch.Generator().manual_seed(6))
+    ref = reference_fasterquant(W, H, fmt)
+    Q, _ = gptq_quantize(W, H, fmt, group_fit="reference")
+    assert (Q - ref).abs().gt(1e-6).float().mean().item() < 0.01
+    current, _ = gptq_quantize(W, H, fmt)
+    assert (current - ref).abs().gt(1e-6).float().mean().item() > 0.05
+    # groups as large as the lazy block start at its first column: the two rules agree
+    assert torch.equal(gptq_quantize(W, H, fmt, blocksize=32)[0],
+                       gptq_quantize(W, H, fmt, blocksize=32, group_fit="reference")[0])
+
+
+def test_group_fit_keys_only_when_not_the_earlier_behaviour():
+    """``added_later``: the default spelled out keys as records from before the field did."""
+    from ptqscale.runner.keys import method_identity
+
+    assert "group_fit" not in method_identity(GPTQConfig())
+    assert method_identity(GPTQConfig(group_fit="reference"))["group_fit"] == "reference"

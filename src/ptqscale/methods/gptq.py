@@ -79,6 +79,12 @@ from ptqscale.methods.base import (
 )
 from ptqscale.models import resolve_device
 
+# Where a group's scale is fitted when GPTQ reaches its first column (docs/gptq.md): on the
+# group's up-to-date columns (ours), or on the weights before the current lazy block's
+# updates, as IST-DASLab/gptq and llm-compressor do. They differ only for groups that start
+# inside a lazy block (groups smaller than ``blocksize``).
+GROUP_FITS = ("current", "reference")
+
 
 class GPTQNumericalError(RuntimeError):
     """The damped Hessian stayed non positive-definite after every retry."""
@@ -101,14 +107,17 @@ class GPTQInfo:
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format | str, blocksize: int = 128,
                   percdamp: float = 0.01, actorder: bool = False, static_groups: bool = False,
                   mx_aware: bool = False, max_retries: int = 3,
-                  kernel: str = "auto") -> tuple[torch.Tensor, GPTQInfo]:
+                  kernel: str = "auto", group_fit: str = "current") -> tuple[torch.Tensor, GPTQInfo]:
     """Quantize ``W`` (rows, columns) given the Hessian ``H`` (columns, columns) of its inputs.
 
     Returns ``(Q, info)``: ``Q`` has ``W``'s shape, dtype and device. fp32 inside, whatever
     ``W``'s dtype: the error feedback accumulates over thousands of columns. Deterministic.
     ``kernel``: the column loop as one Triton launch per lazy block (``"auto"``: on CUDA for
     the formats :mod:`ptqscale.formats.kernels` covers; see :mod:`.gptq_kernel`) or the torch
-    loop (``"torch"``); ``"triton"`` fails where the kernel cannot run.
+    loop (``"torch"``); ``"triton"`` fails where the kernel cannot run. ``group_fit``: a
+    group's scale is fitted, when its first column is reached, on the group's up-to-date
+    columns (``"current"``) or, as the reference code does, on the weights before the updates
+    of the current lazy block (``"reference"``; see :data:`GROUP_FITS`).
     """
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
     _check(W, H, fmt, blocksize, percdamp, mx_aware, max_retries)
@@ -121,7 +130,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format | str, blocksize
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead.to(W.device)] = 0
-    groups = ScaleGroups(fmt, W, static_groups)
+    groups = ScaleGroups(fmt, W, static_groups, group_fit)
     perm = _order(H, groups, actorder, mx_aware).to(W.device)
     if actorder:  # the identity order needs no permuted copies (n x n each)
         W, H = W[:, perm], H[perm.to(H.device)][:, perm.to(H.device)]
@@ -188,9 +197,9 @@ class ScaleGroups:
     values of the group's columns) unless they were fitted up front (static groups).
     """
 
-    def __init__(self, fmt: Format, W: torch.Tensor, static: bool):
+    def __init__(self, fmt: Format, W: torch.Tensor, static: bool, fit: str = "current"):
         columns = W.shape[1]
-        self.fmt, self.columns = fmt, columns
+        self.fmt, self.columns, self.fit_rule = fmt, columns, fit
         g = fmt.scale_group_size(columns)
         self.g = columns if g is None or g > columns else g  # per-tensor/per-row: one group
         self.n_groups = -(-columns // self.g)
@@ -245,8 +254,7 @@ def _columnwise_sweep(W, Hinv, groups: ScaleGroups, blocksize: int):
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            current = current_values(W, W1, Err1, Hinv, i1, i)
-            p = groups.params(i1 + i, current)
+            p = groups.params(i1 + i, current_values(W, W1, Err1, Hinv, i1, i, groups.fit_rule))
             w, d = W1[:, i], Hinv1[i, i]
             q = groups.fmt.quantize_with(w.unsqueeze(1), p).squeeze(1)
             Q[:, i1 + i] = q
@@ -258,12 +266,16 @@ def _columnwise_sweep(W, Hinv, groups: ScaleGroups, blocksize: int):
     return Q, float(loss)
 
 
-def current_values(W, W1, Err1, Hinv, i1: int, i: int):
-    """Up-to-date values of not-yet-rounded columns at positions P, pending updates applied.
+def current_values(W, W1, Err1, Hinv, i1: int, i: int, rule: str = "current"):
+    """Values of not-yet-rounded columns at positions P that a group's scale is fitted on.
 
-    Columns inside the current lazy block are in ``W1`` (already updated); columns after it
-    still lack ``Err1[:, :i] @ Hinv[i1:i1+i, P]``, the deferred part of the lazy update.
+    ``current``: up to date, pending updates applied. Columns inside the current lazy block
+    are in ``W1`` (already updated); columns after it still lack ``Err1[:, :i] @ Hinv[i1:i1+i,
+    P]``, the deferred part of the lazy update. ``reference``: ``W`` as it stands, without the
+    updates of the current lazy block (what IST-DASLab/gptq's ``find_params(W[:, ...])`` sees).
     """
+    if rule == "reference":
+        return lambda P: W[:, P]
     i2 = i1 + W1.shape[1]
 
     def current(P: torch.Tensor) -> torch.Tensor:
@@ -293,8 +305,10 @@ def _groupwise_sweep(W, Hinv, groups: ScaleGroups, blocksize: int):
         Err1 = torch.zeros_like(W1)
         U1 = Hinv[i1:i2, i1:i2]
         for a, b in ((a - i1, b - i1) for a, b in block):
-            # the group is exactly these columns of W1 (already updated): fit on them
-            p = groups.params(i1 + a, lambda P, W1=W1, a=a, b=b: W1[:, a:b])
+            # the group is exactly these columns of W1 (already updated): fit on them, or
+            # (reference rule) on W's, before this block's updates
+            src = W1[:, a:b] if groups.fit_rule == "current" else W[:, i1 + a:i1 + b]
+            p = groups.params(i1 + a, lambda P, src=src: src)
             Q[:, i1 + a:i1 + b] = groups.fmt.quantize_with(W1[:, a:b], p)
             E = W1[:, a:b] - Q[:, i1 + a:i1 + b]
             # Err = E U_BB^-1: the multi-column OBS update in the factor's coordinates
@@ -356,6 +370,7 @@ class GPTQConfig(MethodConfig):
     # kernel: like the device, it changes results only by float rounding (fused multiply-adds)
     not_in_key: ClassVar[tuple[str, ...]] = ("batch_size", "hessian_cache", "device", "offload",
                                              "kernel")
+    added_later: ClassVar[dict[str, Any]] = {"group_fit": "current"}  # runner/keys.py
     name: str = "gptq"
     format: str = "int4_g128"
     targets: TargetsConfig = field(default_factory=TargetsConfig)
@@ -368,6 +383,7 @@ class GPTQConfig(MethodConfig):
     fp_inputs: bool = False  # Hessians from the full-precision model (cacheable)
     mx_aware: bool = False  # round whole scale groups at once (grouped/MX formats)
     max_damp_retries: int = 3  # 10x damping per failed Cholesky, at most this often
+    group_fit: str = "current"  # group scales from up-to-date columns | reference (GROUP_FITS)
     batch_size: int = 8  # calibration sequences per forward pass
     hessian_cache: bool = True  # reuse Hessians across jobs (only with fp_inputs)
     device: str = "auto"  # where blocks compute: auto (cuda if available) | cpu | cuda[:N]
@@ -383,6 +399,8 @@ class GPTQConfig(MethodConfig):
             (self.max_damp_retries >= 0,
              f"method.max_damp_retries={self.max_damp_retries} must be >= 0"),
             (self.kernel in KERNELS, f"method.kernel={self.kernel!r}: allowed {list(KERNELS)}"),
+            (self.group_fit in GROUP_FITS,
+             f"method.group_fit={self.group_fit!r}: allowed {list(GROUP_FITS)}"),
             (bool(METHOD_DEVICE.match(self.device)),
              f"method.device={self.device!r}: allowed auto, cpu, cuda, cuda:N"),
             (not (self.mx_aware and fmt.block_size is None),
@@ -396,7 +414,7 @@ class GPTQConfig(MethodConfig):
 
     def settings(self) -> dict[str, Any]:
         keys = ("percdamp", "blocksize", "actorder", "static_groups", "true_sequential",
-                "fp_inputs", "mx_aware", "max_damp_retries", "batch_size", "hessian_cache",
+                "fp_inputs", "mx_aware", "max_damp_retries", "group_fit", "batch_size", "hessian_cache",
                 "device", "offload", "kernel")
         return {k: getattr(self, k) for k in keys}
 
@@ -445,7 +463,7 @@ def _quantize_group(modules: list[tuple[str, nn.Module]], H: torch.Tensor, fmt: 
     device = Ws[0].device  # H stays where the walk keeps it: gptq_quantize copies it over
     kw = dict(blocksize=cfg.blocksize, percdamp=cfg.percdamp, actorder=cfg.actorder,
               static_groups=cfg.static_groups, mx_aware=cfg.mx_aware,
-              max_retries=cfg.max_damp_retries, kernel=cfg.kernel)
+              max_retries=cfg.max_damp_retries, kernel=cfg.kernel, group_fit=cfg.group_fit)
     if len(Ws) > 1 and not (fmt.per_tensor or fmt.needs_tensor_amax):
         Q, info = gptq_quantize(torch.cat(Ws), H, fmt, **kw)
         results = [(Qi, info) for Qi in Q.split([W.shape[0] for W in Ws])]

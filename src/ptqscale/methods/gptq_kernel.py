@@ -49,7 +49,7 @@ def columnwise_sweep(W: torch.Tensor, Hinv: torch.Tensor, groups, blocksize: int
         Hinv1 = Hinv[i1:i2, i1:i2].contiguous()
         pos = i1
         while pos < i2:  # segments end where a group must be fitted on up-to-date columns
-            groups.params(pos, current_values(W, W1, Err1, Hinv, i1, pos - i1))
+            groups.params(pos, current_values(W, W1, Err1, Hinv, i1, pos - i1, groups.fit_rule))
             _fill(S, Z, groups, filled)
             end = pos + 1
             while end < i2 and groups.group_at[end] in groups.fitted:

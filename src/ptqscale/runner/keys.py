@@ -62,10 +62,16 @@ def speed_only(cfg: Any) -> dict:
 
     A field that entered keys before it was declared so is hashed at the one value that
     every committed key used (``keyed_as``): the old keys stay, and no value re-keys a job.
+    A field added after records were keyed (``added_later``: field -> the behaviour every
+    earlier record had) counts only at another value, so adding it re-keys nothing.
     """
     cls = type(cfg)
     ignored = getattr(cls, "not_in_key", ())
-    return {**_without(cfg, ignored), **getattr(cls, "keyed_as", {})}
+    d = {**_without(cfg, ignored), **getattr(cls, "keyed_as", {})}
+    for name, before in getattr(cls, "added_later", {}).items():
+        if d.get(name) == before:
+            d.pop(name, None)
+    return d
 
 
 def eval_identity(eval_cfg: Any) -> dict:
