@@ -1,0 +1,442 @@
+"""GPU cost of a job before it runs: seconds and peak GPU memory per stage, from a model
+fitted to our own measurements (issue 20; ``ptqscale-plan`` prints it per job).
+
+The model is fitted, never typed in::
+
+    python -m ptqscale.runner.cost --fit bench/results --results results
+    # -> src/ptqscale/assets/cost_model.json (the devices and dates of the data with it)
+
+Data: the benchmark files in ``bench/results`` (``streaming_*_h200.jsonl`` one line per stage;
+``bench_gptq``, ``bench_perplexity``, ``bench_landscape_*`` .json) and the GPU records of the
+store (``timings``, ``quantization.cost``, ``landscape.cost_*``). Each measurement becomes a
+:class:`Point` of one stage:
+
+==============  =======================================================  ==================
+stage           work (the fitted feature besides a constant)             a job's work
+==============  =======================================================  ==================
+eval            N x tokens scored (one perplexity pass)                  N x eval.max_tokens
+rtn             N                                                        N
+<method>        N x calibration tokens (gptq, awq, athena, blockft_...)  N x nsamples x seqlen
+noise           N x tokens of the noise response passes                  N x (levels x seeds x (2 if antithetic) + 1) x max_tokens
+hessian         N x HVPs x tokens per HVP (Hutchinson + power iters)     N x (probes + power_iters) x max_tokens
+directional     N x tokens (the rest of the landscape stage)             N x (len(ts) + 1) x max_tokens
+==============  =======================================================  ==================
+
+``N`` is the total parameter count. Per (stage, placement one|streamed, precision 16-bit|fp32)
+the fit is ``seconds = a + b * work`` and ``peak GiB = c + d * N``, non-negative least squares
+on relative errors (a point of 0.5 s counts as much as one of 100 s). A group measured at one
+size only (sizes within 2x) cannot tell a constant from a rate: its time is fitted
+proportional to work (``a = 0``), its peak as the weights held (N x dtype bytes; none when
+streamed) plus the rest measured, a constant. What the data does not
+cover gets no estimate, with the reason: a stage or method never measured in that
+placement and precision, a model more than ``MAX_EXTRAPOLATION`` times larger than the
+largest one measured, a budgeted placement (``max_gpu_memory``: it trades time for memory),
+an unbounded eval (``eval.max_tokens=null``: tokens depend on the tokenizer).
+
+What the data says of formats: on 1-14B shapes a format changes the quantize stage little
+(fused kernels at copy bandwidth, bench_formats); on the tiny records the spread between
+formats (up to 10x for nf4/fp8 GPTQ) is first-use compilation, a constant. Formats are not a
+feature. Host work is not estimated: loading (disk or hub download), tokenizing,
+preparing calibration data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+COST_MODEL = Path(__file__).resolve().parents[1] / "assets" / "cost_model.json"
+GIB = 2**30
+# Rate-bound stages grow linearly in N x tokens (the bench's 1-14B shapes agree: streaming.md
+# section 3); beyond 8x the largest model measured the placement and memory regime may change,
+# so an estimate there would be a guess.
+MAX_EXTRAPOLATION = 8.0
+WORK_PER_TOKEN = ("eval", "noise", "hessian", "directional")
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)([kmb])(\d*)$")
+
+
+@dataclass
+class Point:
+    """One measured stage: where it came from and what it cost."""
+
+    source: str
+    device: str
+    date: str
+    stage: str
+    placement: str      # one | streamed
+    precision: str      # 16-bit | fp32 (the model's dtype)
+    n_params: float
+    work: float
+    seconds: float
+    peak_gib: float | None = None
+
+
+def precision_of(dtype: str) -> str:
+    return "fp32" if dtype in ("float32", "fp32") else "16-bit"
+
+
+# -- data -------------------------------------------------------------------------------------
+def bench_points(folder: str | Path) -> list[Point]:
+    """The points of the benchmark files in ``folder`` (runs with a GPU memory cap left out)."""
+    folder, points = Path(folder), []
+    for path in sorted(folder.glob("streaming_*.jsonl")):
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        run, src = lines[0], path.name
+        cfg, n = run["config"], float(run["params"])
+        if cfg.get("max_gpu_memory"):
+            continue
+        for m in lines[1:]:
+            if m.get("status") != "ok":
+                continue
+            base = dict(source=src, device=run["device"], date=run["date"], placement=m["placement"],
+                        precision=precision_of(m["dtype"]), n_params=n, peak_gib=m.get("peak_gib"))
+            stage = m["stage"]
+            if stage.startswith("ppl"):
+                points.append(Point(stage="eval", work=n * m["tokens"], seconds=m["seconds"], **base))
+            elif stage == "rtn":
+                points.append(Point(stage="rtn", work=n, seconds=m["seconds"], **base))
+            elif stage == "gptq":
+                points.append(Point(stage="gptq", work=n * cfg["nsamples"] * cfg["seqlen"],
+                                    seconds=m["seconds"], **base))
+            elif stage in ("noise", "hessian"):
+                points += _landscape_points(m, n, cfg["landscape_tokens"], base)
+    points += _bench_json_points(folder)
+    return points
+
+
+def _landscape_points(m: dict, n: float, tokens: int, base: dict) -> list[Point]:
+    """Noise and Hessian points of a landscape measurement (bench line or record)."""
+    out = []
+    if m.get("cost_noise_response_tokens"):
+        out.append(Point(stage="noise", work=n * m["cost_noise_response_tokens"],
+                         seconds=m["cost_noise_response_s"], **base))
+    hvps = (m.get("cost_hessian_trace_hvps") or 0) + (m.get("cost_top_eigenvalue_hvps") or 0)
+    if hvps:
+        out.append(Point(stage="hessian", work=n * hvps * tokens,
+                         seconds=m["cost_hessian_trace_s"] + m["cost_top_eigenvalue_s"], **base))
+    return out
+
+
+def _bench_json_points(folder: Path) -> list[Point]:
+    points = []
+    gptq = folder / "bench_gptq.json"
+    if gptq.is_file():
+        d = json.loads(gptq.read_text())
+        env = d["environment"]
+        for r in d["rows"]:
+            if r["part"] == "timing" and r["method"] == "ptqscale":
+                points.append(Point("bench_gptq.json", env["device"], env["date"], "gptq", "one",
+                                    "16-bit", r["params"], r["params"] * r["nsamples"] * r["seqlen"],
+                                    r["seconds"], r["peak_gib"]))
+    ppl = folder / "bench_perplexity.json"
+    if ppl.is_file():
+        d = json.loads(ppl.read_text())
+        for r in d["rows"]:
+            if r["path"] == "eager":   # eval.compile=false, the default; compiled is another setting
+                points.append(Point("bench_perplexity.json", d["device"], d["date"], "eval", "one",
+                                    precision_of(d["dtype"].split(".")[-1]), d["params"],
+                                    d["params"] * r["tokens"], r["seconds"]))
+    for path in sorted(folder.glob("bench_landscape_*.json")):
+        d = json.loads(path.read_text())
+        n, feats = float(d["n_params"]), d["features"]
+        stages = {"baseline": "eval", "noise": "noise", "directional": "directional",
+                  "trace": "hessian", "eigen": "hessian"}
+        for name, f in feats.items():
+            # trace/eigen: "tokens" counts every HVP's tokens, as hessian work does
+            points.append(Point(path.name, d["device"], d["date"], stages[name], "one", "16-bit",
+                                n, n * f["tokens"], f["seconds"], f.get("peak_gib")))
+    return points
+
+
+def record_points(results: str | Path) -> list[Point]:
+    """The points of the store's complete GPU records (every study under ``results``)."""
+    points = []
+    for path in sorted(Path(results).glob("*/records/*.json")):
+        r = json.loads(path.read_text())
+        env = r.get("env", {})
+        if r.get("status") != "complete" or not str(env.get("device", "")).startswith("cuda"):
+            continue
+        n, t, m = float(r["params"]["total"]), r["timings"], r["metrics"]
+        base = dict(source=f"records/{r['study']}", device=env.get("device_name", env["device"]),
+                    date=r["created_at"], placement="one",
+                    precision=precision_of(r["model"]["dtype"]), n_params=n)
+        points.append(Point(stage="eval", work=n * m["tokens"], seconds=t["eval"], **base))
+        if not m.get("fp_cached") and t.get("fp_eval", 0) > 0.05:   # computed, not read back
+            points.append(Point(stage="eval", work=n * m["tokens"], seconds=t["fp_eval"], **base))
+        q = r.get("quantization") or {}
+        cost, method = q.get("cost"), r["method"]["name"]
+        if cost and method != "none":
+            calib = q.get("calibration") or {}
+            work = n * calib["nsamples"] * calib["seqlen"] if calib else n
+            points.append(Point(stage=method, work=work, seconds=cost["seconds"],
+                                peak_gib=cost["peak_memory_bytes"] / GIB, **base))
+        land = r.get("landscape") or {}
+        lcfg = r["config"].get("landscape") or {}
+        if t.get("landscape", 0) > 1.0 and "cost_noise_response_s" in land:   # computed here
+            tokens = land["landscape_tokens"]
+            parts = _landscape_points(land, n, tokens, base)
+            rest = t["landscape"] - sum(p.seconds for p in parts)
+            points += parts
+            if rest > 0 and lcfg.get("directional_ts"):
+                points.append(Point(stage="directional", seconds=rest,
+                                    work=n * (len(lcfg["directional_ts"]) + 1) * tokens, **base))
+    return points
+
+
+# -- fit --------------------------------------------------------------------------------------
+def _nnls_relative(x: list[list[float]], y: list[float]) -> list[float]:
+    """Non-negative coefficients minimising sum ((x . c - y) / y)^2."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    a = np.asarray(x, dtype=float) / np.asarray(y, dtype=float)[:, None]
+    scale = np.maximum(np.abs(a).max(axis=0), 1e-300)   # columns of ~1 for a stable solve
+    coef, _ = nnls(a / scale, np.ones(len(y)))
+    return (coef / scale).tolist()
+
+
+def fit(points: list[Point], gpu_gib: float | None = None) -> dict:
+    """The cost model of ``points``: per (stage, placement, precision) group, time and memory.
+
+    ``gpu_gib``: the memory of the GPU that decides "needs streaming" (the H200's, as torch
+    reported it in the streaming bench: :func:`h200_gib`)."""
+    groups: dict[str, list[Point]] = {}
+    for p in points:
+        groups.setdefault(f"{p.stage}|{p.placement}|{p.precision}", []).append(p)
+    model: dict[str, Any] = {"groups": {}, "max_extrapolation": MAX_EXTRAPOLATION}
+    for key, pts in sorted(groups.items()):
+        sizes = [p.n_params for p in pts]
+        if max(sizes) >= 2 * min(sizes):
+            a, b = _nnls_relative([[1.0, p.work] for p in pts], [p.seconds for p in pts])
+        else:   # one size: a constant and a rate are not told apart; the rate is what scales
+            a, (b,) = 0.0, _nnls_relative([[p.work] for p in pts], [p.seconds for p in pts])
+        g = {"seconds": [a, b], "points": len(pts), "max_params": max(p.n_params for p in pts),
+             "min_params": min(p.n_params for p in pts),
+             "devices": sorted({p.device for p in pts}), "sources": sorted({p.source for p in pts}),
+             "dates": [min(p.date for p in pts)[:10], max(p.date for p in pts)[:10]]}
+        mem = [p for p in pts if p.peak_gib]
+        if mem and max(p.n_params for p in mem) >= 2 * min(p.n_params for p in mem):
+            g["peak_gib"] = _nnls_relative([[1.0, p.n_params] for p in mem], [p.peak_gib for p in mem])
+        elif mem:   # one size: the weights held (none when streamed) + the rest, a constant
+            per_param = _weight_gib_per_param(mem[0])
+            rest = sum(p.peak_gib - per_param * p.n_params for p in mem) / len(mem)
+            g["peak_gib"] = [max(rest, 0.0), per_param]
+            g["peak_points"] = len(mem)
+        model["groups"][key] = g
+    model["gpu"] = {"name": "NVIDIA H200", "gib": gpu_gib}
+    model["devices"] = sorted({p.device for p in points})
+    model["dates"] = [min(p.date for p in points)[:10], max(p.date for p in points)[:10]]
+    model["points"] = len(points)
+    return model
+
+
+def _weight_gib_per_param(p: Point) -> float:
+    if p.placement == "streamed":
+        return 0.0
+    return (4 if p.precision == "fp32" else 2) / GIB
+
+
+def h200_gib(folder: str | Path) -> float | None:
+    """The H200's memory as torch reported it in the streaming bench (not typed in)."""
+    for path in sorted(Path(folder).glob("streaming_*.jsonl")):
+        run = json.loads(path.read_text().splitlines()[0])
+        if "H200" in run.get("device", "") and run.get("gpu_total_gib"):
+            return float(run["gpu_total_gib"])
+    return None
+
+
+def predict(group: dict, work: float, n_params: float) -> tuple[float, float | None]:
+    """(seconds, peak GiB or None) of one stage from its fitted group."""
+    a, b = group["seconds"]
+    peak = None
+    if "peak_gib" in group:
+        c, d = group["peak_gib"]
+        peak = c + d * n_params
+    return a + b * work, peak
+
+
+def load_cost_model(path: str | Path = COST_MODEL) -> dict | None:
+    """The fitted cost model, or None when it was never fitted."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# -- a job's estimate -------------------------------------------------------------------------
+def nominal_params(size: str) -> float | None:
+    """The parameter count a member is published under, from its ``model.size``.
+
+    Example::
+
+        >>> nominal_params("6.9b"), nominal_params("7b1"), nominal_params("160m")
+        (6900000000.0, 7100000000.0, 160000000.0)
+    """
+    match = _SIZE.match(str(size).strip().lower())
+    if not match:
+        return None
+    whole, unit, frac = match.groups()   # BLOOM's "7b1" is 7.1b
+    value = float(f"{whole}.{frac}" if frac else whole)
+    return value * {"k": 1e3, "m": 1e6, "b": 1e9}[unit]
+
+
+@dataclass
+class StageCost:
+    stage: str
+    seconds: float
+    peak_gib: float | None
+    model_level: bool    # shared by every job of the model (fp pass, landscape): paid once
+
+
+@dataclass
+class JobCost:
+    """A job's estimate: its stages on ``placement`` (None and ``reason`` when there is none)."""
+
+    stages: list[StageCost] = field(default_factory=list)
+    placement: str | None = None
+    fits: bool | None = None        # peak within the GPU (None: no memory data)
+    reason: str = ""
+
+    @property
+    def peak_gib(self) -> float | None:
+        peaks = [s.peak_gib for s in self.stages if s.peak_gib is not None]
+        return max(peaks) if peaks else None
+
+
+class NoEstimate(Exception):
+    """Why a job has no estimate."""
+
+
+def job_work(spec: Any, n: float) -> list[tuple[str, float, bool]]:
+    """(stage, work, model-level) of every GPU stage of the job ``spec`` (a JobSpec)."""
+    tokens = spec.eval.max_tokens
+    if tokens is None:
+        raise NoEstimate("eval.max_tokens=null: the tokens scored depend on the tokenizer; "
+                         "set eval.max_tokens for an estimate")
+    stages = [("eval", n * tokens, True), ("eval", n * tokens, False)]  # fp pass, quantized pass
+    method = spec.method.name
+    if method == "rtn":
+        stages.append(("rtn", n, False))
+    elif method != "none":
+        if spec.calib is None:
+            raise NoEstimate(f"method {method} reads no calibration data: no cost feature for it")
+        stages.append((method, n * spec.calib.nsamples * spec.calib.seqlen, False))
+    land = spec.landscape
+    if land is not None:
+        t = land.max_tokens
+        passes = len(land.levels_db) * land.seeds * (2 if land.antithetic else 1) + 1
+        stages.append(("noise", n * passes * t, True))
+        if land.hessian:   # power iterations may stop early: an upper bound
+            stages.append(("hessian", n * (land.hutchinson_probes + land.power_iters) * t, True))
+        if land.directional_ts:
+            stages.append(("directional", n * (len(land.directional_ts) + 1) * t, True))
+    return stages
+
+
+def estimate_job(model: dict | None, spec: Any) -> JobCost:
+    """The estimate of one job (a JobSpec), on the placement it would run with on an H200."""
+    try:
+        return _estimate(model, spec)
+    except NoEstimate as e:
+        return JobCost(reason=str(e))
+
+
+def _estimate(model: dict | None, spec: Any) -> JobCost:
+    if model is None:
+        raise NoEstimate(f"no cost model ({COST_MODEL.name}): python -m ptqscale.runner.cost "
+                         "--fit bench/results")
+    cfg = spec.model
+    n = nominal_params(cfg.size)
+    if n is None:
+        raise NoEstimate(f"model.size={cfg.size!r} is not a parameter count such as 160m, 6.9b")
+    if cfg.max_gpu_memory:
+        raise NoEstimate(f"model.max_gpu_memory={cfg.max_gpu_memory}: budgeted runs trade time "
+                         "for memory and are not in the fit")
+    if cfg.dtype == "auto":
+        raise NoEstimate("model.dtype=auto: the checkpoint's dtype is not known offline")
+    precision = precision_of(cfg.dtype)
+    work = job_work(spec, n)
+    if cfg.placement != "auto":
+        return _on(model, work, n, cfg.placement, precision)
+    one = None
+    try:
+        one = _on(model, work, n, "one", precision)
+    except NoEstimate:
+        pass
+    if one is not None and one.fits is not False:
+        return one
+    return _on(model, work, n, "streamed", precision)
+
+
+def _on(model: dict, work: list, n: float, placement: str, precision: str) -> JobCost:
+    stages = []
+    for stage, w, level in work:
+        group = model["groups"].get(f"{stage}|{placement}|{precision}")
+        if group is None:
+            raise NoEstimate(f"stage {stage!r} was never measured with placement={placement} "
+                             f"in {precision} (cost_model.json)")
+        limit = model["max_extrapolation"] * group["max_params"]
+        if n > limit:
+            raise NoEstimate(f"stage {stage!r} ({placement}, {precision}) measured up to "
+                             f"{group['max_params'] / 1e9:.3g}B parameters; {n / 1e9:.3g}B is "
+                             f"beyond {model['max_extrapolation']:g}x that")
+        seconds, peak = predict(group, w, n)
+        stages.append(StageCost(stage, seconds, peak, level))
+    cost = JobCost(stages, placement)
+    gpu = model["gpu"]["gib"]
+    if gpu is not None and cost.peak_gib is not None:
+        cost.fits = cost.peak_gib <= gpu
+    return cost
+
+
+# -- command line -----------------------------------------------------------------------------
+def fit_files(bench: str | Path, results: str | Path | None) -> dict:
+    """The cost model of the bench folder (and the store's GPU records under ``results``)."""
+    points = bench_points(bench) + (record_points(results) if results else [])
+    if not points:
+        raise SystemExit(f"no benchmark points in {bench}")
+    model = fit(points, h200_gib(bench))
+    model["fitted_from"] = {"bench": str(bench), "results": str(results) if results else None}
+    return model
+
+
+def residuals(model: dict, points: list[Point]) -> list[tuple[Point, float]]:
+    """(point, predicted / measured seconds) of each point under ``model``."""
+    out = []
+    for p in points:
+        group = model["groups"][f"{p.stage}|{p.placement}|{p.precision}"]
+        out.append((p, predict(group, p.work, p.n_params)[0] / p.seconds))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ptqscale.runner.cost",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--fit", metavar="BENCH_DIR", required=True,
+                        help="folder of the benchmark results (bench/results)")
+    parser.add_argument("--results", metavar="DIR", help="store whose GPU records join the fit")
+    parser.add_argument("--out", default=str(COST_MODEL), help=f"default: {COST_MODEL}")
+    args = parser.parse_args(argv)
+    model = fit_files(args.fit, args.results)
+    Path(args.out).write_text(json.dumps(model, indent=1, sort_keys=True) + "\n")
+    points = bench_points(args.fit) + (record_points(args.results) if args.results else [])
+    print(f"{len(points)} points from {', '.join(model['devices'])} "
+          f"({model['dates'][0]}..{model['dates'][1]}) -> {args.out}")
+    print(f"{'stage|placement|precision':34} {'pts':>4} {'a s':>8} {'s/(work)':>10} "
+          f"{'max N':>8} {'median pred/meas':>17} {'worst':>6}")
+    by_group: dict[str, list[float]] = {}
+    for p, ratio in residuals(model, points):
+        by_group.setdefault(f"{p.stage}|{p.placement}|{p.precision}", []).append(ratio)
+    for key, g in model["groups"].items():
+        r = sorted(by_group[key])
+        worst = max(max(r), 1 / min(r))
+        print(f"{key:34} {g['points']:>4} {g['seconds'][0]:>8.3g} {g['seconds'][1]:>10.3g} "
+              f"{g['max_params'] / 1e9:>7.3g}B {r[len(r) // 2]:>17.2f} {worst:>6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
