@@ -19,8 +19,10 @@ rtn             N                                                        N
 <method>        N x calibration tokens (gptq, awq, athena, blockft_...)  N x nsamples x seqlen
 noise           N x tokens of the noise response passes                  N x (levels x seeds x (2 if antithetic) + 1) x max_tokens
 hessian         N x HVPs x tokens per HVP (Hutchinson + power iters)     N x (probes + power_iters) x max_tokens
-directional     N x tokens (the rest of the landscape stage)             N x (len(ts) + 1) x max_tokens
 ==============  =======================================================  ==================
+
+(The landscape stage of a job is the noise response and the Hessian; the directional profile
+is not part of a job; the rest of the stage, under 1 s on the records, is left out.)
 
 ``N`` is the total parameter count. Per (stage, placement one|streamed, precision 16-bit|fp32)
 the fit is ``seconds = a + b * work`` and ``peak GiB = c + d * N``, non-negative least squares
@@ -56,7 +58,6 @@ GIB = 2**30
 # section 3); beyond 8x the largest model measured the placement and memory regime may change,
 # so an estimate there would be a guess.
 MAX_EXTRAPOLATION = 8.0
-WORK_PER_TOKEN = ("eval", "noise", "hessian", "directional")
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([kmb])(\d*)$")
 
 
@@ -144,9 +145,10 @@ def _bench_json_points(folder: Path) -> list[Point]:
     for path in sorted(folder.glob("bench_landscape_*.json")):
         d = json.loads(path.read_text())
         n, feats = float(d["n_params"]), d["features"]
-        stages = {"baseline": "eval", "noise": "noise", "directional": "directional",
-                  "trace": "hessian", "eigen": "hessian"}
+        stages = {"baseline": "eval", "noise": "noise", "trace": "hessian", "eigen": "hessian"}
         for name, f in feats.items():
+            if name not in stages:   # the directional profile is not a stage of a job
+                continue
             # trace/eigen: "tokens" counts every HVP's tokens, as hessian work does
             points.append(Point(path.name, d["device"], d["date"], stages[name], "one", "16-bit",
                                 n, n * f["tokens"], f["seconds"], f.get("peak_gib")))
@@ -176,15 +178,8 @@ def record_points(results: str | Path) -> list[Point]:
             points.append(Point(stage=method, work=work, seconds=cost["seconds"],
                                 peak_gib=cost["peak_memory_bytes"] / GIB, **base))
         land = r.get("landscape") or {}
-        lcfg = r["config"].get("landscape") or {}
         if t.get("landscape", 0) > 1.0 and "cost_noise_response_s" in land:   # computed here
-            tokens = land["landscape_tokens"]
-            parts = _landscape_points(land, n, tokens, base)
-            rest = t["landscape"] - sum(p.seconds for p in parts)
-            points += parts
-            if rest > 0 and lcfg.get("directional_ts"):
-                points.append(Point(stage="directional", seconds=rest,
-                                    work=n * (len(lcfg["directional_ts"]) + 1) * tokens, **base))
+            points += _landscape_points(land, n, land["landscape_tokens"], base)
     return points
 
 
@@ -331,8 +326,6 @@ def job_work(spec: Any, n: float) -> list[tuple[str, float, bool]]:
         stages.append(("noise", n * passes * t, True))
         if land.hessian:   # power iterations may stop early: an upper bound
             stages.append(("hessian", n * (land.hutchinson_probes + land.power_iters) * t, True))
-        if land.directional_ts:
-            stages.append(("directional", n * (len(land.directional_ts) + 1) * t, True))
     return stages
 
 
