@@ -27,9 +27,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_streaming import GIB, measure, release  # noqa: E402  (sets the allocator first)
-
 import torch  # noqa: E402
+from bench_streaming import GIB, measure, release  # noqa: E402  (sets the allocator first)
 
 # Pythia's published configs (EleutherAI/pythia-*/config.json): gpt_neox, rotary 25%,
 # parallel residual, untied head, vocab 50304, context 2048.
@@ -87,7 +86,7 @@ def run_job(size: str, method_name: str, fmt: str, args, dev: torch.device) -> d
     for name, fn in stages:
         measured[name] = measure(fn)
         print(json.dumps({"job": size, "stage": name, **measured[name]}, default=str), flush=True)
-    del model
+    model.to("cpu")   # off the GPU before the next job
     release()
     cost_model = cost.load_cost_model()
     estimates = {}

@@ -25,7 +25,7 @@ def test_fit_reproduces_the_bench_points(bench_model):
     """Every benchmark point within 0.4-2.5x of the fit, nine in ten within 1.3x (the stated
     tolerance: the worst is a perplexity baseline measured at 4.5 s and 2.9 s in two runs)."""
     ratios = [r for _, r in cost.residuals(bench_model, cost.bench_points(BENCH))]
-    assert len(ratios) >= 30
+    assert len(ratios) >= 25
     assert all(0.4 <= r <= 2.5 for r in ratios), ratios
     assert sum(1 / 1.3 <= r <= 1.3 for r in ratios) >= 0.9 * len(ratios)
 
