@@ -81,7 +81,7 @@ def plan_job(job_overrides: list[str]) -> PlannedJob:
     from ptqscale.runner.job import validate_job
 
     return _planned(job_overrides, lambda: validate_job(compose(overrides=job_overrides)),
-                    _Store())
+                    _Store(), costs=_Costs())
 
 
 def plan(overrides: list[str], config_dir: str | None = None,
