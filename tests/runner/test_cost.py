@@ -14,6 +14,8 @@ from ptqscale.runner.plan import format_plan, plan, plan_json
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "results"
+TOKENIZERS = ROOT.parent / "shared" / "data" / "tokenizers"   # as the committed fit read them
+WIKI = ROOT / "src" / "ptqscale" / "assets" / "data" / "wikitext-2-raw"
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +35,11 @@ def test_fit_reproduces_the_bench_points(bench_model):
 def test_committed_model_is_the_fit_of_the_committed_data():
     """assets/cost_model.json is what --fit makes of bench/results and results/ (not typed in)."""
     committed = cost.load_cost_model()
-    refit = cost.fit_files(BENCH, ROOT / "results")
+    refit = cost.fit_files(BENCH, ROOT / "results",
+                           TOKENIZERS if (TOKENIZERS / "gpt2").is_dir() else None)
     refit["fitted_from"] = committed["fitted_from"]
+    if "tokens_per_char" not in refit:   # a machine without ../shared/data: the rest must agree
+        refit["tokens_per_char"] = committed["tokens_per_char"]
     assert _close(json.loads(json.dumps(refit)), committed)
     assert committed["gpu"]["gib"] == pytest.approx(139.8, abs=0.1)   # the H200, as measured
 
@@ -49,12 +54,28 @@ def _close(a, b) -> bool:
     return a == b
 
 
-def _spec(method="rtn", size="1b", placement="one", max_tokens=262144, landscape=None):
+HUB_CORPUS = SimpleNamespace(name="c4", path=None)
+
+
+def _spec(method="rtn", size="1b", placement="one", max_tokens=262144, landscape=None,
+          data=HUB_CORPUS):
     return SimpleNamespace(
         model=SimpleNamespace(size=size, max_gpu_memory=None, dtype="bfloat16",
                               placement=placement),
         eval=SimpleNamespace(max_tokens=max_tokens), method=SimpleNamespace(name=method),
-        calib=SimpleNamespace(nsamples=128, seqlen=2048), landscape=landscape)
+        calib=SimpleNamespace(nsamples=128, seqlen=2048), landscape=landscape, data=data)
+
+
+def test_a_whole_local_corpus_is_its_characters_in_gpt2_tokens():
+    """WikiText-2 test is 287,644 GPT-2 tokens (1,294,336 characters x the fitted ratio);
+    eval.max_tokens caps it."""
+    from ptqscale.data import DataConfig
+
+    model = cost.load_cost_model()
+    wiki = DataConfig(name="wikitext2", split="test", path=str(WIKI))
+    assert cost.corpus_tokens(model, wiki, None) == pytest.approx(287644, abs=1)
+    assert cost.corpus_tokens(model, wiki, 1000) == 1000
+    assert cost.corpus_tokens(model, SimpleNamespace(name="c4", path=None), 5000) == 5000
 
 
 def test_streamed_gptq_of_14b_is_the_measured_one(bench_model):
@@ -74,7 +95,7 @@ def test_auto_streams_what_does_not_fit(bench_model):
 @pytest.mark.parametrize("spec, why", [
     (_spec("awq"), "never measured"),                      # no AWQ benchmark in 16-bit
     (_spec("gptq", size="70b", placement="one"), "beyond 8x"),
-    (_spec(max_tokens=None), "eval.max_tokens=null"),
+    (_spec(max_tokens=None), "eval.max_tokens=null on the hub corpus"),
     (_spec(size="base"), "not a parameter count"),
 ])
 def test_no_data_no_estimate(bench_model, spec, why):

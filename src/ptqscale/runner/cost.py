@@ -14,7 +14,7 @@ store (``timings``, ``quantization.cost``, ``landscape.cost_*``). Each measureme
 ==============  =======================================================  ==================
 stage           work (the fitted feature besides a constant)             a job's work
 ==============  =======================================================  ==================
-eval            N x tokens scored (one perplexity pass)                  N x eval.max_tokens
+eval            N x tokens scored (one perplexity pass)                  N x eval tokens (*)
 rtn             N                                                        N
 <method>        N x calibration tokens (gptq, awq, athena, blockft_...)  N x nsamples x seqlen
 noise           N x tokens of the noise response passes                  N x (levels x seeds x (2 if antithetic) + 1) x max_tokens
@@ -23,6 +23,11 @@ hessian         N x HVPs x tokens per HVP (Hutchinson + power iters)     N x (pr
 
 (The landscape stage of a job is the noise response and the Hessian; the directional profile
 is not part of a job; the rest of the stage, under 1 s on the records, is left out.)
+
+(*) ``eval.max_tokens``, or for a whole local corpus (``max_tokens=null``) its characters x
+the tokens per character that the fit measured with the GPT-2 BPE on WikiText-2 test
+(``tokens_per_char`` in the model; the families' own tokenizers differ from it, 32k-250k
+vocabularies: roughly +-20%). A whole hub corpus gets no estimate.
 
 ``N`` is the total parameter count. Per (stage, placement one|streamed, precision 16-bit|fp32)
 the fit is ``seconds = a + b * work`` and ``peak GiB = c + d * N``, non-negative least squares
@@ -33,7 +38,7 @@ streamed) plus the rest measured, a constant. What the data does not
 cover gets no estimate, with the reason: a stage or method never measured in that
 placement and precision, a model more than ``MAX_EXTRAPOLATION`` times larger than the
 largest one measured, a budgeted placement (``max_gpu_memory``: it trades time for memory),
-an unbounded eval (``eval.max_tokens=null``: tokens depend on the tokenizer).
+a whole hub corpus (``eval.max_tokens=null`` and ``data.path=null``).
 
 What the data says of formats: on 1-14B shapes a format changes the quantize stage little
 (fused kernels at copy bandwidth, bench_formats); on the tiny records the spread between
@@ -45,6 +50,7 @@ preparing calibration data.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -305,12 +311,55 @@ class NoEstimate(Exception):
     """Why a job has no estimate."""
 
 
-def job_work(spec: Any, n: float) -> list[tuple[str, float, bool]]:
+def corpus_tokens(model: dict, data: Any, max_tokens: int | None) -> float:
+    """Tokens a perplexity pass scores: ``max_tokens``, capped by the corpus's estimated size."""
+    if data.path is None:
+        if max_tokens is not None:
+            return float(max_tokens)
+        raise NoEstimate(f"eval.max_tokens=null on the hub corpus {data.name!r}: its size is not "
+                         "known offline; set eval.max_tokens for an estimate")
+    per_char = model.get("tokens_per_char", {}).get("gpt2")
+    if per_char is None:
+        if max_tokens is not None:
+            return float(max_tokens)
+        raise NoEstimate("eval.max_tokens=null and no tokens_per_char in the cost model")
+    tokens = _corpus_chars(data.name, data.split, data.path, data.text_field,
+                           data.max_documents) * per_char
+    return tokens if max_tokens is None else min(tokens, float(max_tokens))
+
+
+@functools.lru_cache(maxsize=64)
+def _corpus_chars(name, split, path, text_field, max_documents) -> int:
+    from ptqscale.data.corpora import DataConfig, join_documents, load_documents
+
+    cfg = DataConfig(name=name, split=split, path=path, text_field=text_field,
+                     max_documents=max_documents)
+    return len(join_documents(cfg, load_documents(cfg)))
+
+
+def tokens_per_char(tokenizers: str | Path) -> dict:
+    """Tokens per character of the embedded WikiText-2 test under the offline GPT-2 BPE
+    (``tokenizers/gpt2/``: encoder.json, vocab.bpe)."""
+    from ptqscale.data.corpora import DataConfig, join_documents, load_documents
+
+    wiki = Path(__file__).resolve().parents[1] / "assets" / "data" / "wikitext-2-raw"
+    cfg = DataConfig(name="wikitext2", split="test", path=str(wiki))
+    text = join_documents(cfg, load_documents(cfg))
+    out: dict[str, Any] = {"corpus": "wikitext2 test (embedded)", "chars": len(text)}
+    folder = Path(tokenizers)
+    if not (folder / "gpt2" / "encoder.json").is_file():
+        raise SystemExit(f"--tokenizers {folder}: no gpt2/encoder.json (GPT-2 BPE) there")
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer(str(folder / "gpt2" / "encoder.json"),
+                                str(folder / "gpt2" / "vocab.bpe"))
+    out["gpt2"] = len(tok.encode(text).ids) / len(text)
+    return out
+
+
+def job_work(spec: Any, n: float, model: dict | None = None) -> list[tuple[str, float, bool]]:
     """(stage, work, model-level) of every GPU stage of the job ``spec`` (a JobSpec)."""
-    tokens = spec.eval.max_tokens
-    if tokens is None:
-        raise NoEstimate("eval.max_tokens=null: the tokens scored depend on the tokenizer; "
-                         "set eval.max_tokens for an estimate")
+    tokens = corpus_tokens(model or {}, spec.data, spec.eval.max_tokens)
     stages = [("eval", n * tokens, True), ("eval", n * tokens, False)]  # fp pass, quantized pass
     method = spec.method.name
     if method == "rtn":
@@ -351,7 +400,7 @@ def _estimate(model: dict | None, spec: Any) -> JobCost:
     if cfg.dtype == "auto":
         raise NoEstimate("model.dtype=auto: the checkpoint's dtype is not known offline")
     precision = precision_of(cfg.dtype)
-    work = job_work(spec, n)
+    work = job_work(spec, n, model)
     if cfg.placement != "auto":
         return _on(model, work, n, cfg.placement, precision)
     one = None
@@ -386,13 +435,18 @@ def _on(model: dict, work: list, n: float, placement: str, precision: str) -> Jo
 
 
 # -- command line -----------------------------------------------------------------------------
-def fit_files(bench: str | Path, results: str | Path | None) -> dict:
-    """The cost model of the bench folder (and the store's GPU records under ``results``)."""
+def fit_files(bench: str | Path, results: str | Path | None,
+              tokenizers: str | Path | None = None) -> dict:
+    """The cost model of the bench folder (and the store's GPU records under ``results``;
+    tokens per character measured with the offline tokenizers in ``tokenizers``)."""
     points = bench_points(bench) + (record_points(results) if results else [])
     if not points:
         raise SystemExit(f"no benchmark points in {bench}")
     model = fit(points, h200_gib(bench))
-    model["fitted_from"] = {"bench": str(bench), "results": str(results) if results else None}
+    if tokenizers:
+        model["tokens_per_char"] = tokens_per_char(tokenizers)
+    model["fitted_from"] = {"bench": str(bench), "results": str(results) if results else None,
+                            "tokenizers": str(tokenizers) if tokenizers else None}
     return model
 
 
@@ -411,9 +465,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fit", metavar="BENCH_DIR", required=True,
                         help="folder of the benchmark results (bench/results)")
     parser.add_argument("--results", metavar="DIR", help="store whose GPU records join the fit")
+    parser.add_argument("--tokenizers", metavar="DIR",
+                        help="offline tokenizers with gpt2/ (../shared/data/tokenizers): the "
+                        "tokens per character of a whole corpus")
     parser.add_argument("--out", default=str(COST_MODEL), help=f"default: {COST_MODEL}")
     args = parser.parse_args(argv)
-    model = fit_files(args.fit, args.results)
+    model = fit_files(args.fit, args.results, args.tokenizers)
     Path(args.out).write_text(json.dumps(model, indent=1, sort_keys=True) + "\n")
     points = bench_points(args.fit) + (record_points(args.results) if args.results else [])
     print(f"{len(points)} points from {', '.join(model['devices'])} "
