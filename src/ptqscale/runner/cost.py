@@ -33,8 +33,9 @@ vocabularies: roughly +-20%). A whole hub corpus gets no estimate.
 the fit is ``seconds = a + b * work`` and ``peak GiB = c + d * N``, non-negative least squares
 on relative errors (a point of 0.5 s counts as much as one of 100 s). A group measured at one
 size only (sizes within 2x) cannot tell a constant from a rate: its time is fitted
-proportional to work (``a = 0``), its peak as the weights held (N x dtype bytes; none when
-streamed) plus the rest measured, a constant. What the data does not
+proportional to work (``a = 0``), its peak as what the stage holds per parameter
+(``HELD_FP32_COPIES``, else the dtype's bytes; nothing when streamed) plus the rest
+measured, a constant. What the data does not
 cover gets no estimate, with the reason: a stage or method never measured in that
 placement and precision, a model more than ``MAX_EXTRAPOLATION`` times larger than the
 largest one measured, a budgeted placement (``max_gpu_memory``: it trades time for memory),
@@ -236,9 +237,18 @@ def fit(points: list[Point], gpu_gib: float | None = None) -> dict:
     return model
 
 
+# Bytes per parameter a stage holds on the GPU in one piece beyond its activations, for groups
+# measured at one size: the landscape runs on an fp32 copy (noise: the weights; Hessian: the
+# weights and 4 target-sized fp32 vectors, probe, gradient, product, accumulator:
+# docs/landscape.md "HVP memory"); every other stage holds the model in its dtype.
+HELD_FP32_COPIES = {"noise": 1, "hessian": 5}
+
+
 def _weight_gib_per_param(p: Point) -> float:
     if p.placement == "streamed":
         return 0.0
+    if p.stage in HELD_FP32_COPIES:
+        return 4 * HELD_FP32_COPIES[p.stage] / GIB
     return (4 if p.precision == "fp32" else 2) / GIB
 
 
@@ -379,7 +389,8 @@ def job_work(spec: Any, n: float, model: dict | None = None) -> list[tuple[str, 
 
 
 def estimate_job(model: dict | None, spec: Any) -> JobCost:
-    """The estimate of one job (a JobSpec), on the placement it would run with on an H200."""
+    """The estimate of one job (a JobSpec), on the placement it would run with on an H200
+    (``auto``: streamed when the weights plus the job's working margin exceed the GPU)."""
     try:
         return _estimate(model, spec)
     except NoEstimate as e:
@@ -401,16 +412,15 @@ def _estimate(model: dict | None, spec: Any) -> JobCost:
         raise NoEstimate("model.dtype=auto: the checkpoint's dtype is not known offline")
     precision = precision_of(cfg.dtype)
     work = job_work(spec, n, model)
-    if cfg.placement != "auto":
-        return _on(model, work, n, cfg.placement, precision)
-    one = None
-    try:
-        one = _on(model, work, n, "one", precision)
-    except NoEstimate:
-        pass
-    if one is not None and one.fits is not False:
-        return one
-    return _on(model, work, n, "streamed", precision)
+    placement = cfg.placement
+    if placement == "auto":   # the job's own rule (models/streaming.py): weights + a margin
+        from ptqscale.models.streaming import WORKING_BYTES, WORKING_FRACTION
+
+        weights = n * (4 if precision == "fp32" else 2)
+        gpu = model["gpu"]["gib"] * GIB
+        streamed = weights * (1 + WORKING_FRACTION) + WORKING_BYTES > gpu
+        placement = "streamed" if streamed else "one"
+    return _on(model, work, n, placement, precision)
 
 
 def _on(model: dict, work: list, n: float, placement: str, precision: str) -> JobCost:
@@ -428,10 +438,14 @@ def _on(model: dict, work: list, n: float, placement: str, precision: str) -> Jo
         seconds, peak = predict(group, w, n)
         stages.append(StageCost(stage, seconds, peak, level))
     cost = JobCost(stages, placement)
-    gpu = model["gpu"]["gib"]
-    if gpu is not None and cost.peak_gib is not None:
-        cost.fits = cost.peak_gib <= gpu
+    cost.fits = fits(model, cost.peak_gib)
     return cost
+
+
+def fits(model: dict, peak_gib: float | None) -> bool | None:
+    """Whether ``peak_gib`` fits the H200 (None: unknown)."""
+    gpu = model["gpu"]["gib"]
+    return None if gpu is None or peak_gib is None else peak_gib <= gpu
 
 
 # -- command line -----------------------------------------------------------------------------

@@ -149,13 +149,16 @@ class _Costs:
                 and lkey not in self._charged}
         self._charged |= {key for key, paid in ((fp_key, pays["fp"]), (lkey, pays["landscape"]))
                           if paid}
+        peaks = []
         for s in est.stages:
             if s.model_level and not pays["fp" if s.stage == "eval" else "landscape"]:
                 continue
             name = "fp_eval" if s.model_level and s.stage == "eval" else s.stage
             job.stages[name] = job.stages.get(name, 0.0) + s.seconds
+            peaks += [s.peak_gib] if s.peak_gib is not None else []
         job.gpu_seconds = sum(job.stages.values())
-        job.peak_gib, job.placement, job.fits_gpu = est.peak_gib, est.placement, est.fits
+        job.peak_gib = max(peaks) if peaks else None
+        job.placement, job.fits_gpu = est.placement, cost.fits(self.model, job.peak_gib)
 
 
 class _Store:
