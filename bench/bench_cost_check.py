@@ -59,7 +59,6 @@ def run_job(size: str, method_name: str, fmt: str, args, dev: torch.device) -> d
     from ptqscale.metrics import EvalConfig, measure_perplexity
     from ptqscale.metrics.landscape import LandscapeConfig, measure_hessian, measure_noise_response
     from ptqscale.models import get_anatomy
-    from ptqscale.runner import cost
 
     model = build(size, dev)
     n = sum(p.numel() for p in model.parameters())
@@ -75,7 +74,7 @@ def run_job(size: str, method_name: str, fmt: str, args, dev: torch.device) -> d
     if method_name == "rtn":
         method, ctx = RTNConfig(format=fmt), QuantContext()
     else:
-        method = GPTQConfig(format=fmt, device=str(dev))
+        method = GPTQConfig(format=fmt, device=str(dev), mx_aware=True)   # as xu2024
         ctx = QuantContext(calibration=calib, calibration_hash="synthetic")
     stages = [("fp_eval", lambda: {"nll": measure_perplexity(model, stream, ev).nll}),
               ("noise", lambda: {"kappa": measure_noise_response(model, targets, windows, land)["kappa"]}),
@@ -88,24 +87,28 @@ def run_job(size: str, method_name: str, fmt: str, args, dev: torch.device) -> d
         print(json.dumps({"job": size, "stage": name, **measured[name]}, default=str), flush=True)
     model.to("cpu")   # off the GPU before the next job
     release()
-    cost_model = cost.load_cost_model()
-    estimates = {}
-    for label, size_text in (("published", size), ("exact", f"{n / 1e6:.6f}m")):
-        spec = SimpleNamespace(
-            model=SimpleNamespace(size=size_text, max_gpu_memory=None, dtype="bfloat16",
-                                  placement="one"),
-            eval=ev, method=SimpleNamespace(name=method_name), landscape=land,
-            calib=SimpleNamespace(nsamples=args.nsamples, seqlen=args.seqlen))
-        est = cost.estimate_job(cost_model, spec)
-        per = {("fp_eval" if s.model_level and s.stage == "eval" else s.stage):
-               {"seconds": s.seconds, "peak_gib": s.peak_gib} for s in est.stages}
-        estimates[label] = {"stages": per, "reason": est.reason, "placement": est.placement,
-                            "seconds": sum(s.seconds for s in est.stages),
-                            "peak_gib": est.peak_gib}
+    estimates = {label: estimate(size_text, method_name, ev, land, args)
+                 for label, size_text in (("published", size), ("exact", f"{n / 1e6:.6f}m"))}
     return {"job": f"pythia-{size} {fmt} {method_name}", "params": n, "measured": measured,
             "measured_seconds": sum(m["seconds"] for m in measured.values()),
             "measured_peak_gib": max((m.get("peak_gib") or 0) for m in measured.values()),
             "estimate": estimates}
+
+
+def estimate(size: str, method_name: str, ev, land, args) -> dict:
+    """ptqscale-plan's estimate of the job (every stage paid, placement one)."""
+    from ptqscale.runner import cost
+
+    spec = SimpleNamespace(
+        model=SimpleNamespace(size=size, max_gpu_memory=None, dtype="bfloat16", placement="one"),
+        eval=ev, method=SimpleNamespace(name=method_name), landscape=land,
+        data=SimpleNamespace(name="synthetic", path=None),   # eval.max_tokens tokens
+        calib=SimpleNamespace(nsamples=args.nsamples, seqlen=args.seqlen))
+    est = cost.estimate_job(cost.load_cost_model(), spec)
+    per = {("fp_eval" if s.model_level and s.stage == "eval" else s.stage):
+           {"seconds": s.seconds, "peak_gib": s.peak_gib} for s in est.stages}
+    return {"stages": per, "reason": est.reason, "placement": est.placement,
+            "seconds": sum(s.seconds for s in est.stages), "peak_gib": est.peak_gib}
 
 
 def table(result: dict) -> str:
