@@ -3,7 +3,8 @@ fitted to our own measurements (issue 20; ``ptqscale-plan`` prints it per job).
 
 The model is fitted, never typed in::
 
-    python -m ptqscale.runner.cost --fit bench/results --results results
+    python -m ptqscale.runner.cost --fit bench/results --results results \
+        --tokenizers ../shared/data/tokenizers
     # -> src/ptqscale/assets/cost_model.json (the devices and dates of the data with it)
 
 Data: the benchmark files in ``bench/results`` (``streaming_*_h200.jsonl`` one line per stage;
