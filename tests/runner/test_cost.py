@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ptqscale.runner import cost
+from ptqscale.runner import cost, cost_fit
 from ptqscale.runner.config import register_configs
 from ptqscale.runner.plan import format_plan, plan, plan_json
 
@@ -20,13 +20,13 @@ WIKI = ROOT / "src" / "ptqscale" / "assets" / "data" / "wikitext-2-raw"
 
 @pytest.fixture(scope="module")
 def bench_model():
-    return cost.fit(cost.bench_points(BENCH), cost.h200_gib(BENCH))
+    return cost_fit.fit(cost_fit.bench_points(BENCH), cost_fit.h200_gib(BENCH))
 
 
 def test_fit_reproduces_the_bench_points(bench_model):
     """Every benchmark point within 0.4-2.5x of the fit, nine in ten within 1.3x (the stated
     tolerance: the worst is a perplexity baseline measured at 4.5 s and 2.9 s in two runs)."""
-    ratios = [r for _, r in cost.residuals(bench_model, cost.bench_points(BENCH))]
+    ratios = [r for _, r in cost_fit.residuals(bench_model, cost_fit.bench_points(BENCH))]
     assert len(ratios) >= 25
     assert all(0.4 <= r <= 2.5 for r in ratios), ratios
     assert sum(1 / 1.3 <= r <= 1.3 for r in ratios) >= 0.9 * len(ratios)
@@ -35,7 +35,7 @@ def test_fit_reproduces_the_bench_points(bench_model):
 def test_committed_model_is_the_fit_of_the_committed_data():
     """assets/cost_model.json is what --fit makes of bench/results and results/ (not typed in)."""
     committed = cost.load_cost_model()
-    refit = cost.fit_files(BENCH, ROOT / "results",
+    refit = cost_fit.fit_files(BENCH, ROOT / "results",
                            TOKENIZERS if (TOKENIZERS / "gpt2").is_dir() else None)
     refit["fitted_from"] = committed["fitted_from"]
     if "tokens_per_char" not in refit:   # a machine without ../shared/data: the rest must agree
