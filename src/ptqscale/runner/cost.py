@@ -10,7 +10,7 @@ The model is fitted, never typed in::
 Data: the benchmark files in ``bench/results`` (``streaming_*_h200.jsonl`` one line per stage;
 ``bench_gptq``, ``bench_perplexity``, ``bench_landscape_*`` .json) and the GPU records of the
 store (``timings``, ``quantization.cost``, ``landscape.cost_*``). Each measurement becomes a
-:class:`Point` of one stage:
+point of one stage (``cost_fit.Point``; the fit and the command line are in runner/cost_fit.py):
 
 ==============  =======================================================  ==================
 stage           work (the fitted feature besides a constant)             a job's work
@@ -36,18 +36,19 @@ on relative errors (a point of 0.5 s counts as much as one of 100 s). A group me
 size only (sizes within 2x) cannot tell a constant from a rate: its time is fitted
 proportional to work (``a = 0``), its peak as what the stage holds per parameter
 (``HELD_FP32_COPIES``, else the dtype's bytes; nothing when streamed) plus the rest
-measured, a constant. What the data does not
-cover gets no estimate, with the reason: a stage or method never measured in that
+measured, a constant. What the data does not cover gets no estimate, with the reason: a stage or method never measured in that
 placement and precision, a model more than ``MAX_EXTRAPOLATION`` times larger than the
 largest one measured, a budgeted placement (``max_gpu_memory``: it trades time for memory),
 a whole hub corpus (``eval.max_tokens=null`` and ``data.path=null``).
 
-What the data says of formats: on 1-14B shapes a format changes the quantize stage little
-(fused kernels at copy bandwidth, bench_formats); on the tiny records the spread between
-formats (up to 10x for nf4/fp8 GPTQ) is first-use compilation, a constant. Formats are not a
-feature. Host work is not estimated: loading (disk or hub download), tokenizing,
+What the data says of formats: RTN's cost is a weight pass whatever the format (fused
+kernels at copy bandwidth, bench_formats). GPTQ on the tiny fp32 records (0.3-24M) takes a
+format-dependent time per column (median: int ~2 s, MX and fp8 ~3-4 s, nvfp4 6 s, nf4 11 s),
+but every 16-bit GPTQ point at 1-14B is int4_g128: the data cannot say how that spread
+scales, so formats are not a feature (bench/bench_cost_check.py measures MX GPTQ at 1.4B). Host work is not estimated: loading (disk or hub download), tokenizing,
 preparing calibration data.
 """
+
 from __future__ import annotations
 
 import functools
@@ -65,6 +66,7 @@ GIB = 2**30
 # so an estimate there would be a guess.
 MAX_EXTRAPOLATION = 8.0
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([kmb])(\d*)$")
+
 
 def precision_of(dtype: str) -> str:
     """16-bit | fp32: the fit's precision classes."""
