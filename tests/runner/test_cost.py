@@ -94,7 +94,8 @@ def test_auto_streams_what_does_not_fit(bench_model):
 
 @pytest.mark.parametrize("spec, why", [
     (_spec("awq"), "never measured"),                      # no AWQ benchmark in 16-bit
-    (_spec("gptq", size="70b", placement="one"), "beyond 8x"),
+    (_spec("gptq", size="40b", placement="one"), "beyond 8x"),
+    (_spec("gptq", size="70b", placement="one"), "needs model.placement=streamed"),
     (_spec(max_tokens=None), "eval.max_tokens=null on the hub corpus"),
     (_spec(size="base"), "not a parameter count"),
 ])

@@ -202,14 +202,18 @@ def _estimate(model: dict | None, spec: Any) -> JobCost:
         raise NoEstimate("model.dtype=auto: the checkpoint's dtype is not known offline")
     precision = precision_of(cfg.dtype)
     work = job_work(spec, n, model)
-    placement = cfg.placement
-    if placement == "auto":   # the job's own rule (models/streaming.py): weights + a margin
-        from ptqscale.models.streaming import WORKING_BYTES, WORKING_FRACTION
+    # the job's own rule for auto (models/streaming.py): the weights plus a working margin
+    from ptqscale.models.streaming import WORKING_BYTES, WORKING_FRACTION
 
-        weights = n * (4 if precision == "fp32" else 2)
-        gpu = model["gpu"]["gib"] * GIB
-        streamed = weights * (1 + WORKING_FRACTION) + WORKING_BYTES > gpu
-        placement = "streamed" if streamed else "one"
+    weights = n * (4 if precision == "fp32" else 2)
+    too_big = weights * (1 + WORKING_FRACTION) + WORKING_BYTES > model["gpu"]["gib"] * GIB
+    placement = cfg.placement
+    if placement == "auto":
+        placement = "streamed" if too_big else "one"
+    elif placement == "one" and too_big:
+        raise NoEstimate(f"model.placement=one: {weights / GIB:.0f} GiB of weights and the "
+                         f"working margin exceed the H200's {model['gpu']['gib']:.1f} GiB; "
+                         "needs model.placement=streamed (or auto)")
     return _on(model, work, n, placement, precision)
 
 
