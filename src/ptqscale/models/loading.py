@@ -4,6 +4,10 @@ Every model comes back the same way: eval mode, ``requires_grad`` off, on the co
 (or, streamed, on the CPU with that device as where its blocks compute: ``model.placement``,
 models/streaming.py) and dtype, GPT-2's ``Conv1D`` layers turned into ``nn.Linear`` (so every quantization target is a
 plain Linear), and the usable context recorded on ``model.config.ptqscale_max_seqlen``.
+
+Weights on the CPU in the checkpoint's own dtype stay memory-mapped from its safetensors
+(transformers' mmap loading; models/mapped.py): a streamed model takes no host memory for
+weights a job does not change. Whether they are is recorded on the model (``weights_of``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 from torch import nn
 
 from ptqscale.errors import ConfigError, ImplausibleResultError
+from ptqscale.models.mapped import record_weights
 from ptqscale.models.config import (
     ModelConfig,
     ModelSource,
@@ -54,6 +59,7 @@ def load_model(cfg: ModelConfig):
     model.eval().requires_grad_(False)
     replace_conv1d(model)
     place_model(model, cfg)
+    record_weights(model)
     return model, _load_tokenizer(cfg, source)
 
 
