@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from ptqscale.errors import ConfigError, ImplausibleResultError
-from ptqscale.models.mapped import record_weights
 from ptqscale.models.config import (
     ModelConfig,
     ModelSource,
@@ -27,6 +26,7 @@ from ptqscale.models.config import (
     resolved_dtype,
     validate_model_config,
 )
+from ptqscale.models.mapped import record_weights
 
 # Attribute names under which families store their trained context, most specific first.
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_seq_len")
