@@ -73,7 +73,7 @@ def mapping_of(t: torch.Tensor, mappings: list[FileMapping]) -> FileMapping | No
     if t.device.type != "cpu" or t.numel() == 0 or not t.is_contiguous():
         return None
     start, end = byte_range(t)
-    i = bisect.bisect_right([m.start for m in mappings], start) - 1
+    i = bisect.bisect_right(mappings, start, key=lambda m: m.start) - 1
     if i >= 0 and mappings[i].start <= start and end <= mappings[i].end:
         return mappings[i]
     return None
