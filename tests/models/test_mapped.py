@@ -151,3 +151,16 @@ def test_restoring_a_mapped_model_touches_only_the_changed_blocks(tmp_path):
     assert all(mm.mapping_of(p.data, mappings) for p in blocks[2].parameters())
     fresh = _load(tmp_path).state_dict()
     assert all(torch.equal(fresh[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_conversion_that_cannot_fit_the_host_is_refused_before_loading(tmp_path, monkeypatch):
+    from ptqscale.errors import ConfigError
+
+    weight_bytes = _save_llama(tmp_path, hidden=32, layers=2)   # float32
+    assert mm.copied_bytes([str(tmp_path / "model.safetensors")], "bfloat16") == \
+        (weight_bytes // 2, weight_bytes)
+    assert mm.copied_bytes([str(tmp_path / "model.safetensors")], "float32") == (0, weight_bytes)
+    monkeypatch.setattr(mm, "available_host_bytes", lambda: weight_bytes // 4)
+    with pytest.raises(ConfigError, match=r"model.dtype=bfloat16 converts .* model.dtype=auto"):
+        _load(tmp_path, dtype="bfloat16")
+    assert mm.weights_of(_load(tmp_path, dtype="auto")) == "mapped"   # needs no host memory

@@ -53,6 +53,7 @@ def load_model(cfg: ModelConfig):
         512
     """
     source = validate_model_config(cfg)
+    check_host_memory(cfg, source)
     config = _load_config(cfg, source)
     config.ptqscale_max_seqlen = _usable_context(config, cfg.max_seqlen)
     model = _load_weights(cfg, source, config)
@@ -61,6 +62,28 @@ def load_model(cfg: ModelConfig):
     place_model(model, cfg)
     record_weights(model)
     return model, _load_tokenizer(cfg, source)
+
+
+def check_host_memory(cfg: ModelConfig, source: ModelSource) -> None:
+    """Refuse, before any weight is read, a local safetensors checkpoint whose conversion to
+    ``model.dtype`` would not fit in the host's available memory.
+
+    Weights loaded in their stored dtype stay memory-mapped and need none (page cache only);
+    converted ones are copies. A bfloat16 70B model in the default float32 would need 280 GB.
+    """
+    from ptqscale.models.mapped import available_host_bytes, copied_bytes
+
+    files = [f for f in source.weights if f.endswith(".safetensors")]
+    if cfg.stand_in or source.kind != "local" or not files:
+        return
+    dtype = resolved_dtype(cfg)
+    copied, _ = copied_bytes(files, dtype)
+    available = available_host_bytes()
+    if available is not None and copied > available:
+        raise ConfigError(
+            f"model {cfg.name!r}: model.dtype={cfg.dtype} converts {copied / 2**30:.1f} GiB of "
+            f"{cfg.path}'s weights into host memory, but {available / 2**30:.1f} GiB is "
+            "available; model.dtype=auto (the stored dtype) keeps them memory-mapped")
 
 
 def place_model(model: nn.Module, cfg: ModelConfig):

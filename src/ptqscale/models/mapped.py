@@ -166,3 +166,46 @@ def pages_of(t_range: tuple[int, int]) -> tuple[int, int]:
 def can_track_writes() -> bool:
     """Whether this system shows written pages (Linux ``/proc/self/pagemap``)."""
     return os.path.exists("/proc/self/pagemap") and os.access("/proc/self/pagemap", os.R_OK)
+
+
+# ------------------------------------------------------------------ before loading
+
+_SAFETENSORS_FLOATS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64",
+                       "F8_E4M3": "float8", "F8_E5M2": "float8"}
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def copied_bytes(files: Iterable[str], dtype: str) -> tuple[int, int]:
+    """``(bytes copied into process memory, weight bytes)`` when safetensors ``files`` are
+    loaded in ``dtype``: floating tensors stored in another dtype are converted (copies);
+    the others stay mapped. Reads only the files' headers."""
+    import json
+    import math
+    import struct
+
+    copied = total = 0
+    for path in files:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = entry["data_offsets"]
+            total += end - start
+            stored = _SAFETENSORS_FLOATS.get(entry["dtype"])
+            if stored is not None and stored != dtype:
+                copied += math.prod(entry["shape"]) * _BYTES[dtype]
+    return copied, total
+
+
+def available_host_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
