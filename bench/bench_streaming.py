@@ -37,9 +37,10 @@ seconds, tensors restored). Rows then show how little host memory the weights ta
 
 Each measurement is one JSON line (stage, placement, seconds, peak GPU GiB allocated and
 reserved, host memory of the process: RssAnon (its own) and RssFile (file pages such as mapped
-weights, reclaimable) in GiB, NLL, status; a stage that fails, e.g. over the budget, is a ``failed`` line and the
-run goes on), printed and appended to ``--out``; the first line (after ``--mmap``'s save and load) describes the run (device,
-date, versions, shape, parameters). The NLLs of one and streamed must agree to float rounding.
+weights, reclaimable) in GiB, NLL, status; a stage that fails, e.g. over the budget, is a
+``failed`` line and the run goes on), printed and appended to ``--out``; the first line (after
+``--mmap``'s save and load) describes the run (device, date, versions, shape, parameters). The
+NLLs of one and streamed must agree to float rounding.
 Needs only torch and transformers (and ptqscale from ``src/``: ``PYTHONPATH=$PWD/src``).
 """
 
