@@ -164,3 +164,32 @@ def test_a_conversion_that_cannot_fit_the_host_is_refused_before_loading(tmp_pat
     with pytest.raises(ConfigError, match=r"model.dtype=bfloat16 converts .* model.dtype=auto"):
         _load(tmp_path, dtype="bfloat16")
     assert mm.weights_of(_load(tmp_path, dtype="auto")) == "mapped"   # needs no host memory
+
+
+@pytest.mark.parametrize("method", [RTNConfig(format="int4_g32"),
+                                    GPTQConfig(format="int4_g32", device="cpu")],
+                         ids=["rtn", "gptq"])
+def test_spilled_weights_leave_host_memory_and_change_no_number(tmp_path, method):
+    """With a spill folder the quantized weights are views of (unlinked) files, not process
+    memory: the same bits as without, and the snapshot still puts the model back."""
+    _save_llama(tmp_path / "ckpt", hidden=256, layers=3)
+    mapped = _load(tmp_path / "ckpt")
+    copied = copy.deepcopy(mapped)
+    snapshot = ModelSnapshot(mapped)
+    mm.set_spill(mapped, str(tmp_path / "spill"))
+    context = QuantContext(calibration=torch.randint(0, 128, (4, 64)), calibration_hash="r")
+    quantize(copied, method, context)
+    quantize(mapped, method, context)
+    expected, got = copied.state_dict(), mapped.state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    mappings = mm.file_mappings()
+    linears = [m.weight for m in mapped.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    spilled = {mm.mapping_of(w.data, mappings).path for w in linears}
+    assert len(spilled) == len(linears) and all(p.endswith("(deleted)") for p in spilled)
+    assert list((tmp_path / "spill").iterdir()) == []   # unlinked: freed with the weights
+    # of the checkpoint's pages, at most the two a weight shares with a neighbour stay private
+    assert mm.written_pages(snapshot.runs).size <= 2 * len(linears)
+    written, clean = snapshot.restore()
+    assert clean and written >= len(linears) and mm.written_pages(snapshot.runs).size == 0
+    fresh = _load(tmp_path / "ckpt").state_dict()
+    assert all(torch.equal(fresh[k], v) for k, v in mapped.state_dict().items())

@@ -209,3 +209,68 @@ def available_host_bytes() -> int | None:
     except OSError:
         return None
     return None
+
+
+# ------------------------------------------------------------------ spilling changed weights
+
+SPILL_ATTR = "ptqscale_spill"
+
+
+def set_spill(model: nn.Module, folder: str | None) -> None:
+    """Where :func:`spill_changed` moves the changed weights of a streamed ``model``'s decoder
+    blocks (``paths.spill``); None keeps them in host memory. Models not streamed: ignored."""
+    from ptqscale.models.anatomy import decoder_blocks
+    from ptqscale.models.streaming import placement_of
+
+    if not placement_of(model).streamed:
+        return
+    if folder is not None:
+        os.makedirs(folder, exist_ok=True)
+    for m in model.get_submodule(decoder_blocks(model)[0]).modules():
+        if folder is None:
+            vars(m).pop(SPILL_ATTR, None)
+        else:
+            object.__setattr__(m, SPILL_ATTR, folder)
+
+
+@torch.no_grad()
+def spill_changed(module: nn.Module) -> int:
+    """Move ``module``'s CPU parameters that hold this process's own memory (a method changed
+    them: pages written in place, or a new copy) to a safetensors file in its spill folder,
+    memory-mapped back; returns the bytes moved. Host memory then holds none of them: the file
+    is unlinked at once (the mapping keeps it until the weight is dropped), and the pages that
+    only the weight lay on are given back. Without a folder (:func:`set_spill`): nothing."""
+    folder = getattr(module, SPILL_ATTR, None)
+    if folder is None:
+        return 0
+    mappings, moved = file_mappings(), 0
+    for p in {id(p): p for p in module.parameters()}.values():
+        data = p.data
+        if data.device.type != "cpu" or data.numel() == 0:
+            continue
+        start, end = byte_range(data)
+        mapped = mapping_of(data, mappings) is not None
+        written = written_pages([pages_of((start, end))]) if mapped else None
+        if mapped and written.size == 0:
+            continue   # unchanged, or spilled already
+        p.data = _to_file(data, folder)
+        if mapped:   # the private copies of pages no other tensor lies on are garbage now
+            discard_writes(written[(written * PAGE >= start) & ((written + 1) * PAGE <= end)])
+        moved += end - start
+    return moved
+
+
+def _to_file(t: torch.Tensor, folder: str) -> torch.Tensor:
+    import tempfile
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    fd, path = tempfile.mkstemp(suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file({"w": t.contiguous()}, path)
+        with safe_open(path, framework="pt") as f:   # mmap: a private mapping of the file
+            return f.get_tensor("w")
+    finally:
+        os.unlink(path)

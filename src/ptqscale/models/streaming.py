@@ -152,13 +152,17 @@ def onloaded(tensors: list[torch.Tensor], device: torch.device, write_back: bool
 @contextmanager
 def onloaded_block(block: nn.Module, device: torch.device):
     """``block`` on ``device`` for a ``with`` body that may change its weights (a method), then
-    back where it was, changes included (``Module.to`` both ways, also after an error)."""
+    back where it was, changes included (``Module.to`` both ways, also after an error); with a
+    spill folder (``mapped.set_spill``) the changed weights then go to disk, memory-mapped."""
+    from ptqscale.models.mapped import spill_changed
+
     home = next(block.parameters()).device
     block.to(device)
     try:
         yield block
     finally:
         block.to(home)
+        spill_changed(block)
 
 
 # ------------------------------------------------------------------ block inputs and passes
