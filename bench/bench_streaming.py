@@ -33,7 +33,8 @@ weights on the CPU, one decoder block at a time on the GPU; ptqscale's own ``pla
 temporary folder, removed afterwards), freed, and loaded back with ``load_model`` in its own
 dtype, so its weights are views of the file (models/mapped.py); instead of a copy of the
 weights, a reuse snapshot (models/reuse.py) undoes each quantization (stage ``restore``:
-seconds, tensors restored). Rows then show how little host memory the weights take.
+seconds, tensors restored). Rows then show how little host memory the weights take;
+``--spill-dir`` also sends the quantized weights to that folder (``paths.spill``).
 
 Each measurement is one JSON line (stage, placement, seconds, peak GPU GiB allocated and
 reserved, host memory of the process: RssAnon (its own) and RssFile (file pages such as mapped
@@ -111,6 +112,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--mmap", action="store_true",
                    help="save, then load the model memory-mapped (streamed placement only)")
     p.add_argument("--mmap-dir", default=None, help="where --mmap saves (default: a temp dir)")
+    p.add_argument("--spill-dir", default=None,
+                   help="with --mmap: paths.spill, where quantized weights go (memory-mapped)")
     p.add_argument("--dry-run", action="store_true", help="tiny shape, CPU, small stream")
     args = p.parse_args(argv)
     if args.dry_run:
@@ -122,6 +125,8 @@ def parse(argv=None) -> argparse.Namespace:
     args.landscape_seqlen = args.landscape_seqlen or args.seqlen
     if args.mmap and args.placements != "streamed":
         p.error("--mmap measures a streamed model: give --placements streamed")
+    if args.spill_dir and not args.mmap:
+        p.error("--spill-dir needs --mmap")
     if args.landscape_tokens < args.landscape_seqlen:
         p.error(f"--landscape-tokens={args.landscape_tokens} is less than one window "
                 f"(--landscape-seqlen={args.landscape_seqlen})")
@@ -329,6 +334,10 @@ def main(argv=None) -> None:
         from ptqscale.models.reuse import ModelSnapshot
 
         model, folder = load_mapped(args, out)
+        if args.spill_dir:
+            from ptqscale.models.mapped import set_spill
+
+            set_spill(model, args.spill_dir)
         original = ModelSnapshot(model)   # undoes quantizations without a copy of the weights
     else:
         model = build_model(args)
