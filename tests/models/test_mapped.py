@@ -13,6 +13,7 @@ import torch
 import transformers as T
 from tiny_models import tiny_tokenizer
 
+from ptqscale.errors import ConfigError
 from ptqscale.methods import GPTQConfig, QuantContext, RTNConfig, quantize
 from ptqscale.metrics import EvalConfig, measure_perplexity
 from ptqscale.models import ModelConfig, load_model
@@ -154,8 +155,6 @@ def test_restoring_a_mapped_model_touches_only_the_changed_blocks(tmp_path):
 
 
 def test_a_conversion_that_cannot_fit_the_host_is_refused_before_loading(tmp_path, monkeypatch):
-    from ptqscale.errors import ConfigError
-
     weight_bytes = _save_llama(tmp_path, hidden=32, layers=2)   # float32
     assert mm.copied_bytes([str(tmp_path / "model.safetensors")], "bfloat16") == \
         (weight_bytes // 2, weight_bytes)
@@ -193,3 +192,25 @@ def test_spilled_weights_leave_host_memory_and_change_no_number(tmp_path, method
     assert clean and written >= len(linears) and mm.written_pages(snapshot.runs).size == 0
     fresh = _load(tmp_path / "ckpt").state_dict()
     assert all(torch.equal(fresh[k], v) for k, v in mapped.state_dict().items())
+
+
+def test_the_host_memory_check_counts_the_shards_the_index_names(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    config = T.LlamaConfig(hidden_size=64, intermediate_size=128, vocab_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = T.LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    tiny_tokenizer().save_pretrained(tmp_path)
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    converted, _ = mm.copied_bytes([str(s) for s in shards], "bfloat16")
+    # a consolidated copy of all weights, as some hub repos ship, is not loaded
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              tmp_path / "consolidated.safetensors")
+    monkeypatch.setattr(mm, "available_host_bytes", lambda: int(1.5 * converted))
+    assert mm.weights_of(_load(tmp_path, dtype="bfloat16")) == "copied"
+    monkeypatch.setattr(mm, "available_host_bytes", lambda: int(0.5 * converted))
+    with pytest.raises(ConfigError, match="converts"):
+        _load(tmp_path, dtype="bfloat16")

@@ -76,6 +76,13 @@ def check_host_memory(cfg: ModelConfig, source: ModelSource) -> None:
     files = [f for f in source.weights if f.endswith(".safetensors")]
     if cfg.stand_in or source.kind != "local" or not files:
         return
+    index = os.path.join(source.path, "model.safetensors.index.json")
+    if os.path.exists(index):   # only the shards it names (repos add consolidated copies)
+        import json
+
+        with open(index) as f:
+            named = set(json.load(f)["weight_map"].values())
+        files = [f for f in files if os.path.basename(f) in named]
     dtype = resolved_dtype(cfg)
     copied, _ = copied_bytes(files, dtype)
     available = available_host_bytes()
