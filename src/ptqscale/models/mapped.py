@@ -5,8 +5,9 @@ is the stored one, every parameter stays a view into a private (copy-on-write) m
 file, and no weight is copied into process memory (measured: a 640 MiB float32 llama loads with
 RssAnon +2 MiB; in bfloat16 it is converted, +320 MiB). A page of such a mapping is read from
 the page cache on first use (reclaimable memory, not the process's own); a write to it turns that
-page, and only it, into private memory holding the change. So a 140 GB model waits on a
-128 GiB host, and only what a job changes costs host memory.
+page, and only it, into private memory holding the change. So a model larger than host memory
+can wait there, and only what a job changes costs host memory; ``set_spill`` sends even that
+to disk (paths.spill).
 
 This module tells which tensors are views of such a mapping (``/proc/self/maps``), which of their
 pages a job wrote (``/proc/self/pagemap``: a written page of a private file mapping is anonymous)
@@ -112,7 +113,7 @@ def record_weights(model: nn.Module) -> str:
 def page_runs(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     """The pages ``[first, last + 1)`` that byte ranges touch, merged into sorted runs."""
     runs: list[tuple[int, int]] = []
-    for start, end in sorted((s // PAGE, (e - 1) // PAGE + 1) for s, e in ranges if e > s):
+    for start, end in sorted(pages_of(r) for r in ranges if r[1] > r[0]):
         if runs and start <= runs[-1][1]:
             runs[-1] = (runs[-1][0], max(runs[-1][1], end))
         else:
@@ -130,7 +131,13 @@ def written_pages(runs: list[tuple[int, int]]) -> np.ndarray:
             for lo in range(first, stop, _CHUNK):
                 n = min(_CHUNK, stop - lo)
                 f.seek(lo * 8)
-                entry = np.frombuffer(f.read(n * 8), dtype=np.uint64)
+                raw = b""
+                while len(raw) < n * 8:   # /proc may answer a long read in parts
+                    part = f.read(n * 8 - len(raw))
+                    if not part:
+                        raise OSError(f"short read of /proc/self/pagemap at page {lo}")
+                    raw += part
+                entry = np.frombuffer(raw, dtype=np.uint64)
                 present, swapped = (entry >> 63) & 1, (entry >> 62) & 1
                 file_page = (entry >> 61) & 1
                 private = ((present == 1) & (file_page == 0)) | (swapped == 1)
