@@ -214,3 +214,20 @@ def test_the_host_memory_check_counts_the_shards_the_index_names(tmp_path, monke
     monkeypatch.setattr(mm, "available_host_bytes", lambda: int(0.5 * converted))
     with pytest.raises(ConfigError, match="converts"):
         _load(tmp_path, dtype="bfloat16")
+
+
+def test_a_spilled_copy_is_put_back_in_memory(tmp_path):
+    """Weights converted on load (copies) are spilled too; the snapshot then binds them to
+    copies in memory again, so the spill files' mappings go."""
+    _save_llama(tmp_path / "ckpt", hidden=64, layers=2)
+    model = _load(tmp_path / "ckpt", dtype="bfloat16")
+    original = copy.deepcopy(model.state_dict())
+    snapshot = ModelSnapshot(model)
+    mm.set_spill(model, str(tmp_path / "spill"))
+    quantize(model, RTNConfig(format="int4_g32"), QuantContext())
+    linears = [m.weight for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(mm.mapping_of(w.data, mm.file_mappings()) for w in linears)
+    written, clean = snapshot.restore()
+    assert clean and written == len(linears)
+    assert mm.describe_weights(model) == "copied"
+    assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())

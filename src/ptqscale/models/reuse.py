@@ -57,6 +57,7 @@ class _Tensor:
     host: torch.Tensor          # its values on the CPU, as loaded
     device: torch.device        # where it was loaded
     requires_grad: bool
+    ptr: int = 0                # its data's address then (moved since: rebound)
 
 
 @dataclass
@@ -76,7 +77,8 @@ class ModelSnapshot:
         self.mapped = _mapped(list(unique.values()))
         self.runs = mm.page_runs(mm.byte_range(m.home) for m in self.mapped)
         tracked = {id(m.tensor) for m in self.mapped}
-        self.tensors = [_Tensor(t, t.detach().to("cpu", copy=True), t.device, t.requires_grad)
+        self.tensors = [_Tensor(t, t.detach().to("cpu", copy=True), t.device, t.requires_grad,
+                                t.data_ptr())
                         for t in unique.values() if id(t) not in tracked]
         self.modules = [(m, {k: v for k, v in vars(m).items() if k not in _HOOK_DICTS},
                          {k: dict(getattr(m, k)) for k in _HOOK_DICTS if hasattr(m, k)},
@@ -101,7 +103,11 @@ class ModelSnapshot:
             for k, v in attrs.items():
                 if vars(module).get(k) is not v:
                     object.__setattr__(module, k, v)
-        return self._put_back_mapped() + sum(_put_back(t) for t in self.tensors), True
+        mappings = mm.file_mappings()   # a copied tensor now in one was spilled (paths.spill)
+        return self._put_back_mapped() + sum(
+            _put_back(t, t.tensor.data_ptr() != t.ptr
+                      and mm.mapping_of(t.tensor.data, mappings) is not None)
+            for t in self.tensors), True
 
     def _put_back_mapped(self) -> int:
         """Undo the job's writes to mapped tensors without reading them: drop the pages it
@@ -147,10 +153,11 @@ def _mapped(tensors: list[torch.Tensor]) -> list[_Mapped]:
     return found
 
 
-def _put_back(saved: _Tensor) -> bool:
+def _put_back(saved: _Tensor, spilled: bool = False) -> bool:
     t, host = saved.tensor, saved.host
     written = False
-    if (t.dtype, t.shape, t.device) != (host.dtype, host.shape, saved.device):
+    if spilled or (t.dtype, t.shape, t.device) != (host.dtype, host.shape, saved.device):
+        # spilled: a copy in memory again, so that the spill file's mapping (and disk) goes
         t.data = host.to(saved.device, copy=True)
         written = True
     elif t.device.type != "cpu" or not _bitwise_equal(t.data, host):
