@@ -231,3 +231,32 @@ def test_a_spilled_copy_is_put_back_in_memory(tmp_path):
     assert clean and written == len(linears)
     assert mm.describe_weights(model) == "copied"
     assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", [RTNConfig(format="int4_g32"),
+                                    GPTQConfig(format="int4_g32", device="cuda")],
+                         ids=["rtn", "gptq"])
+def test_streamed_on_cuda_spills_and_restores(tmp_path, method):
+    """On CUDA RTN writes the rounded weights back in place, GPTQ brings blocks back as new
+    copies: both end in spill files, agree with a copy in memory, and are put back."""
+    _save_llama(tmp_path / "ckpt", hidden=256, layers=3)
+    mapped = load_model(ModelConfig(name="m", path=str(tmp_path / "ckpt"), device="cuda",
+                                    placement="streamed"))[0]
+    assert mm.weights_of(mapped) == "mapped"
+    copied = copy.deepcopy(mapped)
+    snapshot = ModelSnapshot(mapped)
+    mm.set_spill(mapped, str(tmp_path / "spill"))
+    context = QuantContext(calibration=torch.randint(0, 128, (4, 64)), calibration_hash="r")
+    quantize(copied, method, context)
+    quantize(mapped, method, context)
+    expected, got = copied.state_dict(), mapped.state_dict()
+    for k in expected:   # the same code on the same device: at most a rare rounding flip
+        assert (expected[k] != got[k]).float().mean() < 1e-3, k
+    linears = [m.weight for m in mapped.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    mappings = mm.file_mappings()
+    assert all(mm.mapping_of(w.data, mappings).path.endswith("(deleted)") for w in linears)
+    written, clean = snapshot.restore()
+    assert clean and mm.written_pages(snapshot.runs).size == 0
+    fresh = _load(tmp_path / "ckpt").state_dict()
+    assert all(torch.equal(fresh[k], v) for k, v in mapped.state_dict().items())
