@@ -8,6 +8,9 @@ Usage::
     python bench/bench_streaming.py --shape llama3-8b --placements streamed \
         --max-gpu-memory 4GiB --stages noise,hessian --landscape-seqlen 512 \
         --out DIR/streaming_8b_landscape.jsonl
+    python bench/bench_streaming.py --shape llama3-8b --placements streamed --mmap \
+        --max-gpu-memory 4GiB --stages ppl,rtn,gptq --tokens 32768 --nsamples 32 \
+        --out DIR/streaming_8b_mmap.jsonl
     python bench/bench_streaming.py --dry-run --out /tmp/streaming.jsonl   # tiny, CPU
 
 A randomly initialised Llama of the given shape (built from a config: no download), bf16 by
@@ -26,10 +29,19 @@ weights on the CPU, one decoder block at a time on the GPU; ptqscale's own ``pla
   on the first ``--landscape-tokens`` tokens of the stream in windows of ``--landscape-seqlen``
   and run before any quantization (the landscape of the original weights).
 
+``--mmap`` (streamed only): the model is saved as safetensors (``--mmap-dir``, default a
+temporary folder, removed afterwards), freed, and loaded back with ``load_model`` in its own
+dtype, so its weights are views of the file (models/mapped.py); instead of a copy of the
+weights, a reuse snapshot (models/reuse.py) undoes each quantization (stage ``restore``:
+seconds, tensors restored). Rows then show how little host memory the weights take;
+``--spill-dir`` also sends the quantized weights to that folder (``paths.spill``).
+
 Each measurement is one JSON line (stage, placement, seconds, peak GPU GiB allocated and
-reserved, NLL, status; a stage that fails, e.g. over the budget, is a ``failed`` line and the
-run goes on), printed and appended to ``--out``; the first line describes the run (device,
-date, versions, shape, parameters). The NLLs of one and streamed must agree to float rounding.
+reserved, host memory of the process: RssAnon (its own) and RssFile (file pages such as mapped
+weights, reclaimable) in GiB, NLL, status; a stage that fails, e.g. over the budget, is a
+``failed`` line and the run goes on), printed and appended to ``--out``; the first line (after
+``--mmap``'s save and load) describes the run (device, date, versions, shape, parameters). The
+NLLs of one and streamed must agree to float rounding.
 Needs only torch and transformers (and ptqscale from ``src/``: ``PYTHONPATH=$PWD/src``).
 """
 
@@ -97,6 +109,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--probes", type=int, default=4, help="Hutchinson probes")
     p.add_argument("--power-iters", type=int, default=0, help="top eigenvalue (0: skip)")
     p.add_argument("--hvp-windows", type=int, default=1, help="windows per HVP micro-batch")
+    p.add_argument("--mmap", action="store_true",
+                   help="save, then load the model memory-mapped (streamed placement only)")
+    p.add_argument("--mmap-dir", default=None, help="where --mmap saves (default: a temp dir)")
+    p.add_argument("--spill-dir", default=None,
+                   help="with --mmap: paths.spill, where quantized weights go (memory-mapped)")
     p.add_argument("--dry-run", action="store_true", help="tiny shape, CPU, small stream")
     args = p.parse_args(argv)
     if args.dry_run:
@@ -106,6 +123,10 @@ def parse(argv=None) -> argparse.Namespace:
         if args.stages == p.get_default("stages"):
             args.stages = "ppl,noise,hessian,rtn,gptq"  # every stage, unless asked otherwise
     args.landscape_seqlen = args.landscape_seqlen or args.seqlen
+    if args.mmap and args.placements != "streamed":
+        p.error("--mmap measures a streamed model: give --placements streamed")
+    if args.spill_dir and not args.mmap:
+        p.error("--spill-dir needs --mmap")
     if args.landscape_tokens < args.landscape_seqlen:
         p.error(f"--landscape-tokens={args.landscape_tokens} is less than one window "
                 f"(--landscape-seqlen={args.landscape_seqlen})")
@@ -185,10 +206,51 @@ def measure(fn) -> dict:
         row["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
         row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
     row["seconds"] = time.perf_counter() - start
+    return {**row, **host_memory()}
+
+
+def host_memory() -> dict:
+    """This process's resident host memory in GiB: its own (RssAnon) and mapped file pages
+    (RssFile: memory-mapped weights read so far, reclaimable page cache)."""
+    row = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile"):
+                row[f"{key.lower()}_gib"] = int(value.split()[0]) * 1024 / GIB
     return row
 
 
-def run_placement(args, out: Path, model, original: dict, placement: str, stream, calib):
+def load_mapped(args, out: Path):
+    """``--mmap``: the random model saved as safetensors (with a character tokenizer, which
+    load_model wants), freed, and loaded back streamed in its own dtype: memory-mapped."""
+    import tempfile
+
+    import transformers as T
+    from tokenizers import Tokenizer, models
+
+    from ptqscale.models import ModelConfig, load_model
+    from ptqscale.models.mapped import weights_of
+
+    folder = Path(args.mmap_dir or tempfile.mkdtemp(prefix="bench_mmap_"))
+    model = build_model(args)
+    row = measure(lambda m=model: m.save_pretrained(folder))
+    backend = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+    T.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(folder)
+    emit(out, {"kind": "measurement", "shape": args.shape, "stage": "save", **row})
+    del model
+    release()
+    cfg = ModelConfig(name=f"random-{args.shape}", path=str(folder), device=str(device()),
+                      dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype],
+                      placement="streamed", max_gpu_memory=args.max_gpu_memory)
+    loaded = {}
+    row = measure(lambda: loaded.update(model=load_model(cfg)[0]))
+    emit(out, {"kind": "measurement", "shape": args.shape, "stage": "load_mapped",
+               "weights": weights_of(loaded["model"]), **row})
+    return loaded["model"], folder
+
+
+def run_placement(args, out: Path, model, original, placement: str, stream, calib):
     from ptqscale.methods import GPTQConfig, QuantContext, RTNConfig, quantize
     from ptqscale.metrics import EvalConfig, measure_perplexity
     from ptqscale.models import ModelConfig, place_model
@@ -207,6 +269,10 @@ def run_placement(args, out: Path, model, original: dict, placement: str, stream
 
     def restore():
         if original is None:
+            return
+        if not isinstance(original, dict):   # a reuse snapshot of a mapped model
+            emit(out, {**base, "stage": "restore", **measure(
+                lambda: dict(zip(("tensors_restored", "clean"), original.restore())))})
             return
         with torch.no_grad():
             for k, v in model.state_dict().items():
@@ -263,12 +329,25 @@ def main(argv=None) -> None:
     args = parse(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = build_model(args)
+    folder = None
+    if args.mmap:
+        from ptqscale.models.reuse import ModelSnapshot
+
+        model, folder = load_mapped(args, out)
+        if args.spill_dir:
+            from ptqscale.models.mapped import set_spill
+
+            set_spill(model, args.spill_dir)
+        original = ModelSnapshot(model)   # undoes quantizations without a copy of the weights
+    else:
+        model = build_model(args)
     emit(out, header(args, model))
     # a copy of the weights to undo each quantization, unless only one ever runs (big shapes:
     # host memory holds the model once)
     quant_runs = len(args.placements.split(",")) * len({"rtn", "gptq"} & set(args.stages.split(",")))
-    original = {k: v.clone() for k, v in model.state_dict().items()} if quant_runs > 1 else None
+    if not args.mmap:
+        original = ({k: v.clone() for k, v in model.state_dict().items()} if quant_runs > 1
+                    else None)
     gen = torch.Generator().manual_seed(args.seed)
     vocab = model.config.vocab_size
     stream = torch.randint(0, vocab, (args.tokens,), generator=gen)
@@ -277,6 +356,10 @@ def main(argv=None) -> None:
         run_placement(args, out, model, original, placement, stream, calib)
     del original
     release()
+    if folder is not None and args.mmap_dir is None:
+        import shutil
+
+        shutil.rmtree(folder)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,12 @@ def _numbers(record: dict) -> dict:
     return {"metrics": metrics, "layers": record["layers"], "key": record["job_key"]}
 
 
-# the embedded model streamed (weights wait on the CPU, blocks visit the device in turn)
+# the embedded model streamed (weights wait on the CPU, blocks visit the device in turn) in its
+# stored dtype: memory-mapped from its safetensors, restored by dropping written pages; its sweep
+# spills the quantized weights to disk (paths.spill), the fresh jobs keep them in memory
 @pytest.mark.parametrize("model", [["model=stories260k"],
-                                   ["model=gutenberg-llama-200k", "model.placement=streamed"]])
+                                   ["model=gutenberg-llama-200k", "model.placement=streamed",
+                                    "model.dtype=bfloat16"]])
 def test_a_sweep_loads_once_and_matches_fresh_loads(composed, tmp_path, model):
     def job(folder: str, overrides: list[str], *extra: str) -> dict:
         return run_job(composed([*model, "model.device=cpu", "wandb.mode=disabled",
@@ -42,8 +45,11 @@ def test_a_sweep_loads_once_and_matches_fresh_loads(composed, tmp_path, model):
                                  *extra]))
 
     jobs = JOBS if len(model) == 1 else JOBS[:2]   # smoothquant and rtn on the other
-    swept = [job("sweep", o) for o in jobs]
+    spill = [] if len(model) == 1 else [f"paths.spill={tmp_path / 'spill'}"]
+    swept = [job("sweep", o, *spill) for o in jobs]
+    assert (tmp_path / "spill").is_dir() == bool(spill)
     assert [r["env"]["model_load"] for r in swept] == ["loaded"] + ["reused"] * (len(jobs) - 1)
+    assert {r["env"]["weights"] for r in swept} == {"copied" if len(model) == 1 else "mapped"}
     assert all(r["timings"]["load"] < 0.05 for r in swept[1:])
     fresh = [job(f"alone{i}", o, "model.reuse=false") for i, o in enumerate(jobs[::-1])][::-1]
     assert all(r["env"]["model_load"] == "loaded" for r in fresh)

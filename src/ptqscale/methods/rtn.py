@@ -61,9 +61,12 @@ def quantize_rtn(model: nn.Module, cfg: RTNConfig, ctx: QuantContext) -> QuantRe
 def round_weight_(name: str, module: nn.Module, fmt, device: torch.device | None = None) -> dict:
     """Replace ``module.weight`` by ``fmt.fake_quantize`` of it (computed on ``device``, default
     where the weight is); return its layer stats."""
+    from ptqscale.models.mapped import spill_changed
+
     weight = module.weight
     w = weight.data if device is None else weight.data.to(device)
     quantized = fmt.fake_quantize(w)
     stats = layer_stats(name, w, quantized, fmt.padding_needed(weight.shape[-1]))
     weight.data.copy_(quantized)
+    spill_changed(module)   # a streamed model with a spill folder: to disk (models/mapped.py)
     return stats

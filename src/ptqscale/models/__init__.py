@@ -13,6 +13,8 @@ Example::
 Placement: ``ModelConfig.placement`` holds a model in one piece or streamed (weights on the
 CPU, one decoder block at a time on the device; ``streaming.py``), under an optional
 ``max_gpu_memory`` cap; ``walk_logits`` is the block-by-block forward every stage can use.
+Weights on the CPU in the checkpoint's dtype stay memory-mapped from its safetensors
+(``mapped.py``; reuse between jobs undoes a job's writes without copies, ``reuse.py``).
 
 How to add a family: nothing is written per family. Build a tiny config of it in
 ``tests/models/test_anatomy.py`` (hidden 32-64, 2 layers), assert the target names the anatomy

@@ -4,6 +4,10 @@ Every model comes back the same way: eval mode, ``requires_grad`` off, on the co
 (or, streamed, on the CPU with that device as where its blocks compute: ``model.placement``,
 models/streaming.py) and dtype, GPT-2's ``Conv1D`` layers turned into ``nn.Linear`` (so every quantization target is a
 plain Linear), and the usable context recorded on ``model.config.ptqscale_max_seqlen``.
+
+Weights on the CPU in the checkpoint's own dtype stay memory-mapped from its safetensors
+(transformers' mmap loading; models/mapped.py): a streamed model takes no host memory for
+weights a job does not change. Whether they are is recorded on the model (``weights_of``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from ptqscale.models.config import (
     resolved_dtype,
     validate_model_config,
 )
+from ptqscale.models.mapped import record_weights
 
 # Attribute names under which families store their trained context, most specific first.
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_seq_len")
@@ -48,13 +53,44 @@ def load_model(cfg: ModelConfig):
         512
     """
     source = validate_model_config(cfg)
+    check_host_memory(cfg, source)
     config = _load_config(cfg, source)
     config.ptqscale_max_seqlen = _usable_context(config, cfg.max_seqlen)
     model = _load_weights(cfg, source, config)
     model.eval().requires_grad_(False)
     replace_conv1d(model)
     place_model(model, cfg)
+    record_weights(model)
     return model, _load_tokenizer(cfg, source)
+
+
+def check_host_memory(cfg: ModelConfig, source: ModelSource) -> None:
+    """Refuse, before any weight is read, a local safetensors checkpoint whose conversion to
+    ``model.dtype`` would not fit in the host's available memory.
+
+    Weights loaded in their stored dtype stay memory-mapped and need none (page cache only);
+    converted ones are copies. A bfloat16 70B model in the default float32 would need 280 GB.
+    """
+    from ptqscale.models.mapped import available_host_bytes, copied_bytes
+
+    files = [f for f in source.weights if f.endswith(".safetensors")]
+    if cfg.stand_in or source.kind != "local" or not files:
+        return
+    index = os.path.join(source.path, "model.safetensors.index.json")
+    if os.path.exists(index):   # only the shards it names (repos add consolidated copies)
+        import json
+
+        with open(index) as f:
+            named = set(json.load(f)["weight_map"].values())
+        files = [f for f in files if os.path.basename(f) in named]
+    dtype = resolved_dtype(cfg)
+    copied, _ = copied_bytes(files, dtype)
+    available = available_host_bytes()
+    if available is not None and copied > available:
+        raise ConfigError(
+            f"model {cfg.name!r}: model.dtype={cfg.dtype} converts {copied / 2**30:.1f} GiB of "
+            f"{cfg.path}'s weights into host memory, but {available / 2**30:.1f} GiB is "
+            "available; model.dtype=auto (the stored dtype) keeps them memory-mapped")
 
 
 def place_model(model: nn.Module, cfg: ModelConfig):

@@ -7,8 +7,13 @@ weights (a :class:`ModelSnapshot` taken before the first job touches it); :func:
 then puts back exactly what the job changed, so the next job of that model starts from the
 loaded weights without reading a file:
 
-- tensors: every parameter and buffer is compared bitwise with its host copy and only those
-  that differ are written back (methods write through ``.data``, which bumps no version
+- tensors memory-mapped from the checkpoint (models/mapped.py; a model whose weights wait on
+  the CPU in the stored dtype, streamed above all): no copy is kept and nothing unchanged is
+  read. A tensor the job rebound (``.data =``, ``Module.to``) gets its mapped view back; pages
+  it wrote in place (private copies of file pages, found in ``/proc/self/pagemap``) are
+  dropped, so they show the file again;
+- other tensors: every parameter and buffer is compared bitwise with its host copy and only
+  those that differ are written back (methods write through ``.data``, which bumps no version
   counter, so a counter cannot tell). On an accelerator the comparison would cost the same
   host-to-device traffic as the copy, so there every tensor is written back;
 - hooks the job left (activation quantizers, unfoldable ``x / s`` scalings), attributes it
@@ -16,7 +21,7 @@ loaded weights without reading a file:
 - anything it cannot put back (a module, parameter or buffer replaced, the transformers config
   changed) and any job that failed drop the model: the next job loads it afresh.
 
-Cost: the host copy doubles the host memory a model takes. ``model.reuse: false`` loads every
+Cost: the host copy doubles the host memory of the tensors that are not mapped. ``model.reuse: false`` loads every
 job's model afresh instead (and keeps no copy); it changes no number, so it is not in the job
 key. At most one model is kept: a job of another model frees it before loading its own.
 """
@@ -29,9 +34,11 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from ptqscale.models import mapped as mm
 from ptqscale.models.config import ModelConfig
 
 log = logging.getLogger("ptqscale")
@@ -50,6 +57,15 @@ class _Tensor:
     host: torch.Tensor          # its values on the CPU, as loaded
     device: torch.device        # where it was loaded
     requires_grad: bool
+    ptr: int = 0                # its data's address then (moved since: rebound)
+
+
+@dataclass
+class _Mapped:
+    tensor: torch.Tensor        # the model's tensor object, a view of a checkpoint's mapping
+    home: torch.Tensor          # that view, as loaded
+    pages: tuple[int, int]      # the pages [first, stop) its bytes lie on
+    requires_grad: bool
 
 
 class ModelSnapshot:
@@ -57,13 +73,13 @@ class ModelSnapshot:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        seen: set[int] = set()
-        self.tensors: list[_Tensor] = []
-        for t in [*model.parameters(), *model.buffers()]:   # tied weights once
-            if id(t) not in seen:
-                seen.add(id(t))
-                self.tensors.append(_Tensor(t, t.detach().to("cpu", copy=True), t.device,
-                                            t.requires_grad))
+        unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # tied once
+        self.mapped = _mapped(list(unique.values()))
+        self.runs = mm.page_runs(mm.byte_range(m.home) for m in self.mapped)
+        tracked = {id(m.tensor) for m in self.mapped}
+        self.tensors = [_Tensor(t, t.detach().to("cpu", copy=True), t.device, t.requires_grad,
+                                t.data_ptr())
+                        for t in unique.values() if id(t) not in tracked]
         self.modules = [(m, {k: v for k, v in vars(m).items() if k not in _HOOK_DICTS},
                          {k: dict(getattr(m, k)) for k in _HOOK_DICTS if hasattr(m, k)},
                          _children(m))
@@ -87,13 +103,61 @@ class ModelSnapshot:
             for k, v in attrs.items():
                 if vars(module).get(k) is not v:
                     object.__setattr__(module, k, v)
-        return sum(_put_back(t) for t in self.tensors), True
+        mappings = mm.file_mappings()   # a copied tensor now in one was spilled (paths.spill)
+        return self._put_back_mapped() + sum(
+            _put_back(t, t.tensor.data_ptr() != t.ptr
+                      and mm.mapping_of(t.tensor.data, mappings) is not None)
+            for t in self.tensors), True
+
+    def _put_back_mapped(self) -> int:
+        """Undo the job's writes to mapped tensors without reading them: drop the pages it
+        wrote, rebind the tensors it rebound. Returns how many tensors were changed (one that
+        shares a written page with a changed one counts too)."""
+        if not self.mapped:
+            return 0
+        written = mm.written_pages(self.runs)
+        mm.discard_writes(written)
+        count = 0
+        for m in self.mapped:
+            t = m.tensor
+            rebound = t.data_ptr() != m.home.data_ptr() or (t.dtype, t.shape, t.device) != (
+                m.home.dtype, m.home.shape, m.home.device)
+            if rebound:
+                t.data = m.home
+            first, stop = m.pages
+            hit = np.searchsorted(written, first)
+            count += int(rebound or (hit < written.size and written[hit] < stop))
+            t.requires_grad_(m.requires_grad)
+            if isinstance(t, nn.Parameter):
+                t.grad = None
+        return count
 
 
-def _put_back(saved: _Tensor) -> bool:
+def _mapped(tensors: list[torch.Tensor]) -> list[_Mapped]:
+    """The tensors that are views of a checkpoint's private mapping and none of whose pages
+    hold private data yet (such a page, written while loading, must not be dropped later)."""
+    if not mm.can_track_writes():
+        return []
+    mappings = mm.file_mappings()
+    views = [t for t in tensors if mm.mapping_of(t.data, mappings) is not None]
+    if not views:
+        return []
+    written = mm.written_pages(mm.page_runs(mm.byte_range(t.data) for t in views))
+    found = []
+    for t in views:
+        first, stop = mm.pages_of(mm.byte_range(t.data))
+        hit = np.searchsorted(written, first)
+        if hit < written.size and written[hit] < stop:
+            continue   # copied like a tensor in process memory
+        found.append(_Mapped(t, t.data, (first, stop), t.requires_grad))
+    return found
+
+
+def _put_back(saved: _Tensor, spilled: bool = False) -> bool:
     t, host = saved.tensor, saved.host
     written = False
-    if (t.dtype, t.shape, t.device) != (host.dtype, host.shape, saved.device):
+    if spilled or (t.dtype, t.shape, t.device) != (host.dtype, host.shape, saved.device):
+        # spilled: a copy in memory again, so that the spill file's mapping (and disk) goes
         t.data = host.to(saved.device, copy=True)
         written = True
     elif t.device.type != "cpu" or not _bitwise_equal(t.data, host):

@@ -26,7 +26,6 @@ Example::
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -140,25 +139,18 @@ PIN_HOST_FRACTION = 0.5
 
 def pin_host_weights(model: nn.Module, weight_bytes: int) -> bool:
     """Pin a streamed model's host weights for its CUDA device (no-op where that would take
-    more than ``PIN_HOST_FRACTION`` of the available host memory). Values are unchanged."""
-    if weight_bytes > PIN_HOST_FRACTION * host_available_bytes():
+    more than ``PIN_HOST_FRACTION`` of the available host memory, or where that is unknown).
+    Values are unchanged; memory-mapped weights become pinned copies (``env.weights`` then
+    says ``copied``): speed where the host has room, the mapping where it has not."""
+    from ptqscale.models.mapped import available_host_bytes
+
+    available = available_host_bytes()
+    if available is None or weight_bytes > PIN_HOST_FRACTION * available:
         return False
     for t in module_tensors([model]):
         if t.device.type == "cpu" and not t.is_pinned():
             t.data = t.data.pin_memory()
     return True
-
-
-def host_available_bytes() -> int:
-    """The host memory available to new allocations (Linux: MemAvailable; else free pages)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _go_home(t: torch.Tensor, home: torch.Tensor) -> None:
@@ -195,9 +187,15 @@ def onloaded(tensors: list[torch.Tensor], device: torch.device, write_back: bool
 @contextmanager
 def onloaded_block(block: nn.Module, device: torch.device):
     """``block`` on ``device`` for a ``with`` body that may change its weights (a method), then
-    back where it was, changes included (also after an error)."""
-    with onloaded(module_tensors([block]), device, write_back=True):
-        yield block
+    back where it was, changes included (also after an error); with a spill folder
+    (``mapped.set_spill``) the changed weights then go to disk, memory-mapped."""
+    from ptqscale.models.mapped import spill_changed
+
+    try:
+        with onloaded(module_tensors([block]), device, write_back=True):
+            yield block
+    finally:
+        spill_changed(block)
 
 
 # ------------------------------------------------------------------ block inputs and passes

@@ -37,6 +37,10 @@ class PathsConfig:
     # members are embedded; point this at a folder holding the whole family for the rest
     # (``python -m ptqscale.zoo.train_family`` reproduces it).
     zoo: str = str(ZOO_CHECKPOINTS)
+    # Folder where a streamed model's changed weights go (safetensors files, memory-mapped
+    # back and unlinked at once: docs/placement.md), so host memory need not hold them;
+    # null keeps them in host memory.
+    spill: str | None = None
 
 
 @dataclass

@@ -42,6 +42,7 @@ def environment(model: torch.nn.Module | None = None) -> dict:
     import transformers
 
     from ptqscale.models import placement_of
+    from ptqscale.models.mapped import weights_of
 
     # where the model computes: a streamed model's weights wait on the CPU
     placement = placement_of(model) if model is not None else None
@@ -53,4 +54,6 @@ def environment(model: torch.nn.Module | None = None) -> dict:
             "device": str(device), "device_name": name or platform.machine(),
             # what model.placement (auto too) decided: speed and memory only
             "placement": "streamed" if placement is not None and placement.streamed else "one",
+            # mapped from the checkpoint's safetensors as loaded, or copied (models/mapped.py)
+            "weights": weights_of(model) if model is not None else None,
             "hostname": socket.gethostname()}

@@ -62,6 +62,7 @@ class JobSpec:
     results: str
     cache: str
     progress: bool
+    spill: str | None = None   # paths.spill: where a streamed model's changed weights go
     exclusive_gpu: bool = True
     metrics: tuple = ()   # the registered Metric objects the job measures, in order
     # fingerprints of what the job loads (role -> fingerprint), and those that differ from
@@ -176,7 +177,8 @@ def build_spec(node: Callable[[str], Any], memo: Callable[[tuple, Callable[[], A
     return JobSpec(study=study, model=model, data=data, eval=eval_cfg, method=method,
                    calib=calib, landscape=landscape, fmt=fmt, seed=seed, key=key,
                    identity={r: p for r, p in prints.items() if p is not None}, files=files,
-                   results=paths.results, cache=paths.cache, progress=node("progress"),
+                   results=paths.results, cache=paths.cache, spill=paths.spill,
+                   progress=node("progress"),
                    exclusive_gpu=node("exclusive_gpu"), metrics=metrics,
                    needs_download=skeleton is None)
 
@@ -250,6 +252,7 @@ def _execute(spec: JobSpec) -> dict:
 
 
 def _execute_on_device(spec: JobSpec) -> dict:
+    from ptqscale.models.mapped import set_spill
     from ptqscale.models.reuse import give_back, shared_model
 
     timings: dict[str, float] = {}
@@ -257,6 +260,7 @@ def _execute_on_device(spec: JobSpec) -> dict:
     with console.stage(f"load {spec.model.name}", timings, "load"):
         # a model this process loaded for an earlier job of the same files, put back as loaded
         model, tokenizer, reused = shared_model(spec.model, spec.identity.get("model"))
+        set_spill(model, spec.spill)
     ok = False
     try:
         level = model_level(spec, model, tokenizer, timings)
