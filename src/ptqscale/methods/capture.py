@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +53,7 @@ def input_groups(block: nn.Module, order: list[str], inputs: BlockInputs) -> lis
     """Linears of ``block`` (names relative to it, in execution order) grouped by shared input.
 
     Consecutive linears that receive the very same input tensor (q, k, v after the input norm;
-    gate and up after the post-attention norm) form one group. References to the inputs are
+    gate and up after the post-attention norm; an expert's gate and up) form one group. References to the inputs are
     held during the pass so that no freed tensor's memory can be reused and mistaken for one.
     """
     seen: list[tuple[str, torch.Tensor]] = []
@@ -77,8 +78,24 @@ def input_groups(block: nn.Module, order: list[str], inputs: BlockInputs) -> lis
         else:
             groups.append([name])
         last = x
-    missing = [n for n in order if not any(n in g for g in groups)]
-    return groups + [[n] for n in missing]
+    groups += _unseen_groups([n for n in order if not any(n in g for g in groups)], groups)
+    return sorted(groups, key=lambda g: order.index(g[0]))  # execution order, unseen included
+
+
+def _unseen_groups(missing: list[str], groups: list[list[str]]) -> list[list[str]]:
+    """Groups of linears the first batch never reached (MoE experts no token was routed to):
+    an expert ``experts.5.*`` is grouped as a seen sibling ``experts.<k>.*`` is; else alone."""
+    index = re.compile(r"\.(\d+)\.")
+    patterns = {index.sub(".#.", g[0]): [index.sub(".#.", n) for n in g] for g in groups}
+    out: list[list[str]] = []
+    for name in missing:
+        if any(name in g for g in out):
+            continue
+        found = index.search(name)
+        pattern = patterns.get(index.sub(".#.", name)) if found else None
+        group = [p.replace(".#.", f".{found.group(1)}.") for p in pattern] if pattern else [name]
+        out.append(group if all(n in missing for n in group) else [name])
+    return out
 
 
 class HessianAccumulator:
@@ -99,16 +116,19 @@ class HessianAccumulator:
             self.sum.addmm_(X.T, X)
         self.tokens += X.shape[0]
 
-    def hessian(self) -> torch.Tensor:
+    def hessian(self) -> torch.Tensor | None:
+        """``2/n sum x x^T``; None when no token reached the layer (an MoE expert the router
+        never chose): the caller decides what to do without a Hessian (GPTQ: RTN)."""
         if self.tokens == 0:
-            raise RuntimeError("no calibration input reached this layer")
+            return None
         return self.sum * (2.0 / self.tokens)
 
 
 @torch.no_grad()
 def collect_hessians(block: nn.Module, groups: list[list[str]], inputs: BlockInputs,
                      device: torch.device, storage: torch.device | None = None):
-    """``{first name of group: (H, tokens)}`` for each group, from one pass over the batches.
+    """``{first name of group: (H, tokens)}`` for each group, from one pass over the batches
+    (``(None, 0)`` for a group no token reached: an MoE expert the router never chose).
 
     With ``storage`` the block's outputs are kept too (returned as :class:`BlockInputs`);
     without, each forward stops at the last group's input. Returns ``(hessians, outputs)``.
@@ -162,6 +182,8 @@ def walk_blocks(model: nn.Module, anat: Any, selected: dict[str, nn.Module],
     ``names`` are full module names (the group's linears that are in ``selected``). The inputs
     come from the already-quantized earlier blocks, or (``plan.fp_inputs``) from the
     full-precision model, whose Hessians ``cache`` (a ``HessianCache`` or None) may hold.
+    ``H`` is None (``tokens`` 0) for a group no calibration token reached (an MoE expert the
+    router never chose): ``quantize_group`` must then do without, e.g. :func:`rtn_fallback`.
     """
     n = len(anat.blocks)
     groups = cache.groups() if cache is not None else None
@@ -226,10 +248,41 @@ def _block_fp(block, wanted, rel, inputs, plan, need_out, quantize_group, cache)
         for r, g in zip(rel, wanted, strict=True):
             if r[0] in hessians:
                 found[r[0]] = (*hessians[r[0]], status)
-                if cache is not None:
+                if cache is not None and hessians[r[0]][0] is not None:
                     cache.save(g[0], *hessians[r[0]])
     elif need_out:
         outputs = run_block(block, inputs, plan.device, plan.storage)
     for g, r in zip(wanted, rel, strict=True):
         quantize_group(g, *found[r[0]])
     return outputs
+
+
+NO_TOKENS = ("no calibration token reached this layer (an MoE expert the router never chose "
+             "for them): rounded to nearest instead")
+
+
+def rtn_fallback(modules: list[tuple[str, nn.Module]], fmt) -> list[dict]:
+    """Round ``modules`` to nearest in place, as GPTQ implementations do for an expert without
+    calibration tokens; their layer entries say so (``fallback``, ``fallback_reason``)."""
+    from ptqscale.methods.rtn import round_weight_
+
+    entries = [round_weight_(name, module, fmt) for name, module in modules]
+    for entry in entries:
+        entry.update(fallback="rtn", fallback_reason=NO_TOKENS)
+    return entries
+
+
+def routed_tokens(anat: Any, layers: list[dict]) -> dict[str, Any] | None:
+    """MoE summary of a report: calibration tokens per expert (its first matrix's Hessian
+    tokens) and the experts that fell back to RTN; None for a dense model."""
+    if not anat.experts:
+        return None
+    tokens = {}
+    for layer in layers:
+        expert = layer["name"].rsplit(".", 1)[0]
+        if expert in anat.experts and expert not in tokens:
+            tokens[expert] = int(layer.get("hessian_tokens", 0))
+    fallback = sorted({layer["name"].rsplit(".", 1)[0] for layer in layers
+                       if layer.get("fallback") == "rtn"})
+    return {"experts": len(anat.experts), "tokens": tokens, "rtn_fallback": fallback,
+            "router": "full precision (not a target)"}
