@@ -1,0 +1,183 @@
+"""Every supported architecture end to end on a tiny random checkpoint: RTN, GPTQ (one piece
+and streamed, bitwise equal), perplexity; MoE experts as per-expert linears (token counts per
+expert, RTN for an expert no calibration token reaches, bytes of the expert weights)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import TINY_CONFIGS, tiny_one_and_streamed
+
+from ptqscale.formats import get_format
+from ptqscale.methods import AWQConfig, GPTQConfig, QuantContext, RTNConfig, quantize
+from ptqscale.methods.capture import NO_TOKENS
+from ptqscale.metrics import EvalConfig, measure_perplexity
+from ptqscale.models import (
+    MOE_ARCHITECTURES,
+    UnsupportedArchitectureError,
+    count_parameters,
+    get_anatomy,
+    split_experts,
+)
+
+FMT = "int4_g32"  # every tiny in_features (32, 64, 128) is a multiple of 32: no padding
+NEW = ("falcon", "stablelm", *MOE_ARCHITECTURES)
+
+
+def _calibration(n: int = 4, seqlen: int = 32) -> torch.Tensor:
+    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(1))
+
+
+def _gptq(model, **kw):
+    ids = _calibration()
+    return quantize(model, GPTQConfig(format=FMT, device="cpu", **kw),
+                    QuantContext(calibration=ids))
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_rtn_rounds_every_target_and_nothing_else(tmp_path, family):
+    one, streamed = tiny_one_and_streamed(family, tmp_path)
+    before = {k: v.clone() for k, v in one.state_dict().items()}
+    anat = get_anatomy(one)
+    report = quantize(one, RTNConfig(format=FMT))
+    quantize(streamed, RTNConfig(format=FMT))
+    fmt = get_format(FMT)
+    after, other = one.state_dict(), streamed.state_dict()
+    targets = {f"{n}.weight" for n in anat.targets}
+    for k, v in after.items():
+        expected = fmt.fake_quantize(before[k]) if k in targets else before[k]
+        assert torch.equal(v, expected), k
+        assert torch.equal(other[k], v), k  # streamed: the same weights, bitwise
+    assert report.quantized_numel == count_parameters(one, anat)["quantizable"]
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_gptq_streamed_is_bitwise_one_piece_and_beats_rtn(tmp_path, family):
+    one, streamed = tiny_one_and_streamed(family, tmp_path)
+    a, b = _gptq(one), _gptq(streamed)
+    sa, sb = one.state_dict(), streamed.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [layer["name"] for layer in a.layers] == list(get_anatomy(one).targets)
+    assert a.extra["out_err_gptq"] < a.extra["out_err_rtn"]  # GPTQ's objective, on its inputs
+    assert a.extra == {**b.extra, "cost": a.extra["cost"]}
+    stream = torch.randint(0, 128, (400,), generator=torch.Generator().manual_seed(2))
+    ev = EvalConfig(seqlen=64, batch_size=2)
+    pa, pb = measure_perplexity(one, stream, ev), measure_perplexity(streamed, stream, ev)
+    assert pa.nll_sum == pb.nll_sum and torch.isfinite(torch.tensor(pa.nll))
+
+
+@pytest.mark.parametrize("family", ["falcon", "stablelm", "mixtral"])
+def test_awq_runs_and_keeps_its_folds_honest(tmp_path, family):
+    """AWQ where the anatomy allows a fold; expert gate/up (routed subsets of the norm's
+    output) have none and are left unscaled, saying so."""
+    one, _ = tiny_one_and_streamed(family, tmp_path)
+    report = quantize(one, AWQConfig(format=FMT, device="cpu", clip_search=False),
+                      QuantContext(calibration=_calibration()))
+    assert [layer["name"] for layer in report.layers] and report.extra["awq"]["out_err_awq"] \
+        <= report.extra["awq"]["out_err_rtn"] * (1 + 1e-6)
+    if family == "mixtral":
+        gate = next(x for x in report.layers if x["name"].endswith("experts.0.gate_proj"))
+        assert gate["scaling"].startswith("skipped")
+
+
+# ------------------------------------------------------------------ mixture of experts
+
+
+def _route_counts(model, ids) -> dict[str, int]:
+    """Tokens each expert receives in the full-precision model (hooks on the routers)."""
+    counts: dict[str, int] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if name.endswith("mlp.gate"):
+            def hook(mod, args, out, name=name):
+                chosen = torch.bincount(out[2].reshape(-1), minlength=4)
+                for k, c in enumerate(chosen.tolist()):
+                    key = f"{name[:-len('gate')]}experts.{k}"
+                    counts[key] = counts.get(key, 0) + c
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_gptq_counts_the_tokens_routed_to_each_expert(tmp_path, family):
+    one, _ = tiny_one_and_streamed(family, tmp_path)
+    expected = _route_counts(one, _calibration())
+    report = _gptq(one, fp_inputs=True)  # Hessians of the full-precision model's inputs
+    moe = report.extra["moe"]
+    assert moe["tokens"] == expected and moe["rtn_fallback"] == []
+    assert sum(expected.values()) == 2 * 4 * 32 * 2  # blocks * tokens * experts per token
+    for layer in report.layers:  # every matrix of an expert: its expert's tokens
+        expert = layer["name"].rsplit(".", 1)[0]
+        if expert in expected:
+            assert layer["hessian_tokens"] == expected[expert]
+
+
+def test_an_expert_without_calibration_tokens_falls_back_to_rtn(tmp_path):
+    one, streamed = tiny_one_and_streamed("mixtral", tmp_path)
+    for model in (one, streamed):  # block 0's router never chooses expert 3
+        gate = model.model.layers[0].mlp.gate
+
+        def never_3(mod, args, out):
+            idx = out[2]
+            other = idx.sum(-1, keepdim=True) - 3  # the row's other expert, where 3 is chosen
+            return out[0], out[1], torch.where(idx == 3, (other == 0).long(), idx)
+
+        gate.register_forward_hook(never_3)
+    name = "model.layers.0.mlp.experts.3"
+    original = {m: one.get_submodule(f"{name}.{m}").weight.clone()
+                for m in ("gate_proj", "up_proj", "down_proj")}
+    report, other = _gptq(one), _gptq(streamed)
+    fmt = get_format(FMT)
+    for m, w in original.items():
+        entry = next(x for x in report.layers if x["name"] == f"{name}.{m}")
+        assert entry["fallback"] == "rtn" and entry["fallback_reason"] == NO_TOKENS
+        assert entry["hessian_tokens"] == 0
+        assert torch.equal(one.get_submodule(f"{name}.{m}").weight, fmt.fake_quantize(w))
+    assert report.extra["moe"]["rtn_fallback"] == [name]
+    assert report.extra["moe"]["tokens"][name] == 0 and report.extra["gptq"] is not None
+    assert report.extra["rtn_fallback"] == 3
+    sa, sb = one.state_dict(), streamed.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa) and other.extra["moe"] == report.extra["moe"]
+
+
+def test_expert_weights_count_in_the_quantized_bytes(tmp_path):
+    one, _ = tiny_one_and_streamed("qwen2_moe", tmp_path)
+    anat = get_anatomy(one)
+    counts = count_parameters(one, anat)
+    config = one.config
+    h, moe, shared = config.hidden_size, config.moe_intermediate_size, \
+        config.shared_expert_intermediate_size
+    attention = sum(one.get_submodule(f"model.layers.0.self_attn.{p}").weight.numel()
+                    for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    per_block = attention + 3 * h * shared + config.num_experts * 3 * h * moe
+    assert counts["quantizable"] == 2 * per_block  # routers (mlp.gate, shared_expert_gate) not
+    report = quantize(one, RTNConfig(format=FMT))
+    assert report.quantized_numel == counts["quantizable"]  # model_bytes counts these at 4.5 bits
+    # what stays at 16 bits in the blocks: routers (mlp.gate, shared_expert_gate), two norms,
+    # the q/k/v biases
+    routers, norms, biases = config.num_experts * h + h, 2 * h, 32 + 16 + 16
+    assert counts["blocks"] - counts["quantizable"] == 2 * (routers + norms + biases)
+
+
+def test_fused_experts_are_refused_until_split():
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(TINY_CONFIGS["mixtral"]()).eval()
+    ids = torch.arange(12).unsqueeze(0)
+    with torch.no_grad():
+        before = model(ids).logits
+        with pytest.raises(UnsupportedArchitectureError, match="split_experts"):
+            get_anatomy(model)
+        assert split_experts(model) == 2  # one fused module per block
+        torch.testing.assert_close(model(ids).logits, before)
+    assert len(get_anatomy(model).experts) == 8
+    assert copy.deepcopy(model).model.layers[1].mlp.experts[3].down_proj.weight.shape == (32, 64)
