@@ -68,18 +68,41 @@ def test_gptq_streamed_is_bitwise_one_piece_and_beats_rtn(tmp_path, family):
     assert pa.nll_sum == pb.nll_sum and torch.isfinite(torch.tensor(pa.nll))
 
 
-@pytest.mark.parametrize("family", ["falcon", "stablelm", "mixtral"])
-def test_awq_runs_and_keeps_its_folds_honest(tmp_path, family):
-    """AWQ where the anatomy allows a fold; expert gate/up (routed subsets of the norm's
-    output) have none and are left unscaled, saying so."""
+@pytest.mark.parametrize("family", ["falcon", "phi", "stablelm", "mixtral", "qwen2_moe"])
+def test_awq_and_smoothquant_folds_keep_the_function(tmp_path, family):
+    """fp16 as AWQ's 'format' is a near-identity, and smoothing alone changes no function:
+    whatever is scaled and folded, the logits stay. A parallel block (falcon-7b, phi) feeds
+    q/k/v and the MLP from one norm: they are one group, or a fold into that norm would
+    rescale the MLP's input behind its back. Expert gate/up read a routed subset of the
+    norm's output: no fold, left unscaled, saying so."""
+    from ptqscale.methods.smoothquant import smooth_
+
     one, _ = tiny_one_and_streamed(family, tmp_path)
+    ids = _calibration()
+    with torch.no_grad():
+        ref = one(ids).logits
+    awq, smoothed = copy.deepcopy(one), copy.deepcopy(one)
+    report = quantize(awq, AWQConfig(format="fp16", clip_search=False, device="cpu"),
+                      QuantContext(calibration=ids))
+    groups = smooth_(smoothed, ids, 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(awq(ids).logits, ref, rtol=1e-2, atol=2e-3)
+        torch.testing.assert_close(smoothed(ids).logits, ref, rtol=1e-4, atol=1e-5)
+    scaling = {x["name"].split(".", 3)[-1]: x["scaling"] for x in report.layers[:12]}
+    assert any(g["smoothed"] for g in groups)
+    if family == "falcon":
+        assert scaling["mlp.dense_h_to_4h"] == scaling["self_attention.query_key_value"] == \
+            "folded into input_layernorm"
+    if family == "mixtral":
+        assert scaling["mlp.experts.0.gate_proj"].startswith("skipped")
+        assert scaling["mlp.experts.0.down_proj"] == "folded into mlp.experts.0.up_proj"
+
+
+def test_awq_int4_has_no_more_output_error_than_rtn_on_falcon(tmp_path):
+    one, _ = tiny_one_and_streamed("falcon", tmp_path)
     report = quantize(one, AWQConfig(format=FMT, device="cpu", clip_search=False),
                       QuantContext(calibration=_calibration()))
-    assert [layer["name"] for layer in report.layers] and report.extra["awq"]["out_err_awq"] \
-        <= report.extra["awq"]["out_err_rtn"] * (1 + 1e-6)
-    if family == "mixtral":
-        gate = next(x for x in report.layers if x["name"].endswith("experts.0.gate_proj"))
-        assert gate["scaling"].startswith("skipped")
+    assert report.extra["awq"]["out_err_awq"] <= report.extra["awq"]["out_err_rtn"] * (1 + 1e-6)
 
 
 # ------------------------------------------------------------------ mixture of experts

@@ -52,8 +52,10 @@ class _Stop(Exception):
 def input_groups(block: nn.Module, order: list[str], inputs: BlockInputs) -> list[list[str]]:
     """Linears of ``block`` (names relative to it, in execution order) grouped by shared input.
 
-    Consecutive linears that receive the very same input tensor (q, k, v after the input norm;
-    gate and up after the post-attention norm; an expert's gate and up) form one group. References to the inputs are
+    Linears that receive the very same input tensor (q, k, v after the input norm; gate and up
+    after the post-attention norm; an expert's gate and up; in a parallel block (falcon-7b,
+    phi) q/k/v and the MLP's first linear, which read one norm) form one group: one Hessian,
+    and one scale for AWQ/SmoothQuant, whose fold into that norm reaches them all. References to the inputs are
     held during the pass so that no freed tensor's memory can be reused and mistaken for one.
     """
     seen: list[tuple[str, torch.Tensor]] = []
@@ -69,15 +71,16 @@ def input_groups(block: nn.Module, order: list[str], inputs: BlockInputs) -> lis
         for h in handles:
             h.remove()
     groups: list[list[str]] = []
-    last = None
+    group_inputs: list[torch.Tensor] = []
     for name, x in seen:
         if any(name in g for g in groups):
             continue  # a linear called twice (shared weights): its first call counts
-        if last is not None and x is last:
-            groups[-1].append(name)
-        else:
+        k = next((i for i, t in enumerate(group_inputs) if t is x), None)
+        if k is None:
             groups.append([name])
-        last = x
+            group_inputs.append(x)
+        else:  # also when not consecutive: a parallel block's one norm feeds q/k/v and the MLP
+            groups[k].append(name)
     groups += _unseen_groups([n for n in order if not any(n in g for g in groups)], groups)
     return sorted(groups, key=lambda g: order.index(g[0]))  # execution order, unseen included
 
