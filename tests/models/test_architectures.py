@@ -59,7 +59,8 @@ def test_gptq_streamed_is_bitwise_one_piece_and_beats_rtn(tmp_path, family):
     a, b = _gptq(one), _gptq(streamed)
     sa, sb = one.state_dict(), streamed.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert [layer["name"] for layer in a.layers] == list(get_anatomy(one).targets)
+    # every target once (an MoE block quantizes all experts' gate/up, then all downs)
+    assert sorted(layer["name"] for layer in a.layers) == sorted(get_anatomy(one).targets)
     assert a.extra["out_err_gptq"] < a.extra["out_err_rtn"]  # GPTQ's objective, on its inputs
     assert a.extra == {**b.extra, "cost": a.extra["cost"]}
     stream = torch.randint(0, 128, (400,), generator=torch.Generator().manual_seed(2))
@@ -204,3 +205,37 @@ def test_fused_experts_are_refused_until_split():
         torch.testing.assert_close(model(ids).logits, before)
     assert len(get_anatomy(model).experts) == 8
     assert copy.deepcopy(model).model.layers[1].mlp.experts[3].down_proj.weight.shape == (32, 64)
+
+
+def test_sibling_experts_share_a_true_sequential_pass(tmp_path):
+    """Mixtral block: q/k/v, o, every expert's gate/up, every down: 4 passes (not 2 + 2 x 4)."""
+    one, _ = tiny_one_and_streamed("mixtral", tmp_path)
+    calls = []
+    one.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: calls.append(1))
+    _gptq(one)
+    # the anatomy's call-order probe, the input groups' probe, 4 passes, the block's outputs
+    assert len(calls) == 1 + 1 + 4 + 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", NEW)
+def test_gptq_on_cuda_streamed_agrees_with_one_piece(tmp_path, family):
+    """On the GPU (Triton column sweep where it applies), streamed and in one piece."""
+    from tiny_models import save_tiny
+
+    from ptqscale.models import ModelConfig, load_model
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    save_tiny(family, tmp_path)
+    models = [load_model(ModelConfig(name=family, path=str(tmp_path), device="cuda",
+                                     placement=p))[0] for p in ("one", "streamed")]
+    ids = _calibration()
+    reports = [quantize(m, GPTQConfig(format=FMT, device="cuda"), QuantContext(calibration=ids))
+               for m in models]
+    assert all(p.device.type == "cpu" for p in models[1].parameters())
+    assert reports[0].extra["out_err_gptq"] < reports[0].extra["out_err_rtn"]
+    stream = torch.randint(0, 128, (400,), generator=torch.Generator().manual_seed(2))
+    ev = EvalConfig(seqlen=64, batch_size=2)
+    nll = [measure_perplexity(m, stream, ev).nll for m in models]
+    assert abs(nll[0] - nll[1]) <= 1e-3 * abs(nll[0])

@@ -224,7 +224,7 @@ def _block(block, wanted, inputs, plan: WalkPlan, need_out: bool, quantize_group
     rel = [[name[len(prefix):] for name in g] for g in wanted]
     if plan.fp_inputs:
         return _block_fp(block, wanted, rel, inputs, plan, need_out, quantize_group, cache)
-    passes = [[g] for g in range(len(rel))] if plan.true_sequential else [list(range(len(rel)))]
+    passes = _passes(rel) if plan.true_sequential else [list(range(len(rel)))]
     for p in passes:  # each pass sees the quantized weights of the groups before it
         if not p:
             continue
@@ -232,6 +232,25 @@ def _block(block, wanted, inputs, plan: WalkPlan, need_out: bool, quantize_group
         for k in p:
             quantize_group(wanted[k], *hessians[rel[k][0]], "off")
     return run_block(block, inputs, plan.device, plan.storage) if need_out else None
+
+
+def _passes(rel: list[list[str]]) -> list[list[int]]:
+    """True-sequential passes: one per input group, except that the same group of sibling
+    experts (``experts.<k>.gate_proj``/``up_proj`` of every k; then every ``down_proj``)
+    shares one pass, as AutoGPTQ's Mixtral steps do. Experts read the router's split of one
+    tensor, never each other's outputs, so each still sees exactly what it would alone, and
+    an MoE block costs four passes instead of two per expert."""
+    index = re.compile(r"\.\d+\.")
+    passes: list[list[int]] = []
+    where: dict[str, int] = {}
+    for k, group in enumerate(rel):
+        key = index.sub(".#.", group[0])
+        if key != group[0] and key in where:
+            passes[where[key]].append(k)
+        else:
+            where[key] = len(passes)
+            passes.append([k])
+    return passes
 
 
 def _block_fp(block, wanted, rel, inputs, plan, need_out, quantize_group, cache):
