@@ -166,6 +166,12 @@ def test_an_expert_without_calibration_tokens_falls_back_to_rtn(tmp_path):
         assert entry["hessian_tokens"] == 0
         assert torch.equal(one.get_submodule(f"{name}.{m}").weight, fmt.fake_quantize(w))
     assert report.extra["moe"]["rtn_fallback"] == [name]
+    # block 1 routes tokens to expert 3: its gate and up share one Hessian, grouped like the
+    # siblings that block 0's first batch reached
+    later = {x["name"]: x for x in report.layers if ".layers.1.mlp.experts.3." in x["name"]}
+    gate = "model.layers.1.mlp.experts.3.gate_proj"
+    assert later[gate.replace("gate", "up")]["hessian_of"] == gate == later[gate]["hessian_of"]
+    assert later[gate]["hessian_tokens"] > 0 and "fallback" not in later[gate]
     assert report.extra["moe"]["tokens"][name] == 0 and report.extra["gptq"] is not None
     assert report.extra["rtn_fallback"] == 3
     sa, sb = one.state_dict(), streamed.state_dict()
