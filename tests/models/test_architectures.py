@@ -245,3 +245,13 @@ def test_gptq_on_cuda_streamed_agrees_with_one_piece(tmp_path, family):
     ev = EvalConfig(seqlen=64, batch_size=2)
     nll = [measure_perplexity(m, stream, ev).nll for m in models]
     assert abs(nll[0] - nll[1]) <= 1e-3 * abs(nll[0])
+
+
+def test_blocks_of_different_structure_are_refused():
+    import transformers as T
+
+    config = T.Qwen2MoeConfig(**{**TINY_CONFIGS["qwen2_moe"]().to_dict(), "mlp_only_layers": [1]})
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    split_experts(model)
+    with pytest.raises(UnsupportedArchitectureError, match="block 1 lacks"):
+        get_anatomy(model)

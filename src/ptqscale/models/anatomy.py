@@ -75,6 +75,13 @@ def get_anatomy(model: nn.Module) -> Anatomy:
         )
     prefix, blocks = _find_blocks(model, config.num_hidden_layers)
     order = _execution_order(model, blocks[0])
+    for i, block in enumerate(blocks):  # the order of block 0 applies to every block
+        names = {n for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        if not set(order) <= names:
+            raise UnsupportedArchitectureError(
+                f"decoder blocks of {arch!r} differ in structure: block {i} lacks "
+                f"{sorted(set(order) - names)[:3]} of block 0 (e.g. dense MLP layers among MoE "
+                "ones, qwen2_moe's mlp_only_layers); every block must have the same linears")
     targets = {f"{prefix}.{i}.{rel}": blocks[i].get_submodule(rel)
                for i in range(len(blocks)) for rel in order}
     head, tied = _find_head(model)
