@@ -255,3 +255,28 @@ def test_blocks_of_different_structure_are_refused():
     split_experts(model)
     with pytest.raises(UnsupportedArchitectureError, match="block 1 lacks"):
         get_anatomy(model)
+
+
+@pytest.mark.slow
+def test_a_gptq_job_on_a_moe_stand_in_records_its_experts(tmp_path):
+    """Through the runner: the record's expert token counts and bytes (experts at 4.5 bits)."""
+    from ptqscale.runner.config import register_configs
+    from ptqscale.runner.job import run_job
+    from ptqscale.runner.planner import compose, hydra_context
+
+    register_configs()
+    with hydra_context():
+        record = run_job(compose(overrides=[
+            "model=mixtral-8x7b", "model.stand_in=true", "model.device=cpu",
+            "model.dtype=float32", "method=gptq", "method.device=cpu", "format=int4_g32",
+            "calib.nsamples=4", "calib.seqlen=64", "eval.max_tokens=1024", "eval.seqlen=128",
+            "progress=false", "wandb.mode=disabled", f"paths.results={tmp_path}"]))
+    assert record["status"] == "complete"
+    moe = record["quantization"]["moe"]
+    assert moe["experts"] == 16 and moe["rtn_fallback"] == []
+    assert sum(moe["tokens"].values()) == 2 * 4 * 64 * 2  # blocks * tokens * experts per token
+    params = record["params"]
+    attention = 2 * 64 * 64 + 2 * 32 * 64  # q, o (64 x 64); k, v (32 x 64: 2 kv heads)
+    assert params["quantizable"] == 2 * (attention + 8 * 3 * 64 * 64)  # every expert matrix
+    assert record["metrics"]["model_bytes"] == round(
+        params["quantizable"] * 4.5 / 8 + (params["total"] - params["quantizable"]) * 2)
