@@ -144,17 +144,21 @@ def test_gptq_counts_the_tokens_routed_to_each_expert(tmp_path, family):
             assert layer["hessian_tokens"] == expected[expert]
 
 
+def _never_route_to_expert_3(model) -> None:
+    """Block 0's router (top 2 of 4) picks another expert wherever it picked expert 3."""
+
+    def hook(mod, args, out):
+        idx = out[2]
+        other = idx.sum(-1, keepdim=True) - 3  # the row's other expert, where 3 is chosen
+        return out[0], out[1], torch.where(idx == 3, (other == 0).long(), idx)
+
+    model.model.layers[0].mlp.gate.register_forward_hook(hook)
+
+
 def test_an_expert_without_calibration_tokens_falls_back_to_rtn(tmp_path):
     one, streamed = tiny_one_and_streamed("mixtral", tmp_path)
-    for model in (one, streamed):  # block 0's router never chooses expert 3
-        gate = model.model.layers[0].mlp.gate
-
-        def never_3(mod, args, out):
-            idx = out[2]
-            other = idx.sum(-1, keepdim=True) - 3  # the row's other expert, where 3 is chosen
-            return out[0], out[1], torch.where(idx == 3, (other == 0).long(), idx)
-
-        gate.register_forward_hook(never_3)
+    for model in (one, streamed):
+        _never_route_to_expert_3(model)
     name = "model.layers.0.mlp.experts.3"
     original = {m: one.get_submodule(f"{name}.{m}").weight.clone()
                 for m in ("gate_proj", "up_proj", "down_proj")}
@@ -176,6 +180,26 @@ def test_an_expert_without_calibration_tokens_falls_back_to_rtn(tmp_path):
     assert report.extra["rtn_fallback"] == 3
     sa, sb = one.state_dict(), streamed.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa) and other.extra["moe"] == report.extra["moe"]
+
+
+def test_an_unrouted_expert_with_the_hessian_cache(tmp_path):
+    """fp_inputs + cache: the reached experts' Hessians are cached, the unreached expert has
+    none to cache (a miss again, RTN again); the second run gives the same weights."""
+    model, _ = tiny_one_and_streamed("mixtral", tmp_path / "m")
+    _never_route_to_expert_3(model)
+    runs = []
+    for _ in range(2):
+        m = copy.deepcopy(model)
+        report = quantize(m, GPTQConfig(format=FMT, device="cpu", fp_inputs=True),
+                          QuantContext(calibration=_calibration(), cache_dir=str(tmp_path / "c")))
+        runs.append((m.state_dict(), report))
+    (first, a), (second, b) = runs
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    status = {x["name"]: x["hessian_cache"] for x in b.layers}
+    assert status["model.layers.0.mlp.experts.3.gate_proj"] == "miss"
+    assert status["model.layers.0.mlp.experts.2.gate_proj"] == "hit"
+    assert a.extra["moe"]["rtn_fallback"] == b.extra["moe"]["rtn_fallback"] == [
+        "model.layers.0.mlp.experts.3"]
 
 
 def test_expert_weights_count_in_the_quantized_bytes(tmp_path):
