@@ -15,8 +15,8 @@ CPU, one decoder block at a time on the device; ``streaming.py``), under an opti
 ``max_gpu_memory`` cap; ``walk_logits`` is the block-by-block forward every stage can use.
 
 How to add a family: nothing is written per family. Build a tiny config of it in
-``tests/models/test_anatomy.py`` (hidden 32-64, 2 layers), assert the target names the anatomy
-finds, and add its ``model_type`` to ``SUPPORTED_ARCHITECTURES`` in ``anatomy.py``. If it uses a
+``tests/models/tiny_models.py`` (hidden 32-64, 2 layers), state the target names the anatomy
+must find in ``tests/models/test_anatomy.py``, and add its ``model_type`` to ``SUPPORTED_ARCHITECTURES`` in ``anatomy.py``. If it uses a
 Linear-like layer that is not ``nn.Linear`` (as GPT-2's ``Conv1D``), convert it in
 ``loading.py`` the way ``replace_conv1d`` does (fused MoE experts: ``experts.py``).
 """

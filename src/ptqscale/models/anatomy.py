@@ -10,8 +10,10 @@ targets (the Linear children of a module that holds experts: ``mlp.gate``,
 ``shared_expert_gate``): routing stays in full precision, as GPTQ/AWQ implementations of
 Mixtral and Qwen-MoE keep it.
 
-To support a new family: build a tiny config of it in ``tests/models/test_anatomy.py``, check the
-targets it reports, then add its ``model_type`` to ``SUPPORTED_ARCHITECTURES``.
+To support a new family: add a tiny config of it to ``tests/models/tiny_models.py`` and the
+targets it should report to ``EXPECTED`` in ``tests/models/test_anatomy.py``, then add its
+``model_type`` to ``SUPPORTED_ARCHITECTURES`` (tests/models/test_architectures.py runs RTN and
+GPTQ, streamed and in one piece, on the new ones).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ptqscale.models.errors import UnsupportedArchitectureError
 from ptqscale.models.experts import PerExpertLinears, expert_prefixes, is_fused_experts
 from ptqscale.models.loading import context_length
 
-# model_type values whose anatomy is checked in tests (tests/models/test_anatomy.py).
+# model_type values whose anatomy is checked in tests (tests/models/test_anatomy.py, tiny_models.py).
 SUPPORTED_ARCHITECTURES = (
     "bloom", "falcon", "gemma", "gemma2", "gpt2", "gpt_neox", "llama", "mistral", "mixtral", "opt",
     "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "stablelm",
