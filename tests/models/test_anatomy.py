@@ -20,6 +20,10 @@ from ptqscale.models import (
 _LLAMA = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 _NEOX = ["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]
+# MoE: one Linear per expert matrix (4 experts), experts in index order; routers not targets
+_EXPERTS = [f"mlp.experts.{k}.{m}" for k in range(4) for m in ("gate_proj", "up_proj", "down_proj")]
+_SHARED = ["mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj",
+           "mlp.shared_expert.down_proj"]
 # family: (block prefix, targets of a block in call order, embeddings, head, tied)
 EXPECTED = {
     "llama": ("model.layers", _LLAMA, ["model.embed_tokens"], False),
@@ -43,6 +47,13 @@ EXPECTED = {
             False),
     "phi3": ("model.layers", ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
                               "mlp.down_proj"], ["model.embed_tokens"], False),
+    "falcon": ("transformer.h", ["self_attention.query_key_value", "self_attention.dense",
+                                 "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
+               ["transformer.word_embeddings"], True),
+    "stablelm": ("model.layers", _LLAMA, ["model.embed_tokens"], False),
+    "mixtral": ("model.layers", _LLAMA[:4] + _EXPERTS, ["model.embed_tokens"], False),
+    "qwen2_moe": ("model.layers", _LLAMA[:4] + _SHARED + _EXPERTS, ["model.embed_tokens"], False),
+    "qwen3_moe": ("model.layers", _LLAMA[:4] + _EXPERTS, ["model.embed_tokens"], False),
 }
 
 
@@ -62,7 +73,9 @@ def test_anatomy_of_tiny_checkpoint(family, tiny_checkpoint):
     expected = [f"{prefix}.{i}.{rel}" for i in range(2) for rel in block]
     assert list(anat.targets) == expected  # names, count, block order and call order
     assert list(anat.block_targets(1)) == expected[len(block):]
-    assert all(type(m) is nn.Linear for m in anat.targets.values())
+    # plain Linears (falcon's FalconLinear is one: a Linear whose forward is x @ W.T + b)
+    assert all(type(m) is nn.Linear or type(m).__name__ == "FalconLinear"
+               for m in anat.targets.values())
     assert anat.embeddings == embeddings and anat.head == "lm_head" and anat.tied_head == tied
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     # the loaded model computes what the in-memory model computes (Conv1D swap included)
@@ -71,7 +84,7 @@ def test_anatomy_of_tiny_checkpoint(family, tiny_checkpoint):
         torch.testing.assert_close(model(ids).logits, reference(ids).logits)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "phi"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "phi", "falcon", "qwen2_moe"])
 def test_count_parameters_splits_the_total(family, tiny_checkpoint):
     folder, _ = tiny_checkpoint(family)
     model, _ = load_model(ModelConfig(name=family, path=folder, device="cpu"))

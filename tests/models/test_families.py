@@ -111,7 +111,7 @@ def test_family_standins_study_runs_every_architecture(tmp_path):
         jobs = expand_sweep(["+sweep=family_standins"])
         records = [run_job(compose(overrides=[*job, f"paths.results={tmp_path}", "progress=false",
                                               "wandb.mode=disabled"])) for job in jobs]
-    assert len(records) == 9
+    assert len(records) == 14
     archs = set()
     for record in records:
         assert record["status"] == "complete" and record["model"]["path"].startswith("stand-in:")

@@ -31,6 +31,18 @@ TINY_CONFIGS = {
     "phi3": lambda: T.Phi3Config(**_ATTN, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "gemma": lambda: T.GemmaConfig(**_GQA, head_dim=8),
     "gemma2": lambda: T.Gemma2Config(**_GQA, head_dim=8),
+    # falcon-7b's layout (multi-query attention, parallel attention + MLP, tied head)
+    "falcon": lambda: T.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     max_position_embeddings=256, vocab_size=VOCAB),
+    # stablelm-2-1_6b's choices: q/k/v biases, LayerNorm, a quarter of each head rotated
+    "stablelm": lambda: T.StableLmConfig(**_GQA, use_qkv_bias=True, partial_rotary_factor=0.25),
+    # MoE: 4 experts, 2 per token (their fused weights are split per expert at load)
+    "mixtral": lambda: T.MixtralConfig(**_GQA, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": lambda: T.Qwen2MoeConfig(**_GQA, moe_intermediate_size=32, num_experts=4,
+                                          num_experts_per_tok=2,
+                                          shared_expert_intermediate_size=64),
+    "qwen3_moe": lambda: T.Qwen3MoeConfig(**_GQA, head_dim=8, moe_intermediate_size=32,
+                                          num_experts=4, num_experts_per_tok=2),
 }
 
 

@@ -295,7 +295,7 @@ class AthenaConfig(MethodConfig):
 @register_method("athena", AthenaConfig)
 def quantize_athena(model: nn.Module, cfg: AthenaConfig, ctx: QuantContext) -> QuantReport:
     """Quantize the target linears of ``model`` in place with Athena, block by block."""
-    from ptqscale.methods.capture import WalkPlan, walk_blocks
+    from ptqscale.methods.capture import WalkPlan, routed_tokens, rtn_fallback, walk_blocks
     from ptqscale.models import get_anatomy, resolve_device
 
     fmt = get_format(cfg.format)
@@ -307,7 +307,14 @@ def quantize_athena(model: nn.Module, cfg: AthenaConfig, ctx: QuantContext) -> Q
     selected = select_targets(model, anat, cfg.targets)
     report = QuantReport(method="athena", format=fmt.name)
 
-    def quantize_group(names: list[str], H: torch.Tensor, tokens: int, status: str) -> None:
+    def quantize_group(names: list[str], H: torch.Tensor | None, tokens: int, status: str) -> None:
+        if H is None:  # an MoE expert no calibration token reached: RTN, recorded
+            entries = rtn_fallback([(n, selected[n]) for n in names], fmt)
+            for e in entries:
+                e.update(storage_bits=fmt.storage_bits(tuple(e["shape"])),
+                         retries=0, out_err=0.0, out_err_rtn=0.0)
+            report.layers.extend(entries)
+            return
         for name in names:
             report.layers.append(_quantize_layer(name, selected[name], H, fmt, cfg))
 
@@ -330,6 +337,9 @@ def quantize_athena(model: nn.Module, cfg: AthenaConfig, ctx: QuantContext) -> Q
         "out_err": math.fsum(layer["out_err"] for layer in layers),
         "out_err_rtn": math.fsum(layer["out_err_rtn"] for layer in layers),
     }
+    moe = routed_tokens(anat, layers)
+    if moe is not None:
+        report.extra["moe"] = moe
     return report
 
 

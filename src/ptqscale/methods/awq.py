@@ -58,9 +58,10 @@ from ptqscale.methods.capture import (
     HessianAccumulator,
     capture_block_inputs,
     input_groups,
+    rtn_fallback,
     run_block,
 )
-from ptqscale.methods.scaling import find_fold_target, scale_group_
+from ptqscale.methods.scaling import NotReached, find_fold_target, scale_group_
 from ptqscale.models import resolve_device
 
 
@@ -199,6 +200,9 @@ def _awq_block(block, prefix, groups, order, selected, inputs: BlockInputs, fmt,
     wanted = [[r for r in g if prefix + r in selected] for g in groups]
     wanted = [g for g in wanted if g]
     stats = _group_stats(block, [g[0] for g in wanted], inputs, device)
+    # an MoE expert no calibration token reached: nothing to search on; RTN, recorded
+    unreached = [r for g in wanted if stats[g[0]][0] is None for r in g]
+    wanted = [g for g in wanted if stats[g[0]][0] is not None]
     batch = next(inputs.batches(device))
     state = {r: _LayerState(block.get_submodule(r).weight.data.clone(), stats[g[0]][0])
              for g in wanted for r in g}
@@ -214,6 +218,9 @@ def _awq_block(block, prefix, groups, order, selected, inputs: BlockInputs, fmt,
     outputs = run_block(block, inputs, device, device)  # 3. next inputs: scaled, clipped
     for r, st in state.items():  # 4. round
         report.layers.append(st.round(prefix + r, block.get_submodule(r), fmt))
+    for entry in rtn_fallback([(prefix + r, block.get_submodule(r)) for r in unreached], fmt):
+        report.layers.append({**entry, "awq_ratio": None, "clip_shrink": None,
+                              "out_err_awq": 0.0, "out_err_rtn": 0.0})
     return outputs
 
 
@@ -253,7 +260,12 @@ class _LayerState:
 
 def _scale_group(block, g, order, batch, stats, fmt, cfg, state: dict) -> None:
     H, x_mean = stats
-    target = find_fold_target(block, g, order, batch)
+    try:
+        target = find_fold_target(block, g, order, batch)
+    except NotReached:  # an MoE expert the probe batch routed no token to
+        for r in g:
+            state[r].info["scaling"] = "skipped: the probe batch reached no input of it"
+        return
     if target is None and cfg.unfoldable == "skip":
         for r in g:
             state[r].info["scaling"] = "skipped: nothing to fold 1/s into"
@@ -288,7 +300,7 @@ def _group_stats(block, firsts: list[str], inputs: BlockInputs, device) -> dict:
     finally:
         for h in handles:
             h.remove()
-    return {n: (acc[n].hessian(), abs_sum[n] / acc[n].tokens) for n in firsts}
+    return {n: (acc[n].hessian(), abs_sum[n] / max(acc[n].tokens, 1)) for n in firsts}
 
 
 def _summary(cfg: AWQConfig, ctx: QuantContext, layers: list[dict]) -> dict[str, Any]:

@@ -185,6 +185,11 @@ class BlockFT:
                     continue
                 hessians, _ = collect_hessians(block, [group], inputs, self.device)
                 H, _tokens = hessians[group[0]]
+                if H is None:
+                    raise RuntimeError(
+                        f"blockft: no calibration token reached {group[0]} of block {b} (an "
+                        "MoE expert the router never chose); use more calibration samples, or "
+                        "gptq/rtn, which round such experts to nearest")
                 for rel in names:
                     weight = block.get_submodule(rel).weight
                     saved[rel] = weight.data.clone()

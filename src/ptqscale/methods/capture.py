@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,8 +52,10 @@ class _Stop(Exception):
 def input_groups(block: nn.Module, order: list[str], inputs: BlockInputs) -> list[list[str]]:
     """Linears of ``block`` (names relative to it, in execution order) grouped by shared input.
 
-    Consecutive linears that receive the very same input tensor (q, k, v after the input norm;
-    gate and up after the post-attention norm) form one group. References to the inputs are
+    Linears that receive the very same input tensor (q, k, v after the input norm; gate and up
+    after the post-attention norm; an expert's gate and up; in a parallel block (falcon-7b,
+    phi) q/k/v and the MLP's first linear, which read one norm) form one group: one Hessian,
+    and one scale for AWQ/SmoothQuant, whose fold into that norm reaches them all. References to the inputs are
     held during the pass so that no freed tensor's memory can be reused and mistaken for one.
     """
     seen: list[tuple[str, torch.Tensor]] = []
@@ -68,17 +71,34 @@ def input_groups(block: nn.Module, order: list[str], inputs: BlockInputs) -> lis
         for h in handles:
             h.remove()
     groups: list[list[str]] = []
-    last = None
+    group_inputs: list[torch.Tensor] = []
     for name, x in seen:
         if any(name in g for g in groups):
             continue  # a linear called twice (shared weights): its first call counts
-        if last is not None and x is last:
-            groups[-1].append(name)
-        else:
+        k = next((i for i, t in enumerate(group_inputs) if t is x), None)
+        if k is None:
             groups.append([name])
-        last = x
-    missing = [n for n in order if not any(n in g for g in groups)]
-    return groups + [[n] for n in missing]
+            group_inputs.append(x)
+        else:  # also when not consecutive: a parallel block's one norm feeds q/k/v and the MLP
+            groups[k].append(name)
+    groups += _unseen_groups([n for n in order if not any(n in g for g in groups)], groups)
+    return sorted(groups, key=lambda g: order.index(g[0]))  # execution order, unseen included
+
+
+def _unseen_groups(missing: list[str], groups: list[list[str]]) -> list[list[str]]:
+    """Groups of linears the first batch never reached (MoE experts no token was routed to):
+    an expert ``experts.5.*`` is grouped as a seen sibling ``experts.<k>.*`` is; else alone."""
+    index = re.compile(r"\.(\d+)\.")
+    patterns = {index.sub(".#.", g[0]): [index.sub(".#.", n) for n in g] for g in groups}
+    out: list[list[str]] = []
+    for name in missing:
+        if any(name in g for g in out):
+            continue
+        found = index.search(name)
+        pattern = patterns.get(index.sub(".#.", name)) if found else None
+        group = [p.replace(".#.", f".{found.group(1)}.") for p in pattern] if pattern else [name]
+        out.append(group if all(n in missing for n in group) else [name])
+    return out
 
 
 class HessianAccumulator:
@@ -99,16 +119,19 @@ class HessianAccumulator:
             self.sum.addmm_(X.T, X)
         self.tokens += X.shape[0]
 
-    def hessian(self) -> torch.Tensor:
+    def hessian(self) -> torch.Tensor | None:
+        """``2/n sum x x^T``; None when no token reached the layer (an MoE expert the router
+        never chose): the caller decides what to do without a Hessian (GPTQ: RTN)."""
         if self.tokens == 0:
-            raise RuntimeError("no calibration input reached this layer")
+            return None
         return self.sum * (2.0 / self.tokens)
 
 
 @torch.no_grad()
 def collect_hessians(block: nn.Module, groups: list[list[str]], inputs: BlockInputs,
                      device: torch.device, storage: torch.device | None = None):
-    """``{first name of group: (H, tokens)}`` for each group, from one pass over the batches.
+    """``{first name of group: (H, tokens)}`` for each group, from one pass over the batches
+    (``(None, 0)`` for a group no token reached: an MoE expert the router never chose).
 
     With ``storage`` the block's outputs are kept too (returned as :class:`BlockInputs`);
     without, each forward stops at the last group's input. Returns ``(hessians, outputs)``.
@@ -162,6 +185,8 @@ def walk_blocks(model: nn.Module, anat: Any, selected: dict[str, nn.Module],
     ``names`` are full module names (the group's linears that are in ``selected``). The inputs
     come from the already-quantized earlier blocks, or (``plan.fp_inputs``) from the
     full-precision model, whose Hessians ``cache`` (a ``HessianCache`` or None) may hold.
+    ``H`` is None (``tokens`` 0) for a group no calibration token reached (an MoE expert the
+    router never chose): ``quantize_group`` must then do without, e.g. :func:`rtn_fallback`.
     """
     n = len(anat.blocks)
     groups = cache.groups() if cache is not None else None
@@ -199,7 +224,7 @@ def _block(block, wanted, inputs, plan: WalkPlan, need_out: bool, quantize_group
     rel = [[name[len(prefix):] for name in g] for g in wanted]
     if plan.fp_inputs:
         return _block_fp(block, wanted, rel, inputs, plan, need_out, quantize_group, cache)
-    passes = [[g] for g in range(len(rel))] if plan.true_sequential else [list(range(len(rel)))]
+    passes = _passes(rel) if plan.true_sequential else [list(range(len(rel)))]
     for p in passes:  # each pass sees the quantized weights of the groups before it
         if not p:
             continue
@@ -208,6 +233,25 @@ def _block(block, wanted, inputs, plan: WalkPlan, need_out: bool, quantize_group
         for k in p:
             quantize_group(wanted[k], *hessians.pop(rel[k][0]), "off")
     return run_block(block, inputs, plan.device, plan.storage) if need_out else None
+
+
+def _passes(rel: list[list[str]]) -> list[list[int]]:
+    """True-sequential passes: one per input group, except that the same group of sibling
+    experts (``experts.<k>.gate_proj``/``up_proj`` of every k; then every ``down_proj``)
+    shares one pass, as AutoGPTQ's Mixtral steps do. Experts read the router's split of one
+    tensor, never each other's outputs, so each still sees exactly what it would alone, and
+    an MoE block costs four passes instead of two per expert."""
+    index = re.compile(r"\.\d+\.")
+    passes: list[list[int]] = []
+    where: dict[str, int] = {}
+    for k, group in enumerate(rel):
+        key = index.sub(".#.", group[0])
+        if key != group[0] and key in where:
+            passes[where[key]].append(k)
+        else:
+            where[key] = len(passes)
+            passes.append([k])
+    return passes
 
 
 def _block_fp(block, wanted, rel, inputs, plan, need_out, quantize_group, cache):
@@ -228,7 +272,7 @@ def _block_fp(block, wanted, rel, inputs, plan, need_out, quantize_group, cache)
         for r, g in zip(rel, wanted, strict=True):
             if r[0] in hessians:
                 found[r[0]] = (*hessians[r[0]], status)
-                if cache is not None:
+                if cache is not None and hessians[r[0]][0] is not None:
                     cache.save(g[0], *hessians[r[0]])
     elif need_out:
         outputs = run_block(block, inputs, plan.device, plan.storage)
@@ -242,3 +286,34 @@ def _to_storage(hessians: dict, storage: torch.device) -> None:
     0.8 GB for a 14336-wide input, is not held on the GPU beside GPTQ's own working copy)."""
     for name, (H, tokens) in hessians.items():
         hessians[name] = (H.to(storage), tokens)
+
+
+NO_TOKENS = ("no calibration token reached this layer (an MoE expert the router never chose "
+             "for them): rounded to nearest instead")
+
+
+def rtn_fallback(modules: list[tuple[str, nn.Module]], fmt) -> list[dict]:
+    """Round ``modules`` to nearest in place, as GPTQ implementations do for an expert without
+    calibration tokens; their layer entries say so (``fallback``, ``fallback_reason``)."""
+    from ptqscale.methods.rtn import round_weight_
+
+    entries = [round_weight_(name, module, fmt) for name, module in modules]
+    for entry in entries:
+        entry.update(fallback="rtn", fallback_reason=NO_TOKENS)
+    return entries
+
+
+def routed_tokens(anat: Any, layers: list[dict]) -> dict[str, Any] | None:
+    """MoE summary of a report: calibration tokens per expert (its first matrix's Hessian
+    tokens) and the experts that fell back to RTN; None for a dense model."""
+    if not anat.experts:
+        return None
+    tokens = {}
+    for layer in layers:
+        expert = layer["name"].rsplit(".", 1)[0]
+        if expert in anat.experts and expert not in tokens:
+            tokens[expert] = int(layer.get("hessian_tokens", 0))
+    fallback = sorted({layer["name"].rsplit(".", 1)[0] for layer in layers
+                       if layer.get("fallback") == "rtn"})
+    return {"experts": len(anat.experts), "tokens": tokens, "rtn_fallback": fallback,
+            "router": "full precision (not a target)"}

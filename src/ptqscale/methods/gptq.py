@@ -422,7 +422,7 @@ class GPTQConfig(MethodConfig):
 @register_method("gptq", GPTQConfig)
 def quantize_gptq(model: nn.Module, cfg: GPTQConfig, ctx: QuantContext) -> QuantReport:
     """Quantize the target linears of ``model`` in place with GPTQ, block by block."""
-    from ptqscale.methods.capture import WalkPlan, walk_blocks
+    from ptqscale.methods.capture import WalkPlan, routed_tokens, rtn_fallback, walk_blocks
     from ptqscale.models import get_anatomy
 
     fmt = get_format(cfg.format)
@@ -435,8 +435,11 @@ def quantize_gptq(model: nn.Module, cfg: GPTQConfig, ctx: QuantContext) -> Quant
     cache, cache_info = _open_cache(model, cfg, ctx, plan, calibration)
     report = QuantReport(method="gptq", format=fmt.name)
 
-    def quantize_group(names: list[str], H: torch.Tensor, tokens: int, status: str) -> None:
-        entries = _quantize_group([(n, selected[n]) for n in names], H, fmt, cfg)
+    def quantize_group(names: list[str], H: torch.Tensor | None, tokens: int, status: str) -> None:
+        modules = [(n, selected[n]) for n in names]
+        # an MoE expert no calibration token reached has no Hessian: RTN, recorded per layer
+        entries = (rtn_fallback(modules, fmt) if H is None
+                   else _quantize_group(modules, H, fmt, cfg))
         for e in entries:
             e.update(hessian_cache=status, hessian_tokens=tokens, hessian_of=names[0])
         report.layers.extend(entries)
@@ -448,6 +451,9 @@ def quantize_gptq(model: nn.Module, cfg: GPTQConfig, ctx: QuantContext) -> Quant
     finally:
         model.train(was_training)
     report.extra = _summary(cfg, device, calibration, ctx, cache_info, report.layers)
+    moe = routed_tokens(anat, report.layers)
+    if moe is not None:
+        report.extra["moe"] = moe
     return report
 
 
@@ -537,8 +543,10 @@ def _summary(cfg, device, calibration, ctx, cache_info: dict, layers: list[dict]
                         "seqlen": int(calibration.shape[1]),
                         "hash": ctx.calibration_hash or hash_ids(calibration)},
         "hessian_cache": cache_info,
-        "damp_retries": sum(layer["retries"] for layer in layers),
-        "max_percdamp_used": max((layer["percdamp"] for layer in layers), default=None),
-        "out_err_gptq": math.fsum(layer["out_err_gptq"] for layer in layers),
-        "out_err_rtn": math.fsum(layer["out_err_rtn"] for layer in layers),
+        "damp_retries": sum(layer.get("retries", 0) for layer in layers),
+        "max_percdamp_used": max((layer["percdamp"] for layer in layers if "percdamp" in layer),
+                                 default=None),
+        "out_err_gptq": math.fsum(layer.get("out_err_gptq", 0.0) for layer in layers),
+        "out_err_rtn": math.fsum(layer.get("out_err_rtn", 0.0) for layer in layers),
+        "rtn_fallback": sum(layer.get("fallback") == "rtn" for layer in layers),
     }

@@ -83,8 +83,12 @@ def _group_input(block: nn.Module, first: str, batch) -> torch.Tensor:
     finally:
         handle.remove()
     if not seen:
-        raise RuntimeError(f"the block's forward never reached {first}")
+        raise NotReached(f"the block's forward never reached {first}")
     return seen[0].detach().clone()
+
+
+class NotReached(RuntimeError):
+    """The probe batch never reached the group (an MoE expert no token was routed to)."""
 
 
 class _Seen(Exception):
@@ -117,7 +121,8 @@ def find_fold_target(block: nn.Module, group: list[str], order: list[str], batch
     """The op that can absorb the group's ``1/s`` exactly (verified numerically), or None.
 
     ``batch`` is ``(hidden, args, kwargs)`` of the block on its device (any hidden states
-    do: the test is structural).
+    do: the test is structural). Raises :class:`NotReached` when ``batch`` never reaches the
+    group (an MoE expert it routes no token to).
     """
     dtype = next(block.parameters()).dtype
     # compared in the model's precision (at least fp32): a float64 model's 1e-9 tolerance
@@ -133,11 +138,14 @@ def find_fold_target(block: nn.Module, group: list[str], order: list[str], batch
         _divide_outputs_(module, 1.0 / r)
         try:
             x_new = _group_input(block, group[0], batch).to(work)
+        except NotReached:  # the change re-routed the tokens: not a channel-wise fold
+            continue
         finally:
             for (p, _), old in zip(_channel_params(module), saved, strict=True):
                 p.data.copy_(old)
         expected = x_ref * r.to(x_ref.device)
-        if float((x_new - expected).norm()) <= tol * float(expected.norm()):
+        if x_new.shape == expected.shape and \
+                float((x_new - expected).norm()) <= tol * float(expected.norm()):
             return cand
     return None
 

@@ -43,7 +43,7 @@ from ptqscale.methods.base import (
     select_targets,
 )
 from ptqscale.methods.rtn import round_weight_
-from ptqscale.methods.scaling import find_fold_target, scale_group_
+from ptqscale.methods.scaling import NotReached, find_fold_target, scale_group_
 
 
 @dataclass
@@ -123,7 +123,10 @@ def smooth_(model: nn.Module, calibration: torch.Tensor, alpha: float, *,
 
 def _smooth_group(block, prefix, names, order, batch, act_max, alpha, min_scale) -> dict:
     entry: dict[str, Any] = {"group": [prefix + n for n in names]}
-    target = find_fold_target(block, names, order, batch)
+    try:
+        target = find_fold_target(block, names, order, batch)
+    except NotReached:  # an MoE expert the probe sequence routed no token to
+        return {**entry, "smoothed": False, "reason": "the probe batch reached no input of it"}
     if target is None or target.kind != "norm":
         return {**entry, "smoothed": False, "reason": "no foldable norm feeds this input"}
     weights = [block.get_submodule(n).weight for n in names]

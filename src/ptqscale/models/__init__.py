@@ -17,10 +17,10 @@ Weights on the CPU in the checkpoint's dtype stay memory-mapped from its safeten
 (``mapped.py``; reuse between jobs undoes a job's writes without copies, ``reuse.py``).
 
 How to add a family: nothing is written per family. Build a tiny config of it in
-``tests/models/test_anatomy.py`` (hidden 32-64, 2 layers), assert the target names the anatomy
-finds, and add its ``model_type`` to ``SUPPORTED_ARCHITECTURES`` in ``anatomy.py``. If it uses a
+``tests/models/tiny_models.py`` (hidden 32-64, 2 layers), state the target names the anatomy
+must find in ``tests/models/test_anatomy.py``, and add its ``model_type`` to ``SUPPORTED_ARCHITECTURES`` in ``anatomy.py``. If it uses a
 Linear-like layer that is not ``nn.Linear`` (as GPT-2's ``Conv1D``), convert it in
-``loading.py`` the way ``replace_conv1d`` does.
+``loading.py`` the way ``replace_conv1d`` does (fused MoE experts: ``experts.py``).
 """
 
 from ptqscale.models.anatomy import SUPPORTED_ARCHITECTURES, Anatomy, count_parameters, get_anatomy
@@ -36,6 +36,7 @@ from ptqscale.models.errors import (
     UnsafeCheckpointError,
     UnsupportedArchitectureError,
 )
+from ptqscale.models.experts import MOE_ARCHITECTURES, split_experts
 from ptqscale.models.loading import (
     check_finite,
     load_gguf_tokenizer,
@@ -53,6 +54,7 @@ from ptqscale.models.streaming import (
 
 __all__ = [
     "DTYPES",
+    "MOE_ARCHITECTURES",
     "PLACEMENTS",
     "SUPPORTED_ARCHITECTURES",
     "Anatomy",
@@ -72,6 +74,7 @@ __all__ = [
     "placement_of",
     "replace_conv1d",
     "resolve_device",
+    "split_experts",
     "validate_model_config",
     "walk_logits",
 ]

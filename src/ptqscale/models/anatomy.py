@@ -4,10 +4,16 @@ Nothing here is written per family. The blocks are the ``nn.ModuleList`` whose l
 config's ``num_hidden_layers``; the targets are the ``nn.Linear`` modules inside each block, in
 the order one forward pass calls them (found once with hooks on block 0 and applied to every
 block, since all blocks share one structure); the embeddings are the ``nn.Embedding`` modules
-outside the blocks; the head is ``get_output_embeddings()``.
+outside the blocks; the head is ``get_output_embeddings()``. Mixture-of-experts blocks hold one ``nn.Linear`` per expert matrix
+(``models/experts.py`` splits transformers' fused experts at load); their routers are not
+targets (the Linear children of a module that holds experts: ``mlp.gate``,
+``shared_expert_gate``): routing stays in full precision, as GPTQ/AWQ implementations of
+Mixtral and Qwen-MoE keep it.
 
-To support a new family: build a tiny config of it in ``tests/models/test_anatomy.py``, check the
-targets it reports, then add its ``model_type`` to ``SUPPORTED_ARCHITECTURES``.
+To support a new family: add a tiny config of it to ``tests/models/tiny_models.py`` and the
+targets it should report to ``EXPECTED`` in ``tests/models/test_anatomy.py``, then add its
+``model_type`` to ``SUPPORTED_ARCHITECTURES`` (tests/models/test_architectures.py runs RTN and
+GPTQ, streamed and in one piece, on the new ones).
 """
 
 from __future__ import annotations
@@ -18,12 +24,13 @@ import torch
 from torch import nn
 
 from ptqscale.models.errors import UnsupportedArchitectureError
+from ptqscale.models.experts import PerExpertLinears, expert_prefixes, is_fused_experts
 from ptqscale.models.loading import context_length
 
-# model_type values whose anatomy is checked in tests (tests/models/test_anatomy.py).
+# model_type values whose anatomy is checked in tests (tests/models/test_anatomy.py, tiny_models.py).
 SUPPORTED_ARCHITECTURES = (
-    "bloom", "gemma", "gemma2", "gpt2", "gpt_neox", "llama", "mistral", "opt", "phi", "phi3",
-    "qwen2", "qwen3",
+    "bloom", "falcon", "gemma", "gemma2", "gpt2", "gpt_neox", "llama", "mistral", "mixtral", "opt",
+    "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "stablelm",
 )
 
 
@@ -47,6 +54,7 @@ class Anatomy:
     tied_head: bool
     context_length: int
     block_order: list[str] = field(default_factory=list)  # target names relative to a block
+    experts: list[str] = field(default_factory=list)  # full names of MoE experts (experts.py)
 
     def block_targets(self, i: int) -> dict[str, nn.Linear]:
         """The targets of block ``i``, in execution order (q, k, v, o, gate, up, down ...)."""
@@ -69,13 +77,21 @@ def get_anatomy(model: nn.Module) -> Anatomy:
         )
     prefix, blocks = _find_blocks(model, config.num_hidden_layers)
     order = _execution_order(model, blocks[0])
+    for i, block in enumerate(blocks):  # the order of block 0 applies to every block
+        names = {n for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        if not set(order) <= names:
+            raise UnsupportedArchitectureError(
+                f"decoder blocks of {arch!r} differ in structure: block {i} lacks "
+                f"{sorted(set(order) - names)[:3]} of block 0 (e.g. dense MLP layers among MoE "
+                "ones, qwen2_moe's mlp_only_layers); every block must have the same linears")
     targets = {f"{prefix}.{i}.{rel}": blocks[i].get_submodule(rel)
                for i in range(len(blocks)) for rel in order}
     head, tied = _find_head(model)
     embeddings = [n for n, m in model.named_modules()
                   if isinstance(m, nn.Embedding) and not n.startswith(prefix + ".")]
     context = getattr(config, "ptqscale_max_seqlen", None) or context_length(config)
-    return Anatomy(arch, prefix, list(blocks), targets, embeddings, head, tied, context, order)
+    return Anatomy(arch, prefix, list(blocks), targets, embeddings, head, tied, context, order,
+                   expert_prefixes(model))
 
 
 def count_parameters(model: nn.Module, anat: Anatomy) -> dict[str, int]:
@@ -122,17 +138,27 @@ def _find_blocks(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
 
 
 def _execution_order(model: nn.Module, block: nn.Module) -> list[str]:
-    """Linear names of ``block`` in the order a forward pass calls them.
+    """Linear names of ``block`` in the order a forward pass calls them (routers left out).
 
     Registration order is not call order (OPT registers k_proj before q_proj; MLPs register
-    gate/up/down in different orders), so one forward of 4 tokens with hooks decides it.
+    gate/up/down in different orders), so one forward of 4 tokens with hooks decides it. A
+    linear that forward did not call (an expert the 4 tokens were not routed to) goes right
+    after the linear registered before it: experts run in index order, so every expert's
+    matrices keep their place in any batch's call order.
     """
-    linears = {m: n for n, m in block.named_modules() if isinstance(m, nn.Linear)}
     if any(type(m).__name__ == "Conv1D" for m in block.modules()):
         raise UnsupportedArchitectureError(
             "block holds transformers Conv1D layers; load through ptqscale.models.load_model "
             "(or call ptqscale.models.replace_conv1d) first"
         )
+    if any(is_fused_experts(m) for m in block.modules()):
+        raise UnsupportedArchitectureError(
+            "block holds fused MoE experts; load through ptqscale.models.load_model (or call "
+            "ptqscale.models.split_experts) first")
+    routers = _routers(block)
+    registered = [n for n, m in block.named_modules()
+                  if isinstance(m, nn.Linear) and n not in routers]
+    linears = {block.get_submodule(n): n for n in registered}
     called: list[str] = []
 
     def hook(module, args, output):
@@ -149,8 +175,19 @@ def _execution_order(model: nn.Module, block: nn.Module) -> list[str]:
     finally:
         for h in handles:
             h.remove()
-    # anything the forward did not call keeps its registration order, at the end
-    return called + [n for n in linears.values() if n not in called]
+    order = list(called)
+    for i, name in enumerate(registered):
+        if name not in order:
+            before = registered[i - 1] if i else None
+            order.insert(0 if before is None else order.index(before) + 1, name)
+    return order
+
+
+def _routers(block: nn.Module) -> set[str]:
+    """Names of the Linear children of the modules in ``block`` that hold experts."""
+    return {f"{n}.{c}" if n else c for n, m in block.named_modules()
+            if any(isinstance(x, PerExpertLinears) for x in m.children())
+            for c, x in m.named_children() if isinstance(x, nn.Linear)}
 
 
 def _find_head(model: nn.Module) -> tuple[str | None, bool]:

@@ -2,8 +2,9 @@
 
 Every model comes back the same way: eval mode, ``requires_grad`` off, on the configured device
 (or, streamed, on the CPU with that device as where its blocks compute: ``model.placement``,
-models/streaming.py) and dtype, GPT-2's ``Conv1D`` layers turned into ``nn.Linear`` (so every quantization target is a
-plain Linear), and the usable context recorded on ``model.config.ptqscale_max_seqlen``.
+models/streaming.py) and dtype, GPT-2's ``Conv1D`` layers turned into ``nn.Linear`` and
+fused MoE experts split into one ``nn.Linear`` per expert matrix (models/experts.py), so every
+quantization target is a plain Linear, and the usable context recorded on ``model.config.ptqscale_max_seqlen``.
 
 Weights on the CPU in the checkpoint's own dtype stay memory-mapped from its safetensors
 (transformers' mmap loading; models/mapped.py): a streamed model takes no host memory for
@@ -26,6 +27,7 @@ from ptqscale.models.config import (
     resolved_dtype,
     validate_model_config,
 )
+from ptqscale.models.experts import split_experts
 from ptqscale.models.mapped import record_weights
 
 # Attribute names under which families store their trained context, most specific first.
@@ -59,6 +61,7 @@ def load_model(cfg: ModelConfig):
     model = _load_weights(cfg, source, config)
     model.eval().requires_grad_(False)
     replace_conv1d(model)
+    split_experts(model)  # MoE: fused 3-D expert weights -> one Linear per expert matrix
     place_model(model, cfg)
     record_weights(model)
     return model, _load_tokenizer(cfg, source)

@@ -30,7 +30,7 @@ def describe_model(cfg: ModelConfig, hub_cache_only: bool = False) -> ModelSkele
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ptqscale.models.anatomy import get_anatomy
-    from ptqscale.models.loading import _load_config, _usable_context, replace_conv1d
+    from ptqscale.models.loading import _load_config, _usable_context, replace_conv1d, split_experts
 
     source = validate_model_config(cfg)
     if hub_cache_only and source.kind == "hub" and not cfg.stand_in:
@@ -44,6 +44,7 @@ def describe_model(cfg: ModelConfig, hub_cache_only: bool = False) -> ModelSkele
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
     replace_conv1d(model)
+    split_experts(model)
     anatomy = get_anatomy(model)
     shapes = {name: (m.out_features, m.in_features) for name, m in anatomy.targets.items()}
     return ModelSkeleton(anatomy.architecture, context, shapes)

@@ -36,7 +36,8 @@ PRIOR_CHARS = 300_000
 FAMILY_ARCHITECTURE = {
     "pythia": "gpt_neox", "pythia-deduped": "gpt_neox", "opt": "opt", "gpt2": "gpt2",
     "bloom": "bloom", "llama-2": "llama", "llama-3": "llama", "qwen2.5": "qwen2",
-    "smollm2": "llama", "gutenberg-llama": "llama",
+    "smollm2": "llama", "gutenberg-llama": "llama", "falcon": "falcon", "stablelm": "stablelm",
+    "mixtral": "mixtral", "qwen2-moe": "qwen2_moe", "qwen3-moe": "qwen3_moe",
 }
 
 # model_type -> the structural fields of a scaled-down member (the real members' choices of
@@ -54,10 +55,33 @@ ARCHITECTURES: dict[str, dict] = {
                   num_key_value_heads=2, intermediate_size=192, tie_word_embeddings=True),
     "qwen2": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=192, tie_word_embeddings=True),
+    # falcon-7b: multi-query attention, attention and MLP in parallel, no biases, tied head
+    "falcon": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+                   parallel_attn=True, new_decoder_architecture=False, bias=False, alibi=False,
+                   tie_word_embeddings=True),
+    # stablelm-2-1_6b: q/k/v biases, LayerNorm, a quarter of each head rotated, untied head
+    "stablelm": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4, intermediate_size=192, use_qkv_bias=True,
+                     partial_rotary_factor=0.25, tie_word_embeddings=False),
+    # MoE members keep their routing (experts per token; qwen's shared expert) with 8 experts
+    "mixtral": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=64, num_local_experts=8,
+                    num_experts_per_tok=2, tie_word_embeddings=False),
+    "qwen2_moe": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, intermediate_size=192, moe_intermediate_size=32,
+                      num_experts=8, num_experts_per_tok=4, shared_expert_intermediate_size=128,
+                      tie_word_embeddings=False),
+    "qwen3_moe": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, intermediate_size=192,
+                      moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                      norm_topk_prob=True, tie_word_embeddings=False),
 }
 _POSITIONS = {"gpt_neox": "max_position_embeddings", "opt": "max_position_embeddings",
               "gpt2": "n_positions", "llama": "max_position_embeddings",
-              "qwen2": "max_position_embeddings", "bloom": None}   # bloom: ALiBi, no table
+              "qwen2": "max_position_embeddings", "bloom": None,   # bloom: ALiBi, no table
+              "falcon": "max_position_embeddings", "stablelm": "max_position_embeddings",
+              "mixtral": "max_position_embeddings", "qwen2_moe": "max_position_embeddings",
+              "qwen3_moe": "max_position_embeddings"}
 
 
 def architecture_of(cfg) -> str:
