@@ -285,7 +285,7 @@ def _to_storage(hessians: dict, storage: torch.device) -> None:
     """Hessians wait where the activations wait (offloaded: the CPU, so that a large one,
     0.8 GB for a 14336-wide input, is not held on the GPU beside GPTQ's own working copy)."""
     for name, (H, tokens) in hessians.items():
-        hessians[name] = (H.to(storage), tokens)
+        hessians[name] = (None if H is None else H.to(storage), tokens)
 
 
 NO_TOKENS = ("no calibration token reached this layer (an MoE expert the router never chose "
