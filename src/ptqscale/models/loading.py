@@ -1,9 +1,10 @@
 """``load_model``: a causal LM and its tokenizer from a hub id, a local folder or a GGUF file.
 
 Every model comes back the same way: eval mode, ``requires_grad`` off, on the configured device
-(or, streamed, on the CPU with that device as where its blocks compute: ``model.placement``,
-models/streaming.py) and dtype, GPT-2's ``Conv1D`` layers turned into ``nn.Linear`` (so every quantization target is a
-plain Linear), and the usable context recorded on ``model.config.ptqscale_max_seqlen``.
+(or, streamed, on the CPU with that device as where its blocks compute, or spread over several
+GPUs: ``model.placement``, models/streaming.py, models/spread.py) and dtype, GPT-2's ``Conv1D``
+layers turned into ``nn.Linear`` (so every quantization target is a plain Linear), and the
+usable context recorded on ``model.config.ptqscale_max_seqlen``.
 """
 
 from __future__ import annotations
@@ -62,8 +63,16 @@ def place_model(model: nn.Module, cfg: ModelConfig):
 
     The budget caps this process's CUDA allocator on the device (nothing to cap on a CPU);
     in one piece the model moves to the device, streamed it stays on the CPU. Returns the
-    :class:`~ptqscale.models.streaming.Placement` it records on the model.
+    :class:`~ptqscale.models.streaming.Placement` it records on the model. ``spread``:
+    whole decoder blocks on several GPUs (models/spread.py).
     """
+    if cfg.placement == "spread":
+        from ptqscale.models.spread import spread_model
+        from ptqscale.models.streaming import set_placement
+
+        placement = spread_model(model, cfg)
+        set_placement(model, placement)
+        return placement
     from ptqscale.models.streaming import (
         Placement,
         apply_memory_budget,
