@@ -1,4 +1,4 @@
-"""A job streamed, under a budget, or with dtype auto has the key and numbers of the default."""
+"""A job streamed, under a budget, spread, or with dtype auto has the key and numbers of the default."""
 
 from __future__ import annotations
 
@@ -21,3 +21,11 @@ def test_streamed_job_has_the_key_and_numbers_of_the_one_piece_job(composed, tmp
     assert (streamed["env"]["placement"], one["env"]["placement"]) == ("streamed", "one")
     for name in ("nll_sum", "nll_fp", "weight_sqnr_db", "tokens"):
         assert streamed["metrics"][name] == one["metrics"][name], name
+    # spread over the CPU (the one-device map: the hooks' code path); records its map
+    spread = job("spread", "model.placement=spread", "model.device=cpu")
+    assert spread["status"] == "complete" and spread["job_key"] == one["job_key"]
+    assert spread["env"]["placement"] == "spread" and "device_map" not in one["env"]
+    assert spread["env"]["device_map"].startswith("cpu=") and ".layers.0-" in \
+        spread["env"]["device_map"]
+    for name in ("nll_sum", "nll_fp", "weight_sqnr_db", "tokens"):
+        assert spread["metrics"][name] == one["metrics"][name], name
