@@ -172,6 +172,28 @@ def spread_model(model: nn.Module, cfg: ModelConfig):
     return placement
 
 
+def unspread(model: nn.Module) -> None:
+    """Undo :func:`spread_model`: the hooks off, every weight on the CPU, the GPUs' caps
+    lifted; the model is then in one piece on the CPU (a benchmark's next placement)."""
+    from accelerate.hooks import remove_hook_from_module
+
+    from ptqscale.models.streaming import (
+        Placement,
+        apply_memory_budget,
+        placement_of,
+        set_placement,
+    )
+
+    devices = {torch.device(d) for _, d in placement_of(model).device_map or ()}
+    remove_hook_from_module(model, recurse=True)
+    model.to("cpu")
+    if hasattr(model, "hf_device_map"):
+        del model.hf_device_map
+    for d in devices:
+        apply_memory_budget(d, None)
+    set_placement(model, Placement(False, torch.device("cpu")))
+
+
 @contextmanager
 def _quiet_accelerate():
     logger = logging.getLogger("accelerate.big_modeling")
