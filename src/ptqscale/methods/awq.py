@@ -63,6 +63,7 @@ from ptqscale.methods.capture import (
 )
 from ptqscale.methods.scaling import find_fold_target, scale_group_
 from ptqscale.models import resolve_device
+from ptqscale.models.streaming import compute_on
 
 
 @dataclass
@@ -187,8 +188,9 @@ def quantize_awq(model: nn.Module, cfg: AWQConfig, ctx: QuantContext) -> QuantRe
             at = block_device(model, block, device)  # a spread model's block: its own GPU
             block.to(at)
             try:
-                inputs = _awq_block(block, f"{anat.block_prefix}.{i}.", groups, anat.block_order,
-                                    selected, inputs, fmt, cfg, at, report)
+                with compute_on(at):
+                    inputs = _awq_block(block, f"{anat.block_prefix}.{i}.", groups,
+                                        anat.block_order, selected, inputs, fmt, cfg, at, report)
             finally:
                 block.to(home)
     finally:

@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from ptqscale import console
+from ptqscale.models.spread import block_device  # noqa: F401 (re-exported too)
 from ptqscale.models.streaming import (  # noqa: F401 (the block plumbing, re-exported)
     BlockInputs,
-    block_device,
     block_output,
     capture_block_inputs,
     onloaded_block,

@@ -12,7 +12,7 @@ list is already known here (``models.anatomy.decoder_blocks``).
 
 Nothing changes a number: every block computes with its own weights on its own GPU, in the
 order of the model in one piece. Methods walk the blocks where they live
-(``streaming.block_device``); perplexity and the landscape run the dispatched model.
+(:func:`block_device`); perplexity and the landscape run the dispatched model.
 
 ``model.device=cpu`` with ``spread`` is the one-device map (everything on the CPU, the hooks
 installed all the same): the same code path, for CPU tests and machines without a GPU.
@@ -103,6 +103,16 @@ def assign_blocks(block_bytes: list[int], capacities: list[float], stem_bytes: i
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if fill(mid) is not None else (mid, hi)
     return fill(hi)
+
+
+def block_device(model: nn.Module, block: nn.Module, device: torch.device) -> torch.device:
+    """Where ``block`` computes: its own GPU when ``model`` is spread (moving it would break the
+    device map), else ``device`` (a method's or the placement's execution device)."""
+    from ptqscale.models.streaming import placement_of
+
+    if placement_of(model).spread:
+        return next(block.parameters()).device
+    return device
 
 
 def tensor_bytes(tensors) -> int:

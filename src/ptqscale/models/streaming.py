@@ -6,7 +6,7 @@ A loaded model carries a :class:`Placement` (``load_model`` sets it from ``model
 - streamed: every weight waits on the CPU; a stage brings one decoder block at a time to the
   execution device (:func:`onloaded`) and lets it go afterwards;
 - spread: whole decoder blocks on several GPUs (models/spread.py); each block computes where
-  it lives (:func:`block_device`), the model's own forward hops from GPU to GPU.
+  it lives (``spread.block_device``), the model's own forward hops from GPU to GPU.
 
 The walk is written once, for every family and stage. :func:`capture_block_inputs` runs the
 model up to its first block (a pre-hook stores the block's arguments, including the masks and
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,22 +159,23 @@ def onloaded(tensors: list[torch.Tensor], device: torch.device, write_back: bool
             t.data = t.data.to(home.device) if write_back else home
 
 
-def block_device(model: nn.Module, block: nn.Module, device: torch.device) -> torch.device:
-    """Where ``block`` computes: its own GPU when ``model`` is spread (moving it would break the
-    device map), else ``device`` (a method's or the placement's execution device)."""
-    if placement_of(model).spread:
-        return next(block.parameters()).device
-    return device
+def compute_on(device: torch.device):
+    """A CUDA ``device`` made the current one for a ``with`` body (kernels that launch on the
+    current device, such as Triton's, then find their tensors: a spread model's block on GPU 1
+    while GPU 0 is current); a no-op elsewhere."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 @contextmanager
 def onloaded_block(block: nn.Module, device: torch.device):
-    """``block`` on ``device`` for a ``with`` body that may change its weights (a method), then
-    back where it was, changes included (``Module.to`` both ways, also after an error)."""
+    """``block`` on ``device`` (the current CUDA device there) for a ``with`` body that may
+    change its weights (a method), then back where it was, changes included (``Module.to``
+    both ways, also after an error)."""
     home = next(block.parameters()).device
     block.to(device)
     try:
-        yield block
+        with compute_on(device):
+            yield block
     finally:
         block.to(home)
 
