@@ -10,9 +10,9 @@ Example::
     >>> len(anat.targets), anat.context_length          # doctest: +SKIP
     (35, 512)
 
-Placement: ``ModelConfig.placement`` holds a model in one piece or streamed (weights on the
-CPU, one decoder block at a time on the device; ``streaming.py``), under an optional
-``max_gpu_memory`` cap; ``walk_logits`` is the block-by-block forward every stage can use.
+Placement: ``ModelConfig.placement`` holds a model in one piece, streamed (weights on the
+CPU, one decoder block at a time on the device; ``streaming.py``) or spread (whole blocks on
+several GPUs; ``spread.py``), under an optional ``max_gpu_memory`` cap; ``walk_logits`` is the block-by-block forward every stage can use.
 
 How to add a family: nothing is written per family. Build a tiny config of it in
 ``tests/models/test_anatomy.py`` (hidden 32-64, 2 layers), assert the target names the anatomy
