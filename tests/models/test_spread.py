@@ -172,6 +172,8 @@ def test_spread_perplexity_is_bitwise_the_one_piece_one(gutenberg, ev):
     one, spread, _, _, stream = gutenberg
     a, b = measure_perplexity(one, stream, ev), measure_perplexity(spread, stream, ev)
     assert a.tokens == b.tokens and a.nll_sum == b.nll_sum
+    with pytest.raises(ConfigError, match="eval.compile=true needs the model in one piece"):
+        measure_perplexity(spread, stream, EvalConfig(seqlen=256, compile=True))
 
 
 def test_methods_quantize_spread_models_to_the_same_weights(gutenberg):
