@@ -129,10 +129,9 @@ def test_spread_is_validated_before_any_load():
     with pytest.raises(ConfigError, match=r"model.gpus=0"):
         ModelConfig(name="m", path="gpt2", placement="spread", gpus=0)
     with pytest.raises(ConfigError, match=r"model.device='cuda:1' with model.placement=spread"):
-        spread_devices(ModelConfig(name="m", path="gpt2", placement="spread", device="cuda:1"))
+        ModelConfig(name="m", path="gpt2", placement="spread", device="cuda:1")
     with pytest.raises(ConfigError, match=r"model.gpus=2 with model.device=cpu"):
-        spread_devices(ModelConfig(name="m", path="gpt2", placement="spread", device="cpu",
-                                   gpus=2))
+        ModelConfig(name="m", path="gpt2", placement="spread", device="cpu", gpus=2)
     assert spread_devices(ModelConfig(name="m", path="gpt2", placement="spread",
                                       device="cpu")) == [torch.device("cpu")]
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0

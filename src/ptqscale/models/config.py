@@ -93,6 +93,13 @@ class ModelConfig:
                                       or self.gpus < 1 or self.placement != "spread"):
             raise ConfigError(f"model.gpus={self.gpus!r}: a number of GPUs >= 1 used only with "
                               f"model.placement=spread (here {self.placement!r}); or null")
+        if self.placement == "spread" and self.device not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"model.device={self.device!r} with model.placement=spread: "
+                              "spread picks its GPUs with model.gpus; set model.device=auto "
+                              "(or cpu: the one-device map)")
+        if self.placement == "spread" and self.device == "cpu" and self.gpus not in (None, 1):
+            raise ConfigError(f"model.gpus={self.gpus} with model.device=cpu: a spread over the "
+                              "CPU is one device; set model.gpus=null or model.device=auto")
         if self.max_gpu_memory is not None:
             parse_bytes(self.max_gpu_memory, "model.max_gpu_memory")
         if not _DEVICE.match(self.device):
@@ -192,10 +199,6 @@ def validate_model_config(cfg: ModelConfig) -> ModelSource:
     and ConfigError for a CUDA device on a machine without CUDA.
     """
     _check_device(cfg.device)
-    if cfg.placement == "spread":
-        from ptqscale.models.spread import spread_devices
-
-        spread_devices(cfg)  # no GPU, too few, or cuda:N: an error before any weight is read
     if cfg.tokenizer and looks_like_path(cfg.tokenizer):
         if not os.path.exists(os.path.expanduser(cfg.tokenizer)):
             raise ModelNotFoundError(f"model.tokenizer path does not exist: {cfg.tokenizer}")

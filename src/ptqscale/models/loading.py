@@ -49,6 +49,10 @@ def load_model(cfg: ModelConfig):
         512
     """
     source = validate_model_config(cfg)
+    if cfg.placement == "spread":
+        from ptqscale.models.spread import spread_devices
+
+        spread_devices(cfg)  # no GPU or too few: an error before any weight is read
     config = _load_config(cfg, source)
     config.ptqscale_max_seqlen = _usable_context(config, cfg.max_seqlen)
     model = _load_weights(cfg, source, config)

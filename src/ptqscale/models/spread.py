@@ -35,16 +35,11 @@ class SpreadError(ConfigError):
 
 
 def spread_devices(cfg: ModelConfig) -> list[torch.device]:
-    """The devices ``cfg`` spreads over; a clear error, before any weight is read, where they
-    do not exist (no GPU, fewer than ``model.gpus``, a ``cuda:N`` device)."""
+    """The devices ``cfg`` spreads over on this machine; a clear error where they do not exist
+    (no GPU, fewer than ``model.gpus``). ``load_model`` and a job about to run (the runner's
+    validation with ``bind``) ask before any weight is read; a plan made elsewhere does not."""
     if cfg.device == "cpu":
-        if cfg.gpus not in (None, 1):
-            raise ConfigError(f"model.gpus={cfg.gpus} with model.device=cpu: a spread over the "
-                              "CPU is one device; set model.gpus=null or model.device=auto")
         return [torch.device("cpu")]
-    if cfg.device not in ("auto", "cuda"):
-        raise ConfigError(f"model.device={cfg.device!r} with model.placement=spread: spread "
-                          "picks its GPUs with model.gpus; set model.device=auto (or cpu)")
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if visible == 0:
         raise ConfigError("model.placement=spread needs at least one CUDA GPU and none is "
