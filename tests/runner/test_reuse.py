@@ -32,9 +32,11 @@ def _numbers(record: dict) -> dict:
     return {"metrics": metrics, "layers": record["layers"], "key": record["job_key"]}
 
 
-# the embedded model streamed (weights wait on the CPU, blocks visit the device in turn)
+# the embedded model streamed (weights wait on the CPU, blocks visit the device in turn) and
+# spread (the one-device map: accelerate's hooks stay through every job)
 @pytest.mark.parametrize("model", [["model=stories260k"],
-                                   ["model=gutenberg-llama-200k", "model.placement=streamed"]])
+                                   ["model=gutenberg-llama-200k", "model.placement=streamed"],
+                                   ["model=gutenberg-llama-200k", "model.placement=spread"]])
 def test_a_sweep_loads_once_and_matches_fresh_loads(composed, tmp_path, model):
     def job(folder: str, overrides: list[str], *extra: str) -> dict:
         return run_job(composed([*model, "model.device=cpu", "wandb.mode=disabled",
