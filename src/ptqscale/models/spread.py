@@ -137,9 +137,11 @@ def device_map_for(model: nn.Module, devices: list[torch.device],
     stem, head = stem_and_head(model, prefix, holder[0], torch.zeros(1, 2, dtype=torch.long))
     embedding = model.get_input_embeddings().weight
     tied = any(t is embedding for t in module_tensors_direct(head))
+    in_stem = {id(t) for t in module_tensors_direct(stem)}  # a tied tensor counts once
     blocks = assign_blocks([tensor_bytes(module_tensors([b])) for b in holder], capacities,
                            tensor_bytes(module_tensors_direct(stem)),
-                           tensor_bytes(module_tensors_direct(head)), head_on_first=tied)
+                           tensor_bytes(t for t in module_tensors_direct(head)
+                                        if id(t) not in in_stem), head_on_first=tied)
     names = {id(m): name for name, m in model.named_modules()}
     last = devices[0] if tied else devices[-1]
     where = {names[id(m)]: str(devices[0]) for m in stem if module_tensors_direct([m])}
