@@ -254,7 +254,8 @@ def test_spread_agrees_with_streamed_and_one_piece_on_cuda(tmp_path, which):
     embedding and head on the first). NLL and GPTQ weights agree with the streamed
     single-GPU path and the model in one piece (to rounding)."""
     path = GUTENBERG if which == "gutenberg-llama-200k" else _random_llama_folder(tmp_path)
-    base = dict(name="g", path=path, device="auto", max_seqlen=512)
+    # bf16: the dtype big models run in (and the fused kernels' fast path)
+    base = dict(name="g", path=path, device="auto", max_seqlen=512, dtype="bfloat16")
     one, _ = load_model(ModelConfig(**base))
     streamed, _ = load_model(ModelConfig(**base, placement="streamed"))
     spread, _ = load_model(ModelConfig(**base, placement="spread"))
@@ -271,16 +272,18 @@ def test_spread_agrees_with_streamed_and_one_piece_on_cuda(tmp_path, which):
                            generator=torch.Generator().manual_seed(0))
     ev = EvalConfig(seqlen=512, batch_size=2)
     nll = [measure_perplexity(m, stream, ev).nll for m in (one, streamed, spread)]
-    assert abs(nll[2] - nll[1]) < 1e-5 * nll[1] and abs(nll[2] - nll[0]) < 1e-5 * nll[0]
+    assert abs(nll[2] - nll[1]) < 1e-4 * nll[1] and abs(nll[2] - nll[0]) < 1e-4 * nll[0]
     calib = stream[:1024].view(4, 256)
-    gptq = GPTQConfig(format="int4_g32", device="cuda")
-    states = []
-    for m in (one, streamed, spread):
-        quantize(m, gptq, QuantContext(calibration=calib, calibration_hash="x"))
-        states.append({k: v.cpu() for k, v in m.state_dict().items()})
-    for name, d in device_map.items():  # nothing moved by the method
-        assert all(str(p.device) == d for p in spread.get_submodule(name).parameters())
-    for k in states[0]:  # the same grid: at most a rare one-step flip from rounding
-        for s in states[1:]:
-            assert (states[0][k] != s[k]).float().mean() < 1e-3, k
-    assert measure_perplexity(spread, stream, ev).nll != nll[2]  # quantized: a new number
+    # RTN: the fused Triton kernel on each weight's own GPU; GPTQ: each block on its own GPU
+    for method in (RTNConfig(format="int4_g32"), GPTQConfig(format="int4_g32", device="cuda")):
+        states = []
+        for m in (one, streamed, spread):
+            q = copy.deepcopy(m)  # (a dispatched model's copy keeps its hooks and devices)
+            quantize(q, method, QuantContext(calibration=calib, calibration_hash="x"))
+            states.append({k: v.cpu() for k, v in q.state_dict().items()})
+        for name, d in device_map.items():  # nothing moved by the method
+            assert all(str(p.device) == d for p in q.get_submodule(name).parameters())
+        for k in states[0]:  # the same grid: at most a rare one-step flip from rounding
+            for s in states[1:]:
+                assert (states[0][k] != s[k]).float().mean() < 1e-3, (method.name, k)
+        assert measure_perplexity(q, stream, ev).nll != nll[2]  # quantized: a new number
