@@ -93,7 +93,7 @@ def test_assignment_examples_and_refusal():
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
 def test_device_map_covers_every_tensor_stem_first_head_last(tmp_path, family):
     """Over two (stand-in) devices: every tensor mapped, blocks in order, the stem on the first
-    device, the head on the last (a tied head with the stem)."""
+    device, the head on the last (a tied head with the stem); the CPU map forwards bitwise."""
     save_tiny(family, tmp_path)
     model, _ = load_model(ModelConfig(name=family, path=str(tmp_path), device="cpu"))
     a, b = torch.device("cpu"), torch.device("meta")  # names only: nothing moves
@@ -110,6 +110,13 @@ def test_device_map_covers_every_tensor_stem_first_head_last(tmp_path, family):
     head_key = next((k for k in where if model.get_submodule(k) is head), None)
     tied = head.weight is model.get_input_embeddings().weight
     assert head_key is None and tied or where[head_key] == ("cpu" if tied else "meta")
+    # dispatched (on the CPU): the family's forward through the hooks, bitwise
+    spread, _ = load_model(ModelConfig(name=family, path=str(tmp_path), device="cpu",
+                                       placement="spread"))
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(spread(input_ids=ids).logits, model(input_ids=ids).logits,
+                                   rtol=0, atol=0)
 
 
 def test_describe_says_which_blocks_went_where():
