@@ -1,4 +1,4 @@
-"""Models larger than the GPU: time and peak GPU memory in one piece vs streamed (issue 19).
+"""Models larger than the GPU: time and peak GPU memory in one piece, streamed, spread (19, 25).
 
 Usage::
 
@@ -11,12 +11,16 @@ Usage::
     python bench/bench_streaming.py --shape llama3-8b --placements streamed --mmap \
         --max-gpu-memory 4GiB --stages ppl,rtn,gptq --tokens 32768 --nsamples 32 \
         --out DIR/streaming_8b_mmap.jsonl
+    python bench/bench_streaming.py --shape 1b --placements streamed,spread --gpus 2 \
+        --stages ppl,rtn,gptq --compare-weights --out DIR/spread_1b_2gpu.jsonl   # issue 25
     python bench/bench_streaming.py --dry-run --out /tmp/streaming.jsonl   # tiny, CPU
 
 A randomly initialised Llama of the given shape (built from a config: no download), bf16 by
 default, seeded. For each placement (``one``: the whole model on the GPU; ``streamed``: the
-weights on the CPU, one decoder block at a time on the GPU; ptqscale's own ``place_model`` with
-``model.max_gpu_memory`` enforced) the stages run in order on the same weights:
+weights on the CPU, one decoder block at a time on the GPU; ``spread``: whole decoder blocks on
+``--gpus`` GPUs, each computing where it lives; ptqscale's own ``place_model`` with
+``model.max_gpu_memory`` enforced, per GPU when spread) the stages run in order on the same
+weights:
 
 - ``ppl``: perplexity (gptq preset) of a synthetic token stream (``--tokens``, ``--seqlen``);
 - ``rtn``: RTN into ``--format`` (int4_g128), then ``ppl_rtn``: the quantized model's perplexity;
@@ -40,8 +44,10 @@ Each measurement is one JSON line (stage, placement, seconds, peak GPU GiB alloc
 reserved, host memory of the process: RssAnon (its own) and RssFile (file pages such as mapped
 weights, reclaimable) in GiB, NLL, status; a stage that fails, e.g. over the budget, is a
 ``failed`` line and the run goes on), printed and appended to ``--out``; the first line (after
-``--mmap``'s save and load) describes the run (device, date, versions, shape, parameters). The
-NLLs of one and streamed must agree to float rounding.
+``--mmap``'s save and load) describes the run (device, date, versions, shape, parameters); a
+spread ``place`` line has the device map used. The NLLs of all placements must agree to float
+rounding; with ``--compare-weights`` each quantization line says how many weights equal those
+of the first placement's same method (kept on the CPU).
 Needs only torch and transformers (and ptqscale from ``src/``: ``PYTHONPATH=$PWD/src``).
 """
 
@@ -90,8 +96,13 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--shape", default="1b", choices=sorted(SHAPES))
     p.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--placements", default="one,streamed", help="comma list of one,streamed")
-    p.add_argument("--max-gpu-memory", default=None, help="e.g. 4GiB (streamed runs only)")
+    p.add_argument("--placements", default="one,streamed",
+                   help="comma list of one,streamed,spread")
+    p.add_argument("--gpus", type=int, default=None, help="spread: GPUs to use (default: all)")
+    p.add_argument("--compare-weights", action="store_true",
+                   help="compare quantized weights with the first placement's (host memory)")
+    p.add_argument("--max-gpu-memory", default=None,
+                   help="e.g. 4GiB (streamed and spread runs only; per GPU when spread)")
     p.add_argument("--budget-one", action="store_true", help="apply the budget to 'one' too")
     p.add_argument("--stages", default="ppl,rtn", help="comma list of ppl,noise,hessian,rtn,gptq")
     # WikiText-2 test is about 290k tokens under Llama-3's tokenizer
@@ -176,6 +187,7 @@ def header(args, model) -> dict:
                               if dev.type == "cuda" else None),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": sys.version.split()[0], "shape": args.shape, "config": vars(args),
+            "gpus_visible": torch.cuda.device_count() if dev.type == "cuda" else 0,
             "params": sum(p.numel() for p in model.parameters()),
             "weight_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / GIB}
 
@@ -250,17 +262,19 @@ def load_mapped(args, out: Path):
     return loaded["model"], folder
 
 
-def run_placement(args, out: Path, model, original, placement: str, stream, calib):
+def run_placement(args, out: Path, model, original: dict, placement: str, stream, calib,
+                  reference: dict):
     from ptqscale.methods import GPTQConfig, QuantContext, RTNConfig, quantize
     from ptqscale.metrics import EvalConfig, measure_perplexity
     from ptqscale.models import ModelConfig, place_model
 
-    budget = args.max_gpu_memory if (placement == "streamed" or args.budget_one) else None
+    budget = args.max_gpu_memory if (placement != "one" or args.budget_one) else None
     base = {"kind": "measurement", "shape": args.shape, "placement": placement,
             "max_gpu_memory": budget, "dtype": args.dtype}
     cfg = ModelConfig(name=f"random-{args.shape}", path="random-init", device=str(device()),
                       dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype],
-                      placement=placement, max_gpu_memory=budget)
+                      placement=placement, max_gpu_memory=budget,
+                      gpus=args.gpus if placement == "spread" else None)
     ev = EvalConfig(seqlen=args.seqlen, batch_size=args.batch_size)
 
     def ppl():
@@ -278,7 +292,13 @@ def run_placement(args, out: Path, model, original, placement: str, stream, cali
             for k, v in model.state_dict().items():
                 v.copy_(original[k])
 
-    placed = measure(lambda: {"streamed": place_model(model, cfg).streamed})
+    def place():
+        from ptqscale.models.spread import describe
+
+        p = place_model(model, cfg)
+        return {"streamed": p.streamed, "device_map": describe(p.device_map) if p.spread else None}
+
+    placed = measure(place)
     emit(out, {**base, "stage": "place", **placed})
     stages = args.stages.split(",") if placed["status"] == "ok" else []
     if "ppl" in stages:
@@ -296,16 +316,36 @@ def run_placement(args, out: Path, model, original, placement: str, stream, cali
             method = GPTQConfig(format=args.format, device=str(device()),
                                 offload=budget is not None, batch_size=args.method_batch_size)
             ctx = QuantContext(calibration=calib, calibration_hash="synthetic")
-        emit(out, {**base, "stage": name, **measure(
-            lambda m=method, c=ctx: {"weight_sqnr_db": quantize(model, m, c).weight_sqnr_db})})
+        row = measure(lambda m=method, c=ctx: {"weight_sqnr_db": quantize(model, m, c).weight_sqnr_db})
+        if args.compare_weights and row["status"] == "ok":
+            row.update(compare_weights(model, reference, name))
+        emit(out, {**base, "stage": name, **row})
         emit(out, {**base, "stage": f"ppl_{name}", **measure(ppl)})
         restore()
     # back to the CPU, the cap lifted, for the next placement
+    if placement == "spread" and placed["status"] == "ok":
+        from ptqscale.models.spread import unspread
+
+        unspread(model)
     model.to("cpu")
     release()
     from ptqscale.models.streaming import apply_memory_budget
 
     apply_memory_budget(device(), None)
+
+
+def compare_weights(model, reference: dict, method: str) -> dict:
+    """The first placement keeps its quantized weights (CPU) as the reference of ``method``;
+    later ones report the fraction of weight elements equal to it and the largest difference."""
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    if method not in reference:
+        reference[method] = state
+        return {"weights_reference": True}
+    ref = reference[method]
+    equal = sum(int((state[k] == ref[k]).sum()) for k in ref)
+    total = sum(ref[k].numel() for k in ref)
+    diff = max(float((state[k].float() - ref[k].float()).abs().max()) for k in ref)
+    return {"weights_equal_frac": equal / total, "weights_max_abs_diff": diff}
 
 
 def landscape(args, model, stream: torch.Tensor, stage: str) -> dict:
@@ -352,8 +392,9 @@ def main(argv=None) -> None:
     vocab = model.config.vocab_size
     stream = torch.randint(0, vocab, (args.tokens,), generator=gen)
     calib = torch.randint(0, vocab, (args.nsamples, args.seqlen), generator=gen)
+    reference: dict = {}  # --compare-weights: method -> the first placement's quantized weights
     for placement in args.placements.split(","):
-        run_placement(args, out, model, original, placement, stream, calib)
+        run_placement(args, out, model, original, placement, stream, calib, reference)
     del original
     release()
     if folder is not None and args.mmap_dir is None:

@@ -85,6 +85,7 @@ tokenizer: null
 max_seqlen: 512
 placement: one
 max_gpu_memory: null
+gpus: null
 reuse: true
 stand_in: false
 """

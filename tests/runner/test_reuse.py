@@ -34,10 +34,12 @@ def _numbers(record: dict) -> dict:
 
 # the embedded model streamed (weights wait on the CPU, blocks visit the device in turn) in its
 # stored dtype: memory-mapped from its safetensors, restored by dropping written pages; its sweep
-# spills the quantized weights to disk (paths.spill), the fresh jobs keep them in memory
+# spills the quantized weights to disk (paths.spill), the fresh jobs keep them in memory; and
+# spread (the one-device map: accelerate's hooks stay through every job)
 @pytest.mark.parametrize("model", [["model=stories260k"],
                                    ["model=gutenberg-llama-200k", "model.placement=streamed",
-                                    "model.dtype=bfloat16"]])
+                                    "model.dtype=bfloat16"],
+                                   ["model=gutenberg-llama-200k", "model.placement=spread"]])
 def test_a_sweep_loads_once_and_matches_fresh_loads(composed, tmp_path, model):
     def job(folder: str, overrides: list[str], *extra: str) -> dict:
         return run_job(composed([*model, "model.device=cpu", "wandb.mode=disabled",

@@ -23,6 +23,7 @@ uses the torch reference).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -92,7 +93,9 @@ def fake_quantize_triton(fmt, x: torch.Tensor, axis: int) -> torch.Tensor | None
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     y2 = torch.empty_like(x2)
-    _launch(x2, y2, fmt)
+    # Triton launches on the current CUDA device: make it x's (a model spread over GPUs)
+    with torch.cuda.device(x2.device) if x2.is_cuda else contextlib.nullcontext():
+        _launch(x2, y2, fmt)
     y = y2.view(xm.shape)
     return y if axis == x.ndim - 1 else y.movedim(-1, axis)
 

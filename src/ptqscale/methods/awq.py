@@ -56,6 +56,7 @@ from ptqscale.methods.base import (
 from ptqscale.methods.capture import (
     BlockInputs,
     HessianAccumulator,
+    block_device,
     capture_block_inputs,
     input_groups,
     rtn_fallback,
@@ -63,6 +64,7 @@ from ptqscale.methods.capture import (
 )
 from ptqscale.methods.scaling import NotReached, find_fold_target, scale_group_
 from ptqscale.models import resolve_device
+from ptqscale.models.streaming import compute_on
 
 
 @dataclass
@@ -179,14 +181,17 @@ def quantize_awq(model: nn.Module, cfg: AWQConfig, ctx: QuantContext) -> QuantRe
     model.eval()
     try:
         inputs = capture_block_inputs(model, anat.blocks[0], ids, cfg.batch_size, device)
-        groups = input_groups(anat.blocks[0].to(device), anat.block_order, inputs)
+        b0 = anat.blocks[0]
+        groups = input_groups(b0.to(block_device(model, b0, device)), anat.block_order, inputs)
         for i, block in enumerate(console.progress(anat.blocks, f"awq {fmt.name}", ctx.progress,
                                                    unit="block")):
             home = next(block.parameters()).device
-            block.to(device)
+            at = block_device(model, block, device)  # a spread model's block: its own GPU
+            block.to(at)
             try:
-                inputs = _awq_block(block, f"{anat.block_prefix}.{i}.", groups, anat.block_order,
-                                    selected, inputs, fmt, cfg, device, report)
+                with compute_on(at):
+                    inputs = _awq_block(block, f"{anat.block_prefix}.{i}.", groups,
+                                        anat.block_order, selected, inputs, fmt, cfg, at, report)
             finally:
                 block.to(home)
     finally:

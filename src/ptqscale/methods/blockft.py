@@ -183,6 +183,11 @@ def _quantize_blockft(model: nn.Module, cfg: BlockFTConfig, ctx: QuantContext) -
             raise ConfigError(f"method.nsamples={cfg.nsamples} but the calibration has only "
                               f"{ids.shape[0]} sequences (calib.nsamples)")
         ids = ids[: cfg.nsamples]
+    from ptqscale.models import placement_of
+
+    if placement_of(model).spread:  # its windows move several blocks to one device
+        raise ConfigError(f"method {cfg.name} does not run on a spread model "
+                          "(model.placement=spread); use model.placement=one or streamed")
     device = resolve_device(cfg.device, "method.device")
     anat = get_anatomy(model)
     selected = select_targets(model, anat, cfg.targets)

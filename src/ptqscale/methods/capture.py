@@ -27,13 +27,14 @@ Example::
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from ptqscale import console
+from ptqscale.models.spread import block_device  # noqa: F401 (re-exported too)
 from ptqscale.models.streaming import (  # noqa: F401 (the block plumbing, re-exported)
     BlockInputs,
     block_output,
@@ -168,7 +169,9 @@ def collect_hessians(block: nn.Module, groups: list[list[str]], inputs: BlockInp
 class WalkPlan:
     """How :func:`walk_blocks` moves data: where blocks compute, where activations wait."""
 
-    device: torch.device  # where each block runs (it returns to where it was afterwards)
+    # where each block runs (it returns to where it was afterwards); a spread model's blocks
+    # run on their own GPUs instead, their outputs waiting there too unless storage is the CPU
+    device: torch.device
     storage: torch.device  # where the calibration activations wait between blocks
     batch_size: int  # sequences per forward pass
     fp_inputs: bool  # Hessians from the full-precision model's activations
@@ -198,7 +201,10 @@ def walk_blocks(model: nn.Module, anat: Any, selected: dict[str, nn.Module],
                                       plan.storage)
     for i, block in enumerate(console.progress(anat.blocks, plan.desc, plan.progress,
                                                unit="block")):
-        with onloaded_block(block, plan.device):
+        at = block_device(model, block, plan.device)  # spread: the GPU the block lives on
+        here = plan if at == plan.device else replace(
+            plan, device=at, storage=at if plan.storage.type != "cpu" else plan.storage)
+        with onloaded_block(block, here.device):
             if groups is None:
                 groups = input_groups(block, anat.block_order, inputs)
                 if cache is not None:
@@ -207,7 +213,7 @@ def walk_blocks(model: nn.Module, anat: Any, selected: dict[str, nn.Module],
             wanted = [[prefix + r for r in g if prefix + r in selected] for g in groups]
             wanted = [g for g in wanted if g]
             need_out = i < (last_needed if plan.fp_inputs else n - 1)
-            inputs = _block(block, wanted, inputs, plan, need_out, quantize_group, cache, prefix)
+            inputs = _block(block, wanted, inputs, here, need_out, quantize_group, cache, prefix)
 
 
 def _missing(anat, i: int, groups, selected, cache) -> bool:

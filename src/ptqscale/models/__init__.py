@@ -10,9 +10,9 @@ Example::
     >>> len(anat.targets), anat.context_length          # doctest: +SKIP
     (35, 512)
 
-Placement: ``ModelConfig.placement`` holds a model in one piece or streamed (weights on the
-CPU, one decoder block at a time on the device; ``streaming.py``), under an optional
-``max_gpu_memory`` cap; ``walk_logits`` is the block-by-block forward every stage can use.
+Placement: ``ModelConfig.placement`` holds a model in one piece, streamed (weights on the
+CPU, one decoder block at a time on the device; ``streaming.py``) or spread (whole blocks on
+several GPUs; ``spread.py``), under an optional ``max_gpu_memory`` cap; ``walk_logits`` is the block-by-block forward every stage can use.
 Weights on the CPU in the checkpoint's dtype stay memory-mapped from its safetensors
 (``mapped.py``; reuse between jobs undoes a job's writes without copies, ``reuse.py``).
 

@@ -22,7 +22,7 @@ from ptqscale.models.errors import ModelNotFoundError, UnsafeCheckpointError, un
 DTYPES = ("float32", "bfloat16", "float16")
 # ``auto``: the dtype the checkpoint states (``checkpoint_dtype``); keys use the resolved one.
 DTYPE_CHOICES = (*DTYPES, "auto")
-PLACEMENTS = ("one", "streamed", "auto")
+PLACEMENTS = ("one", "streamed", "spread", "auto")
 _BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GiB|MiB)\s*$")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -47,8 +47,10 @@ class ModelConfig:
     the job key: ``one`` holds the model on ``device``; ``streamed`` keeps the weights on the
     CPU and brings one decoder block at a time to ``device`` (models/streaming.py); ``auto``
     streams when the weights plus a working margin do not fit the budget (``max_gpu_memory``,
-    else the device's free memory). ``max_gpu_memory`` (e.g. ``"20GiB"``, ``"512MiB"``) caps
-    the process's CUDA allocator on ``device``: going over fails with an error naming it.
+    else the device's free memory); ``spread`` puts whole decoder blocks on several GPUs (the
+    first ``gpus`` visible ones, null = all; models/spread.py). ``max_gpu_memory`` (e.g.
+    ``"20GiB"``, ``"512MiB"``) caps the process's CUDA allocator on ``device`` (on every GPU
+    of a spread model): going over fails with an error naming it.
     ``reuse`` (default true) keeps the model loaded for the next jobs of this process that
     load the same files the same way (models/reuse.py); false reloads it for every job.
     """
@@ -65,8 +67,11 @@ class ModelConfig:
     trust_remote_code: bool = False
     tokenizer: str | None = None  # separate tokenizer path / hub id / .gguf (default: the model's)
     max_seqlen: int | None = None  # usable context; must not exceed the checkpoint's own
-    placement: str = "one"  # one | streamed | auto (speed and memory only: not in the key)
+    placement: str = "one"  # one | streamed | spread | auto (speed and memory: not keyed)
     max_gpu_memory: str | None = None  # e.g. "20GiB": a CUDA memory cap the job enforces
+    # placement=spread only: how many of the visible GPUs to spread over (null = all of them);
+    # speed and memory only: not in the job key
+    gpus: int | None = None
     # keep the loaded model (+ a host copy of its weights) for this process's later jobs of
     # it (models/reuse.py); costs host memory, changes no number: not in the job key
     reuse: bool = True
@@ -84,6 +89,17 @@ class ModelConfig:
         if self.placement not in PLACEMENTS:
             raise ConfigError("model.placement: "
                               + unknown_name("placement", self.placement, PLACEMENTS))
+        if self.gpus is not None and (isinstance(self.gpus, bool) or not isinstance(self.gpus, int)
+                                      or self.gpus < 1 or self.placement != "spread"):
+            raise ConfigError(f"model.gpus={self.gpus!r}: a number of GPUs >= 1 used only with "
+                              f"model.placement=spread (here {self.placement!r}); or null")
+        if self.placement == "spread" and self.device not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"model.device={self.device!r} with model.placement=spread: "
+                              "spread picks its GPUs with model.gpus; set model.device=auto "
+                              "(or cpu: the one-device map)")
+        if self.placement == "spread" and self.device == "cpu" and self.gpus not in (None, 1):
+            raise ConfigError(f"model.gpus={self.gpus} with model.device=cpu: a spread over the "
+                              "CPU is one device; set model.gpus=null or model.device=auto")
         if self.max_gpu_memory is not None:
             parse_bytes(self.max_gpu_memory, "model.max_gpu_memory")
         if not _DEVICE.match(self.device):

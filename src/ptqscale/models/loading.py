@@ -1,10 +1,11 @@
 """``load_model``: a causal LM and its tokenizer from a hub id, a local folder or a GGUF file.
 
 Every model comes back the same way: eval mode, ``requires_grad`` off, on the configured device
-(or, streamed, on the CPU with that device as where its blocks compute: ``model.placement``,
-models/streaming.py) and dtype, GPT-2's ``Conv1D`` layers turned into ``nn.Linear`` and
-fused MoE experts split into one ``nn.Linear`` per expert matrix (models/experts.py), so every
-quantization target is a plain Linear, and the usable context recorded on ``model.config.ptqscale_max_seqlen``.
+(or, streamed, on the CPU with that device as where its blocks compute, or spread over several
+GPUs: ``model.placement``, models/streaming.py, models/spread.py) and dtype, GPT-2's ``Conv1D``
+layers turned into ``nn.Linear`` and fused MoE experts split into one ``nn.Linear`` per expert
+matrix (models/experts.py), so every quantization target is a plain Linear, and the usable
+context recorded on ``model.config.ptqscale_max_seqlen``.
 
 Weights on the CPU in the checkpoint's own dtype stay memory-mapped from its safetensors
 (transformers' mmap loading; models/mapped.py): a streamed model takes no host memory for
@@ -56,6 +57,10 @@ def load_model(cfg: ModelConfig):
     """
     source = validate_model_config(cfg)
     check_host_memory(cfg, source)
+    if cfg.placement == "spread":
+        from ptqscale.models.spread import spread_devices
+
+        spread_devices(cfg)  # no GPU or too few: an error before any weight is read
     config = _load_config(cfg, source)
     config.ptqscale_max_seqlen = _usable_context(config, cfg.max_seqlen)
     model = _load_weights(cfg, source, config)
@@ -101,8 +106,16 @@ def place_model(model: nn.Module, cfg: ModelConfig):
 
     The budget caps this process's CUDA allocator on the device (nothing to cap on a CPU);
     in one piece the model moves to the device, streamed it stays on the CPU. Returns the
-    :class:`~ptqscale.models.streaming.Placement` it records on the model.
+    :class:`~ptqscale.models.streaming.Placement` it records on the model. ``spread``:
+    whole decoder blocks on several GPUs (models/spread.py).
     """
+    if cfg.placement == "spread":
+        from ptqscale.models.spread import spread_model
+        from ptqscale.models.streaming import set_placement
+
+        placement = spread_model(model, cfg)
+        set_placement(model, placement)
+        return placement
     from ptqscale.models.streaming import (
         Placement,
         apply_memory_budget,

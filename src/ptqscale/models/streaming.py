@@ -4,7 +4,9 @@ A loaded model carries a :class:`Placement` (``load_model`` sets it from ``model
 
 - in one piece: every weight on the execution device, forwards as usual;
 - streamed: every weight waits on the CPU; a stage brings one decoder block at a time to the
-  execution device (:func:`onloaded`) and lets it go afterwards.
+  execution device (:func:`onloaded`) and lets it go afterwards;
+- spread: whole decoder blocks on several GPUs (models/spread.py); each block computes where
+  it lives (``spread.block_device``), the model's own forward hops from GPU to GPU.
 
 The walk is written once, for every family and stage. :func:`capture_block_inputs` runs the
 model up to its first block (a pre-hook stores the block's arguments, including the masks and
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,11 +50,19 @@ class GPUMemoryBudgetError(PTQScaleError, RuntimeError):
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a model's weights wait (``streamed``: on the CPU) and where its blocks compute."""
+    """Where a model's weights wait (``streamed``: on the CPU) and where its blocks compute.
+
+    A spread model has a ``device_map``, ``(module name, device)`` pairs (models/spread.py):
+    ``device`` is then the first GPU (the input embedding's, where inputs and logits are)."""
 
     streamed: bool
     device: torch.device
-    budget: int | None = None  # bytes the process may allocate on ``device`` (CUDA only)
+    budget: int | None = None  # bytes the process may allocate on ``device`` (on each GPU: spread)
+    device_map: tuple[tuple[str, str], ...] | None = None
+
+    @property
+    def spread(self) -> bool:
+        return self.device_map is not None
 
 
 def placement_of(model: nn.Module) -> Placement:
@@ -184,15 +194,23 @@ def onloaded(tensors: list[torch.Tensor], device: torch.device, write_back: bool
                 t.data = home
 
 
+def compute_on(device: torch.device):
+    """A CUDA ``device`` made the current one for a ``with`` body (kernels that launch on the
+    current device, such as Triton's, then find their tensors: a spread model's block on GPU 1
+    while GPU 0 is current); a no-op elsewhere."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
 @contextmanager
 def onloaded_block(block: nn.Module, device: torch.device):
-    """``block`` on ``device`` for a ``with`` body that may change its weights (a method), then
-    back where it was, changes included (also after an error); with a spill folder
-    (``mapped.set_spill``) the changed weights then go to disk, memory-mapped."""
+    """``block`` on ``device`` (the current CUDA device there) for a ``with`` body that may
+    change its weights (a method), then back where it was, changes included (also after an
+    error); with a spill folder (``mapped.set_spill``) the changed weights then go to disk,
+    memory-mapped."""
     from ptqscale.models.mapped import spill_changed
 
     try:
-        with onloaded(module_tensors([block]), device, write_back=True):
+        with onloaded(module_tensors([block]), device, write_back=True), compute_on(device):
             yield block
     finally:
         spill_changed(block)
@@ -434,9 +452,22 @@ def walk_variants(model: nn.Module, batches: list[torch.Tensor],
 def _head_tensors(model: nn.Module, prefix: str, block0: nn.Module,
                   ids: torch.Tensor) -> list[torch.Tensor]:
     """What the head pass onloads: the tensors of the modules outside the blocks that do not
-    run before the first block (final norm, output layer), found with hooks on a 2-token
-    forward. The layers before the first block then run where they wait (their output is
-    replaced by the replay), unless the output layer shares the input embedding: then all."""
+    run before the first block (final norm, output layer). The layers before the first block
+    then run where they wait (their output is replaced by the replay), unless the output layer
+    shares the input embedding: then all."""
+    stem, head = stem_and_head(model, prefix, block0, ids)
+    tensors = module_tensors_direct(head)
+    embedding = model.get_input_embeddings().weight
+    if any(t is embedding for t in tensors):  # tied: the stem must run on the device too
+        return module_tensors_direct(stem + head)
+    return tensors
+
+
+def stem_and_head(model: nn.Module, prefix: str, block0: nn.Module,
+                  ids: torch.Tensor) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The modules outside the decoder blocks split into those that run before the first block
+    (embeddings, rotary tables) and the others (final norm, output layer), found with hooks on
+    a 2-token forward of ``ids`` that stops at the first block."""
     blocks = model.get_submodule(prefix)
     inside = {id(m) for m in blocks.modules()}
     outside = [m for m in model.modules() if id(m) not in inside]
@@ -447,12 +478,7 @@ def _head_tensors(model: nn.Module, prefix: str, block0: nn.Module,
     finally:
         for h in hooks:
             h.remove()
-    head = [m for m in outside if id(m) not in ran]
-    tensors = module_tensors_direct(head)
-    embedding = model.get_input_embeddings().weight
-    if any(t is embedding for t in tensors):  # tied: the stem must run on the device too
-        return module_tensors_direct(outside)
-    return tensors
+    return ([m for m in outside if id(m) in ran], [m for m in outside if id(m) not in ran])
 
 
 def module_tensors_direct(modules: Iterable[nn.Module]) -> list[torch.Tensor]:

@@ -48,12 +48,23 @@ def environment(model: torch.nn.Module | None = None) -> dict:
     placement = placement_of(model) if model is not None else None
     device = placement.device if placement is not None else torch.device("cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    return {"ptqscale": ptqscale_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(), "git_sha": git_sha(),
-            "device": str(device), "device_name": name or platform.machine(),
-            # what model.placement (auto too) decided: speed and memory only
-            "placement": "streamed" if placement is not None and placement.streamed else "one",
-            # mapped from the checkpoint's safetensors as loaded, or copied (models/mapped.py)
-            "weights": weights_of(model) if model is not None else None,
-            "hostname": socket.gethostname()}
+    env = {"ptqscale": ptqscale_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__,
+           "python": platform.python_version(), "git_sha": git_sha(),
+           "device": str(device), "device_name": name or platform.machine(),
+           # what model.placement (auto too) decided: speed and memory only
+           "placement": _placement_name(placement),
+           # mapped from the checkpoint's safetensors as loaded, or copied (models/mapped.py)
+           "weights": weights_of(model) if model is not None else None,
+           "hostname": socket.gethostname()}
+    if placement is not None and placement.spread:  # which blocks went to which device
+        from ptqscale.models.spread import describe
+
+        env["device_map"] = describe(placement.device_map)
+    return env
+
+
+def _placement_name(placement) -> str:
+    if placement is None:
+        return "one"
+    return "spread" if placement.spread else "streamed" if placement.streamed else "one"

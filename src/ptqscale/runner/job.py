@@ -142,6 +142,10 @@ def build_spec(node: Callable[[str], Any], memo: Callable[[tuple, Callable[[], A
     metrics = memo(("metrics", names), lambda: resolve_metrics(names))
     if bind:  # a job about to run, on this machine (a plan made elsewhere does not check)
         check_device(metrics, model.device, gpu_count())
+        if model.placement == "spread":
+            from ptqscale.models.spread import spread_devices
+
+            spread_devices(model)  # the GPUs it spreads over exist here
     uses_calib = method.uses_calibration or needs_any(metrics, "calibration")
     calib = node("calib") if uses_calib else None
     node("wandb")  # validates wandb.mode

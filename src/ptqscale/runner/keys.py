@@ -22,7 +22,8 @@ from typing import Any
 from ptqscale.metrics import PROTOCOL_VERSION
 from ptqscale.metrics.registry import Metric, metrics_identity
 
-_MODEL_IGNORED = ("path", "device", "tokenizer", "placement", "max_gpu_memory", "reuse")
+_MODEL_IGNORED = ("path", "device", "tokenizer", "placement", "max_gpu_memory", "gpus",
+                  "reuse")
 _DATA_IGNORED = ("path",)
 
 
