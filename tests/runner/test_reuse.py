@@ -36,22 +36,23 @@ def _numbers(record: dict) -> dict:
 # stored dtype: memory-mapped from its safetensors, restored by dropping written pages; its sweep
 # spills the quantized weights to disk (paths.spill), the fresh jobs keep them in memory; and
 # spread (the one-device map: accelerate's hooks stay through every job)
-@pytest.mark.parametrize("model", [["model=stories260k"],
-                                   ["model=gutenberg-llama-200k", "model.placement=streamed",
-                                    "model.dtype=bfloat16"],
-                                   ["model=gutenberg-llama-200k", "model.placement=spread"]])
-def test_a_sweep_loads_once_and_matches_fresh_loads(composed, tmp_path, model):
+@pytest.mark.parametrize("model, spills, weights", [
+    (["model=stories260k"], False, "copied"),
+    (["model=gutenberg-llama-200k", "model.placement=streamed", "model.dtype=bfloat16"], True,
+     "mapped"),
+    (["model=gutenberg-llama-200k", "model.placement=spread"], False, "copied")])
+def test_a_sweep_loads_once_and_matches_fresh_loads(composed, tmp_path, model, spills, weights):
     def job(folder: str, overrides: list[str], *extra: str) -> dict:
         return run_job(composed([*model, "model.device=cpu", "wandb.mode=disabled",
                                  f"paths.results={tmp_path / folder}", *FAST, *overrides,
                                  *extra]))
 
     jobs = JOBS if len(model) == 1 else JOBS[:2]   # smoothquant and rtn on the other
-    spill = [] if len(model) == 1 else [f"paths.spill={tmp_path / 'spill'}"]
+    spill = [f"paths.spill={tmp_path / 'spill'}"] if spills else []
     swept = [job("sweep", o, *spill) for o in jobs]
-    assert (tmp_path / "spill").is_dir() == bool(spill)
+    assert (tmp_path / "spill").is_dir() == spills
     assert [r["env"]["model_load"] for r in swept] == ["loaded"] + ["reused"] * (len(jobs) - 1)
-    assert {r["env"]["weights"] for r in swept} == {"copied" if len(model) == 1 else "mapped"}
+    assert {r["env"]["weights"] for r in swept} == {weights}
     assert all(r["timings"]["load"] < 0.05 for r in swept[1:])
     fresh = [job(f"alone{i}", o, "model.reuse=false") for i, o in enumerate(jobs[::-1])][::-1]
     assert all(r["env"]["model_load"] == "loaded" for r in fresh)
