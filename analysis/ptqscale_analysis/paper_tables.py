@@ -29,6 +29,7 @@ from ptqscale_analysis.errors import AnalysisError
 # Derived columns the tables use (added by :func:`_derive`).
 WA = "W/A"          # CrossQuant's weight/activation setting: W8A8, W4A8-g128, W4A4
 SCHEME = "scheme"   # activation scheme as the paper names it: per-token, SmoothQuant, CrossQuant
+BITS = "effective bits"  # per quantized weight: the method's own count (codebooks) or the format's
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ HEADERS = {"model.name": "model", "method.name": "method", "format.name": "forma
            "params.total": "parameters", "metrics.nll_fp": "NLL (fp)", "landscape.kappa": "kappa",
            "landscape.s_star_db": "s* (dB)", "landscape.hessian_trace": "Hessian trace",
            "landscape.top_eigenvalue": "top eigenvalue"}
+# CrossQuant's order of settings and schemes (labels as they are: the order is the point).
+CROSSQUANT_ORDER = {v: v for v in ("W8A8", "W4A8-g128", "W4A4", "per-token", "SmoothQuant",
+                                   "CrossQuant (alpha=0.15)")}
 XU_FEATURES = ("params.total", "metrics.nll_fp", "landscape.kappa", "landscape.s_star_db",
                "landscape.hessian_trace", "landscape.top_eigenvalue")
 
@@ -90,15 +94,21 @@ PAPER_TABLES: dict[str, tuple[PaperTable, ...]] = {
         PaperTable("WikiText-2 perplexity: block fine-tuning variant x model / format",
                    rows=("method.name",), columns=("model.name", "format.name"),
                    labels=BLOCKFT_LABELS),
+        PaperTable("Quantization time (s): block fine-tuning variant x model / format",
+                   rows=("method.name",), columns=("model.name", "format.name"),
+                   value="quantization.cost.seconds", labels=BLOCKFT_LABELS, digits=1,
+                   note="Wall-clock seconds of the method (records: quantization.cost, with "
+                        "the peak memory)."),
     ),
     "crossquant2024": (
         PaperTable("WikiText-2 perplexity: W/A setting and activation scheme x model",
-                   rows=(WA, SCHEME), fp_row=True),
+                   rows=(WA, SCHEME), labels=CROSSQUANT_ORDER, fp_row=True),
         PaperTable("Zero-shot accuracy (mean over the tasks asked): W/A setting and scheme x "
-                   "model", rows=(WA, SCHEME), value="metrics.tasks_acc", digits=4),
+                   "model", rows=(WA, SCHEME), value="metrics.tasks_acc", labels=CROSSQUANT_ORDER,
+                   digits=4),
         PaperTable("Quantization-kernel proportion (activations rounded to zero)",
                    rows=(WA, SCHEME), value="quantization.activations.kernel_proportion",
-                   digits=4),
+                   labels=CROSSQUANT_ORDER, digits=4),
     ),
     "athena2024": (
         PaperTable("WikiText-2 perplexity: method x model / format", rows=("method.name",),
@@ -106,7 +116,7 @@ PAPER_TABLES: dict[str, tuple[PaperTable, ...]] = {
                    labels={"rtn": "RTN", "gptq": "GPTQ", "athena": "Athena"}),
         PaperTable("Effective bits per weight (scales, codebooks, low-rank factors counted)",
                    rows=("method.name",), columns=("model.name", "format.name"),
-                   value="quantization.bits_per_weight",
+                   value=BITS,
                    labels={"rtn": "RTN", "gptq": "GPTQ", "athena": "Athena"}, digits=3),
     ),
 }
@@ -181,6 +191,8 @@ def _derive(frame: pd.DataFrame) -> pd.DataFrame:
     if "metrics.perplexity" not in df:
         df["metrics.perplexity"] = np.exp(df["metrics.nll"])
         df["metrics.perplexity_fp"] = np.exp(df["metrics.nll_fp"])
+    method_bits = df.get("quantization.bits_per_weight", pd.Series(np.nan, index=df.index))
+    df[BITS] = pd.to_numeric(method_bits, errors="coerce").fillna(df["bits_per_weight"])
     act = df.get("method.activations.format")
     if act is not None:
         df[WA] = [_wa_label(w, a) for w, a in zip(df["format.name"], act)]
