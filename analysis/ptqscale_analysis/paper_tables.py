@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass, field
 
@@ -36,7 +37,8 @@ BITS = "effective bits"  # per quantized weight: the method's own count (codeboo
 class PaperTable:
     """One table: records ``where`` holds, one row per distinct ``rows`` value, one column
     per distinct ``columns`` value (joined with " / " when several), cells the mean of
-    ``value``. With ``columns=()`` the cells are the ``values`` columns (one per feature).
+    ``value``. With ``columns=()`` the cells are the ``values`` columns (one per feature;
+    fnmatch patterns such as ``metrics.task.*.acc`` stand for every column they match).
 
     ``fp_column``: a first column "full precision" holding ``<value>_fp`` (the NLL or perplexity
     of the unquantized model), as papers put the fp16 baseline beside the formats; ``fp_row``:
@@ -84,6 +86,9 @@ PAPER_TABLES: dict[str, tuple[PaperTable, ...]] = {
                    rows=("model.name", "method.name"), columns=("format.name",), value="dnll",
                    labels={"rtn": "RTN", "gptq": "GPTQ"}, digits=4,
                    note="GPTQ's gain over RTN is the difference of a model's two rows."),
+        PaperTable("Weight SQNR (dB) after RTN: model x format (the format's noise, a predictor "
+                   "feature)", rows=("model.name",), columns=("format.name",),
+                   value="metrics.weight_sqnr_db", where={"method.name": ("rtn",)}, digits=1),
         PaperTable("Scaling factors per model: size, pre-trained NLL, local loss landscape",
                    rows=("model.name",), columns=(), values=XU_FEATURES, digits=4,
                    note="kappa: small-noise curvature (dNLL ~ kappa 10^(-SQNR/10)); s*: SQNR "
@@ -106,6 +111,10 @@ PAPER_TABLES: dict[str, tuple[PaperTable, ...]] = {
         PaperTable("Zero-shot accuracy (mean over the tasks asked): W/A setting and scheme x "
                    "model", rows=(WA, SCHEME), value="metrics.tasks_acc", labels=CROSSQUANT_ORDER,
                    digits=4),
+        PaperTable("Zero-shot accuracy per task: model, W/A setting and scheme x task",
+                   rows=("model.name", WA, SCHEME), columns=(), values=("metrics.task.*.acc",),
+                   labels=CROSSQUANT_ORDER, digits=4,
+                   note="The tasks metric runs on quantized models only: no full-precision row."),
         PaperTable("Quantization-kernel proportion (activations rounded to zero)",
                    rows=(WA, SCHEME), value="quantization.activations.kernel_proportion",
                    labels=CROSSQUANT_ORDER, digits=4),
@@ -148,24 +157,25 @@ def render(df: pd.DataFrame, spec: PaperTable) -> pd.DataFrame | None:
     rows = df[~df["is_baseline"]]
     for col, allowed in spec.where.items():
         rows = rows[rows[col].isin(allowed)] if col in rows else rows.iloc[0:0]
-    cells = [v for v in (spec.values or (spec.value,)) if v in rows]
+    cells = [c for v in (spec.values or (spec.value,)) for c in rows.columns
+             if fnmatch.fnmatchcase(c, v)]
     if rows.empty or not cells or rows[cells].isna().all().all():
         return None
     if spec.columns:
         table = rows.pivot_table(index=list(spec.rows), columns=list(spec.columns),
                                  values=spec.value, aggfunc="mean")
         table = table.reindex(columns=_order_columns(rows, spec.columns, table.columns))
-        table.columns = [" / ".join(map(str, c)) if isinstance(c, tuple) else str(c)
-                         for c in table.columns]
+        table.columns = [_flat(c) for c in table.columns]
     else:
-        table = rows.groupby(list(spec.rows))[cells].first()
-        table.columns = cells
+        table = rows.groupby(list(spec.rows))[cells].agg(lambda v: pd.to_numeric(v).mean())
+        table.columns = [_task_name(c) or c for c in cells]
     if spec.fp_column:
         fp = rows.groupby(list(spec.rows))[f"{spec.value}_fp"].mean()
         table.insert(0, "full precision", fp.reindex(table.index))
     table = table.reindex(_order_rows(rows, spec, table.index))
     if spec.fp_row:
         fp = rows.groupby(list(spec.columns))[f"{spec.value}_fp"].mean()
+        fp.index = [_flat(c) for c in fp.index]
         label = ("full precision",) + ("",) * (len(spec.rows) - 1)
         first = pd.DataFrame([fp.reindex(table.columns).to_numpy()], columns=table.columns,
                              index=pd.MultiIndex.from_tuples([label], names=table.index.names)
@@ -176,6 +186,17 @@ def render(df: pd.DataFrame, spec: PaperTable) -> pd.DataFrame | None:
     for col in spec.rows:
         table[col] = table[col].map(lambda v: spec.labels.get(v, v))
     return table.rename(columns=HEADERS)
+
+
+def _flat(column) -> str:
+    """A column header of several values: ``("opt-125m", "int3_g128")`` -> "opt-125m / int3_g128"."""
+    return " / ".join(map(str, column)) if isinstance(column, tuple) else str(column)
+
+
+def _task_name(column: str) -> str | None:
+    """``metrics.task.piqa.acc`` -> ``piqa`` (a task's column header is its name)."""
+    m = re.fullmatch(r"metrics\.task\.(.+)\.acc", column)
+    return m[1] if m else None
 
 
 def _cell(v, digits: int) -> str:

@@ -84,16 +84,18 @@ def _tables(smoke, study, tmp_path) -> list[pd.DataFrame]:
     assert f"## Paper tables ({study})" in md and "Stand-in records" in md
     assert md.index("## Paper tables") < md.index("## Study")   # besides the standard report
     return [pd.read_csv(p, dtype=str, keep_default_na=False)
-            for p in sorted((tmp_path / "tables").glob("*.csv"))]
+            for p in sorted((tmp_path / "tables").glob("*.csv"), key=lambda p: int(p.stem))]
 
 
 @pytest.mark.slow
 def test_xu2024_tables(smoke, tmp_path):
-    nll_rtn, nll_gptq, dnll, features = _tables(smoke, "xu2024", tmp_path)
+    nll_rtn, nll_gptq, dnll, sqnr, features = _tables(smoke, "xu2024", tmp_path)
     for t in (nll_rtn, nll_gptq):   # model x format, the full-precision column first
         assert list(t.columns) == ["model", "full precision", "mxint4_b32", "mxint3_b128"]
         assert list(t["model"]) == ["pythia-70m", "qwen2.5-0.5b"]
     assert list(dnll["method"]) == ["RTN", "GPTQ", "RTN", "GPTQ"]
+    assert list(sqnr.columns) == ["model", "mxint4_b32", "mxint3_b128"]
+    assert all(float(v) > 5 for v in sqnr.iloc[:, 1:].to_numpy().ravel())
     assert {"kappa", "Hessian trace", "NLL (fp)"} <= set(features.columns)
     rec = read_records(smoke, "xu2024")
     rec = rec[(rec["model.name"] == "qwen2.5-0.5b") & (rec["format.name"] == "mxint3_b128")
@@ -113,7 +115,7 @@ def test_shabanovi2024_table(smoke, tmp_path):
 
 @pytest.mark.slow
 def test_crossquant2024_tables(smoke, tmp_path):
-    ppl, acc, kernel = _tables(smoke, "crossquant2024", tmp_path)
+    ppl, acc, per_task, kernel = _tables(smoke, "crossquant2024", tmp_path)
     for t in (ppl, acc, kernel):
         assert list(t.columns) == ["W/A", "scheme", "llama-3.2-1b", "opt-125m"]
     assert list(ppl["W/A"]) == ["full precision", "W8A8", "W8A8", "W4A4", "W4A4"]
@@ -123,6 +125,9 @@ def test_crossquant2024_tables(smoke, tmp_path):
               & (rec["method.activations.granularity"] == "per_token")].iloc[0]
     assert ppl.iloc[3]["opt-125m"] == f"{rec['metrics.perplexity']:.2f}"
     assert acc.iloc[2]["opt-125m"] == f"{rec['metrics.tasks_acc']:.4f}"
+    assert list(per_task.columns) == ["model", "W/A", "scheme", "ptq_gutenberg_cloze"]
+    assert per_task.iloc[6]["ptq_gutenberg_cloze"] == \
+        f"{rec['metrics.task.ptq_gutenberg_cloze.acc']:.4f}"   # opt-125m W4A4 per-token
 
 
 @pytest.mark.slow
