@@ -76,10 +76,10 @@ XU_FEATURES = ("params.total", "metrics.nll_fp", "landscape.kappa", "landscape.s
 
 PAPER_TABLES: dict[str, tuple[PaperTable, ...]] = {
     "xu2024": (
-        PaperTable("WikiText-2 NLL (nats) after RTN: model x format", rows=("model.name",),
+        PaperTable("NLL (nats) after RTN: model x format", rows=("model.name",),
                    columns=("format.name",), value="metrics.nll", where={"method.name": ("rtn",)},
                    fp_column=True, digits=4),
-        PaperTable("WikiText-2 NLL (nats) after GPTQ: model x format", rows=("model.name",),
+        PaperTable("NLL (nats) after GPTQ: model x format", rows=("model.name",),
                    columns=("format.name",), value="metrics.nll",
                    where={"method.name": ("gptq",)}, fp_column=True, digits=4),
         PaperTable("dNLL (nats) over full precision: model and method x format",
@@ -96,7 +96,7 @@ PAPER_TABLES: dict[str, tuple[PaperTable, ...]] = {
                         "w.r.t. the quantized weights (docs/landscape.md)."),
     ),
     "shabanovi2024": (
-        PaperTable("WikiText-2 perplexity: block fine-tuning variant x model / format",
+        PaperTable("Perplexity: block fine-tuning variant x model / format",
                    rows=("method.name",), columns=("model.name", "format.name"),
                    labels=BLOCKFT_LABELS),
         PaperTable("Quantization time (s): block fine-tuning variant x model / format",
@@ -106,7 +106,7 @@ PAPER_TABLES: dict[str, tuple[PaperTable, ...]] = {
                         "the peak memory)."),
     ),
     "crossquant2024": (
-        PaperTable("WikiText-2 perplexity: W/A setting and activation scheme x model",
+        PaperTable("Perplexity: W/A setting and activation scheme x model",
                    rows=(WA, SCHEME), labels=CROSSQUANT_ORDER, fp_row=True),
         PaperTable("Zero-shot accuracy (mean over the tasks asked): W/A setting and scheme x "
                    "model", rows=(WA, SCHEME), value="metrics.tasks_acc", labels=CROSSQUANT_ORDER,
@@ -120,7 +120,7 @@ PAPER_TABLES: dict[str, tuple[PaperTable, ...]] = {
                    labels=CROSSQUANT_ORDER, digits=4),
     ),
     "athena2024": (
-        PaperTable("WikiText-2 perplexity: method x model / format", rows=("method.name",),
+        PaperTable("Perplexity: method x model / format", rows=("method.name",),
                    columns=("model.name", "format.name"),
                    labels={"rtn": "RTN", "gptq": "GPTQ", "athena": "Athena"}),
         PaperTable("Effective bits per weight (scales, codebooks, low-rank factors counted)",
@@ -132,35 +132,42 @@ PAPER_TABLES: dict[str, tuple[PaperTable, ...]] = {
 
 
 def paper_tables(frame: pd.DataFrame, name: str) -> list[tuple[str, pd.DataFrame, list[str]]]:
-    """``(title, table, notes)`` for each table of ``name`` that the records can fill.
+    """``(title, table, notes)`` for each table of ``name`` and each evaluation corpus.
 
-    A table whose value no record holds (task accuracy of a study run without ``tasks``) is
-    left out with a note in its place; the tables' cells are formatted strings ("-": no
-    record). Raises :class:`AnalysisError` for a name without tables.
+    NLLs of different corpora are never averaged: a study on several (``data.name``) gets
+    each table once per corpus, the corpus in its title. A table whose value no record holds
+    (task accuracy of a study run without ``tasks``) is None with a note saying so; cells are
+    formatted strings ("-": no record). Raises :class:`AnalysisError` for a name without tables.
     """
     if name not in PAPER_TABLES:
         raise AnalysisError(f"no paper tables named {name!r}; have {sorted(PAPER_TABLES)} "
                             "(analysis/ptqscale_analysis/paper_tables.py)")
     df = _derive(frame)
+    corpora = sorted(df["data.name"].dropna().unique()) if "data.name" in df else []
+    parts = [(f" ({c})", df[df["data.name"] == c]) for c in corpora] or [("", df)]
     out = []
     for spec in PAPER_TABLES[name]:
-        notes = [spec.note] if spec.note else []
-        table = render(df, spec)
-        if table is None:
-            notes = [f"no record holds {spec.value if not spec.values else spec.values}"]
-        out.append((spec.title, table, notes))
+        for suffix, part in parts:
+            table, notes = render(part, spec)
+            out.append((spec.title + suffix, table, notes))
     return out
 
 
-def render(df: pd.DataFrame, spec: PaperTable) -> pd.DataFrame | None:
-    """``spec`` laid out on the derived frame ``df``; None when no record holds its value."""
+def render(df: pd.DataFrame, spec: PaperTable) -> tuple[pd.DataFrame | None, list[str]]:
+    """``spec`` laid out on the derived frame ``df`` (None when no record holds its value), and
+    the notes to print under it."""
     rows = df[~df["is_baseline"]]
     for col, allowed in spec.where.items():
         rows = rows[rows[col].isin(allowed)] if col in rows else rows.iloc[0:0]
     cells = [c for v in (spec.values or (spec.value,)) for c in rows.columns
              if fnmatch.fnmatchcase(c, v)]
     if rows.empty or not cells or rows[cells].isna().all().all():
-        return None
+        return None, [f"no record holds {spec.values or spec.value}"]
+    notes = [spec.note] if spec.note else []
+    per_cell = rows.groupby(list(spec.rows + spec.columns)).size().max()
+    if per_cell > 1:   # e.g. a study run at two sequence lengths: say so, never hide it
+        notes.append(f"some cells are the mean of {per_cell} records (they differ in "
+                     "something that is neither a row nor a column of this table)")
     if spec.columns:
         table = rows.pivot_table(index=list(spec.rows), columns=list(spec.columns),
                                  values=spec.value, aggfunc="mean")
@@ -185,7 +192,7 @@ def render(df: pd.DataFrame, spec: PaperTable) -> pd.DataFrame | None:
     table = table.reset_index()
     for col in spec.rows:
         table[col] = table[col].map(lambda v: spec.labels.get(v, v))
-    return table.rename(columns=HEADERS)
+    return table.rename(columns=HEADERS), notes
 
 
 def _flat(column) -> str:
