@@ -44,6 +44,9 @@ class PaperTable:
     of the unquantized model), as papers put the fp16 baseline beside the formats; ``fp_row``:
     the same as a first row, for tables whose columns are the models.
     ``labels`` renames row values to the paper's names and orders the rows as listed.
+    ``split``: one table per value of these columns (e.g. the format: a paper's table per bit
+    width), the value in the title; the evaluation corpus always splits (NLLs of different
+    corpora are never averaged).
     """
 
     title: str
@@ -55,6 +58,7 @@ class PaperTable:
     labels: dict[str, str] = field(default_factory=dict)
     fp_column: bool = False
     fp_row: bool = False
+    split: tuple[str, ...] = ()
     digits: int = 2
     note: str = ""
 
@@ -96,11 +100,10 @@ PAPER_TABLES: dict[str, tuple[PaperTable, ...]] = {
                         "w.r.t. the quantized weights (docs/landscape.md)."),
     ),
     "shabanovi2024": (
-        PaperTable("Perplexity: block fine-tuning variant x model / format",
-                   rows=("method.name",), columns=("model.name", "format.name"),
-                   labels=BLOCKFT_LABELS),
-        PaperTable("Quantization time (s): block fine-tuning variant x model / format",
-                   rows=("method.name",), columns=("model.name", "format.name"),
+        PaperTable("Perplexity: block fine-tuning variant x model", rows=("method.name",),
+                   split=("format.name",), labels=BLOCKFT_LABELS),
+        PaperTable("Quantization time (s): block fine-tuning variant x model",
+                   rows=("method.name",), split=("format.name",),
                    value="quantization.cost.seconds", labels=BLOCKFT_LABELS, digits=1,
                    note="Wall-clock seconds of the method (records: quantization.cost, with "
                         "the peak memory)."),
@@ -120,19 +123,18 @@ PAPER_TABLES: dict[str, tuple[PaperTable, ...]] = {
                    labels=CROSSQUANT_ORDER, digits=4),
     ),
     "athena2024": (
-        PaperTable("Perplexity: method x model / format", rows=("method.name",),
-                   columns=("model.name", "format.name"),
+        PaperTable("Perplexity: method x model", rows=("method.name",), split=("format.name",),
                    labels={"rtn": "RTN", "gptq": "GPTQ", "athena": "Athena"}),
         PaperTable("Effective bits per weight (scales, codebooks, low-rank factors counted)",
-                   rows=("method.name",), columns=("model.name", "format.name"),
-                   value=BITS,
+                   rows=("method.name",), split=("format.name",), value=BITS,
                    labels={"rtn": "RTN", "gptq": "GPTQ", "athena": "Athena"}, digits=3),
     ),
 }
 
 
 def paper_tables(frame: pd.DataFrame, name: str) -> list[tuple[str, pd.DataFrame, list[str]]]:
-    """``(title, table, notes)`` for each table of ``name`` and each evaluation corpus.
+    """``(title, table, notes)`` for each table of ``name``, each evaluation corpus and each
+    value of the table's ``split`` columns.
 
     NLLs of different corpora are never averaged: a study on several (``data.name``) gets
     each table once per corpus, the corpus in its title. A table whose value no record holds
@@ -142,15 +144,24 @@ def paper_tables(frame: pd.DataFrame, name: str) -> list[tuple[str, pd.DataFrame
     if name not in PAPER_TABLES:
         raise AnalysisError(f"no paper tables named {name!r}; have {sorted(PAPER_TABLES)} "
                             "(analysis/ptqscale_analysis/paper_tables.py)")
-    df = _derive(frame)
-    corpora = sorted(df["data.name"].dropna().unique()) if "data.name" in df else []
-    parts = [(f" ({c})", df[df["data.name"] == c]) for c in corpora] or [("", df)]
+    df = _derive(frame[~frame["is_baseline"]])   # the fp values come with each record
+    several = "data.name" in df and df["data.name"].nunique() > 1
     out = []
     for spec in PAPER_TABLES[name]:
-        for suffix, part in parts:
+        by = [c for c in (("data.name",) if several else ()) + spec.split if c in df]
+        parts = _split(df, by) if by else [((), df)]
+        for values, part in parts:
             table, notes = render(part, spec)
+            suffix = f" ({', '.join(map(str, values))})" if values else ""
             out.append((spec.title + suffix, table, notes))
     return out
+
+
+def _split(df: pd.DataFrame, by: list[str]) -> list[tuple[tuple, pd.DataFrame]]:
+    """The parts of ``df`` per value of ``by``, in the tables' order (formats by bits)."""
+    parts = [(k if isinstance(k, tuple) else (k,), part) for k, part in df.groupby(by)]
+    keys = [_sort_key(df, c) for c in by]
+    return sorted(parts, key=lambda kp: tuple(f(v) for v, f in zip(kp[0], keys)))
 
 
 def render(df: pd.DataFrame, spec: PaperTable) -> tuple[pd.DataFrame | None, list[str]]:

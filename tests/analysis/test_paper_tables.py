@@ -48,12 +48,21 @@ def test_xu_tables_one_per_corpus_never_averaged():
 
 def test_shabanovi_rows_are_the_variants_in_the_papers_order():
     frame = load_study(RESULTS, "blockft")
-    (title, ppl, notes), _ = paper_tables(frame, "shabanovi2024")
-    assert title.startswith("Perplexity") and not notes
+    tables = paper_tables(frame, "shabanovi2024")   # a table per format, more bits first
+    assert [t[0] for t in tables] == [
+        "Perplexity: block fine-tuning variant x model (int3_g32)",
+        "Perplexity: block fine-tuning variant x model (int2_g32)",
+        "Quantization time (s): block fine-tuning variant x model (int3_g32)",
+        "Quantization time (s): block fine-tuning variant x model (int2_g32)"]
+    _, ppl, notes = tables[0]
+    assert not notes
     assert list(ppl["method"])[:7] == [
         "RTN", "GPTQ", "single block", "2 blocks jointly", "3 blocks jointly",
         "1 block, error 1 block down", "1 block, error 2 blocks down"]
-    assert "gutenberg-llama-200k / int3_g32" in ppl.columns
+    assert list(ppl.columns[1:3]) == ["gutenberg-llama-200k", "gutenberg-llama-500k"]
+    rec = frame[(frame["method.name"] == "blockft_joint2") & (frame["format.name"] == "int3_g32")
+                & (frame["model.name"] == "gutenberg-llama-500k")].iloc[0]
+    assert ppl.iloc[3]["gutenberg-llama-500k"] == f"{math.exp(rec['metrics.nll']):.2f}"
 
 
 def test_crossquant_rows_are_settings_and_schemes_columns_models():
