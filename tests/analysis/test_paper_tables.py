@@ -85,3 +85,13 @@ def test_unknown_table_name_is_refused():
     frame = load_study(RESULTS, "blockft")
     with pytest.raises(AnalysisError, match="no paper tables named 'xu2025'.*xu2024"):
         paper_tables(frame, "xu2025")
+
+
+def test_report_cli_refuses_unknown_tables_before_any_work(capsys, tmp_path):
+    from ptqscale_analysis.cli import report_main
+
+    assert report_main(["--results", str(RESULTS), "--study", "blockft", "--tables", "xu2025",
+                        "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --tables 'xu2025'") and "shabanovi2024" in err
+    assert not any(tmp_path.iterdir())   # nothing written
