@@ -241,6 +241,9 @@ def _report(argv):
     p = _parser("ptqscale-report", "Write a Markdown and an HTML report of a study.")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: <results>/<study>/report)")
+    p.add_argument("--tables", default=None,
+                   help="lay the study out as this paper's tables too (paper_tables.py; "
+                        "default: the study's name, when it has tables), e.g. xu2024")
     p.add_argument("--n-boot", type=int, default=FitConfig.n_boot)
     p.add_argument("--n-estimators", type=int, default=PredictorConfig.n_estimators)
     p.add_argument("--seed", type=int, default=0)
@@ -252,7 +255,7 @@ def _report(argv):
     out = args.out or Path(args.results) / args.study / "report"
     cfg = ReportConfig(StudyFitConfig(fit=FitConfig(n_boot=args.n_boot, seed=args.seed)),
                        PredictorConfig(n_estimators=args.n_estimators, seed=args.seed))
-    path = write_report(args.results, args.study, out, cfg)
+    path = write_report(args.results, args.study, out, cfg, args.tables)
     print(f"wrote {path} and {path.with_suffix('.html')}")
     if args.wandb_project:
         import pandas as pd

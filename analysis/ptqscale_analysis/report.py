@@ -22,6 +22,7 @@ import pandas as pd
 from ptqscale_analysis import plots
 from ptqscale_analysis.errors import AnalysisError
 from ptqscale_analysis.load import load_study, weight_only
+from ptqscale_analysis.paper_tables import PAPER_TABLES, paper_tables
 from ptqscale_analysis.predictor import PredictorConfig, cross_validate, train_predictor
 from ptqscale_analysis.queries import pareto_frontier, split, split_label
 from ptqscale_analysis.study_fits import StudyFitConfig, fit_study_laws
@@ -108,15 +109,22 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 
 def write_report(root: str | os.PathLike, study: str, out_dir: str | os.PathLike,
-                 cfg: ReportConfig | None = None) -> Path:
-    """Write ``report.md``, ``report.html`` and ``figures/*.png`` into ``out_dir``."""
+                 cfg: ReportConfig | None = None, tables: str | None = None) -> Path:
+    """Write ``report.md``, ``report.html`` and ``figures/*.png`` into ``out_dir``.
+
+    ``tables``: the paper whose tables (paper_tables.PAPER_TABLES) lead the report, also
+    written as ``tables/<n>.csv``; default: the study's own name when it has tables."""
     cfg = cfg or ReportConfig()
+    if tables is not None and tables not in PAPER_TABLES:
+        raise AnalysisError(f"--tables {tables!r}: no such paper tables; have "
+                            f"{sorted(PAPER_TABLES)}")
     frame = load_study(root, study)
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     doc = _Doc()
     doc.h(1, f"PTQ scaling report: {study}")
     _findings(doc, Path(root) / study / "findings.md")
+    _paper_tables(doc, frame, tables or (study if study in PAPER_TABLES else None), out)
     _summary(doc, frame)
     _activation_schemes(doc, frame, out)
     weights = weight_only(frame)
@@ -183,6 +191,25 @@ def _pipe_table(lines: list[str]) -> pd.DataFrame:
     """A Markdown pipe table (header, rule, rows) as a frame of its cell texts."""
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
     return pd.DataFrame(rows[2:], columns=rows[0])
+
+
+def _paper_tables(doc: _Doc, frame: pd.DataFrame, name: str | None, out: Path) -> None:
+    """The paper's own tables (rows and columns as the paper has them), before the rest."""
+    if name is None:
+        return
+    doc.h(2, f"Paper tables ({name})")
+    paths = frame.get("model.path", pd.Series("", index=frame.index)).astype(str)
+    if paths.str.startswith("stand-in:").any():
+        doc.p("Stand-in records (model.stand_in=true): tiny random models of each member's "
+              "architecture, a plumbing check; their numbers mean nothing about the real "
+              "models.")
+    (out / "tables").mkdir(exist_ok=True)
+    for i, (title, table, notes) in enumerate(paper_tables(frame, name), 1):
+        doc.h(3, f"Table {i}. {title}")
+        if table is not None:
+            doc.table(table)
+            table.to_csv(out / "tables" / f"{i}.csv", index=False)
+        doc.items(notes)
 
 
 def _scheme(frame: pd.DataFrame) -> pd.Series:

@@ -118,3 +118,24 @@ def test_family_standins_study_runs_every_architecture(tmp_path):
         assert record["metrics"]["nll"] < math.log(8192)
         archs.add(record["env"]["stand_in"].split()[1])
     assert archs == set(ARCHITECTURES)
+
+
+# The seed papers' studies on the public families (sweeps/<study>.yaml): job count of each grid.
+PAPER_STUDIES = {"xu2024": 29 * 2 * 16, "shabanovi2024": 9 * 7 * 2, "crossquant2024": 8 * 3 * 3,
+                 "athena2024": 7 * 3 * 2}
+
+
+@pytest.mark.parametrize("study", sorted(PAPER_STUDIES))
+def test_paper_studies_plan_offline(study, tmp_path):
+    """Every grid point of a paper study is valid and listed 'needs-download' with its key,
+    on public members only (the toy family is not in these studies)."""
+    if study == "crossquant2024":
+        pytest.importorskip("lm_eval", reason="the study asks for the metric 'tasks'")
+    register_configs()
+    jobs = plan([f"+sweep={study}", f"paths.results={tmp_path}"])
+    assert len(jobs) == PAPER_STUDIES[study]
+    assert {j.state for j in jobs} <= {"needs-download", "pending"}, \
+        [j.reason for j in jobs if j.state == "invalid"][:3]
+    assert len({j.key for j in jobs}) == len(jobs)
+    members = {j.name.split("/")[1] for j in jobs}
+    assert members <= set(HUB) and all(j.name.startswith(f"{study}/") for j in jobs)
