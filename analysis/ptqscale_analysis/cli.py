@@ -6,6 +6,7 @@ stderr and exit status 2, never a traceback.
 Example::
 
     $ ptqscale-fit --results results --study quickstart
+    $ ptqscale-fit --results results --study awq_tasks --target task.ptq_gutenberg_cloze.acc
     $ ptqscale-predict --results results --study quickstart --model zoo-16m \\
           --format mxfp4 --method gptq
     $ ptqscale-pareto --results results --study quickstart --budget 50MB
@@ -49,6 +50,13 @@ def _predictor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=PredictorConfig.seed)
 
 
+def _target_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="dnll",
+                   help="what the damage laws and the predictor model: dnll (default) or any "
+                        "measured field, e.g. kl_mean, flip_rate, task.ptq_gutenberg_cloze.acc "
+                        "(its loss against the model's method=none record)")
+
+
 def _split_args(p: argparse.ArgumentParser, axes=("data", "family", "activations")) -> None:
     helps = {"data": "evaluation corpus (data.name); default: each corpus of the study",
              "family": "model family, i.e. tokenizer (model.family); default: each",
@@ -89,18 +97,24 @@ def _fit(argv):
     p.add_argument("--seed", type=int, default=FitConfig.seed)
     p.add_argument("--size-column", default=StudyFitConfig.size_column)
     p.add_argument("--csv", type=Path, default=None, help="also write the table here")
+    _target_arg(p)
     args = p.parse_args(argv)
     cfg = StudyFitConfig(size_column=args.size_column,
-                         fit=FitConfig(n_boot=args.n_boot, seed=args.seed))
+                         fit=FitConfig(n_boot=args.n_boot, seed=args.seed), target=args.target)
     fits = fit_study_laws(load_study(args.results, args.study), cfg)
     if not fits.fits:
         raise AnalysisError("no law could be fitted for study "
                             f"{args.study!r}:\n  " + "\n  ".join(fits.notes))
     table = fits.table()
+    label = fits.target.label
+    if fits.target.name != "dnll":
+        print(f"target: {label} ({fits.target.source} against the full-precision model's; "
+              "dNLL in the formulas reads as this)")
     with pd.option_context("display.width", 160, "display.max_rows", None,
                            "display.float_format", "{:.4g}".format):
         for law, rows in table.groupby("law", sort=False):
-            print(f"\n{law}: {next(g.fit.formula for g in fits.fits if g.law == law)}")
+            formula = next(g.fit.formula for g in fits.fits if g.law == law)
+            print(f"\n{law}: {formula.replace('dNLL', label)}")
             print(rows.drop(columns="law").to_string(index=False))
     for note in fits.notes:
         print(f"note: {note}")
@@ -248,10 +262,13 @@ def _report(argv):
                    help="also log the report, figures and laws as the study's W&B run")
     p.add_argument("--wandb-entity", default=None)
     p.add_argument("--wandb-mode", default="auto", choices=["auto", "online", "offline"])
+    _target_arg(p)
     args = p.parse_args(argv)
     out = args.out or Path(args.results) / args.study / "report"
-    cfg = ReportConfig(StudyFitConfig(fit=FitConfig(n_boot=args.n_boot, seed=args.seed)),
-                       PredictorConfig(n_estimators=args.n_estimators, seed=args.seed))
+    cfg = ReportConfig(StudyFitConfig(fit=FitConfig(n_boot=args.n_boot, seed=args.seed),
+                                      target=args.target),
+                       PredictorConfig(n_estimators=args.n_estimators, seed=args.seed,
+                                       target=args.target))
     path = write_report(args.results, args.study, out, cfg)
     print(f"wrote {path} and {path.with_suffix('.html')}")
     if args.wandb_project:

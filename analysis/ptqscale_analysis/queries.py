@@ -119,6 +119,9 @@ def predict_nll(predictor: Predictor, frame: pd.DataFrame | None, fmt: str, meth
     if model is None and not features:
         raise AnalysisError("give a model from the store or its features "
                             "(params.total, metrics.nll_fp, ...)")
+    if predictor.cfg.target != "dnll":
+        raise AnalysisError(f"this predictor learned the damage to {predictor.cfg.target}, "
+                            "not dNLL: an NLL needs a predictor trained with target dnll")
     X = feature_rows(predictor, frame, [(model, fmt, method)], features)
     out = predictor.predict(X).iloc[0]
     nll_fp = float(X["metrics.nll_fp"].iloc[0])
