@@ -82,7 +82,8 @@ def _get_predictor(args, frame: pd.DataFrame) -> Predictor:
     path: Path | None = args.predictor
     if path is not None and path.is_file():
         return load(path, frame)
-    pred = train_predictor(frame, PredictorConfig(n_estimators=args.n_estimators, seed=args.seed))
+    pred = train_predictor(frame, PredictorConfig(n_estimators=args.n_estimators, seed=args.seed,
+                                                  target=getattr(args, "target", "dnll")))
     if path is not None:
         save(pred, path, frame)
         print(f"saved the predictor to {path} (records sha256 {pred.records_sha256[:12]})")
@@ -155,7 +156,10 @@ def _predict(argv):
                    help="another model feature, e.g. landscape.kappa=0.3 (repeatable)")
     _split_args(p, ("data",))
     _predictor_args(p)
+    _target_arg(p)
     args = p.parse_args(argv)
+    if args.target != "dnll":
+        return _predict_target(args)
     features = _key_values(args.feature)
     if args.params is not None:
         features["params.total"] = args.params
@@ -180,6 +184,29 @@ def _predict(argv):
     print(f"features used: {', '.join(pred.features)}")
     if pred.dropped:
         print(f"features dropped (missing in some records): {', '.join(pred.dropped)}")
+    return 0
+
+
+def _predict_target(args) -> int:
+    """``ptqscale-predict --target FIELD``: the field after quantization, per corpus."""
+    from ptqscale_analysis.queries import predict_target, select, split
+
+    if args.model is None:
+        raise AnalysisError("--target needs --model (a model of the study: its "
+                            "full-precision value comes from its method=none record)")
+    frame = load_study(args.results, args.study)
+    pred = _get_predictor(args, frame)
+    scope = select(frame, data=args.data)
+    rows = scope[(scope["model.name"] == args.model) & (scope["activations"] == "none")]
+    for _, part in split(rows) if len(rows) else [((), scope)]:
+        r = predict_target(pred, part, args.format, args.method, args.model)
+        where = f" on {part['data.name'].iloc[0]}" if "data.name" in part else ""
+        print(f"{r.model}{where} {r.format} {r.method}: {r.target} {r.value:.4f} "
+              f"[{r.low:.4f}, {r.high:.4f}] ({pred.cfg.interval:.0%} of trees), damage "
+              f"{r.damage:.4g}, full precision {r.fp:.4f}")
+        if r.measured is not None:
+            print(f"  measured{where}: {r.measured:.4f}")
+    print(f"features used: {', '.join(pred.features)}")
     return 0
 
 

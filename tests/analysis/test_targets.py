@@ -19,7 +19,7 @@ from ptqscale_analysis.errors import AnalysisError
 from ptqscale_analysis.laws import FitConfig
 from ptqscale_analysis.load import add_target, declared_direction, load_study
 from ptqscale_analysis.predictor import PredictorConfig, cross_validate, train_predictor
-from ptqscale_analysis.queries import predict_nll
+from ptqscale_analysis.queries import predict_nll, predict_target
 from ptqscale_analysis.report import accuracy_fidelity_table, write_report
 from ptqscale_analysis.study_fits import StudyFitConfig, fit_study_laws
 
@@ -132,3 +132,28 @@ def test_report_and_wandb_summary_carry_accuracy_and_kl(store, tmp_path):
     assert row["flip rate"] == f"{m['flip_rate']:.4g}"
     md = write_report(root, STUDY, tmp_path / "report").read_text()
     assert "## Task accuracy and fidelity" in md and f"{TASK} 1" in md
+
+
+def test_predict_a_target_and_its_cli(store, capsys):
+    from ptqscale_analysis.cli import predict_main
+
+    root, records = store
+    frame = load_study(root, STUDY)
+    pred = train_predictor(frame, PredictorConfig(n_estimators=20, target="kl_mean"))
+    r = predict_target(pred, frame, "int3", "rtn", MODELS[1])
+    job = next(x for x in records if x["model"]["name"] == MODELS[1]
+               and x["format"]["name"] == "int3")
+    assert r.fp == 0.0 and r.measured == job["metrics"]["kl_mean"]
+    assert r.low <= r.value <= r.high and r.value == pytest.approx(r.damage)
+    # accuracy: the fp model's accuracy less the predicted loss
+    acc = train_predictor(frame, PredictorConfig(n_estimators=20, target=ACC))
+    a = predict_target(acc, frame, "int4", "rtn", MODELS[0])
+    assert a.value == pytest.approx(a.fp - a.damage) and a.low <= a.value <= a.high
+    assert predict_main(["--results", str(root), "--study", STUDY, "--format", "int3",
+                         "--method", "rtn", "--model", MODELS[1], "--target", "kl_mean",
+                         "--n-estimators", "20"]) == 0
+    out = capsys.readouterr().out
+    assert f"{MODELS[1]} on gutenberg int3 rtn: kl_mean " in out and "target_fp" in out
+    assert predict_main(["--results", str(root), "--study", STUDY, "--format", "int3",
+                         "--method", "rtn", "--target", "kl_mean"]) == 2
+    assert "--target needs --model" in capsys.readouterr().err
