@@ -30,12 +30,17 @@ case "$1" in
   crossquant_tasks) base=(+sweep/crossquant_bits@_global_=fp +sweep/crossquant_scheme@_global_=none) ;;
   *) echo "unknown study $1 (awq_tasks, crossquant_tasks, or train)"; exit 2 ;;
 esac
+# Both runs stop by BUDGET_S seconds (default 540, under a call's 10 minutes) so that the
+# records always reach $OUT; jobs cut off are redone by the next call.
+end=$((SECONDS + ${BUDGET_S:-540}))
 run() {
-  python3 -m ptqscale.runner.app +sweep="$1" "+sweep/tasks_model@_global_=$2" paths.zoo="$ZOO" \
+  timeout $((end - SECONDS > 1 ? end - SECONDS : 1)) python3 -m ptqscale.runner.app \
+    +sweep="$1" "+sweep/tasks_model@_global_=$2" paths.zoo="$ZOO" \
     paths.results=runs/results progress=false wandb.mode=disabled "${@:3}"
 }
 status=0
 run "$1" "$2" "${base[@]}" || status=$?
 run "$1" "$2" || status=$?
+mkdir -p runs/results/"$1"
 cp -r runs/results/"$1" "$OUT"/
 exit $status
