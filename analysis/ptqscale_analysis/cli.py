@@ -6,6 +6,7 @@ stderr and exit status 2, never a traceback.
 Example::
 
     $ ptqscale-fit --results results --study quickstart
+    $ ptqscale-fit --results results --study awq_tasks --target task.ptq_gutenberg_cloze.acc
     $ ptqscale-predict --results results --study quickstart --model zoo-16m \\
           --format mxfp4 --method gptq
     $ ptqscale-pareto --results results --study quickstart --budget 50MB
@@ -49,6 +50,13 @@ def _predictor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=PredictorConfig.seed)
 
 
+def _target_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="dnll",
+                   help="what the damage laws and the predictor model: dnll (default) or any "
+                        "measured field, e.g. kl_mean, flip_rate, task.ptq_gutenberg_cloze.acc "
+                        "(its loss against the model's method=none record)")
+
+
 def _split_args(p: argparse.ArgumentParser, axes=("data", "family", "activations")) -> None:
     helps = {"data": "evaluation corpus (data.name); default: each corpus of the study",
              "family": "model family, i.e. tokenizer (model.family); default: each",
@@ -74,7 +82,8 @@ def _get_predictor(args, frame: pd.DataFrame) -> Predictor:
     path: Path | None = args.predictor
     if path is not None and path.is_file():
         return load(path, frame)
-    pred = train_predictor(frame, PredictorConfig(n_estimators=args.n_estimators, seed=args.seed))
+    pred = train_predictor(frame, PredictorConfig(n_estimators=args.n_estimators, seed=args.seed,
+                                                  target=getattr(args, "target", "dnll")))
     if path is not None:
         save(pred, path, frame)
         print(f"saved the predictor to {path} (records sha256 {pred.records_sha256[:12]})")
@@ -89,18 +98,24 @@ def _fit(argv):
     p.add_argument("--seed", type=int, default=FitConfig.seed)
     p.add_argument("--size-column", default=StudyFitConfig.size_column)
     p.add_argument("--csv", type=Path, default=None, help="also write the table here")
+    _target_arg(p)
     args = p.parse_args(argv)
     cfg = StudyFitConfig(size_column=args.size_column,
-                         fit=FitConfig(n_boot=args.n_boot, seed=args.seed))
+                         fit=FitConfig(n_boot=args.n_boot, seed=args.seed), target=args.target)
     fits = fit_study_laws(load_study(args.results, args.study), cfg)
     if not fits.fits:
         raise AnalysisError("no law could be fitted for study "
                             f"{args.study!r}:\n  " + "\n  ".join(fits.notes))
     table = fits.table()
+    label = fits.target.label
+    if fits.target.name != "dnll":
+        print(f"target: {label} ({fits.target.source} against the full-precision model's; "
+              "dNLL in the formulas reads as this)")
     with pd.option_context("display.width", 160, "display.max_rows", None,
                            "display.float_format", "{:.4g}".format):
         for law, rows in table.groupby("law", sort=False):
-            print(f"\n{law}: {next(g.fit.formula for g in fits.fits if g.law == law)}")
+            formula = next(g.fit.formula for g in fits.fits if g.law == law)
+            print(f"\n{law}: {formula.replace('dNLL', label)}")
             print(rows.drop(columns="law").to_string(index=False))
     for note in fits.notes:
         print(f"note: {note}")
@@ -141,7 +156,10 @@ def _predict(argv):
                    help="another model feature, e.g. landscape.kappa=0.3 (repeatable)")
     _split_args(p, ("data",))
     _predictor_args(p)
+    _target_arg(p)
     args = p.parse_args(argv)
+    if args.target != "dnll":
+        return _predict_target(args)
     features = _key_values(args.feature)
     if args.params is not None:
         features["params.total"] = args.params
@@ -166,6 +184,29 @@ def _predict(argv):
     print(f"features used: {', '.join(pred.features)}")
     if pred.dropped:
         print(f"features dropped (missing in some records): {', '.join(pred.dropped)}")
+    return 0
+
+
+def _predict_target(args) -> int:
+    """``ptqscale-predict --target FIELD``: the field after quantization, per corpus."""
+    from ptqscale_analysis.queries import predict_target, select, split
+
+    if args.model is None:
+        raise AnalysisError("--target needs --model (a model of the study: its "
+                            "full-precision value comes from its method=none record)")
+    frame = load_study(args.results, args.study)
+    pred = _get_predictor(args, frame)
+    scope = select(frame, data=args.data)
+    rows = scope[(scope["model.name"] == args.model) & (scope["activations"] == "none")]
+    for _, part in split(rows) if len(rows) else [((), scope)]:
+        r = predict_target(pred, part, args.format, args.method, args.model)
+        where = f" on {part['data.name'].iloc[0]}" if "data.name" in part else ""
+        print(f"{r.model}{where} {r.format} {r.method}: {r.target} {r.value:.4f} "
+              f"[{r.low:.4f}, {r.high:.4f}] ({pred.cfg.interval:.0%} of trees), damage "
+              f"{r.damage:.4g}, full precision {r.fp:.4f}")
+        if r.measured is not None:
+            print(f"  measured{where}: {r.measured:.4f}")
+    print(f"features used: {', '.join(pred.features)}")
     return 0
 
 
@@ -251,10 +292,13 @@ def _report(argv):
                    help="also log the report, figures and laws as the study's W&B run")
     p.add_argument("--wandb-entity", default=None)
     p.add_argument("--wandb-mode", default="auto", choices=["auto", "online", "offline"])
+    _target_arg(p)
     args = p.parse_args(argv)
     out = args.out or Path(args.results) / args.study / "report"
-    cfg = ReportConfig(StudyFitConfig(fit=FitConfig(n_boot=args.n_boot, seed=args.seed)),
-                       PredictorConfig(n_estimators=args.n_estimators, seed=args.seed))
+    cfg = ReportConfig(StudyFitConfig(fit=FitConfig(n_boot=args.n_boot, seed=args.seed),
+                                      target=args.target),
+                       PredictorConfig(n_estimators=args.n_estimators, seed=args.seed,
+                                       target=args.target))
     path = write_report(args.results, args.study, out, cfg, args.tables)
     print(f"wrote {path} and {path.with_suffix('.html')}")
     if args.wandb_project:

@@ -25,6 +25,12 @@ Every metric a job measured is a column ``metrics.<field>`` as the record holds 
 store flattens records generically), and its version and direction are the columns
 ``metric_info.<metric>.*``; :func:`higher_is_better` reads the direction.
 
+Targets (:func:`add_target`): what the laws and the predictor model is the damage that
+quantization did to one measured quantity, positive when worse: ``dnll`` (the default), or
+for any ``metrics.<field>`` its value minus the full-precision value of the same model and
+corpus (the study's ``method=none`` row), sign-flipped where larger is better, e.g.
+``target=task.ptq_gutenberg_cloze.acc`` (accuracy lost) or ``target=kl_mean``.
+
 Example::
 
     >>> frame = load_study("results", "quickstart")              # doctest: +SKIP
@@ -33,7 +39,9 @@ Example::
 
 from __future__ import annotations
 
+import fnmatch
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -99,25 +107,96 @@ def add_derived(frame: pd.DataFrame) -> pd.DataFrame:
 
 def higher_is_better(frame: pd.DataFrame, column: str) -> bool:
     """Whether larger values of ``column`` are better, as the records' ``metric_info`` declares
-    it for the metric whose headline field the column is (``metrics.weight_sqnr_db`` -> True).
+    it (:func:`declared_direction`; ``metrics.weight_sqnr_db`` -> True).
 
     Columns no record declares (derived ones such as ``dnll``, records that predate
     ``metric_info``) are losses: smaller is better. Every metric a job measured is a
     ``metrics.<field>`` column of the frame, whatever its name; nothing here lists them.
     """
+    declared = declared_direction(frame, column)
+    return False if declared is None else declared
+
+
+def declared_direction(frame: pd.DataFrame, column: str) -> bool | None:
+    """Whether larger ``metrics.<field>`` is better, as ``metric_info`` declares it: the
+    field's own entry in ``metric_info.<metric>.directions`` (fnmatch patterns, e.g.
+    ``task.*.acc``), else the direction of the metric whose headline the field is; None
+    where no record says."""
     if not column.startswith("metrics."):
-        return False
+        return None
     field = column[len("metrics."):]
     flags: set[bool] = set()
     for col in frame.columns:
-        if col.startswith("metric_info.") and col.endswith(".headline"):
-            rows = frame[col] == field
-            flag_col = col[: -len("headline")] + "higher_is_better"
-            if rows.any() and flag_col in frame:
-                flags |= {bool(v) for v in frame.loc[rows, flag_col].dropna()}
+        head, _, pattern = col.partition(".directions.")
+        if col.startswith("metric_info.") and pattern and fnmatch.fnmatchcase(field, pattern):
+            flags |= {bool(v) for v in frame[col].dropna()}
+    if not flags:
+        for col in frame.columns:
+            if col.startswith("metric_info.") and col.endswith(".headline"):
+                rows = frame[col] == field
+                flag_col = col[: -len("headline")] + "higher_is_better"
+                if rows.any() and flag_col in frame:
+                    flags |= {bool(v) for v in frame.loc[rows, flag_col].dropna()}
     if len(flags) > 1:
         raise AnalysisError(f"the records disagree on whether higher {column} is better")
-    return flags.pop() if flags else False
+    return flags.pop() if flags else None
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a fit or the predictor models: ``column`` (damage, > 0 when worse than full
+    precision) of the measured ``source`` column, whose full-precision value is ``fp``."""
+
+    name: str
+    column: str
+    source: str
+    fp: str
+    higher_is_better: bool
+
+    @property
+    def label(self) -> str:
+        what = "lost" if self.higher_is_better else "added"
+        return "dNLL" if self.name == "dnll" else f"{self.source[len('metrics.'):]} {what}"
+
+
+def add_target(frame: pd.DataFrame, target: str = "dnll") -> tuple[pd.DataFrame, Target]:
+    """``frame`` with the target's damage and full-precision columns, and the :class:`Target`.
+
+    ``target``: ``dnll`` (also ``nll``), or a measured field with or without ``metrics.``
+    (``kl_mean``, ``task.ptq_gutenberg_cloze.acc``). Its full-precision value is that of the
+    unquantized (``method=none``, weight-only) rows of the same model and corpus (and the
+    same metric settings); rows of a model without one get no damage (NaN).
+    """
+    if target in ("dnll", "nll", "metrics.nll"):
+        return frame, Target("dnll", "dnll", "metrics.nll", "metrics.nll_fp", False)
+    source = target if target.startswith("metrics.") else f"metrics.{target}"
+    values = pd.to_numeric(frame[source], errors="coerce") if source in frame else None
+    if values is None or values.isna().all():
+        have = sorted(c[len("metrics."):] for c in frame.columns if c.startswith("metrics.")
+                      and pd.to_numeric(frame[c], errors="coerce").notna().any())
+        raise AnalysisError(f"target {target!r}: no record measured {source}; targets: dnll or "
+                            f"a measured field: {have}")
+    higher = declared_direction(frame, source)
+    if higher is None:
+        raise AnalysisError(f"target {target!r}: the records' metric_info does not say whether "
+                            f"higher {source} is better (records written before directions "
+                            "were recorded); re-run the jobs or pick a metric's headline")
+    name = source[len("metrics."):]
+    target = Target(name, f"damage.{name}", source, f"fp.{name}", higher)
+    if target.column in frame:   # added before (rows without their baseline may follow)
+        return frame, target
+    df = frame.copy()
+    df[source] = values
+    keys = [c for c in ("model.name", "data.name") if c in df]
+    keys += sorted(c for c in df.columns if c.startswith("metric_info.") and ".settings." in c)
+    keyed = pd.Series(["|".join(map(str, k)) for k in df[keys].itertuples(index=False)],
+                      index=df.index)
+    base = df["is_baseline"] & (df["activations"] == "none")
+    fp = values[base].groupby(keyed[base]).mean()
+    df[f"fp.{name}"] = keyed.map(fp).astype(float)
+    sign = -1.0 if higher else 1.0
+    df[target.column] = sign * (values - df[target.fp])
+    return df, target
 
 
 def activation_scheme(df: pd.DataFrame) -> pd.Series:

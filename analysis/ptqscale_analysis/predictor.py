@@ -1,5 +1,10 @@
 """A random forest that predicts post-PTQ dNLL (and NLL = NLL_fp + dNLL) from features.
 
+Or the damage to any other measured field: ``PredictorConfig(target="kl_mean")`` or
+``target="task.ptq_gutenberg_cloze.acc"`` (accuracy lost; :func:`ptqscale_analysis.load.add_target`);
+the target's full-precision value is then a model feature too. The predictions' columns keep
+the names ``dnll``, ``dnll_low``, ``dnll_high`` whatever the target.
+
 Features (``candidate_features``): model -- log10 parameters, full-precision NLL, every
 ``landscape.*`` column; format/method -- element bits, block size (0 = no shared-scale
 block), effective bits per weight, RTN weight SQNR, one-hot method. Only features present
@@ -30,7 +35,7 @@ import sklearn
 from sklearn.ensemble import RandomForestRegressor
 
 from ptqscale_analysis.errors import AnalysisError
-from ptqscale_analysis.load import weight_only
+from ptqscale_analysis.load import add_target, weight_only
 from ptqscale_analysis.study_fits import LAW_PREDICTORS, StudyFitConfig, law_predictions
 
 FORMAT_FEATURES = ("format.element_bits", "format.block_size", "bits_per_weight", "rtn_sqnr_db")
@@ -49,6 +54,7 @@ class PredictorConfig:
     seed: int = 0
     interval: float = 0.9
     n_jobs: int = 1
+    target: str = "dnll"   # or any measured field: the damage to it (module docstring)
 
     def __post_init__(self):
         if self.n_estimators < 2:
@@ -85,16 +91,22 @@ class Predictor:
         return imp.sort_values(ascending=False)
 
 
-def training_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """Weight-only quantized rows (the baseline has dNLL = 0 by construction) with a dNLL.
+def training_rows(frame: pd.DataFrame, target: str = TARGET) -> pd.DataFrame:
+    """Weight-only quantized rows (the baseline has dNLL = 0 by construction) with a dNLL
+    (with a damage to ``target``: its column is ``TARGET`` in the rows returned).
 
     Rows that quantize activations too are left out: no feature describes the activation
     scheme, so the forest would average schemes.
     """
+    frame, t = add_target(frame, target)
     rows = weight_only(frame)
-    rows = rows[~rows["is_baseline"] & rows[TARGET].notna()]
+    rows = rows[~rows["is_baseline"] & rows[t.column].notna()]
     if rows.empty:
-        raise AnalysisError("no weight-only quantized records with a dNLL to learn from")
+        raise AnalysisError(f"no weight-only quantized records with a {t.label} to learn from"
+                            + ("" if t.name == "dnll" else
+                               " (its full-precision value comes from method=none rows)"))
+    if t.name != "dnll":   # the forest and CV read TARGET; the fp level is a model feature
+        rows = rows.assign(**{TARGET: rows[t.column], "target_fp": rows[t.fp]})
     return rows
 
 
@@ -118,7 +130,9 @@ _LANDSCAPE_FEATURE = re.compile(r"^landscape\.(kappa|kappa_h|kappa_ratio|s_star_
 
 def candidate_features(frame: pd.DataFrame, methods: list[str]) -> list[str]:
     landscape = sorted(c for c in frame.columns if _LANDSCAPE_FEATURE.match(c))
-    return [*MODEL_FEATURES, *landscape, *FORMAT_FEATURES, *(f"method={m}" for m in methods)]
+    target_fp = ["target_fp"] if "target_fp" in frame else []
+    return [*MODEL_FEATURES, *target_fp, *landscape, *FORMAT_FEATURES,
+            *(f"method={m}" for m in methods)]
 
 
 def select_features(frame: pd.DataFrame, methods: list[str]) -> tuple[list[str], list[str]]:
@@ -142,7 +156,7 @@ def records_sha256(rows: pd.DataFrame) -> str:
 def train_predictor(frame: pd.DataFrame, cfg: PredictorConfig | None = None) -> Predictor:
     """Fit the forest on every quantized row of ``frame`` (a :func:`load_study` frame)."""
     cfg = cfg or PredictorConfig()
-    rows = training_rows(frame)
+    rows = training_rows(frame, cfg.target)
     methods = sorted(rows["method.name"].unique())
     X = add_features(rows, methods)
     features, dropped = select_features(X, methods)
@@ -183,7 +197,10 @@ def cross_validate(frame: pd.DataFrame, scheme: str = "size", cfg: PredictorConf
     if scheme not in SCHEMES:
         raise AnalysisError(f"scheme must be one of {sorted(SCHEMES)}, got {scheme!r}")
     cfg, law_cfg = cfg or PredictorConfig(), law_cfg or StudyFitConfig()
-    rows = training_rows(frame)
+    if law_cfg.target != cfg.target:   # the laws predict what the forest predicts
+        law_cfg = StudyFitConfig(law_cfg.size_column, law_cfg.group_by, law_cfg.min_dnll,
+                                 law_cfg.fit, cfg.target)
+    rows = training_rows(frame, cfg.target)
     methods = sorted(rows["method.name"].unique())
     X = add_features(rows, methods)
     features, _ = select_features(X, methods)
@@ -195,8 +212,9 @@ def cross_validate(frame: pd.DataFrame, scheme: str = "size", cfg: PredictorConf
     for g in sorted(groups.unique()):
         test, train = X[groups == g], X[groups != g]
         forest = _forest(cfg).fit(train[features].to_numpy(float), train[TARGET].to_numpy(float))
+        fp = test["metrics.nll_fp"] if cfg.target == TARGET else test["target_fp"]
         part = pd.DataFrame({"group": g, "measured": test[TARGET].to_numpy(float),
-                             "nll_fp": test["metrics.nll_fp"].to_numpy(float),
+                             "nll_fp": fp.to_numpy(float),
                              "forest": forest.predict(test[features].to_numpy(float))},
                             index=test.index)
         for law, pred in law_predictions(train, test, law_cfg).items():
@@ -255,7 +273,8 @@ def save(predictor: Predictor, path: str | os.PathLike, frame: pd.DataFrame) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"kind": SAVE_KIND, "version": SAVE_VERSION, "config": asdict(predictor.cfg),
             "records_sha256": predictor.records_sha256,
-            "predictions_sha256": predictions_sha256(predictor, training_rows(frame)),
+            "predictions_sha256": predictions_sha256(predictor,
+                                                     training_rows(frame, predictor.cfg.target)),
             "features": predictor.features, "dropped": predictor.dropped,
             "methods": predictor.methods, "sklearn": sklearn.__version__}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -294,7 +313,8 @@ def load(path: str | os.PathLike, frame: pd.DataFrame) -> Predictor:
     if not path.is_file():
         raise AnalysisError(f"no saved predictor at {path}")
     meta = _read_saved(path)
-    rows = training_rows(frame)
+    cfg_saved = meta.get("config") or {}
+    rows = training_rows(frame, cfg_saved.get("target", TARGET))
     digest = records_sha256(rows)
     if digest != meta["records_sha256"]:
         raise AnalysisError(

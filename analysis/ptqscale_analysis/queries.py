@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ptqscale_analysis.errors import AnalysisError
-from ptqscale_analysis.load import higher_is_better
+from ptqscale_analysis.load import add_target, higher_is_better
 from ptqscale_analysis.predictor import Predictor, add_features
 
 # Axes along which NLLs are not comparable: another corpus, another tokenizer (a family has
@@ -119,6 +119,9 @@ def predict_nll(predictor: Predictor, frame: pd.DataFrame | None, fmt: str, meth
     if model is None and not features:
         raise AnalysisError("give a model from the store or its features "
                             "(params.total, metrics.nll_fp, ...)")
+    if predictor.cfg.target != "dnll":
+        raise AnalysisError(f"this predictor learned the damage to {predictor.cfg.target}, "
+                            "not dNLL: an NLL needs a predictor trained with target dnll")
     X = feature_rows(predictor, frame, [(model, fmt, method)], features)
     out = predictor.predict(X).iloc[0]
     nll_fp = float(X["metrics.nll_fp"].iloc[0])
@@ -127,6 +130,47 @@ def predict_nll(predictor: Predictor, frame: pd.DataFrame | None, fmt: str, meth
                       float(out["dnll"]),
                       nll_fp, _measured(frame, model, fmt, method),
                       {f: float(X[f].iloc[0]) for f in predictor.features})
+
+
+@dataclass
+class TargetPrediction:
+    """A prediction of another target than dNLL (``PredictorConfig.target``): the field's
+    value after quantization, its interval, the damage and the full-precision value."""
+
+    model: str
+    format: str
+    method: str
+    target: str
+    value: float
+    low: float
+    high: float
+    damage: float
+    fp: float
+    measured: float | None
+
+
+def predict_target(predictor: Predictor, frame: pd.DataFrame, fmt: str, method: str,
+                   model: str) -> TargetPrediction:
+    """The predictor's target (e.g. ``task.ptq_gutenberg_cloze.acc``) of a model of the study
+    in ``fmt``/``method``: its full-precision value (the model's method=none record) moved by
+    the predicted damage. ``frame`` holds one corpus (see :func:`model_features`).
+    """
+    df, t = add_target(frame, predictor.cfg.target)
+    rows = df[df["model.name"] == model]
+    fp = rows[t.fp].dropna()
+    if rows.empty or fp.empty:
+        raise AnalysisError(f"model {model!r} has no full-precision {t.source} in the study "
+                            "(its method=none record); models with one: "
+                            f"{sorted(df.loc[df[t.fp].notna(), 'model.name'].unique())}")
+    fp_value = float(fp.iloc[0])
+    X = feature_rows(predictor, df, [(model, fmt, method)], {"target_fp": fp_value})
+    out = predictor.predict(X).iloc[0]
+    sign = -1.0 if t.higher_is_better else 1.0   # damage > 0 lowers a higher-is-better value
+    ends = sorted(fp_value + sign * out[c] for c in ("dnll_low", "dnll_high"))
+    hit = rows[(rows["format.name"] == fmt) & (rows["method.name"] == method)][t.source]
+    return TargetPrediction(model, fmt, method, t.name, fp_value + sign * float(out["dnll"]),
+                            float(ends[0]), float(ends[1]), float(out["dnll"]), fp_value,
+                            float(hit.iloc[0]) if len(hit) else None)
 
 
 def feature_rows(predictor: Predictor, frame: pd.DataFrame | None, queries: list[tuple],

@@ -126,6 +126,7 @@ def write_report(root: str | os.PathLike, study: str, out_dir: str | os.PathLike
     _findings(doc, Path(root) / study / "findings.md")
     _paper_tables(doc, frame, tables or (study if study in PAPER_TABLES else None), out)
     _summary(doc, frame)
+    _accuracy_and_fidelity(doc, frame)
     _activation_schemes(doc, frame, out)
     weights = weight_only(frame)
     if weights.empty:
@@ -233,6 +234,59 @@ def _summary(doc: _Doc, frame: pd.DataFrame) -> None:
         pivot = pivot.reindex([m for m in models["model.name"] if m in pivot.index])
         doc.p(f"dNLL (nats) of every weight-only job, {', '.join(map(str, key))}:")
         doc.table(pivot.reset_index())
+
+
+FIDELITY_COLUMNS = {"metrics.kl_mean": "KL mean", "metrics.kl_p99": "KL p99",
+                    "metrics.flip_rate": "flip rate"}
+
+
+def accuracy_fidelity_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per job: each task's acc and acc_norm with their stderr (``0.412 ± 0.028``), KL to
+    full precision (mean, p99) and flip rate; empty where no job measured tasks or fidelity."""
+    tasks = sorted({c.split(".")[2] for c in frame.columns
+                    if c.startswith("metrics.task.") and c.endswith(".acc")})
+    kl = [c for c in FIDELITY_COLUMNS if c in frame and frame[c].notna().any()]
+    if not tasks and not kl:
+        return pd.DataFrame()
+    keys = [c for c in ("data.name", "model.name", "format.name", "method.name") if c in frame]
+    rows = frame.sort_values([c for c in ("data.name", "params.total", "model.name",
+                                          "format.name", "method.name") if c in frame])
+    table = rows[keys].rename(columns=lambda c: c.split(".")[0]).reset_index(drop=True)
+    for task in tasks:
+        for m in ("acc", "acc_norm"):
+            col = f"metrics.task.{task}.{m}"
+            if col not in rows:
+                continue
+            err = rows.get(f"{col}_stderr", pd.Series(float("nan"), index=rows.index))
+            table[f"{task} {m}"] = [_pm(v, e) for v, e in zip(rows[col], err)]
+    for col in kl:
+        table[FIDELITY_COLUMNS[col]] = [f"{v:.4g}" if pd.notna(v) else "" for v in rows[col]]
+    return table
+
+
+def _pm(value, stderr) -> str:
+    if pd.isna(value):
+        return ""
+    return f"{value:.4f}" + ("" if pd.isna(stderr) else f" ± {stderr:.4f}")
+
+
+def _accuracy_and_fidelity(doc: _Doc, frame: pd.DataFrame) -> None:
+    """Task accuracy (lm-evaluation-harness, metric ``tasks``) and fidelity to the
+    full-precision model (metric ``fidelity``) of every job that measured them."""
+    table = accuracy_fidelity_table(frame)
+    if table.empty:
+        return
+    doc.h(2, "Task accuracy and fidelity")
+    versions = sorted({(c.split(".")[2], v) for c in frame.columns
+                       if c.startswith("metrics.task.") and c.endswith(".version")
+                       for v in frame[c].dropna().unique()})
+    text = ("Accuracy: lm-evaluation-harness on the quantized model in memory (metric "
+            "`tasks`), ± its standard error; KL(p_fp || p_q) in nats per token and the share "
+            "of tokens whose top-1 prediction changed (metric `fidelity`).")
+    if versions:
+        text += " Task versions: " + ", ".join(f"{t} {v:g}" for t, v in versions) + "."
+    doc.p(text)
+    doc.table(table)
 
 
 def _activation_schemes(doc: _Doc, frame: pd.DataFrame, out: Path) -> None:

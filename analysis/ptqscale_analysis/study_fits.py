@@ -3,6 +3,11 @@
 A law that cannot be fitted for a group (too few sizes, one bit width, no positive dNLL)
 is skipped with a note saying why, so one thin corner of a study never hides the rest.
 
+The quantity the damage laws describe is ``StudyFitConfig.target``: ``dnll`` by default, or
+the damage to any measured field (:func:`ptqscale_analysis.load.add_target`), e.g.
+``target="task.ptq_gutenberg_cloze.acc"`` (accuracy lost) or ``target="kl_mean"``: the laws'
+forms are the same with dNLL read as that damage. The full-precision law is NLL's only.
+
 Example::
 
     >>> fits = fit_study_laws(load_study("results", "quickstart"))   # doctest: +SKIP
@@ -26,6 +31,7 @@ from ptqscale_analysis.laws import (
     fit_noise_law_saturating,
     fit_precision_law,
 )
+from ptqscale_analysis.load import Target, add_target
 
 SQNR_COLUMN = "metrics.weight_sqnr_db"
 
@@ -36,7 +42,8 @@ class StudyFitConfig:
 
     ``size_column`` is N (parameters in the transformer blocks by default: the
     non-embedding count of Kaplan et al. 2020, the same for every format of a model).
-    Rows with ``dnll <= min_dnll`` cannot enter a log-space fit and are dropped (counted).
+    Rows with ``dnll <= min_dnll`` (the target's damage, for another ``target``) cannot enter
+    a log-space fit and are dropped (counted).
     """
 
     size_column: str = "params.blocks"
@@ -44,6 +51,7 @@ class StudyFitConfig:
     group_by: tuple[str, ...] = ("model.family", "data.name", "method.name")
     min_dnll: float = 0.0
     fit: FitConfig = field(default_factory=FitConfig)
+    target: str = "dnll"   # what the damage laws fit (module docstring)
 
     def __post_init__(self):
         if not self.group_by:
@@ -61,6 +69,7 @@ class GroupFit:
 class StudyFits:
     fits: list[GroupFit]
     notes: list[str]
+    target: Target | None = None
 
     def table(self) -> pd.DataFrame:
         """One row per (law, group, parameter) with value, interval, convergence and n."""
@@ -101,14 +110,23 @@ def size_values(frame: pd.DataFrame, column: str) -> np.ndarray:
     return values
 
 
-def quantized_rows(frame: pd.DataFrame, cfg: StudyFitConfig) -> tuple[pd.DataFrame, list[str]]:
-    """Quantized rows whose dNLL can enter a log-space fit, and a note on what was dropped."""
+def quantized_rows(frame: pd.DataFrame, cfg: StudyFitConfig,
+                   target: Target | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """Quantized rows whose target damage (dNLL by default) can enter a log-space fit, and
+    notes on what was dropped (``frame`` holds the target's columns: :func:`add_target`)."""
+    target = target or add_target(frame, "dnll")[1]
     q = frame[~frame["is_baseline"]]
-    keep = q["dnll"] > cfg.min_dnll
+    damage = q[target.column]
     notes = []
-    if (~keep).any():
-        notes.append(f"{int((~keep).sum())} of {len(q)} quantized rows have dNLL <= "
-                     f"{cfg.min_dnll:g} and are left out of the dNLL laws")
+    unknown = damage.isna()
+    if unknown.any():
+        notes.append(f"{int(unknown.sum())} of {len(q)} quantized rows have no {target.label} "
+                     f"(no full-precision {target.source} of their model: run method=none) "
+                     "and are left out")
+    keep = damage > cfg.min_dnll
+    if (~keep & ~unknown).any():
+        notes.append(f"{int((~keep & ~unknown).sum())} of {len(q)} quantized rows have "
+                     f"{target.label} <= {cfg.min_dnll:g} and are left out of the damage laws")
     return q[keep], notes
 
 
@@ -123,10 +141,13 @@ def fit_study_laws(frame: pd.DataFrame, cfg: StudyFitConfig | None = None,
     if unknown:
         raise AnalysisError(f"unknown laws {sorted(unknown)}; known: {list(ALL_LAWS)}")
     size_values(frame, cfg.size_column)  # fail early on a missing size column
-    out = StudyFits([], [])
-    if "fp" in laws:
+    frame, target = add_target(frame, cfg.target)
+    out = StudyFits([], [], target)
+    if "fp" in laws and target.name == "dnll":
         _fit_fp(frame, cfg, out)
-    q, notes = quantized_rows(frame, cfg)
+    elif "fp" in laws:
+        out.notes.append(f"fp law: fitted to the NLL only (target {target.name})")
+    q, notes = quantized_rows(frame, cfg, target)
     out.notes += notes
     by = [c for c in cfg.group_by if c in q]
     for key, rows in q.groupby(by, sort=True):
@@ -135,7 +156,7 @@ def fit_study_laws(frame: pd.DataFrame, cfg: StudyFitConfig | None = None,
         if len(n) < 2:  # one note, not one per law and format
             out.notes.append(f"[{_label(group)}] one model size ({n.tolist()}): no size law")
             continue
-        _fit_dnll_laws(rows, group, cfg, out, laws)
+        _fit_dnll_laws(rows, group, cfg, out, laws, target.column)
     return out
 
 
@@ -160,8 +181,8 @@ def _fit_fp(frame: pd.DataFrame, cfg: StudyFitConfig, out: StudyFits) -> None:
 
 
 def _fit_dnll_laws(rows: pd.DataFrame, group: dict, cfg: StudyFitConfig, out: StudyFits,
-                   laws: tuple[str, ...]) -> None:
-    n, dnll = size_values(rows, cfg.size_column), rows["dnll"].to_numpy(float)
+                   laws: tuple[str, ...], column: str = "dnll") -> None:
+    n, dnll = size_values(rows, cfg.size_column), rows[column].to_numpy(float)
     noise_laws = {"noise": fit_noise_law, "noise_saturating": fit_noise_law_saturating}
     for law, fn in noise_laws.items():
         if law not in laws:
@@ -177,7 +198,7 @@ def _fit_dnll_laws(rows: pd.DataFrame, group: dict, cfg: StudyFitConfig, out: St
         return
     for fmt, sub in rows.groupby("format.name", sort=True):
         _try(out, "format_power", {**group, "format.name": fmt}, fit_format_power_law,
-             size_values(sub, cfg.size_column), sub["dnll"].to_numpy(float), cfg.fit)
+             size_values(sub, cfg.size_column), sub[column].to_numpy(float), cfg.fit)
 
 
 # ---- laws as predictors, for cross-validation next to the forest ------------------------
@@ -187,13 +208,14 @@ LAW_PREDICTORS = ("noise", "precision", "format_power")
 
 def law_predictions(train: pd.DataFrame, test: pd.DataFrame,
                     cfg: StudyFitConfig) -> dict[str, np.ndarray]:
-    """dNLL of ``test`` rows from laws fitted on ``train`` (NaN where a law cannot say).
+    """The target damage (dNLL by default) of ``test`` rows from laws fitted on ``train``
+    (NaN where a law cannot say).
 
     Laws are pooled over families (group by method only), so a held-out family or size
     can still be predicted; no bootstrap is needed for point predictions.
     """
     cfg = StudyFitConfig(cfg.size_column, ("method.name",), cfg.min_dnll,
-                         FitConfig(**{**cfg.fit.__dict__, "n_boot": 0}))
+                         FitConfig(**{**cfg.fit.__dict__, "n_boot": 0}), cfg.target)
     fits = fit_study_laws(train, cfg, LAW_PREDICTORS)
     preds = {law: np.full(len(test), np.nan) for law in LAW_PREDICTORS}
     n = size_values(test, cfg.size_column)

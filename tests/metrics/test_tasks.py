@@ -4,7 +4,6 @@ its settings key only the jobs that ask for it, and the offline tasks rebuild by
 from __future__ import annotations
 
 import importlib.util
-import re
 import subprocess
 import sys
 
@@ -12,7 +11,17 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from ptqscale.assets import ZOO_CHECKPOINTS
-from ptqscale.data.tasks import SPECS, TASKS_DIR, build_task, to_jsonl
+from ptqscale.data.tasks import (
+    CONTINUATION,
+    ENDING_WORDS,
+    SPECS,
+    TASKS_DIR,
+    build_task,
+    to_jsonl,
+)
+from ptqscale.data.tasks import (
+    TASKS as TASK_NAMES,
+)
 from ptqscale.errors import ConfigError
 from ptqscale.runner.app import conf_dir
 from ptqscale.runner.config import register_configs
@@ -31,13 +40,38 @@ def composed():
         yield lambda overrides=(): compose("config", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("name", sorted(SPECS))
+@pytest.mark.parametrize("name", TASK_NAMES)
 def test_shipped_task_data_is_what_the_builder_makes(name):
-    assert (TASKS_DIR / f"{name}.jsonl").read_text(encoding="utf-8") == to_jsonl(build_task(name))
     items = build_task(name)
-    assert len(items) == SPECS[name][3]
-    for item in items[:50]:   # the label points at the passage's real last word
-        assert len(set(item["choices"])) == 4 and 0 <= item["label"] < 4
+    assert (TASKS_DIR / f"{name}.jsonl").read_text(encoding="utf-8") == to_jsonl(items)
+    assert (TASKS_DIR / f"{name}.yaml").is_file()
+    assert len(items) == {**SPECS, **CONTINUATION}[name][3]
+    k = 2 if name in CONTINUATION else 4
+    for item in items[:50]:
+        assert len(set(item["choices"])) == k and 0 <= item["label"] < k
+
+
+def test_continuation_real_ending_and_another_authors_ending():
+    """Each item's labelled choice closes its own passage; the other one closes a passage of
+    a book by another author; both are ENDING_WORDS words."""
+    from ptqscale.data.tasks import _documents, _split
+
+    source, lo, hi, _ = CONTINUATION["ptq_gutenberg_continuation"]
+    author_of = {}   # paragraph ending -> authors whose books end a paragraph with it
+    paragraphs = set()
+    for author, text in _documents(source):
+        for p in _split(text):
+            if lo <= len(p.split(" ")) <= hi:
+                paragraphs.add(p)
+                author_of.setdefault(" ".join(p.split(" ")[-ENDING_WORDS:]), set()).add(author)
+    items = build_task("ptq_gutenberg_continuation")
+    assert {i["label"] for i in items} == {0, 1}   # the real ending is not always first
+    for item in items:
+        real, other = item["choices"][item["label"]], item["choices"][1 - item["label"]]
+        assert f"{item['context']} {real}" in paragraphs
+        assert len(real.split(" ")) == len(other.split(" ")) == ENDING_WORDS
+        (author,) = author_of[real]
+        assert author_of[other] - {author}, item   # another author's book ends with it
 
 
 def test_without_lm_eval_the_tasks_metric_is_a_config_error(monkeypatch):
@@ -72,36 +106,67 @@ def test_task_settings_key_only_the_jobs_that_ask(composed, tmp_path):
         validate_job(composed([*FAST, *paths, TASKS[0], "eval.tasks.names=[ptq_gutenberg_clze]"]))
 
 
-def _cli_table(folder, task: str, limit: int) -> dict[str, str]:
-    """lm-eval's CLI on an HF folder: ``{metric: printed value}`` of its results table."""
+def _cli_table(folder, tasks: list[str], limit: int) -> dict[str, dict[str, str]]:
+    """lm-eval's CLI on an HF folder: ``{task: {metric: printed value}}`` of its results table
+    (a task's name is printed on its first row only: later rows belong to it too)."""
     out = subprocess.run(
         [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-         f"pretrained={folder},dtype=float32", "--tasks", task, "--include_path", str(TASKS_DIR),
-         "--device", "cpu", "--batch_size", "16", "--limit", str(limit)],
+         f"pretrained={folder},dtype=float32", "--tasks", ",".join(tasks), "--include_path",
+         str(TASKS_DIR), "--device", "cpu", "--batch_size", "16", "--limit", str(limit)],
         capture_output=True, text=True, timeout=600, check=True).stdout
-    rows = re.findall(r"\|\s*(acc(?:_norm)?)\s*\|[^|]*\|\s*([0-9.]+)\s*\|\s*±\s*\|\s*([0-9.]+)\s*\|",
-                      out)
-    assert {r[0] for r in rows} == {"acc", "acc_norm"}, out
-    return {m: v for m, v, _ in rows} | {f"{m}_stderr": s for m, _, s in rows}
+    table: dict[str, dict[str, str]] = {}
+    task = None
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 9 or cells[4] not in ("acc", "acc_norm"):
+            continue
+        task = cells[0] or task
+        table.setdefault(task, {})
+        table[task][cells[4]] = cells[6]
+        table[task][f"{cells[4]}_stderr"] = cells[8]
+    assert {t: set(v) for t, v in table.items()} == {
+        t: {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr"} for t in tasks}, out
+    return table
 
 
 @needs_lm_eval
 @pytest.mark.slow
 def test_job_accuracy_equals_lm_eval_cli(composed, tmp_path):
-    rec = run_job(composed([*FAST, f"paths.results={tmp_path}", "method=none", *TASKS]))
+    both = ["ptq_gutenberg_cloze", "ptq_gutenberg_continuation"]
+    rec = run_job(composed([*FAST, f"paths.results={tmp_path}", "method=none", TASKS[0],
+                            f"eval.tasks.names=[{','.join(both)}]", TASKS[2]]))
     m = rec["metrics"]
     assert rec["status"] == "complete"
-    printed = _cli_table(ZOO_CHECKPOINTS / "gutenberg-llama-200k", "ptq_gutenberg_cloze", 100)
-    for field, value in printed.items():   # to the printed precision (4 decimals or fewer)
-        decimals = len(value.partition(".")[2])
-        assert m[f"task.ptq_gutenberg_cloze.{field}"] == pytest.approx(
-            float(value), abs=0.5 * 10 ** -decimals + 1e-12), (field, value)
-    assert 0.25 < m["tasks_acc"] == m["task.ptq_gutenberg_cloze.acc"]   # above chance (4-way)
+    printed = _cli_table(ZOO_CHECKPOINTS / "gutenberg-llama-200k", both, 100)
+    for task in both:
+        for field, value in printed[task].items():   # to the printed precision (4 decimals)
+            decimals = len(value.partition(".")[2])
+            assert m[f"task.{task}.{field}"] == pytest.approx(
+                float(value), abs=0.5 * 10 ** -decimals + 1e-12), (task, field, value)
+    assert m["tasks_acc"] == pytest.approx(sum(m[f"task.{t}.acc"] for t in both) / 2)
+    assert m["task.ptq_gutenberg_cloze.acc"] > 0.25   # above chance (4-way)
+    assert m["task.ptq_gutenberg_continuation.acc"] > 0.5   # above chance (2-way)
     assert m["task.ptq_gutenberg_cloze.version"] == 1.0
     info = rec["metric_info"]["tasks"]
-    assert info["settings"]["versions"] == {"ptq_gutenberg_cloze": 1.0}
+    assert info["settings"]["versions"] == {t: 1.0 for t in both}
     assert info["headline"] == "tasks_acc" and info["higher_is_better"] is True
     # the metric measures the quantized model: 3-bit RTN changes the answers
     q = run_job(composed([*FAST, f"paths.results={tmp_path}", "method=rtn", "format=int3_g64",
                           *TASKS]))
     assert q["metrics"]["task.ptq_gutenberg_cloze.acc_norm"] != m["task.ptq_gutenberg_cloze.acc_norm"]
+
+
+@needs_lm_eval
+@pytest.mark.slow
+def test_continuation_task_scores_above_chance_on_a_trained_model():
+    import transformers as T
+
+    from ptqscale.metrics.tasks import TasksConfig, flatten, run_tasks
+
+    folder = ZOO_CHECKPOINTS / "gutenberg-llama-200k"
+    model = T.AutoModelForCausalLM.from_pretrained(folder, dtype="float32").eval()
+    tok = T.AutoTokenizer.from_pretrained(folder)
+    names = ["ptq_gutenberg_continuation"]
+    m = flatten(run_tasks(model, tok, TasksConfig(names=names, limit=150)), names)
+    # 2-way: chance 0.5; 0.66 on all 300 items (docs/tasks.md); 3 stderr above chance
+    assert m["tasks_acc"] > 0.5 + 3 * m["task.ptq_gutenberg_continuation.acc_stderr"], m

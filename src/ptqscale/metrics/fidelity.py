@@ -177,7 +177,8 @@ def prepare_reference(ctx: MetricContext) -> dict:
 
 
 @register_metric("fidelity", higher_is_better=False, version=VERSION, headline="kl_mean",
-                 needs=("stream", "fp_model", "report"), prepare=prepare_reference)
+                 needs=("stream", "fp_model", "report"), prepare=prepare_reference,
+                 directions={"kl_*": False, "flip_rate": False, "top1_agreement": True})
 def measure_fidelity(ctx: MetricContext) -> dict:
     """KL to the fp model (mean, p90, p99, max), top-1 agreement and flip rate."""
     ref = ctx.prepared["fidelity"]

@@ -11,7 +11,9 @@ registered with :func:`register_metric`. It declares
   it, e.g. to keep fp logits), calibration data, the method's report, a GPU;
 - ``higher_is_better`` for its ``headline`` field (default: the field named like the
   metric): the analysis reads this direction from the record where it picks a best or
-  builds a Pareto frontier;
+  builds a Pareto frontier; ``directions`` gives other fields' directions
+  (``{fnmatch pattern: higher_is_better}``, e.g. ``{"top1_agreement": True}``) so that any
+  field can be the target of a fit (recorded as ``metric_info.<name>.directions``);
 - ``version``: its protocol version. A change to what it measures bumps the version; the
   version is recorded (``record["metric_info"]``) and, for metrics beyond the default
   set, enters the job key, so old numbers are never silently mixed with new ones.
@@ -100,11 +102,14 @@ class Metric:
     headline: str
     prepare: Callable[[MetricContext], Any] | None = None
     settings: Callable[[Any], dict] | None = None
+    directions: dict[str, bool] = field(default_factory=dict, hash=False)  # pattern -> higher?
 
     def info(self, eval_cfg: Any = None) -> dict:
         """What the record stores about the metric (``record["metric_info"][name]``)."""
         out = {"version": self.version, "higher_is_better": self.higher_is_better,
                "headline": self.headline, "needs": sorted(self.needs)}
+        if self.directions:
+            out["directions"] = dict(self.directions)
         if self.settings is not None and eval_cfg is not None:
             out["settings"] = self.settings(eval_cfg)
         return out
@@ -122,7 +127,8 @@ METRICS: dict[str, Metric] = {}
 def register_metric(name: str, *, higher_is_better: bool, version: int,
                     needs: Iterable[str] = (), headline: str | None = None,
                     prepare: Callable[[MetricContext], Any] | None = None,
-                    settings: Callable[[Any], dict] | None = None):
+                    settings: Callable[[Any], dict] | None = None,
+                    directions: dict[str, bool] | None = None):
     """Decorator registering ``compute(ctx) -> dict`` as the metric ``name``.
 
     >>> @register_metric("doc_demo", higher_is_better=True, version=1, needs=("report",))
@@ -145,7 +151,8 @@ def register_metric(name: str, *, higher_is_better: bool, version: int,
         if name in METRICS:
             raise ValueError(f"metric {name!r} is registered twice")
         METRICS[name] = Metric(name, compute, bool(higher_is_better), version, needs,
-                               headline or name, prepare, settings)
+                               headline or name, prepare, settings,
+                               {str(k): bool(v) for k, v in (directions or {}).items()})
         return compute
     return decorate
 

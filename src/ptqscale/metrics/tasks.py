@@ -2,7 +2,8 @@
 
 Ask for it with ``metrics=[nll,weight_sqnr,model_bytes,tasks]`` and name the tasks in
 ``eval.tasks.names``: lm-eval's own (``lambada_openai``, ``hellaswag``, ... with the hub) or
-the offline ones we ship (``ptq_gutenberg_cloze``, ``ptq_tinystories_cloze``;
+the offline ones we ship (``ptq_gutenberg_cloze``, ``ptq_gutenberg_continuation``,
+``ptq_tinystories_cloze``;
 src/ptqscale/assets/tasks, docs/tasks.md). ``lm_eval.simple_evaluate`` runs on
 ``HFLM(pretrained=<the quantized model>, tokenizer=<the job's tokenizer>)`` with lm-eval's
 default seeds, as its CLI does, so the numbers are those of
@@ -119,7 +120,7 @@ def flatten(results: dict, names: list[str]) -> dict:
 
 
 @register_metric("tasks", higher_is_better=True, version=1, headline="tasks_acc",
-                 settings=_settings)
+                 settings=_settings, directions={"task.*.acc": True, "task.*.acc_norm": True})
 def measure_tasks(ctx: MetricContext) -> dict:
     """lm-eval's accuracy (and stderr, version) on each task of ``eval.tasks.names``."""
     if ctx.tokenizer is None:
