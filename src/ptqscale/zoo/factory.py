@@ -199,13 +199,13 @@ def train_member(fam: FamilyConfig, size: str, data: dict, out: Path, device: to
 
     main = Run(fam, model, make_optimizer(model, fam, lr_main(fam, size, 0), device), batches,
                device)
-    records, step = [], 0
+    records, done = [], 0  # steps the main run has taken
     for mult in sorted(fam.checkpoints, key=fam.branch_start):
-        for step in range(step, fam.branch_start(mult)):
-            main.step(step, lr_main(fam, size, step))
-        step = fam.branch_start(mult)
+        for s in range(done, fam.branch_start(mult)):
+            main.step(s, lr_main(fam, size, s))
+        done = fam.branch_start(mult)
         branch = main.fork()
-        for s in range(step, fam.steps(mult)):
+        for s in range(done, fam.steps(mult)):
             branch.step(s, lr_branch(fam, size, mult, s))
         branch.flush(fam.steps(mult) - 1, lr_branch(fam, size, mult, fam.steps(mult) - 1))
         rec = save_checkpoint(fam, size, mult, branch, data, params, out, env, device)
@@ -273,7 +273,7 @@ def train_family(fam: FamilyConfig, data_dir: str | Path, out_root: str | Path,
                  deterministic: bool = True, log=console.say) -> list[dict]:
     """Train every size of ``fam`` (smallest first) under ``out_root/<family>``; idempotent."""
     from ptqscale.models import resolve_device
-    from ptqscale.zoo.train import _environment
+    from ptqscale.zoo.train import _environment, quiet_progress_bars
 
     sizes = list(fam.sizes) if sizes is None else sizes
     for s in sizes:
@@ -284,6 +284,7 @@ def train_family(fam: FamilyConfig, data_dir: str | Path, out_root: str | Path,
         # need this workspace setting before the first cuBLAS call
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+    quiet_progress_bars()
     out = Path(out_root) / fam.family
     todo = [s for s in sorted(sizes, key=fam.sizes.get) if not member_done(fam, s, out)]
     for s in set(sizes) - set(todo):
@@ -381,9 +382,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.jobs > 1 and len(fams) > 1:
             _parallel(args, fams)
             return
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
         for fam in fams:
             train_family(fam, args.data, args.out, args.device,
                          args.sizes.split(",") if args.sizes else None, args.deterministic)
