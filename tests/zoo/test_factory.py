@@ -190,3 +190,22 @@ def test_conf_model_entries_are_generated_and_compose_with_the_d_axis(tmp_path):
                                            "paths.zoo=/z"])
     assert cfg.model.path == "/z/zoo-neox/zoo-neox-150k-x4"
     assert cfg.model.tokenizer == "/z/zoo-neox/tokenizer" and cfg.model.max_seqlen == 256
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch and transformers: ~50 s on 2 cores
+def test_the_command_trains_families_side_by_side(tiny_data, tmp_path):
+    """``train A B --jobs 2``: one process per family (the GPU command's form), each logged."""
+    import yaml
+
+    paths = []
+    for name in ("zoo-neox", "zoo-gpt2"):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(tiny(name, checkpoints=(0.5, 1.0)).to_dict()))
+        paths.append(str(path))
+    factory.main(["train", *paths, "--data", str(tiny_data["data"]), "--out",
+                  str(tmp_path / "out"), "--device", "cpu", "--jobs", "2"])
+    info = manifest.manifest(tmp_path / "out")
+    assert {f: [m["name"] for m in v["members"]] for f, v in info["families"].items()} == {
+        "zoo-neox": ["zoo-neox-t-x0.5", "zoo-neox-t-x1"],
+        "zoo-gpt2": ["zoo-gpt2-t-x0.5", "zoo-gpt2-t-x1"]}
+    assert "zoo-gpt2-t-x1" in (tmp_path / "out" / "zoo-gpt2.log").read_text()
