@@ -35,7 +35,14 @@ import torch.nn.functional as F
 
 from ptqscale import console
 from ptqscale.errors import ConfigError
-from ptqscale.zoo.data import EOS, _encode_books, gutenberg_documents, sha256_file, tokenizer_corpus
+from ptqscale.zoo.data import (
+    EOS,
+    _encode_books,
+    gutenberg_documents,
+    sha256_file,
+    split_files,
+    tokenizer_corpus,
+)
 from ptqscale.zoo.evaluate import gptq_ids, nll_sum, write_json
 from ptqscale.zoo.family import FamilyConfig
 from ptqscale.zoo.presets import build_model, count_parameters
@@ -57,7 +64,7 @@ def prepare_data(fam: FamilyConfig, data_dir: str | Path, out: Path, log=console
     deterministic), else the folder belongs to another recipe and training stops.
     """
     t0 = time.time()
-    texts = tokenizer_corpus(data_dir, fam.train_chars)
+    texts = tokenizer_corpus(data_dir, fam.train_chars, fam.train_shards)
     tok = train_tokenizer(texts, fam.vocab_size)
     saved = out / "tokenizer" / "tokenizer.json"
     if saved.exists():
@@ -82,7 +89,9 @@ def prepare_data(fam: FamilyConfig, data_dir: str | Path, out: Path, log=console
         n = min(fam.eval_tokens // fam.seqlen, len(split_ids) // fam.seqlen)
         evals[f"gutenberg_{split}"] = np.asarray(split_ids[: n * fam.seqlen],
                                                  dtype=np.int64).reshape(n, fam.seqlen)
-    sources = {p.name: sha256_file(p) for p in sorted(Path(data_dir).glob("*.jsonl.xz"))}
+    used = split_files(data_dir, "train")[: fam.train_shards] + [
+        split_files(data_dir, split)[0] for split in ("valid", "test")]
+    sources = {p.name: sha256_file(p) for p in used}
     info = {"corpus": fam.corpus, "data_dir": str(data_dir), "sources": sources,
             "train_chars": sum(map(len, texts)), "train_tokens": int(ids.size),
             "train_windows": windows, "books": len(texts),

@@ -68,7 +68,8 @@ class FamilyConfig:
     # tokenizer and data
     vocab_size: int
     corpus: str  # gutenberg-en: the train split's books, in file order
-    train_chars: int  # the same leading fraction of every train book, cut at a line end
+    train_shards: int  # train-00.. : the first shards of the train split are read
+    train_chars: int  # the same leading fraction of each of their books, cut at a line end
     seqlen: int
     batch_seqs: int
     data_seed: int  # the order of the training windows (one permutation per epoch)
@@ -107,7 +108,7 @@ class FamilyConfig:
             raise ConfigError(f"{where}: preset: " + unknown_name("preset", self.preset, PRESETS))
         if self.corpus not in CORPORA:
             raise ConfigError(f"{where}: corpus: " + unknown_name("corpus", self.corpus, CORPORA))
-        for key in ("head_dim", "width_per_layer", "min_layers", "ffn_multiple", "train_chars",
+        for key in ("head_dim", "width_per_layer", "min_layers", "ffn_multiple", "train_shards", "train_chars",
                     "seqlen", "batch_seqs", "base_tokens", "eval_tokens", "lr_base_width"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
                 raise ConfigError(f"{where}: {key}={getattr(self, key)!r} must be a positive int")
