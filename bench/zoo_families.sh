@@ -14,21 +14,23 @@ set -uo pipefail
 : "${OUT:?set OUT to the folder that comes back}"
 SHARD=${SHARD:-.carry/train-00.jsonl.xz}
 DATA=/tmp/zoo-data/gutenberg-en
-ZOO=/tmp/zoo
+ZOO=${ZOO:-/tmp/zoo}
 mkdir -p "$DATA" "$ZOO"
 [ -f "$SHARD" ] || { echo "no $SHARD (the first Gutenberg train shard): carry it" >&2; exit 2; }
 ln -sf "$PWD/$SHARD" "$DATA/train-00.jsonl.xz"
 ln -sf "$PWD/src/ptqscale/assets/data/gutenberg-en/valid.jsonl.xz" "$DATA/valid.jsonl.xz"
 ln -sf "$PWD/src/ptqscale/assets/data/gutenberg-en/test.jsonl.xz" "$DATA/test.jsonl.xz"
 export PYTHONPATH=$PWD/src
-python -m ptqscale.zoo.factory plan all | tail -1
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+PY=${PYTHON:-python}
+"$PY" -m ptqscale.zoo.factory plan all | tail -1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
 # training stops at 420 s whatever it finished (re-running resumes at the first unfinished
 # size of each family); packing takes ~20 s
 start=$(date +%s)
-timeout 420 python -m ptqscale.zoo.factory train all --data "$DATA" --out "$ZOO" \
-    --device cuda --jobs 4
+# FAMILIES, SIZES, DEVICE and TRAIN_S only for a dry run of this script on a CPU
+timeout "${TRAIN_S:-420}" "$PY" -m ptqscale.zoo.factory train ${FAMILIES:-all} --data "$DATA" \
+    --out "$ZOO" --device "${DEVICE:-cuda}" --jobs 4 ${SIZES:+--sizes $SIZES}
 echo "train exit $? after $(( $(date +%s) - start )) s"
-python -m ptqscale.zoo.factory pack --out "$ZOO" --to "$OUT"
+"$PY" -m ptqscale.zoo.factory pack --out "$ZOO" --to "$OUT"
 cat "$ZOO"/*.log > "$OUT/train.log"
 ls -l "$OUT"

@@ -311,7 +311,11 @@ def train_family(fam: FamilyConfig, data_dir: str | Path, out_root: str | Path,
            "torch_threads": torch.get_num_threads()}
     records = []
     for s in todo:
-        records += train_member(fam, s, data, out, dev, env, log)
+        try:
+            records += train_member(fam, s, data, out, dev, env, log)
+        except FloatingPointError as err:  # a diverged size must not cost the family's others
+            log(f"[{fam.family}-{s}] FAILED: {err}")
+            write_json(out / f"{fam.family}-{s}.failed.json", {"error": str(err), **env})
     return records
 
 
@@ -331,7 +335,7 @@ def _parallel(args, fams: list[FamilyConfig]) -> None:
     import sys
 
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     pending, running, failed = list(fams), [], []
     Path(args.out).mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))
