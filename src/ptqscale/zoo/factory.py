@@ -328,51 +328,6 @@ def _families(names: list[str]) -> list[FamilyConfig]:
     return [load_family(n) for n in names]  # every recipe validated before any training
 
 
-def _parallel(args, fams: list[FamilyConfig]) -> None:
-    """One process per family, ``--jobs`` at a time: small models leave the GPU idle between
-    kernel launches, so families running side by side fill it (each logs to OUT/<family>.log)."""
-    import signal
-    import sys
-
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    pending, running, failed = list(fams), [], []
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))
-    try:
-        _run_all(args, pending, running, failed, env)
-    finally:  # a stopped parent (timeout) stops its families too, so pack sees a still folder
-        for _, proc, log in running:
-            proc.terminate()
-            proc.wait()
-            log.close()
-    if failed:
-        raise SystemExit(f"families failed: {failed} (see their .log under {args.out})")
-
-
-def _run_all(args, pending, running, failed, env) -> None:
-    import subprocess
-    import sys
-
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            fam = pending.pop(0)
-            cmd = [sys.executable, "-m", "ptqscale.zoo.factory", "train", fam.path,
-                   "--data", args.data, "--out", args.out, "--device", args.device, "--jobs", "1"]
-            cmd += ["--sizes", args.sizes] if args.sizes else []
-            cmd += [] if args.deterministic else ["--no-deterministic"]
-            log = open(Path(args.out) / f"{fam.family}.log", "w")
-            running.append((fam, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                                  env=env), log))
-        time.sleep(1)
-        for item in [r for r in running if r[1].poll() is not None]:
-            running.remove(item)
-            item[2].close()
-            console.say(f"[{item[0].family}] exit {item[1].returncode}")
-            if item[1].returncode:
-                failed.append(item[0].family)
-
-
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -412,7 +367,9 @@ def main(argv: list[str] | None = None) -> None:
             for fam in fams:
                 [fam.shape(s) for s in args.sizes.split(",")]
         if args.jobs > 1 and len(fams) > 1:
-            _parallel(args, fams)
+            from ptqscale.zoo.launch import side_by_side
+
+            side_by_side(args, fams)
             return
         for fam in fams:
             train_family(fam, args.data, args.out, args.device,
