@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train every zoo family of conf/zoo (4 families x 5 sizes, checkpoints at 1/4..4 x base
 # tokens) on one GPU and pack the checkpoints for a GPU machine's return channel (<= 8 files,
-# 16 MiB each, 64 MiB in all): zoo-part-NN.tar.xz + manifest.json + train.log under $OUT.
+# 16 MiB each, 64 MiB in all): 4 zoo-part-NN.tar.xz + manifest.json + zoo.md + train.log.
 #
 # Needs the first Gutenberg train shard (the recipes read train-00 only, train_shards: 1);
 # valid and test come from the package assets. Carry it as .carry/train-00.jsonl.xz:

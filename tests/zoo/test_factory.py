@@ -133,6 +133,8 @@ def test_a_rerun_skips_finished_members_and_pack_writes_manifest(tiny_data, tmp_
         assert sha256_file(tmp_path / "unpacked" / m["folder"] / "model.safetensors") == \
             m["weights_sha256"]
     assert (tmp_path / "unpacked" / "zoo-llama" / "tokenizer" / "tokenizer.json").exists()
+    table = (tmp_path / "packed" / "zoo.md").read_text()
+    assert "| t | " in table and "x0.25 | x0.5 | x1 | x2 | x4" in table
 
 
 def test_window_order_repeats_whole_epochs():

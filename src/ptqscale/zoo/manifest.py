@@ -2,8 +2,8 @@
 
 - ``plan_table``: members, shapes, steps, tokens, FLOPs, checkpoint bytes and an estimate of
   GPU seconds, from the recipes alone (models built on the meta device).
-- ``pack``: ``manifest.json`` (every checkpoint's recipe digest, tokens seen, epochs,
-  evaluation and weight hash) and ``zoo-part-NN.tar.xz`` parts of at most ``part_mib`` raw
+- ``pack``: ``manifest.json`` (every checkpoint's recipe, tokens seen, epochs,
+  evaluation and weight hash), ``zoo.md`` (valid NLL by size and D, per family) and ``zoo-part-NN.tar.xz`` parts of at most ``part_mib`` raw
   MiB each, so a GPU machine's limited return channel carries the whole zoo.
 - ``write_model_confs``: one ``conf/model/<family>-<size>.yaml`` per member. The training
   length is the member's ``revision`` (``x0.25`` .. ``x4``, default ``x1``), the way a
@@ -100,6 +100,27 @@ def manifest(out: str | Path) -> dict:
     return {"families": fams}
 
 
+def grid(info: dict) -> str:
+    """Markdown: per family, Gutenberg-valid NLL of every size (rows) at every D (columns),
+    and whether it falls with size at every D and with tokens at every size."""
+    out = []
+    for family, fam in info["families"].items():
+        cell = {(m["size"], m["revision"]): m["gutenberg_valid_nll"] for m in fam["members"]}
+        sizes = list(dict.fromkeys(m["size"] for m in fam["members"]))
+        revs = sorted({r for _, r in cell}, key=lambda r: float(r[1:]))
+        out += [f"### {family}\n", "| size | " + " | ".join(revs) + " |",
+                "|---|" + "---|" * len(revs)]
+        out += [f"| {s} | " + " | ".join(f"{cell[s, r]:.4f}" if (s, r) in cell else ""
+                                        for r in revs) + " |" for s in sizes]
+        by_size = all(cell[a, r] > cell[b, r] for r in revs for a, b in zip(sizes, sizes[1:])
+                      if (a, r) in cell and (b, r) in cell)
+        by_tokens = all(cell[s, a] > cell[s, b] for s in sizes for a, b in zip(revs, revs[1:])
+                        if (s, a) in cell and (s, b) in cell)
+        out.append(f"\nValid NLL falls with size at every D: {'yes' if by_size else 'NO'}; "
+                   f"with tokens at every size: {'yes' if by_tokens else 'NO'}\n")
+    return "\n".join(out) + "\n"
+
+
 def _compress(job: tuple[Path, Path, list[str]]) -> tuple[str, int]:
     root, target, items = job
     with lzma.open(target, "wb", preset=3) as raw, tarfile.open(fileobj=raw, mode="w") as tar:
@@ -134,6 +155,7 @@ def pack(out: str | Path, to: str | Path, part_mib: float = 19.0) -> dict:
     with ProcessPoolExecutor(max_workers=max(1, len(jobs))) as pool:
         info["parts"] = dict(pool.map(_compress, jobs))
     (to / "manifest.json").write_text(json.dumps(info, indent=1) + "\n")
+    (to / "zoo.md").write_text(grid(info))
     print(f"packed {len(items)} folders into {len(jobs)} parts: {info['parts']}")
     return info
 
