@@ -17,6 +17,13 @@ Example::
 
 How to add a size: add a ``SizeSpec`` to ``SIZES`` in config.py (name = approximate
 non-embedding parameters) and train it with ``python -m ptqscale.zoo.train --size NAME``.
+Families built from recipes (issue 22): ``conf/zoo/<family>.yaml`` is a ``FamilyConfig``
+(architecture preset llama | gpt2 | opt | neox, width/depth rule, tokenizer, data, training
+length, optimiser) with its sizes; ``python -m ptqscale.zoo.factory train <family>`` trains
+every size with checkpoints at 1/4..4 x its base tokens (the D axis; docs/zoo.md). How to add
+a family: write its YAML (every key required) and run ``python -m ptqscale.zoo.factory conf``
+for its conf/model entries; a new architecture is a preset in presets.py.
+
 How to study a training choice: train a new family with ``--set family=NAME --set KEY=VALUE``
 (any ``ZooConfig`` field); the family name keeps its checkpoints apart.
 """

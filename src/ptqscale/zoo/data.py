@@ -38,14 +38,18 @@ def split_files(data_dir: str | Path, split: str) -> list[Path]:
     return files
 
 
-def read_books(data_dir: str | Path, split: str) -> Iterator[str]:
-    """Texts of the books of ``split``, in shard order then line order.
+def read_books(data_dir: str | Path, split: str, shards: int | None = None) -> Iterator[str]:
+    """Texts of the books of ``split`` (its first ``shards`` files if given), in shard order
+    then line order.
 
     Example::
 
         >>> first = next(read_books("../shared/data/gutenberg-en", "test"))  # doctest: +SKIP
     """
-    for path in split_files(data_dir, split):
+    files = split_files(data_dir, split)
+    if shards is not None and not 0 < shards <= len(files):
+        raise ConfigError(f"train_shards={shards}: {data_dir} holds {len(files)} {split} shards")
+    for path in files[:shards]:
         with lzma.open(path, "rt", encoding="utf-8") as f:
             for line in f:
                 yield json.loads(line)["text"]
@@ -59,13 +63,13 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def tokenizer_corpus(data_dir: str | Path, chars: int) -> list[str]:
+def tokenizer_corpus(data_dir: str | Path, chars: int, shards: int | None = None) -> list[str]:
     """A deterministic ``chars``-character subset of the train split to fit the BPE on.
 
     Every book gives the same leading fraction of itself, cut at a line end, so all authors
     are represented and the subset depends only on the data and ``chars``.
     """
-    books = list(read_books(data_dir, "train"))
+    books = list(read_books(data_dir, "train", shards))
     frac = min(1.0, chars / sum(len(b) for b in books))
     out = []
     for book in books:
