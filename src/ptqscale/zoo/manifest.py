@@ -178,8 +178,9 @@ allow_pickle: false
 trust_remote_code: false
 tokenizer: ${{paths.zoo}}/{family}/tokenizer
 max_seqlen: {seqlen}
-placement: one  # one | streamed | auto: where weights wait (not in the job key)
-max_gpu_memory: null  # e.g. 20GiB: a CUDA memory cap the job enforces
+placement: one  # one | streamed | spread | auto: where weights wait (not in the job key)
+max_gpu_memory: null  # e.g. 20GiB: a CUDA memory cap the job enforces (per GPU when spread)
+gpus: null  # placement=spread: how many visible GPUs (null = all; not in the job key)
 reuse: true  # keep the model loaded for this worker's next jobs of it (not in the job key)
 stand_in: false  # true: a tiny random model of this architecture (plumbing check; docs/models.md)
 """
