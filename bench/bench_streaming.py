@@ -120,6 +120,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--probes", type=int, default=4, help="Hutchinson probes")
     p.add_argument("--power-iters", type=int, default=0, help="top eigenvalue (0: skip)")
     p.add_argument("--hvp-windows", type=int, default=1, help="windows per HVP micro-batch")
+    p.add_argument("--no-pin", action="store_true",
+                   help="keep streamed host weights pageable (streaming.PIN_HOST_FRACTION=0): "
+                        "what a model beyond half of the host's memory gets")
     p.add_argument("--mmap", action="store_true",
                    help="save, then load the model memory-mapped (streamed placement only)")
     p.add_argument("--mmap-dir", default=None, help="where --mmap saves (default: a temp dir)")
@@ -370,6 +373,10 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     folder = None
+    if args.no_pin:
+        import ptqscale.models.streaming as streaming
+
+        streaming.PIN_HOST_FRACTION = 0.0
     if args.mmap:
         from ptqscale.models.reuse import ModelSnapshot
 
