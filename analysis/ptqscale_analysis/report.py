@@ -281,12 +281,18 @@ def _accuracy_and_fidelity(doc: _Doc, frame: pd.DataFrame) -> None:
                        if c.startswith("metrics.task.") and c.endswith(".version")
                        for v in frame[c].dropna().unique()})
     text = ("Accuracy: lm-evaluation-harness on the quantized model in memory (metric "
-            "`tasks`), ± its standard error; KL(p_fp || p_q) in nats per token and the share "
-            "of tokens whose top-1 prediction changed (metric `fidelity`).")
+            "tasks), ± its standard error; KL(p_fp || p_q) in nats per token and the share "
+            "of tokens whose top-1 prediction changed (metric fidelity).")
     if versions:
         text += " Task versions: " + ", ".join(f"{t} {v:g}" for t, v in versions) + "."
     doc.p(text)
-    doc.table(table)
+    # one table per corpus, with only the tasks its jobs ran (each domain has its own tasks)
+    parts = table.groupby("data", sort=False) if "data" in table else [(None, table)]
+    for name, part in parts:
+        if name is not None:
+            doc.p(f"{name}:")
+            part = part.drop(columns="data")
+        doc.table(part.loc[:, [c for c in part if (part[c].astype(str) != "").any()]])
 
 
 def _activation_schemes(doc: _Doc, frame: pd.DataFrame, out: Path) -> None:

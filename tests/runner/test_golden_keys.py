@@ -16,6 +16,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from ptqscale.methods import get_method
+from ptqscale.metrics.registry import resolve_metrics
 from ptqscale.runner import keys
 from ptqscale.runner.config import RunConfig
 from ptqscale.store import job_config
@@ -47,8 +48,10 @@ def _recomputed_key(record: dict) -> str:
     method = c["method"]
     calib = c["calib"] if method.uses_calibration else None
     landscape = c["landscape"] if c["landscape"].enabled else None
+    names = c.get("metrics")   # a non-default metric set is in the key (metrics/registry.py)
+    metrics = resolve_metrics(names) if names is not None else None
     return keys.job_key(c["study"], c["model"], c["data"], c["eval"], method, calib, landscape,
-                        c["seed"])
+                        c["seed"], metrics=metrics)
 
 
 def test_there_are_committed_studies():

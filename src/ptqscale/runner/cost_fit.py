@@ -40,7 +40,8 @@ def bench_points(folder: str | Path) -> list[Point]:
     folder, points = Path(folder), []
     for path in sorted(folder.glob("streaming_*.jsonl")):
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        run, src = lines[0], path.name
+        # the run's description: the first line, after any --mmap save/load lines
+        run, src = next(line for line in lines if line.get("kind") == "run"), path.name
         cfg, n = run["config"], float(run["params"])
         if cfg.get("max_gpu_memory"):
             continue
