@@ -249,8 +249,11 @@ def accuracy_fidelity_table(frame: pd.DataFrame) -> pd.DataFrame:
     if not tasks and not kl:
         return pd.DataFrame()
     keys = [c for c in ("data.name", "model.name", "format.name", "method.name") if c in frame]
+    if "activations" in frame and frame["activations"].ne("none").any():
+        keys.append("activations")  # W/A studies: two rtn rows differ by activation scheme
     rows = frame.sort_values([c for c in ("data.name", "params.total", "model.name",
-                                          "format.name", "method.name") if c in frame])
+                                          "format.name", "method.name", "activations")
+                              if c in frame])
     table = rows[keys].rename(columns=lambda c: c.split(".")[0]).reset_index(drop=True)
     for task in tasks:
         for m in ("acc", "acc_norm"):
