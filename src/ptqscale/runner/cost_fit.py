@@ -40,8 +40,7 @@ def bench_points(folder: str | Path) -> list[Point]:
     folder, points = Path(folder), []
     for path in sorted(folder.glob("streaming_*.jsonl")):
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        # the run's description: the first line, after any --mmap save/load lines
-        run, src = next(line for line in lines if line.get("kind") == "run"), path.name
+        run, src = _run_line(lines), path.name
         cfg, n = run["config"], float(run["params"])
         if cfg.get("max_gpu_memory"):
             continue
@@ -198,10 +197,15 @@ def _weight_gib_per_param(p: Point) -> float:
     return (4 if p.precision == "fp32" else 2) / GIB
 
 
+def _run_line(lines: list[dict]) -> dict:
+    """A bench file's run description: its first line, after any --mmap save/load lines."""
+    return next(line for line in lines if line.get("kind") == "run")
+
+
 def h200_gib(folder: str | Path) -> float | None:
     """The H200's memory as torch reported it in the streaming bench (not typed in)."""
     for path in sorted(Path(folder).glob("streaming_*.jsonl")):
-        run = json.loads(path.read_text().splitlines()[0])
+        run = _run_line([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
         if "H200" in run.get("device", "") and run.get("gpu_total_gib"):
             return float(run["gpu_total_gib"])
     return None
