@@ -63,7 +63,12 @@ from ptqscale.methods.base import (
     register_method,
     select_targets,
 )
-from ptqscale.methods.gptq import ScaleGroups, current_values, damped_inverse_factor
+from ptqscale.methods.gptq import (
+    ScaleGroups,
+    current_values,
+    damped_inverse_factor,
+    output_energy,
+)
 
 CODEBOOKS = ("uniform", "kmeans")
 
@@ -352,8 +357,7 @@ def _quantize_layer(name: str, module: nn.Module, H: torch.Tensor, fmt: Format,
                               cfg.blocksize, cfg.percdamp, cfg.lowrank_rank, cfg.max_damp_retries)
     entry = layer_stats(name, W, Q, fmt.padding_needed(W.shape[1]))
     entry.update(info.to_dict())
-    Hd = H.double()
-    energy = lambda D: float(((D.double() @ Hd) * D.double()).sum() / 2)  # noqa: E731
-    entry.update(out_err=energy(W - Q), out_err_rtn=energy(W - fmt.fake_quantize(W)))
+    entry.update(out_err=output_energy(W - Q, H),
+                 out_err_rtn=output_energy(W - fmt.fake_quantize(W), H))
     module.weight.data.copy_(Q)
     return entry

@@ -492,6 +492,15 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def output_energy(D: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr(D H D^T) / 2``: the mean squared output error per token of a weight change ``D``
+    given ``H = 2/n X X^T``; in float64, over column chunks of H (never a float64 n x n: 1.6 GB
+    at n = 14336)."""
+    D = D.double()
+    return math.fsum(float(((D @ H[:, c].double()) * D[:, c]).sum())
+                     for c in _chunks(H.shape[1], ERROR_CHUNK)) / 2
+
+
 def output_errors(W: torch.Tensor, Q: torch.Tensor, R: torch.Tensor, H: torch.Tensor) -> dict:
     """Output reconstruction error on the calibration inputs of GPTQ (``Q``) and RTN (``R``).
 
@@ -500,10 +509,7 @@ def output_errors(W: torch.Tensor, Q: torch.Tensor, R: torch.Tensor, H: torch.Te
     divides by the same quantity of ``W`` (the output energy).
     """
     def energy(D: torch.Tensor) -> float:
-        # in float64, over column chunks of H: never a float64 n x n (1.6 GB at n = 14336)
-        D = D.double()
-        return math.fsum(float(((D @ H[:, c].double()) * D[:, c]).sum())
-                         for c in _chunks(H.shape[1], ERROR_CHUNK)) / 2
+        return output_energy(D, H)
 
     signal = energy(W)
     gptq, rtn = energy(W - Q), energy(W - R)
