@@ -10,6 +10,7 @@ Example::
     $ ptqscale-predict --results results --study quickstart --model zoo-16m \\
           --format mxfp4 --method gptq
     $ ptqscale-pareto --results results --study quickstart --budget 50MB
+    $ ptqscale-pareto --results results --study awq_tasks --budget 2MB --target kl_mean
     $ ptqscale-report --results results --study quickstart
 """
 
@@ -50,11 +51,12 @@ def _predictor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=PredictorConfig.seed)
 
 
-def _target_arg(p: argparse.ArgumentParser) -> None:
+def _target_arg(p: argparse.ArgumentParser, help: str | None = None) -> None:
     p.add_argument("--target", default="dnll",
-                   help="what the damage laws and the predictor model: dnll (default) or any "
-                        "measured field, e.g. kl_mean, flip_rate, task.ptq_gutenberg_cloze.acc "
-                        "(its loss against the model's method=none record)")
+                   help=help or "what the damage laws and the predictor model: dnll (default) "
+                        "or any measured field, e.g. kl_mean, flip_rate, "
+                        "task.ptq_gutenberg_cloze.acc (its loss against the model's "
+                        "method=none record)")
 
 
 def _split_args(p: argparse.ArgumentParser, axes=("data", "family", "activations")) -> None:
@@ -217,11 +219,13 @@ def predict_main(argv: list[str] | None = None) -> int:
 # ---- ptqscale-pareto --------------------------------------------------------------------
 
 def _pareto(argv):
+    from ptqscale_analysis.load import add_target, target_fields
     from ptqscale_analysis.queries import (
         best_under_budget,
         pareto_frontier,
         parse_bytes,
         select,
+        setting_columns,
         split,
         split_label,
     )
@@ -231,40 +235,62 @@ def _pareto(argv):
     p.add_argument("--no-predict", action="store_true", help="measured records only")
     _split_args(p)
     _predictor_args(p)
+    _target_arg(p, "the quantity to make best: dnll (default: the NLL) or any measured field "
+                   "with a direction, e.g. task.ptq_gutenberg_cloze.acc (highest wins), "
+                   "kl_mean (lowest wins), top1_agreement; the predictor learns its damage")
     args = p.parse_args(argv)
     budget = parse_bytes(args.budget)
-    frame = load_study(args.results, args.study)
+    frame, t = add_target(load_study(args.results, args.study), args.target)
     scope = select(frame, data=args.data, family=args.family, activations=args.activations)
-    weights = scope[~scope["is_baseline"] & (scope["activations"] == "none")]
-    pred = None if args.no_predict or weights.empty else _get_predictor(args, frame)
-    if pred is None and not args.no_predict:
+    if scope[t.source].isna().all():
+        raise AnalysisError(f"no record of study {args.study!r} with these --data/--family/"
+                            f"--activations measured {t.source}; fields measured there: "
+                            f"{target_fields(scope)}")
+    weights = scope[~scope["is_baseline"] & (scope["activations"] == "none")
+                    & scope[t.source].notna()]
+    pred = None
+    if not args.no_predict and weights.empty:
         print("measured answers only: no weight-only quantized records to train the predictor")
+    elif not args.no_predict:
+        try:
+            pred = _get_predictor(args, frame)
+        except AnalysisError as e:   # e.g. no method=none record to measure damage against
+            print(f"measured answers only: {e}")
+    name = "NLL" if t.name == "dnll" else t.name
+    if t.name != "dnll":
+        print(f"target: {t.source} ({'higher' if t.higher_is_better else 'lower'} is better, "
+              "as the records' metric_info declares)")
     print(f"budget: {budget:.6g} bytes")
-    for labels, part in split(scope):  # NLLs of other corpora/tokenizers never compete
+    # values of other corpora/tokenizers/activation schemes/metric settings never compete
+    for labels, part in split(scope, setting_columns(scope, t)):
         if labels:
             print(f"\n== {split_label(labels)}")
+        if part[t.source].isna().all():
+            print(f"  no record of this group measured {t.source}")
+            continue
         weights_only = part["activations"].eq("none").all()
         try:
-            ans = best_under_budget(part, budget, pred if weights_only else None)
+            ans = best_under_budget(part, budget, pred if weights_only else None, args.target)
         except AnalysisError as e:
             print(f"  {e}")
             continue
-        _print_budget_answer(ans, pareto_frontier(part), budget)
+        _print_budget_answer(ans, pareto_frontier(part, y=t.source), budget, name)
     return 0
 
 
-def _print_budget_answer(ans, front: pd.DataFrame, budget: float) -> None:
+def _print_budget_answer(ans, front: pd.DataFrame, budget: float, name: str) -> None:
+    y = ans.target.source
     if ans.measured is not None:
         m = ans.measured
         print(f"best measured:  {m['model.name']} {m['format.name']} {m['method.name']}: "
-              f"NLL {m['metrics.nll']:.4f}, {m['model_bytes']:.6g} bytes")
+              f"{name} {m[y]:.4f}, {m['model_bytes']:.6g} bytes")
     else:
         print("best measured:  none of the measured records fits")
     if ans.predicted is not None:
         b = ans.predicted
         print(f"best predicted: {b['model.name']} {b['format.name']} {b['method.name']}: "
-              f"NLL {b['nll']:.4f}, {b['model_bytes']:.6g} bytes ({b['source']})")
-    cols = ["model.name", "format.name", "method.name", "model_bytes", "metrics.nll"]
+              f"{name} {b['value']:.4f}, {b['model_bytes']:.6g} bytes ({b['source']})")
+    cols = ["model.name", "format.name", "method.name", "model_bytes", y]
     under = front[front["model_bytes"] <= budget]
     print("measured Pareto frontier under the budget:")
     print(under[cols].to_string(index=False) if len(under) else "  (none)")

@@ -117,6 +117,21 @@ def higher_is_better(frame: pd.DataFrame, column: str) -> bool:
     return False if declared is None else declared
 
 
+def metric_of(frame: pd.DataFrame, column: str) -> str | None:
+    """The metric whose ``metric_info`` declares ``metrics.<field>`` (its ``directions`` or its
+    headline), e.g. ``tasks`` for ``metrics.task.ptq_gutenberg_cloze.acc``; None if none does."""
+    field = column[len("metrics."):] if column.startswith("metrics.") else column
+    for col in frame.columns:
+        head, _, pattern = col.partition(".directions.")
+        if col.startswith("metric_info.") and pattern and fnmatch.fnmatchcase(field, pattern):
+            return head[len("metric_info."):]
+    for col in frame.columns:
+        if col.startswith("metric_info.") and col.endswith(".headline") and (
+                frame[col] == field).any():
+            return col[len("metric_info."): -len(".headline")]
+    return None
+
+
 def declared_direction(frame: pd.DataFrame, column: str) -> bool | None:
     """Whether larger ``metrics.<field>`` is better, as ``metric_info`` declares it: the
     field's own entry in ``metric_info.<metric>.directions`` (fnmatch patterns, e.g.
@@ -172,10 +187,8 @@ def add_target(frame: pd.DataFrame, target: str = "dnll") -> tuple[pd.DataFrame,
     source = target if target.startswith("metrics.") else f"metrics.{target}"
     values = pd.to_numeric(frame[source], errors="coerce") if source in frame else None
     if values is None or values.isna().all():
-        have = sorted(c[len("metrics."):] for c in frame.columns if c.startswith("metrics.")
-                      and pd.to_numeric(frame[c], errors="coerce").notna().any())
         raise AnalysisError(f"target {target!r}: no record measured {source}; targets: dnll or "
-                            f"a measured field: {have}")
+                            f"a measured field with a direction: {target_fields(frame)}")
     higher = declared_direction(frame, source)
     if higher is None:
         raise AnalysisError(f"target {target!r}: the records' metric_info does not say whether "
@@ -197,6 +210,15 @@ def add_target(frame: pd.DataFrame, target: str = "dnll") -> tuple[pd.DataFrame,
     sign = -1.0 if higher else 1.0
     df[target.column] = sign * (values - df[target.fp])
     return df, target
+
+
+def target_fields(frame: pd.DataFrame) -> list[str]:
+    """The measured fields (``metrics.`` left out) that can be a target or a query's quantity:
+    numeric in some record and with a direction the records declare (so not a standard error,
+    a token count or a task version)."""
+    return sorted(c[len("metrics."):] for c in frame.columns if c.startswith("metrics.")
+                  and pd.to_numeric(frame[c], errors="coerce").notna().any()
+                  and declared_direction(frame, c) is not None)
 
 
 def activation_scheme(df: pd.DataFrame) -> pd.Series:

@@ -1,11 +1,13 @@
 """Questions a researcher asks of a study: "NLL of model X in format Y with method Z?" and
-"the best (size, format, method) under a memory budget?".
+"the best (size, format, method) under a memory budget?", the latter on the NLL or on any
+measured field with a declared direction (task accuracy, ``kl_mean``, ``top1_agreement``).
 
 Example::
 
     >>> frame = load_study("results", "quickstart")                        # doctest: +SKIP
     >>> p = predict_nll(train_predictor(frame), frame, "mxfp4", "gptq", model="zoo-16m")
     >>> best_under_budget(frame, 50e6).measured                             # doctest: +SKIP
+    >>> best_under_budget(frame, 50e6, target="task.ptq_gutenberg_cloze.acc")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ptqscale_analysis.errors import AnalysisError
-from ptqscale_analysis.load import add_target, higher_is_better
+from ptqscale_analysis.load import Target, add_target, higher_is_better, metric_of
 from ptqscale_analysis.predictor import Predictor, add_features
 
 # Axes along which NLLs are not comparable: another corpus, another tokenizer (a family has
@@ -43,26 +45,47 @@ def select(frame: pd.DataFrame, **where: str | None) -> pd.DataFrame:
     return frame
 
 
-def split(frame: pd.DataFrame) -> list[tuple[dict[str, str], pd.DataFrame]]:
-    """``frame`` cut along every axis of ``SPLITS`` that it holds: [(labels, rows), ...].
+def split(frame: pd.DataFrame, extra: tuple[str, ...] | list[str] = ()
+          ) -> list[tuple[dict[str, str], pd.DataFrame]]:
+    """``frame`` cut along every axis of ``SPLITS`` that it holds, then each group along the
+    ``extra`` columns (compared as text, e.g. :func:`setting_columns`): [(labels, rows), ...].
 
-    Labels name only the axes with more than one value in ``frame`` ({} when nothing splits).
+    Labels name only the axes with more than one value in ``frame`` (an ``extra`` column: in
+    its group), {} when nothing splits.
     """
     cols = [c for c in SPLITS.values() if c in frame]
     varying = [c for c in cols if frame[c].astype(str).nunique() > 1]
-    if not cols:
-        return [({}, frame)]
+    groups = [((), frame)] if not cols else frame.groupby(cols, sort=True, dropna=False)
     out = []
-    for key, rows in frame.groupby(cols, sort=True, dropna=False):  # NaN: a group, not dropped
+    for key, rows in groups:   # NaN: a group, not dropped
         values = dict(zip(cols, map(str, np.atleast_1d(key))))
-        out.append(({c: values[c] for c in varying}, rows))
+        labels = {c: values[c] for c in varying}
+        texts = rows[[c for c in extra if c in rows]].map(str)   # lists, NaN: text too
+        if texts.empty or (texts.nunique() == 1).all():
+            out.append((labels, rows))
+            continue
+        inner = [c for c in texts if texts[c].nunique() > 1]
+        for sub, part in texts.groupby(inner, sort=True):
+            out.append((labels | dict(zip(inner, np.atleast_1d(sub))), rows.loc[part.index]))
     return out
 
 
+def setting_columns(frame: pd.DataFrame, target: Target) -> list[str]:
+    """The settings of the metric that measured the target (``metric_info.<metric>.settings.*``:
+    few-shot count, limit, task versions ...): values measured under other settings are not
+    comparable. The NLL's protocol is split by ``SPLITS`` instead."""
+    metric = None if target.name == "dnll" else metric_of(frame, target.source)
+    if metric is None:
+        return []
+    return sorted(c for c in frame.columns if c.startswith(f"metric_info.{metric}.settings."))
+
+
 def split_label(labels: dict[str, str]) -> str:
-    """{"data.name": "wikitext2", "model.family": "zoo"} -> "data=wikitext2, family=zoo"."""
+    """{"data.name": "wikitext2", "model.family": "zoo"} -> "data=wikitext2, family=zoo";
+    a metric setting ``metric_info.tasks.settings.num_fewshot`` reads ``tasks.num_fewshot``."""
     short = {v: k for k, v in SPLITS.items()}
-    return ", ".join(f"{short.get(k, k)}={v}" for k, v in labels.items())
+    return ", ".join(f"{short.get(k, k.replace('metric_info.', '').replace('.settings.', '.'))}"
+                     f"={v}" for k, v in labels.items())
 
 
 @dataclass
@@ -207,8 +230,9 @@ def pareto_frontier(frame: pd.DataFrame, x: str = "model_bytes",
                     y: str = "metrics.nll") -> pd.DataFrame:
     """Rows no other row beats on both ``x`` (smaller is better) and ``y`` (in the direction
     its records declare, see :func:`~ptqscale_analysis.load.higher_is_better`), sorted by ``x``."""
+    frame = frame[frame[y].notna()]   # rows that did not measure y (another corpus's task)
     if frame.empty:
-        raise AnalysisError("no rows to build a Pareto frontier from")
+        raise AnalysisError(f"no rows with a {y} to build a Pareto frontier from")
     sign = -1.0 if higher_is_better(frame, y) else 1.0
     cost = frame[y].to_numpy(float) * sign          # smaller is better from here on
     order = np.lexsort((cost, frame[x].to_numpy(float)))
@@ -235,63 +259,92 @@ def parse_bytes(text: str | float) -> float:
 @dataclass
 class BudgetAnswer:
     budget_bytes: float
+    target: Target                      # the quantity: its source column and direction
     measured: pd.Series | None          # best measured record under the budget
     predicted: pd.Series | None         # best predicted configuration (measured or not)
-    candidates: pd.DataFrame            # every (model, format, method) with bytes, NLL
+    candidates: pd.DataFrame            # every (model, format, method): bytes, value, low, high
+
+
+def _best(values: pd.Series, higher_is_better: bool):
+    return values.idxmax() if higher_is_better else values.idxmin()
 
 
 def candidate_table(frame: pd.DataFrame, predictor: Predictor) -> pd.DataFrame:
-    """Every model x seen format x seen method (plus 16-bit), with bytes and predicted NLL.
+    """Every model x seen format x seen method (plus 16-bit), with bytes and the predicted
+    value of the predictor's target (``value``, ``low``, ``high``: the NLL for a dNLL
+    predictor; else the field, the model's full-precision value moved by the predicted damage).
 
     Bytes: the quantized weights (``params.quantized``) at the format's effective bits, every
     other parameter (embedding, norms, an untied head) at 16 bits. ``frame``: one corpus.
+    Models without a full-precision value of the target (no method=none record) are left out.
     """
-    models = frame.drop_duplicates("model.name").set_index("model.name")
+    df, t = add_target(frame, predictor.cfg.target)
+    if t.name != "dnll":   # the forest's model feature for the target's fp level
+        df = df.assign(target_fp=df[t.fp])
+    if "params.quantized" not in df:  # (load.add_derived maps params.quantizable to it)
+        raise AnalysisError("records lack params.quantizable: the bytes of a configuration "
+                            "not yet run cannot be computed")
+    models = df[df[t.fp].notna()].drop_duplicates("model.name").set_index("model.name")
+    if models.empty:
+        raise AnalysisError(f"no model has a full-precision {t.source} (its method=none "
+                            "record): nothing to predict from")
     queries = [(m, f, meth) for m in models.index for f in predictor.formats.index
                for meth in predictor.methods]
-    X = feature_rows(predictor, frame, queries)
+    X = feature_rows(predictor, df, queries)
     pred = predictor.predict(X)
     names = [q[0] for q in queries]
     total = models.loc[names, "params.total"].to_numpy(float)
-    if "params.quantized" not in models:  # (load.add_derived maps params.quantizable to it)
-        raise AnalysisError("records lack params.quantizable: the bytes of a configuration "
-                            "not yet run cannot be computed")
     quantized = models.loc[names, "params.quantized"].to_numpy(float)
+    fp = models.loc[names, t.fp].to_numpy(float)
+    sign = -1.0 if t.higher_is_better else 1.0   # damage > 0 lowers a higher-is-better value
+    ends = np.sort([fp + sign * pred[c].to_numpy() for c in ("dnll_low", "dnll_high")], axis=0)
     table = pd.DataFrame({
-        "model.name": [q[0] for q in queries], "format.name": [q[1] for q in queries],
+        "model.name": names, "format.name": [q[1] for q in queries],
         "method.name": [q[2] for q in queries],
         "model_bytes": quantized * X["bits_per_weight"].to_numpy(float) / 8 + (total - quantized) * 2,
-        "nll": X["metrics.nll_fp"].to_numpy(float) + pred["dnll"].to_numpy(),
-        "nll_low": X["metrics.nll_fp"].to_numpy(float) + pred["dnll_low"].to_numpy(),
-        "nll_high": X["metrics.nll_fp"].to_numpy(float) + pred["dnll_high"].to_numpy(),
+        "value": fp + sign * pred["dnll"].to_numpy(), "low": ends[0], "high": ends[1],
         "source": "predicted"})
-    fp = pd.DataFrame({"model.name": models.index, "format.name": "bf16", "method.name": "none",
-                       "model_bytes": 2.0 * models["params.total"].to_numpy(float),
-                       "nll": models["metrics.nll_fp"].to_numpy(float), "source": "measured fp"})
-    return pd.concat([fp, table], ignore_index=True)
+    base = pd.DataFrame({"model.name": models.index, "format.name": "bf16", "method.name": "none",
+                         "model_bytes": 2.0 * models["params.total"].to_numpy(float),
+                         "value": models[t.fp].to_numpy(float), "source": "measured fp"})
+    return pd.concat([base, table], ignore_index=True)
 
 
 def best_under_budget(frame: pd.DataFrame, budget_bytes: float,
-                      predictor: Predictor | None = None) -> BudgetAnswer:
-    """Lowest-NLL configuration whose model fits in ``budget_bytes``: measured, and predicted.
+                      predictor: Predictor | None = None,
+                      target: str | None = None) -> BudgetAnswer:
+    """Best configuration whose model fits in ``budget_bytes``, measured and predicted: the
+    lowest NLL, or for ``target`` (a measured field, e.g. ``task.ptq_gutenberg_cloze.acc``,
+    ``kl_mean``, ``top1_agreement``) its best value in the direction the records declare.
 
-    ``frame`` must be one group of :func:`split` (one corpus, tokenizer, activation scheme).
+    ``target`` defaults to the predictor's (else ``dnll``, the NLL) and must be the predictor's.
+    ``frame`` must be one group of :func:`split` (one corpus, tokenizer, activation scheme and,
+    for another target than the NLL, one set of metric settings: :func:`setting_columns`).
     """
-    labels = split(frame)
-    if len(labels) > 1:
-        raise AnalysisError("NLLs of different corpora/families/activation schemes are not "
-                            "comparable; ask per group of split(frame)")
-    fits = frame[frame["model_bytes"] <= budget_bytes]
-    measured = fits.loc[fits["metrics.nll"].idxmin()] if len(fits) else None
+    if target is None:
+        target = predictor.cfg.target if predictor is not None else "dnll"
+    df, t = add_target(frame, target)
+    if predictor is not None and add_target(df, predictor.cfg.target)[1] != t:
+        raise AnalysisError(f"the predictor learned {predictor.cfg.target}, not {target}: "
+                            "train one with that target")
+    if len(split(df, setting_columns(df, t))) > 1:
+        raise AnalysisError(f"values of {t.source} of different corpora/families/activation "
+                            "schemes/metric settings are not comparable; ask per group of "
+                            "split(frame, setting_columns(frame, target))")
+    held = df[df[t.source].notna()]
+    if held.empty:
+        raise AnalysisError(f"no record of this group measured {t.source}")
+    fits = held[held["model_bytes"] <= budget_bytes]
+    measured = fits.loc[_best(fits[t.source], t.higher_is_better)] if len(fits) else None
     candidates, predicted = pd.DataFrame(), None
     if predictor is not None:
-        candidates = candidate_table(frame, predictor)
+        candidates = candidate_table(df, predictor)
         under = candidates[candidates["model_bytes"] <= budget_bytes]
-        predicted = under.loc[under["nll"].idxmin()] if len(under) else None
+        predicted = under.loc[_best(under["value"], t.higher_is_better)] if len(under) else None
     if measured is None and predicted is None:
-        smallest = frame.loc[frame["model_bytes"].idxmin()]
+        smallest = held.loc[held["model_bytes"].idxmin()]
         raise AnalysisError(
             f"nothing fits in {budget_bytes:.4g} bytes; the smallest measured configuration is "
             f"{smallest['model.name']}/{smallest['format.name']} at "
             f"{smallest['model_bytes']:.4g} bytes")
-    return BudgetAnswer(budget_bytes, measured, predicted, candidates)
+    return BudgetAnswer(budget_bytes, t, measured, predicted, candidates)

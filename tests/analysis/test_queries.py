@@ -43,7 +43,7 @@ def test_best_under_budget_measured_and_predicted(small, pred):
     under = small[small["model_bytes"] <= budget]
     assert ans.measured["metrics.nll"] == under["metrics.nll"].min()
     assert ans.predicted["model_bytes"] <= budget
-    assert ans.predicted["nll"] == ans.candidates.query("model_bytes <= @budget")["nll"].min()
+    assert ans.predicted["value"] == ans.candidates.query("model_bytes <= @budget")["value"].min()
     # candidate bytes follow the rule: quantized at effective bits, the rest at 16 bits
     row = ans.candidates.query("`format.name` == 'mxfp4'").iloc[0]
     m = small[small["model.name"] == row["model.name"]].iloc[0]
