@@ -170,3 +170,35 @@ def test_continuation_task_scores_above_chance_on_a_trained_model():
     m = flatten(run_tasks(model, tok, TasksConfig(names=names, limit=150)), names)
     # 2-way: chance 0.5; 0.66 on all 300 items (docs/tasks.md); 3 stderr above chance
     assert m["tasks_acc"] > 0.5 + 3 * m["task.ptq_gutenberg_continuation.acc_stderr"], m
+
+
+STANDARD = ["lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande",
+            "boolq", "mmlu"]
+
+
+@needs_lm_eval
+@pytest.mark.slow   # lm-eval indexes its ~14k task YAMLs once per process (~30 s on 2 cores)
+def test_standard_task_names_validate_offline_and_group_subtasks_enter_the_key(composed,
+                                                                              tmp_path,
+                                                                              monkeypatch):
+    """lm-eval's own tasks (they need the hub to run) are known at validation, with their
+    versions; a group (mmlu, 5-shot) is keyed by the versions of all the tasks it runs."""
+    from ptqscale.metrics import tasks
+
+    paths = [f"paths.results={tmp_path}", TASKS[0]]
+    for name in STANDARD:
+        assert validate_job(composed([*FAST, *paths, f"eval.tasks.names=[{name}]"])).key
+    settings = tasks._settings(composed([*FAST, *paths, f"eval.tasks.names=[{','.join(STANDARD)}]",
+                                         "eval.tasks.num_fewshot=5"]).eval)
+    assert settings["versions"]["boolq"] == 2.0 and settings["num_fewshot"] == 5
+    assert set(settings["subtask_versions"]) == {"mmlu"}   # only the group has subtasks
+    mmlu = settings["subtask_versions"]["mmlu"]
+    assert {"mmlu_stem", "mmlu_humanities", "mmlu_abstract_algebra", "mmlu_virology"} <= set(mmlu)
+    assert len([t for t in mmlu if not t.endswith(("stem", "other", "sciences", "humanities"))]) == 57
+    assert "subtask_versions" not in tasks._settings(composed([*FAST, *TASKS]).eval)
+    mmlu_job = [*FAST, *paths, "eval.tasks.names=[mmlu]", "eval.tasks.num_fewshot=5"]
+    before = validate_job(composed(mmlu_job)).key
+    real = tasks.task_version
+    monkeypatch.setattr(tasks, "task_version",   # a subject's definition changes: a new key
+                        lambda n: 1.1 if n == "mmlu_anatomy" else real(n))
+    assert validate_job(composed(mmlu_job)).key != before

@@ -13,8 +13,9 @@ on the same weights (tests/metrics/test_tasks.py).
 Fields, per task ``<name>``: ``task.<name>.<metric>`` and ``task.<name>.<metric>_stderr`` for
 each metric lm-eval reports with the ``none`` filter (``acc``, ``acc_norm`` for multiple
 choice), and ``task.<name>.version``; ``tasks_acc`` (the headline) is the mean ``acc`` over
-the tasks asked. The task names, versions, few-shot count and limit enter the key of jobs
-that ask for this metric only (``settings``); ``eval.tasks.batch_size`` changes speed only.
+the tasks asked. The task names, versions (for a group or tag such as ``mmlu``, those of every
+task it runs too), few-shot count and limit enter the key of jobs that ask for this metric
+only (``settings``); ``eval.tasks.batch_size`` changes speed only.
 lm-eval is the optional extra ``ptqscale[tasks]``.
 """
 
@@ -77,6 +78,36 @@ def task_version(name: str):
     return (cfg.get("metadata") or {}).get("version")
 
 
+def subtask_versions(name: str) -> dict:
+    """Versions of every task a group or tag ``name`` runs, by task name, recursively (``mmlu``:
+    its 4 groups and 57 subjects); {} for a task. A group's own version does not move when a
+    subtask's definition changes, so these enter the key too."""
+    entry = task_manager().task_index[name]
+    if entry.kind.name == "TAG":   # a tag's entry lists its member tasks
+        return _versions_of(sorted(entry.tags or ()))
+    if entry.kind.name == "GROUP":
+        return _versions_of((entry.cfg or {}).get("task") or [])
+    return {}
+
+
+def _versions_of(members) -> dict:
+    """``subtask_versions`` of a group's ``task:`` entry: names, or tasks and groups defined
+    inline (dicts)."""
+    tm = task_manager()
+    out = {}
+    for m in [members] if isinstance(members, str | dict) else members:
+        if isinstance(m, dict):   # defined inline in the group's YAML
+            label = m.get("task") if isinstance(m.get("task"), str) else m.get("group")
+            out[str(label)] = (m.get("metadata") or {}).get("version")
+            if not isinstance(m.get("task"), str):   # an inline group: its own members
+                out |= _versions_of(m.get("task") or [])
+        elif m in tm.task_index:
+            if tm.task_index[m].kind.name != "TAG":
+                out[m] = task_version(m)
+            out |= subtask_versions(m)
+    return out
+
+
 def _shipped() -> list[str]:
     return sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
 
@@ -89,8 +120,12 @@ def _settings(eval_cfg) -> dict:
                           "eval.tasks.names=[ptq_gutenberg_cloze]; shipped offline: "
                           f"{_shipped()}")
     names = [str(n) for n in cfg.names]
-    return {"names": names, "versions": {n: task_version(n) for n in names},
-            "num_fewshot": cfg.num_fewshot, "limit": cfg.limit}
+    out = {"names": names, "versions": {n: task_version(n) for n in names},
+           "num_fewshot": cfg.num_fewshot, "limit": cfg.limit}
+    subtasks = {n: subtask_versions(n) for n in names}
+    if any(subtasks.values()):   # only jobs that name a group or tag: other keys stay as they were
+        out["subtask_versions"] = {n: v for n, v in subtasks.items() if v}
+    return out
 
 
 def run_tasks(model, tokenizer, cfg: TasksConfig) -> dict:
