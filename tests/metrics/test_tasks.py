@@ -197,8 +197,13 @@ def test_standard_task_names_validate_offline_and_group_subtasks_enter_the_key(c
     assert len([t for t in mmlu if not t.endswith(("stem", "other", "sciences", "humanities"))]) == 57
     assert "subtask_versions" not in tasks._settings(composed([*FAST, *TASKS]).eval)
     mmlu_job = [*FAST, *paths, "eval.tasks.names=[mmlu]", "eval.tasks.num_fewshot=5"]
-    before = validate_job(composed(mmlu_job)).key
+    ours = [*FAST, *TASKS, f"paths.results={tmp_path}"]
+    before = [validate_job(composed(job)).key for job in (mmlu_job, ours)]
     real = tasks.task_version
     monkeypatch.setattr(tasks, "task_version",   # a subject's definition changes: a new key
                         lambda n: 1.1 if n == "mmlu_anatomy" else real(n))
-    assert validate_job(composed(mmlu_job)).key != before
+    assert validate_job(composed(mmlu_job)).key != before[0]
+    assert validate_job(composed(ours)).key == before[1]
+    monkeypatch.setattr(tasks, "task_version",   # so does a plain task's
+                        lambda n: 2.0 if n == "ptq_gutenberg_cloze" else real(n))
+    assert validate_job(composed(ours)).key != before[1]
