@@ -21,10 +21,10 @@ import pandas as pd
 
 from ptqscale_analysis import plots
 from ptqscale_analysis.errors import AnalysisError
-from ptqscale_analysis.load import load_study, weight_only
+from ptqscale_analysis.load import add_target, load_study, weight_only
 from ptqscale_analysis.paper_tables import PAPER_TABLES, paper_tables
 from ptqscale_analysis.predictor import PredictorConfig, cross_validate, train_predictor
-from ptqscale_analysis.queries import pareto_frontier, split, split_label
+from ptqscale_analysis.queries import pareto_frontier, setting_columns, split, split_label
 from ptqscale_analysis.study_fits import StudyFitConfig, fit_study_laws
 
 
@@ -142,6 +142,8 @@ def write_report(root: str | os.PathLike, study: str, out_dir: str | os.PathLike
     fits = _laws(doc, frame, cfg, out)
     _predictor(doc, frame, cfg, out)
     _pareto(doc, frame, out)
+    if cfg.fit.target != "dnll":
+        _pareto_target(doc, frame, cfg.fit.target)
     doc.h(2, "Figures")
     _figure(doc, out, "nll_vs_params", "NLL vs parameters per corpus and family, faceted by "
             "format family (black: full precision)", plots.plot_nll_vs_params, frame)
@@ -387,6 +389,18 @@ def _pareto(doc: _Doc, frame: pd.DataFrame, out: Path) -> None:
         doc.table(pareto_frontier(part)[cols])
     _figure(doc, out, "pareto", "Pareto frontier per corpus and family", plots.plot_pareto,
             frame)
+
+
+def _pareto_target(doc: _Doc, frame: pd.DataFrame, target: str) -> None:
+    """The frontier on the report's target (``--target``), per group that measured it."""
+    df, t = add_target(frame, target)
+    doc.h(2, f"Pareto frontier (model bytes vs {t.name}, measured; "
+             f"{'higher' if t.higher_is_better else 'lower'} is better)")
+    cols = ["model.name", "format.name", "method.name", "model_bytes", t.source]
+    for labels, part in split(df[df[t.source].notna()], setting_columns(df, t)):
+        if labels:
+            doc.h(3, split_label(labels))
+        doc.table(pareto_frontier(part, y=t.source)[cols])
 
 
 def _figure(doc: _Doc, out: Path, name: str, caption: str, fn, *args) -> None:

@@ -146,3 +146,19 @@ def test_other_metric_settings_never_compete(gutenberg):
         best_under_budget(both, BUDGET, target=ACC)
     # KL is measured by another metric: the task settings do not split it
     assert len(split(both, setting_columns(both, add_target(both, "kl_mean")[1]))) == 1
+
+
+def test_report_with_a_target_has_its_frontier(awq, gutenberg, tmp_path):
+    from ptqscale_analysis.laws import FitConfig
+    from ptqscale_analysis.report import ReportConfig, write_report
+    from ptqscale_analysis.study_fits import StudyFitConfig
+
+    cfg = ReportConfig(StudyFitConfig(fit=FitConfig(n_boot=5), target="top1_agreement"),
+                       PredictorConfig(n_estimators=20, target="top1_agreement"))
+    md = write_report(RESULTS, "awq_tasks", tmp_path, cfg).read_text()
+    section = md.split("## Pareto frontier (model bytes vs top1_agreement, measured; higher is "
+                       "better)\n")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| gutenberg")]
+    front = pareto_frontier(gutenberg, y="metrics.top1_agreement")
+    assert len(rows) == len(front) > 1
+    assert [r.split(" | ")[1:3] for r in rows] == front[["format.name", "method.name"]].values.tolist()
