@@ -128,3 +128,27 @@ def test_public_family_plan_has_estimates_offline(tmp_path):
     hours = sum(j.gpu_seconds for j in jobs) / 3600
     assert data["totals"]["gpu_hours"] == pytest.approx(hours)
     assert data["totals"]["estimated"] == 4 and data["jobs"][0]["stages"]["noise"] > 0
+
+
+def test_fidelity_is_charged_as_forward_passes_and_tasks_get_no_estimate(tmp_path):
+    """fidelity: its fp reference with the model's first job, one pass per job, at the eval
+    stage's rate over min(16384, eval tokens); tasks: no fit covers lm-eval's passes."""
+    from ptqscale.metrics.fidelity import MAX_TOKENS
+
+    register_configs()
+    grid = ["+sweep=family_scan", "model=pythia-1b", "data=wikitext2", "format=mxint4_b32,mxfp4",
+            "method=rtn", f"paths.results={tmp_path}"]
+    plain = plan(grid)
+    jobs = plan([*grid, "metrics=[nll,weight_sqnr,model_bytes,fidelity]"])
+    first, second = jobs
+    assert {"fp_eval", "fp_fidelity", "fidelity", "eval", "rtn"} <= first.stages.keys()
+    assert second.stages.keys() == {"eval", "rtn", "fidelity"}
+    model = cost.load_cost_model()
+    group = model["groups"][f"eval|one|{cost.precision_of('bfloat16')}"]
+    seconds, _ = cost.predict(group, 1e9 * MAX_TOKENS, 1e9)   # wikitext2 has more tokens
+    assert second.stages["fidelity"] == pytest.approx(seconds)
+    assert second.gpu_seconds == pytest.approx(plain[1].gpu_seconds + seconds)
+    spec = _spec()
+    spec.metrics = (SimpleNamespace(name="nll"), SimpleNamespace(name="tasks"))
+    est = cost.estimate_job(model, spec)
+    assert est.placement is None and not est.stages and "metric 'tasks'" in est.reason

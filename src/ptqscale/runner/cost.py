@@ -20,7 +20,15 @@ rtn             N                                                        N
 <method>        N x calibration tokens (gptq, awq, athena, blockft_...)  N x nsamples x seqlen
 noise           N x tokens of the noise response passes                  N x (levels x seeds x (2 if antithetic) + 1) x max_tokens
 hessian         N x HVPs x tokens per HVP (Hutchinson + power iters)     N x (probes + power_iters) x max_tokens
+fidelity        (the eval stage's fit: forward passes over tokens)       N x min(16384, eval tokens)
 ==============  =======================================================  ==================
+
+The metric ``fidelity`` is a forward pass of the quantized model over its token budget, plus
+the fp reference once per model: both are charged at the ``eval`` stage's rate (at 1B the bench
+measured 1.2x that rate per job and 2.7x for the reference, 0.14 s and 0.29 s:
+bench/results/bench_tasks.md). The metric ``tasks`` gets no estimate: lm-eval's passes depend
+on the tasks' items, not on the corpus (at 1B our three offline tasks took 17x a 65k-token NLL
+pass), and no fit covers them.
 
 (The landscape stage of a job is the noise response and the Hessian; the directional profile
 is not part of a job; the rest of the stage, under 1 s on the records, is left out.)
@@ -168,6 +176,16 @@ def job_work(spec: Any, n: float, model: dict | None = None) -> list[tuple[str, 
         if spec.calib is None:
             raise NoEstimate(f"method {method} reads no calibration data: no cost feature for it")
         stages.append((method, n * spec.calib.nsamples * spec.calib.seqlen, False))
+    metrics = {m.name for m in getattr(spec, "metrics", ())}
+    if "tasks" in metrics:
+        raise NoEstimate("metric 'tasks': lm-eval's passes are not in the cost model (at 1B our "
+                         "three offline tasks took 17x a 65k-token NLL pass: "
+                         "bench/results/bench_tasks.md)")
+    if "fidelity" in metrics:   # the fp reference once per model, then one pass per job
+        from ptqscale.metrics.fidelity import MAX_TOKENS
+
+        fidelity = n * min(tokens, MAX_TOKENS)
+        stages += [("fidelity", fidelity, True), ("fidelity", fidelity, False)]
     land = spec.landscape
     if land is not None:
         t = land.max_tokens
@@ -220,7 +238,8 @@ def _estimate(model: dict | None, spec: Any) -> JobCost:
 def _on(model: dict, work: list, n: float, placement: str, precision: str) -> JobCost:
     stages = []
     for stage, w, level in work:
-        group = model["groups"].get(f"{stage}|{placement}|{precision}")
+        fitted = "eval" if stage == "fidelity" else stage   # forward passes, as eval's
+        group = model["groups"].get(f"{fitted}|{placement}|{precision}")
         if group is None:
             raise NoEstimate(f"stage {stage!r} was never measured with placement={placement} "
                              f"in {precision} (cost_model.json)")

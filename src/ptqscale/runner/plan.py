@@ -151,9 +151,10 @@ class _Costs:
                           if paid}
         peaks = []
         for s in est.stages:
-            if s.model_level and not pays["fp" if s.stage == "eval" else "landscape"]:
+            fp_level = s.stage in ("eval", "fidelity")   # charged with the model's fp pass
+            if s.model_level and not pays["fp" if fp_level else "landscape"]:
                 continue
-            name = "fp_eval" if s.model_level and s.stage == "eval" else s.stage
+            name = f"fp_{s.stage}" if s.model_level and fp_level else s.stage
             job.stages[name] = job.stages.get(name, 0.0) + s.seconds
             peaks += [s.peak_gib] if s.peak_gib is not None else []
         job.gpu_seconds = sum(job.stages.values())
