@@ -150,10 +150,25 @@ def test_job_accuracy_equals_lm_eval_cli(composed, tmp_path):
     info = rec["metric_info"]["tasks"]
     assert info["settings"]["versions"] == {t: 1.0 for t in both}
     assert info["headline"] == "tasks_acc" and info["higher_is_better"] is True
-    # the metric measures the quantized model: 3-bit RTN changes the answers
+    # the metric measures the quantized model: 3-bit RTN changes the answers ...
     q = run_job(composed([*FAST, f"paths.results={tmp_path}", "method=rtn", "format=int3_g64",
                           *TASKS]))
     assert q["metrics"]["task.ptq_gutenberg_cloze.acc_norm"] != m["task.ptq_gutenberg_cloze.acc_norm"]
+    # ... and its numbers are the CLI's on those quantized weights, saved as an HF folder
+    import transformers as T
+
+    from ptqscale.methods import RTNConfig, quantize
+
+    folder = ZOO_CHECKPOINTS / "gutenberg-llama-200k"
+    model = T.AutoModelForCausalLM.from_pretrained(folder, dtype="float32").eval()
+    quantize(model, RTNConfig(format="int3_g64"))
+    model.save_pretrained(tmp_path / "int3")
+    T.AutoTokenizer.from_pretrained(folder).save_pretrained(tmp_path / "int3")
+    printed = _cli_table(tmp_path / "int3", ["ptq_gutenberg_cloze"], 100)["ptq_gutenberg_cloze"]
+    for field, value in printed.items():
+        decimals = len(value.partition(".")[2])
+        assert q["metrics"][f"task.ptq_gutenberg_cloze.{field}"] == pytest.approx(
+            float(value), abs=0.5 * 10 ** -decimals + 1e-12), (field, value)
 
 
 @needs_lm_eval
