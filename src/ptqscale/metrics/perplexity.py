@@ -197,8 +197,9 @@ def measure_perplexity(model, stream: torch.Tensor, cfg: EvalConfig,
     chunked = cfg.head == "chunked"
     with torch.inference_mode(), within_budget(placement, "perplexity"), \
             attention_kernel(cfg.attention):
-        model.ptqscale_attention = (probe(model, batches[0][:1, :16].to(device), chunked)
-                                    if whole else attention_name(model))
+        # recorded as env.attention; a streamed model's blocks are not run whole here
+        model.ptqscale_attention = attention_name(model) if not whole else probe(
+            model, batches[0][:1, :16].to(device), chunked, cfg.attention)
         with compiled_blocks(model, cfg.compile, chunk_nll if chunked else batch_nll,
                              cfg.cuda_graphs) as compiled_nll, head_swapped(model, chunked) as head:
             if placement.streamed:  # all windows through one block, then the next
