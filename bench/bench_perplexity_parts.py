@@ -183,7 +183,8 @@ def markdown(r: dict) -> str:
         f"torch {r['torch']}, transformers {r['transformers']}, {r['dtype']}, "
         f"{r['params'] / 1e9:.3f}B params, seqlen {r['seqlen']}, {r['windows']} windows "
         f"(naive loop: {r['naive_windows']}); {r['dtype']} matmul rate (8192^3, this run) "
-        f"{r['matmul_tflops']:.1f} TFLOP/s; model FLOPs/token {r['flops_per_token'] / 1e9:.2f} G. "
+        f"{r['matmul_tflops']:.1f} TFLOP/s (before and after the passes: "
+        f"{' and '.join(f'{v:.1f}' for v in r['matmul_tflops_before_after'])}); model FLOPs/token {r['flops_per_token'] / 1e9:.2f} G. "
         f"Target fraction >= {r['target_fraction']:.0%}; best {r['best_fraction']:.1%} "
         f"({r['best_path']}).{skipped}", "",
         "| path | batch | compile s | tokens/s | TFLOP/s | fraction of matmul rate | NLL | "
