@@ -119,3 +119,34 @@ def test_compiled_chunked_pass_equals_eager_logits():
                                                                   head="chunked"))
     assert fused.nll == pytest.approx(eager.nll, rel=1e-5)
     assert isinstance(model.get_output_embeddings(), torch.nn.Linear)
+
+
+def _largest_vocab_tensor(fn, vocab: int) -> int:
+    """Elements of the largest tensor with ``vocab`` in its last dimension made by ``fn()``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(t, torch.Tensor) and t.ndim and t.shape[-1] == vocab:
+                    Largest.most = max(Largest.most, t.numel())
+            return out
+
+    with Largest():
+        fn()
+    return Largest.most
+
+
+def test_chunked_head_never_holds_a_batch_of_logits(shared_data, monkeypatch):
+    model, stream = _load(shared_data, "gutenberg-llama-200k")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(CH, "HEAD_CHUNK_ELEMENTS", 37 * vocab)
+    cfg = EvalConfig(seqlen=128, batch_size=4, max_tokens=1024)
+    full = _largest_vocab_tensor(lambda: measure_perplexity(model, stream, cfg), vocab)
+    chunked = _largest_vocab_tensor(
+        lambda: measure_perplexity(model, stream, dataclasses.replace(cfg, head="chunked")), vocab)
+    assert full >= 4 * 128 * vocab      # the logits of a batch: [4, 128, vocab]
+    assert chunked <= 37 * vocab        # one chunk of rows at a time, nothing larger
