@@ -150,3 +150,28 @@ def test_chunked_head_never_holds_a_batch_of_logits(shared_data, monkeypatch):
         lambda: measure_perplexity(model, stream, dataclasses.replace(cfg, head="chunked")), vocab)
     assert full >= 4 * 128 * vocab      # the logits of a batch: [4, 128, vocab]
     assert chunked <= 37 * vocab        # one chunk of rows at a time, nothing larger
+
+
+@pytest.mark.slow   # two jobs end to end (~50 s on 2 cores)
+def test_a_job_records_the_same_fields_and_its_attention_kernel(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from ptqscale.runner.app import conf_dir
+    from ptqscale.runner.config import register_configs
+    from ptqscale.runner.job import run_job
+
+    register_configs()
+    common = ["model=gutenberg-llama-200k", "model.device=cpu", "data=gutenberg", "method=rtn",
+              "format=int4", "eval.max_tokens=2048", "eval.seqlen=256", "progress=false",
+              "wandb.mode=disabled", "metrics=[nll,weight_sqnr,model_bytes,fidelity]"]
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        recs = [run_job(compose("config", overrides=[*common, f"eval.head={head}",
+                                                     f"paths.results={tmp_path / head}"]))
+                for head in ("logits", "chunked")]
+    logits, chunked = (r["metrics"] for r in recs)
+    assert logits.keys() == chunked.keys()
+    for field in ("nll", "nll_fp", "dnll", "kl_mean"):
+        assert chunked[field] == pytest.approx(logits[field], rel=1e-6, abs=1e-9), field
+    assert recs[0]["job_key"] != recs[1]["job_key"]
+    assert recs[1]["config"]["eval"]["head"] == "chunked"
+    assert all(r["env"]["attention"].startswith("sdpa:") for r in recs)

@@ -56,8 +56,6 @@ def environment(model: torch.nn.Module | None = None) -> dict:
            "placement": _placement_name(placement),
            # mapped from the checkpoint's safetensors as loaded, or copied (models/mapped.py)
            "weights": weights_of(model) if model is not None else None,
-           # the attention kernel of the job's last perplexity pass (metrics/chunked_head.py)
-           "attention": getattr(model, "ptqscale_attention", None),
            "hostname": socket.gethostname()}
     if placement is not None and placement.spread:  # which blocks went to which device
         from ptqscale.models.spread import describe
