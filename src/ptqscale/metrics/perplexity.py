@@ -182,10 +182,13 @@ def measure_perplexity(model, stream: torch.Tensor, cfg: EvalConfig,
     validate_eval_config(cfg, model)
     placement = placement_of(model)
     whole = not (placement.streamed or placement.spread)
-    if not whole and (cfg.compile or cfg.head != "logits" or cfg.attention != "auto"):
-        # spread: accelerate's hooks wrap each block's forward; compiling them is untested
-        raise ConfigError("eval.compile=true, eval.head=chunked and eval.attention other than "
-                          "auto need the model in one piece; set model.placement=one")
+    # spread: accelerate's hooks wrap each block's forward and the head; untested with these
+    apart = [s for s, on in (("eval.compile=true", cfg.compile),
+                             ("eval.head=chunked", cfg.head == "chunked"),
+                             (f"eval.attention={cfg.attention}", cfg.attention != "auto")) if on]
+    if apart and not whole:
+        raise ConfigError(f"{' and '.join(apart)} needs the model in one piece; set "
+                          "model.placement=one or leave the eval setting at its default")
     stream = _check_stream(stream, cfg, model)
     windows = window_plan(stream.numel(), cfg)
     device = placement.device
@@ -258,6 +261,8 @@ def compiled_blocks(model, enabled: bool = True, loss=None, cuda_graphs: bool = 
 
     Yields None (and changes nothing) when not ``enabled``. The original block modules are put
     back on exit, also after an error; a failed compilation raises :class:`EvalCompileError`.
+    ``loss``: the loss function to compile (default :func:`batch_nll`; ``chunk_nll`` for
+    ``eval.head=chunked``); ``cuda_graphs``: the blocks with ``mode="reduce-overhead"``.
 
     Example::
 
