@@ -49,6 +49,7 @@ import torch
 
 from ptqscale import console
 from ptqscale.files import atomic_write, locked, quarantine
+from ptqscale.metrics.chunked_head import attention_kernel
 from ptqscale.metrics.perplexity import EvalConfig, window_plan
 from ptqscale.metrics.registry import MetricContext, register_metric
 
@@ -69,7 +70,7 @@ def scored_logprobs(model, stream: torch.Tensor, cfg: EvalConfig, max_tokens: in
     device = next(model.parameters()).device
     batches = console.progress(range(0, len(windows), cfg.batch_size), "fidelity", progress,
                                unit="batch")
-    with torch.inference_mode():
+    with torch.inference_mode(), attention_kernel(cfg.attention):  # the NLL pass's kernel
         for b in batches:
             plan = windows[b:b + cfg.batch_size]
             ids = torch.stack([stream[s:s + cfg.seqlen] for s, _ in plan]).long().to(device)

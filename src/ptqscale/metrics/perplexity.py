@@ -28,6 +28,12 @@ into the model only for the pass and the original modules put back afterwards, a
 error: the same model object later takes double-backward landscape passes and weight edits.
 The eager loss stays ``cross_entropy(logits.float())`` per window: a chunked logsumexp moves
 about as many bytes in more kernels, and the loss is a few percent of a pass.
+
+``EvalConfig.head="chunked"`` never materialises the logits of a batch: the head and loss run
+in chunks of scored positions (metrics/chunked_head.py; same NLL to float tolerance).
+``EvalConfig.attention`` pins the SDPA kernel; ``EvalConfig.cuda_graphs`` replays the compiled
+blocks as CUDA graphs (``mode="reduce-overhead"``). A few-token forward before the pass records
+the attention kernel that ran (``env.attention``) and checks both settings apply to the model.
 """
 
 from __future__ import annotations
@@ -42,10 +48,20 @@ import torch.nn.functional as F
 
 from ptqscale import console
 from ptqscale.errors import ConfigError, PTQScaleError
+from ptqscale.metrics.chunked_head import (
+    ATTENTION,
+    attention_kernel,
+    attention_name,
+    chunk_nll,
+    chunked_losses,
+    head_swapped,
+    probe,
+)
 from ptqscale.metrics.tasks import TasksConfig
 
 PROTOCOL_VERSION = 1
 PRESETS = ("gptq", "rolling")
+HEADS = ("logits", "chunked")
 # Compiled graphs one process may hold per compiled function (Dynamo's default is 8): each new
 # model structure, dtype or batch shape adds one, and a sweep runs many jobs per process.
 RECOMPILE_LIMIT = 64
@@ -76,8 +92,12 @@ class EvalConfig:
     # that hashed the batch size, all at 8; hashing 8 for any batch size keeps them.
     # eval.tasks is read by the metric ``tasks`` only, and enters the keys of the jobs that ask
     # for it through that metric (metrics/tasks.py): out of every other key.
-    not_in_key: ClassVar[tuple[str, ...]] = ("batch_size", "tasks")
+    # CUDA graphs replay the compiled kernels as they are: speed only, out of the key.
+    not_in_key: ClassVar[tuple[str, ...]] = ("batch_size", "tasks", "cuda_graphs")
     keyed_as: ClassVar[dict[str, int]] = {"batch_size": 8}
+    # head and attention change the NLL's last bits: keyed, but only away from what every
+    # record before them had (runner/keys.py), so no committed key moves.
+    added_later: ClassVar[dict[str, str]] = {"head": "logits", "attention": "auto"}
 
     preset: str = "gptq"  # gptq | rolling
     seqlen: int = 2048
@@ -85,11 +105,23 @@ class EvalConfig:
     batch_size: int = 8  # windows per forward pass (changes speed, not the result)
     max_tokens: int | None = None  # evaluate only the first N tokens of the stream
     compile: bool = False  # torch.compile the decoder blocks and the loss for the pass
+    head: str = "logits"  # logits | chunked: the head and loss in chunks of positions
+    attention: str = "auto"  # auto (PyTorch picks) | flash | cudnn | efficient | math (SDPA)
+    cuda_graphs: bool = False  # with compile: replay the compiled blocks as CUDA graphs
     tasks: TasksConfig = field(default_factory=TasksConfig)  # lm-eval tasks (metric tasks)
 
     def __post_init__(self):
         if not isinstance(self.compile, bool):
             raise ConfigError(f"eval.compile={self.compile!r} must be true or false")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ConfigError(f"eval.cuda_graphs={self.cuda_graphs!r} must be true or false")
+        if self.cuda_graphs and not self.compile:
+            raise ConfigError("eval.cuda_graphs=true replays compiled blocks: set eval.compile=true")
+        if self.head not in HEADS:
+            raise ConfigError(f"eval.head={self.head!r} unknown; allowed: {list(HEADS)}")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"eval.attention={self.attention!r} unknown; "
+                              f"allowed: {list(ATTENTION)}")
         if self.preset not in PRESETS:
             raise ConfigError(f"eval.preset={self.preset!r} unknown; allowed: {list(PRESETS)}")
         if self.seqlen < 2:
@@ -149,10 +181,14 @@ def measure_perplexity(model, stream: torch.Tensor, cfg: EvalConfig,
 
     validate_eval_config(cfg, model)
     placement = placement_of(model)
-    if (placement.streamed or placement.spread) and cfg.compile:
-        # spread: accelerate's hooks wrap each block's forward; compiling them is untested
-        raise ConfigError("eval.compile=true needs the model in one piece; "
-                          "set model.placement=one or eval.compile=false")
+    whole = not (placement.streamed or placement.spread)
+    # spread: accelerate's hooks wrap each block's forward and the head; untested with these
+    apart = [s for s, on in (("eval.compile=true", cfg.compile),
+                             ("eval.head=chunked", cfg.head == "chunked"),
+                             (f"eval.attention={cfg.attention}", cfg.attention != "auto")) if on]
+    if apart and not whole:
+        raise ConfigError(f"{' and '.join(apart)} needs the model in one piece; set "
+                          "model.placement=one or leave the eval setting at its default")
     stream = _check_stream(stream, cfg, model)
     windows = window_plan(stream.numel(), cfg)
     device = placement.device
@@ -161,23 +197,37 @@ def measure_perplexity(model, stream: torch.Tensor, cfg: EvalConfig,
     scored = 0
     plans = [windows[b:b + cfg.batch_size] for b in range(0, len(windows), cfg.batch_size)]
     batches = [torch.stack([stream[s:s + cfg.seqlen] for s, _ in plan]) for plan in plans]
+    chunked = cfg.head == "chunked"
     with torch.inference_mode(), within_budget(placement, "perplexity"), \
-            compiled_blocks(model, cfg.compile) as compiled_nll:
-        if placement.streamed:  # all windows through one block, then the next
-            logits_of = walk_logits(model, batches, placement)
-        else:
-            logits_of = ((b, model(input_ids=ids.to(device), use_cache=False).logits)
-                         for b, ids in enumerate(batches))
-        for b, logits in console.progress(logits_of, f"ppl {cfg.preset}/{cfg.seqlen}", progress,
-                                          unit="batch", total=len(batches)):
-            ids = batches[b].to(device)
-            for nll in _window_losses(logits, ids, plans[b], compiled_nll):
-                total += nll.double().sum()
-                scored += nll.numel()
+            attention_kernel(cfg.attention):
+        # recorded as env.attention; a streamed model's blocks are not run whole here
+        model.ptqscale_attention = attention_name(model) if not whole else probe(
+            model, batches[0][:1, :16].to(device), chunked, cfg.attention)
+        with compiled_blocks(model, cfg.compile, chunk_nll if chunked else batch_nll,
+                             cfg.cuda_graphs) as compiled_nll, head_swapped(model, chunked) as head:
+            if placement.streamed:  # all windows through one block, then the next
+                logits_of = walk_logits(model, batches, placement)
+            else:
+                logits_of = ((b, _forward(model, ids.to(device), cfg.cuda_graphs))
+                             for b, ids in enumerate(batches))
+            for b, logits in console.progress(logits_of, f"ppl {cfg.preset}/{cfg.seqlen}",
+                                              progress, unit="batch", total=len(batches)):
+                ids = batches[b].to(device)
+                losses = (chunked_losses(logits, ids, plans[b], head, compiled_nll) if chunked
+                          else _window_losses(logits, ids, plans[b], compiled_nll))
+                for nll in losses:
+                    total += nll.double().sum()
+                    scored += nll.numel()
     nll_sum = float(total.cpu())
     mean = nll_sum / scored
     return PerplexityResult(mean, math.exp(mean), nll_sum, scored, len(windows), cfg.preset,
                             cfg.seqlen, cfg.effective_stride())
+
+
+def _forward(model, ids: torch.Tensor, cuda_graphs: bool) -> torch.Tensor:
+    if cuda_graphs:  # a new iteration: the graphs may reuse the last batch's output memory
+        torch.compiler.cudagraph_mark_step_begin()
+    return model(input_ids=ids, use_cache=False).logits
 
 
 # fp32 logits scored at once: a 2048-token window over a 128k vocabulary is 1 GB in fp32,
@@ -206,11 +256,13 @@ def batch_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def compiled_blocks(model, enabled: bool = True):
+def compiled_blocks(model, enabled: bool = True, loss=None, cuda_graphs: bool = False):
     """Swap compiled decoder blocks into ``model`` for a ``with`` body; yield the compiled loss.
 
     Yields None (and changes nothing) when not ``enabled``. The original block modules are put
     back on exit, also after an error; a failed compilation raises :class:`EvalCompileError`.
+    ``loss``: the loss function to compile (default :func:`batch_nll`; ``chunk_nll`` for
+    ``eval.head=chunked``); ``cuda_graphs``: the blocks with ``mode="reduce-overhead"``.
 
     Example::
 
@@ -225,11 +277,13 @@ def compiled_blocks(model, enabled: bool = True):
     holder = model.get_submodule(get_anatomy(model).block_prefix)
     originals = list(holder)
     try:
+        # the loss's outputs are kept across calls, which graph replays would overwrite
+        mode = "reduce-overhead" if cuda_graphs else None
         for i, block in enumerate(originals):
-            holder[i] = _compile(block)
+            holder[i] = _compile(block, mode)
         limits = dict(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)
         with torch._dynamo.config.patch(**limits):
-            yield _compile(batch_nll)
+            yield _compile(loss or batch_nll)
     except (torch._dynamo.exc.TorchDynamoException,
             torch._dynamo.exc.FailOnRecompileLimitHit) as e:
         raise EvalCompileError(_compile_failed(e)) from e
@@ -238,11 +292,11 @@ def compiled_blocks(model, enabled: bool = True):
             holder[i] = block
 
 
-def _compile(obj):
+def _compile(obj, mode: str | None = None):
     # dynamic=False: one static graph per batch shape (a short last batch adds one); blocks of
     # one class reuse it, since Dynamo guards on their parameters' shapes, not their identity
     try:
-        return torch.compile(obj, dynamic=False)
+        return torch.compile(obj, dynamic=False, mode=mode)
     except Exception as e:  # torch.compile refuses this interpreter or platform
         raise EvalCompileError(_compile_failed(e)) from e
 

@@ -269,12 +269,16 @@ def _execute_on_device(spec: JobSpec) -> dict:
     try:
         level = model_level(spec, model, tokenizer, timings)
         result = quantize_and_measure(spec, model, tokenizer, level, timings)
+        # the attention kernel of the job's last perplexity pass (metrics/chunked_head.py),
+        # read before give_back puts the model's attributes back as loaded
+        attention = getattr(model, "ptqscale_attention", None)
         ok = True
     finally:   # a failed job's model is dropped, never kept half-quantized
         with console.stage("restore the model", timings, "restore"):
             give_back(model, ok)
     result["timings"] = timings
-    result["env"] = {**environment(model), "model_load": "reused" if reused else "loaded"}
+    result["env"] = {**environment(model), "attention": attention,
+                     "model_load": "reused" if reused else "loaded"}
     if spec.model.stand_in:
         from ptqscale.models.standins import summary
 
