@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover - depends on the install
 # Which element rule a kernel applies (constexpr selector; kernels_jit's values).
 INT_SYM, INT_ASYM, MX_INT, MX_FP, FP, NVFP4, NF4 = range(7)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_AMAX_BLOCK = 4096  # elements per pass-1 load
+_AMAX_BLOCK = 8192  # elements per pass-1 load (two programs per SM keep ~32 KB in flight)
 _TUNE_MIN = 1 << 20  # smaller tensors take the first candidate: not worth compiling the others
 
 
@@ -143,8 +143,8 @@ def _candidates(fmt, rows: int, n: int, sms: int) -> tuple:
     if g == n and triton.next_power_of_2(n) <= 8192:  # one group per row (per-channel, n < block)
         g = triton.next_power_of_2(n)  # its masked tail loads zeros, which change no scale
     parts = 0
-    if rule["TENSOR"]:  # pass 1: a few programs per SM, each striding over the tensor
-        parts = min(triton.cdiv(rows * n, _AMAX_BLOCK), 4 * sms)
+    if rule["TENSOR"]:  # pass 1: two programs per SM, each striding over the tensor
+        parts = min(triton.cdiv(rows * n, _AMAX_BLOCK), 2 * sms)
     out = []
     if rule["TENSOR"] or (g & (g - 1) == 0 and g <= 8192):
         cw = min(1024, triton.next_power_of_2(n))
@@ -241,9 +241,12 @@ def _run(cand, x2, y2):
 
 
 def _time(fn, reps: int = 10) -> float:
-    """GPU milliseconds of ``reps`` back-to-back calls of ``fn`` (compiled already)."""
+    """GPU milliseconds of ``reps`` back-to-back calls of ``fn`` (compiled already). A sleep
+    kernel first holds the stream while the host queues the calls, so that the host's launch
+    cost (as long as a small kernel) does not hide the differences between candidates."""
     fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1 << 21)  # ~1 ms
     start.record()
     for _ in range(reps):
         fn()
