@@ -125,8 +125,6 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-
-
 @functools.lru_cache(maxsize=16)
 def _n_sms(index: int | None) -> int:
     if index is None:  # the interpreter
@@ -197,9 +195,12 @@ def _launch(x2: torch.Tensor, y2: torch.Tensor, fmt, choice: int | None = None) 
         runner(x2, y2)
         return
     cands = _candidates(fmt, rows, n, _n_sms(x2.device.index if x2.is_cuda else None))
-    if (choice is not None or not aligned or not x2.is_cuda or rows * n < _TUNE_MIN
+    if (choice is not None or not aligned or not x2.is_cuda
             or torch.cuda.is_current_stream_capturing()):
         _run(cands[choice or 0], x2, y2)
+        return
+    if rows * n < _TUNE_MIN:  # the first candidate, kept
+        _RUNNERS[key] = _run(cands[0], x2, y2)
         return
     runners = [_run(c, x2, y2) for c in cands]  # compiles each (and runs it once)
     times = [_time(lambda r=r: r(x2, y2)) for r in runners]
@@ -217,7 +218,8 @@ def _run(cand, x2, y2):
     kern, grid, consts, warps, parts = cand
     rows, n = x2.shape
     nf4 = dict(zip(kern.arg_names[7:], consts, strict=True))["KIND"] == NF4
-    tab = _nf4_table(x2.device) if nf4 else x2  # (unused by other rules)
+    table = _nf4_table(x2.device) if nf4 else None
+    tab = x2 if table is None else table  # (other rules never read it)
     part, amax, iters = x2, None, 0
     if parts:
         part = torch.empty(parts, dtype=torch.float32, device=x2.device)
@@ -229,7 +231,8 @@ def _run(cand, x2, y2):
         return None
     launch_main = main[grid + (1,) * (3 - len(grid))]
     if not parts:
-        return lambda x, y: launch_main(x, y, x, tab if nf4 else x, rows, n, parts, *consts)
+        return lambda x, y: launch_main(x, y, x, x if table is None else table, rows, n, parts,
+                                        *consts)
     launch_amax = amax[(parts, 1, 1)]
 
     def runner(x, y):
