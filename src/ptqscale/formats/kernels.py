@@ -47,6 +47,9 @@ except ImportError:  # pragma: no cover - depends on the install
 
 # Which element rule a kernel applies (constexpr selector; kernels_jit's values).
 INT_SYM, INT_ASYM, MX_INT, MX_FP, FP, NVFP4, NF4 = range(7)
+# Rules whose rounding needs only a group's (scale, zero): what GPTQ's fused column loop runs
+# (methods/gptq_kernel.py) with the scales it fitted itself.
+SCALE_ZERO_KINDS = (INT_SYM, INT_ASYM, MX_INT, MX_FP)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _AMAX_BLOCK = 8192  # elements per pass-1 load (two programs per SM keep ~32 KB in flight)
 _TUNE_MIN = 1 << 20  # smaller tensors take the first candidate: not worth compiling the others
