@@ -162,8 +162,12 @@ def _candidates(fmt, rows: int, n: int, sms: int) -> tuple:
             out.append((jit.tiled_kernel, grid, consts | rule, warps, parts))
     else:
         chunk = min(triton.next_power_of_2(g), 4096)
+        seen = set()
         for elems, warps in ((2048, 8), (4096, 8), (1024, 4)):
             block_r = max(1, elems // chunk)
+            if (block_r, warps) in seen:
+                continue
+            seen.add((block_r, warps))
             grid = (triton.cdiv(rows, block_r), triton.cdiv(n, g))
             consts = dict(G=g, CHUNK=chunk, BLOCK_R=block_r, N_CHUNKS=triton.cdiv(g, chunk))
             out.append((jit.looped_kernel, grid, consts | rule, warps, parts))
