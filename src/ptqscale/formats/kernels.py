@@ -108,8 +108,9 @@ def fake_quantize_triton(fmt, x: torch.Tensor, axis: int) -> torch.Tensor | None
     if not (x.is_cuda or _interpreting()):
         return None
     xm = x if axis == x.ndim - 1 else x.movedim(axis, -1)
-    n = xm.shape[-1]
-    x2 = xm.reshape(-1, n)  # a copy only when the axis was not already last and contiguous
+    # (rows, n): a copy only when the axis was not already last and contiguous (a weight, 2-D
+    # and contiguous, goes as it is: host time per call matters as much as the kernel's on 4096^2)
+    x2 = xm if xm.ndim == 2 else xm.reshape(-1, xm.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     # The interpreter's float32 -> bfloat16 store does not round to nearest-even (Triton 3.9):
@@ -120,7 +121,8 @@ def fake_quantize_triton(fmt, x: torch.Tensor, axis: int) -> torch.Tensor | None
     other = x2.is_cuda and x2.device.index != torch.cuda.current_device()
     with torch.cuda.device(x2.device) if other else contextlib.nullcontext():
         _launch(x2, y2, fmt)
-    y = (y2.to(x2.dtype) if cast else y2).view(xm.shape)
+    y = y2.to(x2.dtype) if cast else y2
+    y = y if xm.ndim == 2 else y.view(xm.shape)
     return y if axis == x.ndim - 1 else y.movedim(-1, axis)
 
 
