@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from test_formats_kernels import COVERED, edge_tensor
 
 from ptqscale.formats import EXAMPLES, IntFormat, MXFormat, get_format, kernels
+from ptqscale.formats.elements import _NF4_THRESHOLDS, NF4_LEVELS
 
 NAMES = sorted(set(EXAMPLES) | set(COVERED))
 
@@ -34,11 +35,28 @@ def _floor_log2(a: torch.Tensor) -> torch.Tensor:
     return (a.view(torch.int32) >> 23) - 127
 
 
+def _round_mf(y: torch.Tensor, mbits: int, emin: int, hi: float) -> torch.Tensor:
+    a = y.abs().clamp(max=hi)
+    step = _floor_log2(a).clamp(min=emin) - mbits
+    return torch.copysign(torch.round(a * _pow2(-step)) * _pow2(step), y)
+
+
+def _nf4(y: torch.Tensor) -> torch.Tensor:
+    """The kernel's lookup: the next level from each threshold on."""
+    v = torch.full_like(y, NF4_LEVELS[0])
+    for t, level in zip(_NF4_THRESHOLDS, NF4_LEVELS[1:], strict=True):
+        v = torch.where(y >= t, level, v)
+    return v
+
+
 def emulate(spec: dict, x: torch.Tensor, g: int) -> torch.Tensor:
     """The kernel's result for a (rows, n) tensor with groups of ``g`` along the last axis."""
     rows, n = x.shape
     xg = F.pad(x.float(), (0, (-n) % g)).reshape(rows, -1, g)  # masked loads read zeros
     mn, mx = xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True)
+    ta = x.float().abs().amax()  # pass 1 (read only by the TENSOR rules)
+    if spec["TENSOR"] and spec["KIND"] != kernels.NVFP4:
+        mn, mx = -ta, ta
     kind = spec["KIND"]
     lo_c, hi_c = spec["LO"], spec["HI"]
 
@@ -56,6 +74,21 @@ def emulate(spec: dict, x: torch.Tensor, g: int) -> torch.Tensor:
         s = torch.maximum(mx, -mn) / spec["DIV"]
         s = fp16(torch.where(s > 0, s, 1.0))
         out = torch.round(xg / s).clamp(lo_c, hi_c) * s
+    elif kind == kernels.FP:
+        s = ta / hi_c
+        s = torch.where(s > 0, s, 1.0)
+        out = _round_mf(xg / s, spec["MBITS"], spec["EMIN"], hi_c) * s
+    elif kind == kernels.NVFP4:
+        ts = ta / spec["DIV"]
+        ts = torch.where(ts > 0, ts, 1.0)
+        bs = _round_mf(torch.maximum(mx, -mn).abs() / hi_c / ts, 3, -6, 448.0)
+        d = bs * ts
+        y = torch.where(d > 0, xg / d, 0.0)
+        out = _round_mf(y, spec["MBITS"], spec["EMIN"], hi_c) * bs * ts
+    elif kind == kernels.NF4:
+        amax = torch.maximum(mx, -mn)
+        s = torch.where(amax > 0, amax, 1.0)
+        out = _nf4(xg / s) * s
     else:
         amax = torch.maximum(mx, -mn)
         e = _floor_log2(amax)
@@ -68,18 +101,16 @@ def emulate(spec: dict, x: torch.Tensor, g: int) -> torch.Tensor:
             q = torch.round(y * 2.0 ** spec["FRAC"]).clamp(-hi_c, hi_c)
             out = _mul_pow2(q, k - spec["FRAC"])
         else:
-            a = y.abs().clamp(max=hi_c)
-            step = _floor_log2(a).clamp(min=spec["EMIN"]) - spec["MBITS"]
-            q = torch.round(a * _pow2(-step)) * _pow2(step)
-            out = _mul_pow2(torch.copysign(q, y), k)
+            out = _mul_pow2(_round_mf(y, spec["MBITS"], spec["EMIN"], hi_c), k)
     return out.reshape(rows, -1)[:, :n].to(x.dtype)
 
 
-def test_the_kernel_covers_int_and_mx_and_declines_the_rest():
+def test_the_kernel_covers_every_quantized_family_and_declines_the_rest():
     covered = {n for n in NAMES if kernels.kernel_spec(get_format(n)) is not None}
     assert set(COVERED) <= covered
-    assert all(get_format(n).family in ("int", "mx") for n in covered)
-    assert kernels.kernel_spec(get_format("int8_t")) is None  # per-tensor: declined
+    assert {get_format(n).family for n in covered} == {"int", "mx", "fp", "nvfp4", "nf4"}
+    assert kernels.kernel_spec(get_format("int8_t_asym")) is None  # tensor min and max: declined
+    assert kernels.kernel_spec(get_format("bf16")) is None
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if kernels.kernel_spec(get_format(n))])

@@ -10,8 +10,9 @@ from ptqscale.formats import get_format, kernels
 COVERED = ["int8", "int4_g128", "int4_g128_full", "int3_g64_asym", "int8_asym", "int4_g100",
            "int2_g16", "mxfp4", "mxfp4_ru", "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2",
            "mxfp6_e2m3", "mxint8", "mxint4_b32", "mxint3_b128", "mxint6_b16", "mxfp4_b64",
-           "mxfp8_e4m3_b1024"]
-NOT_COVERED = ["bf16", "int8_t", "fp8_e4m3", "nvfp4", "nf4"]
+           "mxfp8_e4m3_b1024", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp4_e2m1", "int8_t",
+           "int4_t_full", "nvfp4", "nf4", "nf4_b128", "nf4_b100"]
+NOT_COVERED = ["bf16", "fp16", "int8_t_asym"]
 
 
 def edge_tensor(shape, dtype, seed=0) -> torch.Tensor:
@@ -33,8 +34,8 @@ def test_bad_kernel_name_and_missing_kernel_are_clear_errors():
     x = torch.randn(4, 64)
     with pytest.raises(ValueError, match="kernel='cuda'.*allowed"):
         get_format("int8").fake_quantize(x, kernel="cuda")
-    with pytest.raises(ValueError, match="nf4: no Triton kernel"):
-        get_format("nf4").fake_quantize(x, kernel="triton")
+    with pytest.raises(ValueError, match="bf16: no Triton kernel"):
+        get_format("bf16").fake_quantize(x, kernel="triton")
     with pytest.raises(ValueError, match="non-empty floating"):  # validated before any launch
         get_format("int8").fake_quantize(torch.zeros(4, 64, dtype=torch.int32), kernel="triton")
 
@@ -55,7 +56,28 @@ def test_kernel_is_bitwise_the_reference(name, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["int4_g128", "int3_g64_asym", "mxfp6_e3m2", "mxint8"])
+@pytest.mark.parametrize("name", ["int8", "int4_g128", "int4_g100", "fp8_e4m3", "nvfp4", "nf4",
+                                  "mxfp4", "int8_t"])
+def test_every_launch_candidate_and_the_tuned_one_are_the_reference(name):
+    """Tile shapes and warps never change a value; the tuned launch (>= _TUNE_MIN elements,
+    the first call times every candidate) is the reference too, and so is its cached launcher."""
+    fmt = get_format(name)
+    x = edge_tensor((64, 4096), torch.bfloat16, seed=4).cuda()
+    ref = fmt.fake_quantize(x, kernel="torch")
+    for i in range(len(kernels._candidates(fmt, 64, 4096, kernels._n_sms(x.device.index)))):
+        y = torch.empty_like(x)
+        kernels._launch(x, y, fmt, choice=i)
+        assert torch.equal(y, ref), i
+    big = edge_tensor((256, 4096), torch.bfloat16, seed=5).cuda()
+    ref = fmt.fake_quantize(big, kernel="torch")
+    for _ in range(2):  # tuned, then the cached launcher
+        assert torch.equal(fmt.fake_quantize(big), ref)
+    assert (fmt, 256, 4096, torch.bfloat16, big.device.index) in kernels.CHOSEN
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["int4_g128", "int3_g64_asym", "mxfp6_e3m2", "mxint8",
+                                  "fp8_e4m3", "nvfp4", "nf4"])
 def test_fp16_and_3d_inputs(name):
     fmt = get_format(name)
     x = edge_tensor((3, 4, 96), torch.float16, seed=2).cuda()

@@ -149,6 +149,10 @@ class NVFP4Format(Format):
     def name(self) -> str:
         return "nvfp4"
 
+    def kernel_spec(self) -> dict | None:
+        return kernels.spec(KIND=kernels.NVFP4, MBITS=E2M1.mbits, EMIN=E2M1.emin,
+                            HI=E2M1.max_value, DIV=E2M1.max_value * E4M3.max_value, TENSOR=True)
+
     def _fit(self, xb, tensor_amax):
         ta = xb.abs().amax() if tensor_amax is None else tensor_amax.to(xb.device)
         ts = div_exact(ta, E2M1.max_value * E4M3.max_value)
@@ -207,6 +211,9 @@ class NF4Format(Format):
 
     def round_scale(self, s: torch.Tensor) -> torch.Tensor:
         return s  # the block absmax is stored as float32
+
+    def kernel_spec(self) -> dict | None:
+        return kernels.spec(KIND=kernels.NF4)
 
     def _fit(self, xb, tensor_amax):
         a = self._amax(xb)

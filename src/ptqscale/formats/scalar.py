@@ -148,13 +148,14 @@ class IntFormat(Format):
         return torch.round(y).clamp(self._lo, self._hi)
 
     def kernel_spec(self) -> dict | None:
-        if self.per_tensor:  # one amax over the whole tensor: not a per-group kernel
+        if self.per_tensor and self.mode == "asym":  # would need the tensor's min and max
             return None
         if self.mode == "asym":
             return kernels.spec(KIND=kernels.INT_ASYM, HI=float(self._hi),
                                 DIV=float(2**self.bits - 1))
         div = 2 ** (self.bits - 1) - (1.0 if self.mode == "sym" else 0.5)
-        return kernels.spec(KIND=kernels.INT_SYM, LO=float(self._lo), HI=float(self._hi), DIV=div)
+        return kernels.spec(KIND=kernels.INT_SYM, LO=float(self._lo), HI=float(self._hi), DIV=div,
+                            TENSOR=self.per_tensor)
 
     @property
     def _lo(self) -> int:
@@ -229,6 +230,10 @@ class FloatFormat(Format):
 
     def round_elements(self, y: torch.Tensor) -> torch.Tensor:
         return round_minifloat(y, self.spec)
+
+    def kernel_spec(self) -> dict | None:
+        return kernels.spec(KIND=kernels.FP, MBITS=self.spec.mbits, EMIN=self.spec.emin,
+                            HI=self.spec.max_value, TENSOR=True)
 
     def _fit(self, xb, tensor_amax):
         return GroupParams(_guard(div_exact(self._amax(xb), self.spec.max_value)))

@@ -22,8 +22,9 @@ BLOCK_R = 16
 
 def supports(W: torch.Tensor, fmt, blocksize: int) -> bool:
     """Whether the kernel can run this sweep (CUDA, a covered format, a small lazy block)."""
-    return (fk.available() and W.is_cuda and fk.kernel_spec(fmt) is not None
-            and 1 <= blocksize <= 256)
+    spec = fk.kernel_spec(fmt) if fk.available() else None
+    return (W.is_cuda and spec is not None and spec["KIND"] in fk.SCALE_ZERO_KINDS
+            and not spec["TENSOR"] and 1 <= blocksize <= 256)
 
 
 def columnwise_sweep(W: torch.Tensor, Hinv: torch.Tensor, groups, blocksize: int):
@@ -75,7 +76,7 @@ def _fill(S: torch.Tensor, Z: torch.Tensor, groups, filled: set[int]) -> None:
 
 
 if fk.triton is not None:
-    tl = fk.tl
+    tl = fk.jit.tl
 
     @fk.triton.jit
     def _block_kernel(W_ptr, Q_ptr, E_ptr, H_ptr, S_ptr, Z_ptr, G_ptr, rows, width,
@@ -93,7 +94,7 @@ if fk.triton is not None:
             g = tl.load(G_ptr + i)
             s = tl.load(S_ptr + r * n_groups + g, mask=rmask, other=1.0)
             z = tl.load(Z_ptr + r * n_groups + g, mask=rmask, other=0.0)
-            q = fk._round(w, s, z, KIND, LO, HI, FRAC, MBITS, EMIN)
+            q = fk.jit._round(w, s, z, S_ptr, KIND, LO, HI, FRAC, MBITS, EMIN)  # (S_ptr: unread)
             err = tl.math.div_rn(w - q, tl.load(H_ptr + i * width + i))  # Eq. 3, Cholesky form
             h = tl.load(H_ptr + i * width + c, mask=(c >= i) & (c < width), other=0.0)
             Wt = Wt - err[:, None] * h[None, :]  # OBS update of columns i.. of the block

@@ -1,0 +1,223 @@
+"""The Triton code of the fused fake-quantize kernels (the launch logic is in :mod:`.kernels`).
+
+Every float32 operation is the torch reference's (:mod:`.scalar`, :mod:`.block`), in the same
+order, with IEEE division (``div_rn``; Triton's ``/`` is approximate) and round-half-even
+(``_rint``), so that results are bitwise the reference's. Imported only where Triton is.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Which element rule a kernel applies (constexpr selector), mirrored by kernels.py.
+INT_SYM, INT_ASYM, MX_INT, MX_FP, FP, NVFP4, NF4 = range(7)
+
+
+@triton.jit
+def _pow2(n):
+    """2**n as float32 for int32 n in [-126, 127] (elements.pow2)."""
+    return ((n + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mul_pow2(x, n):
+    """x * 2**n for n in [-252, 254] in two exact steps (elements.mul_pow2)."""
+    half = tl.where(n >= 0, n // 2, -((1 - n) // 2))  # floor division for negatives
+    return x * _pow2(half) * _pow2(n - half)
+
+
+@triton.jit
+def _floor_log2(a):
+    return (a.to(tl.int32, bitcast=True) >> 23) - 127
+
+
+@triton.jit
+def _copysign(q, y):
+    sign = y.to(tl.uint32, bitcast=True) & 0x80000000
+    return (q.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rint(v):
+    """Round half to even (torch.round): adding 2**23 leaves no fraction bits, and the fp32
+    add rounds to nearest-even; the sign is put back so that -0.0 stays -0.0."""
+    a = tl.abs(v)
+    r = tl.where(a < 8388608.0, (a + 8388608.0) - 8388608.0, a)
+    return _copysign(r, v)
+
+
+@triton.jit
+def _to_fp16(s):
+    """elements.round_float onto fp16 after the clamp: the hardware RNE cast is that."""
+    s = tl.minimum(tl.maximum(s, 2.0**-24), 65504.0)
+    return s.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _round_minifloat(y, MBITS: tl.constexpr, EMIN: tl.constexpr, HI: tl.constexpr):
+    """elements.round_float (saturating): nearest-even on the grid of y's binade, sign kept."""
+    a = tl.minimum(tl.abs(y), HI)
+    step = tl.maximum(_floor_log2(a), EMIN) - MBITS
+    return _copysign(_rint(a * _pow2(-step)) * _pow2(step), y)
+
+
+@triton.jit
+def _scale(mn, mx, ta, KIND: tl.constexpr, DIV: tl.constexpr, HI: tl.constexpr,
+           EMAX: tl.constexpr, CEIL: tl.constexpr, TOP: tl.constexpr):
+    """(scale, zero) of groups with minimum ``mn`` and maximum ``mx`` (float32); ``ta`` is the
+    whole tensor's absmax (read only by the per-tensor rules).
+
+    INT: the fp16-rounded real scale (and the asymmetric zero point); MX: the int32 shared
+    exponent k of the scale 2**k, carried in ``scale``'s place; FP: amax / element max;
+    NVFP4: the E4M3 block scale and the float32 tensor scale (in ``zero``'s place); NF4: the
+    block absmax.
+    """
+    if KIND == 1:  # INT asym: range [min(x, 0), max(x, 0)]
+        lo = tl.minimum(mn, 0.0)
+        s = tl.math.div_rn(tl.maximum(mx, 0.0) - lo, DIV)
+        s = _to_fp16(tl.where(s > 0, s, 1.0))
+        z = tl.minimum(tl.maximum(_rint(tl.math.div_rn(-lo, s)), 0.0), HI)
+        return s, z
+    amax = tl.maximum(mx, -mn)
+    if KIND == 0:
+        s = tl.math.div_rn(amax, DIV)
+        return _to_fp16(tl.where(s > 0, s, 1.0)), tl.zeros_like(s)
+    if KIND == 4:  # scalar.FloatFormat: _guard(amax / element max)
+        s = tl.math.div_rn(amax, HI)
+        return tl.where(s > 0, s, 1.0), tl.zeros_like(s)
+    if KIND == 5:  # block.NVFP4Format._fit: ts = ta / (6 * 448); E4M3((amax / 6) / ts)
+        ts = tl.math.div_rn(ta, DIV)
+        ts = tl.where(ts > 0, ts, 1.0)
+        # abs: max(0, -0) may be -0, and a -0 block scale would sign the zeros of its block
+        bs = tl.math.div_rn(tl.math.div_rn(tl.abs(amax), HI), ts)
+        return _round_minifloat(bs, 3, -6, 448.0), ts + tl.zeros_like(bs)
+    if KIND == 6:  # block.NF4Format._fit
+        return tl.where(amax > 0, amax, 1.0), tl.zeros_like(amax)
+    e = _floor_log2(amax)
+    k = e - EMAX
+    if CEIL:  # one binade up iff amax's mantissa exceeds the element max's
+        k = k + (_mul_pow2(amax, -e) > TOP).to(tl.int32)
+    k = tl.minimum(tl.maximum(k, -127), 127)
+    return k.to(tl.float32), tl.zeros_like(amax)
+
+
+@triton.jit
+def _nf4(y, tab_ptr):
+    """NF4 level of y (elements.round_nf4 + nf4_values): the upper level from its threshold
+    on (an exact tie stays lower). ``tab_ptr``: 15 thresholds then the 16 levels (float32)."""
+    v = tl.zeros_like(y) + tl.load(tab_ptr + 15)
+    for i in tl.static_range(15):
+        v = tl.where(y >= tl.load(tab_ptr + i), tl.load(tab_ptr + 16 + i), v)
+    return v
+
+
+@triton.jit
+def _round(x, s, z, tab_ptr, KIND: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
+           FRAC: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr):
+    """Grid values of float32 ``x`` given its group's (scale, zero) from ``_scale``."""
+    if KIND == 0:
+        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, s)), LO), HI)
+        return q * s
+    if KIND == 1:
+        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, s)) + z, LO), HI)
+        return (q - z) * s
+    if KIND == 4:
+        return _round_minifloat(tl.math.div_rn(x, s), MBITS, EMIN, HI) * s
+    if KIND == 5:  # z is the tensor scale; a zero block scale gives zeros
+        d = s * z
+        y = tl.where(d > 0, tl.math.div_rn(x, d), 0.0)
+        return _round_minifloat(y, MBITS, EMIN, HI) * s * z
+    if KIND == 6:
+        return _nf4(tl.math.div_rn(x, s), tab_ptr) * s
+    k = s.to(tl.int32)
+    y = _mul_pow2(x, -k)  # exact: power-of-two scale
+    if KIND == 2:
+        q = tl.minimum(tl.maximum(_rint(y * (2.0**FRAC)), -HI), HI)
+        return _mul_pow2(q, k - FRAC)
+    return _mul_pow2(_round_minifloat(y, MBITS, EMIN, HI), k)
+
+
+@triton.jit
+def amax_kernel(x_ptr, part_ptr, numel, iters, BLOCK: tl.constexpr):
+    """Pass 1 of the per-tensor rules: program p writes the absmax of blocks p, p + P, ...
+
+    Strided so that the programs running at a time read neighbouring memory, and the last
+    blocks read are the tensor's end, where pass 2 (in reverse order) starts: L2 still has them.
+    """
+    p = tl.program_id(0)
+    step = tl.num_programs(0)
+    m = tl.zeros((BLOCK,), tl.float32)
+    for i in range(iters):
+        offs = (i * step + p).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
+        m = tl.maximum(m, tl.abs(x))
+    tl.store(part_ptr + p, tl.max(m, axis=0))
+
+
+@triton.jit
+def tiled_kernel(x_ptr, y_ptr, part_ptr, tab_ptr, rows, n, n_parts, G: tl.constexpr,
+                 CW: tl.constexpr, BLOCK_R: tl.constexpr, TENSOR: tl.constexpr,
+                 PARTS: tl.constexpr, KIND: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
+                 DIV: tl.constexpr, FRAC: tl.constexpr, MBITS: tl.constexpr,
+                 EMIN: tl.constexpr, EMAX: tl.constexpr, CEIL: tl.constexpr,
+                 TOP: tl.constexpr):
+    """A BLOCK_R x CW tile of whole groups of G (a power of two); 1-D grid in memory order.
+
+    TENSOR: the rule needs the tensor's absmax, reduced from pass 1's ``n_parts`` partial maxima
+    (a few hundred floats, L2-resident); the tiles then run from the tensor's end backwards.
+    """
+    pid = tl.program_id(0)
+    if TENSOR:
+        pid = tl.num_programs(0) - 1 - pid
+    n_cb = tl.cdiv(n, CW)
+    r = (pid // n_cb) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = (pid % n_cb) * CW + tl.arange(0, CW)
+    offs = r[:, None].to(tl.int64) * n + c[None, :]
+    mask = (r[:, None] < rows) & (c[None, :] < n)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    ta = 0.0
+    if TENSOR:
+        j = tl.arange(0, PARTS)
+        ta = tl.max(tl.load(part_ptr + j, mask=j < n_parts, other=0.0), axis=0)
+    if TENSOR and KIND != 5:  # one scale for everything
+        s, z = _scale(-ta, ta, ta, KIND, DIV, HI, EMAX, CEIL, TOP)
+        y = _round(x, s, z, tab_ptr, KIND, LO, HI, FRAC, MBITS, EMIN)
+    else:
+        xg = tl.reshape(x, (BLOCK_R * CW // G, G))
+        mn = tl.min(xg, axis=1)[:, None]
+        mx = tl.max(xg, axis=1)[:, None]
+        s, z = _scale(mn, mx, ta, KIND, DIV, HI, EMAX, CEIL, TOP)
+        y = tl.reshape(_round(xg, s, z, tab_ptr, KIND, LO, HI, FRAC, MBITS, EMIN), (BLOCK_R, CW))
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+
+@triton.jit
+def looped_kernel(x_ptr, y_ptr, part_ptr, tab_ptr, rows, n, n_parts, G: tl.constexpr,
+                  CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, N_CHUNKS: tl.constexpr,
+                  KIND: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, DIV: tl.constexpr,
+                  FRAC: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
+                  EMAX: tl.constexpr, CEIL: tl.constexpr, TOP: tl.constexpr):
+    """BLOCK_R rows of one group of any length G, in chunks of CHUNK columns: min/max pass,
+    then rounding pass (a group of one chunk is read once; longer ones twice, mostly from L2)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    g0 = tl.program_id(1) * G
+    row_ok = r[:, None] < rows
+    base = r[:, None].to(tl.int64) * n
+    mn = tl.zeros((BLOCK_R, 1), tl.float32)  # zeros: as the reference's padding would
+    mx = tl.zeros((BLOCK_R, 1), tl.float32)
+    for i in tl.static_range(N_CHUNKS):
+        c = g0 + i * CHUNK + tl.arange(0, CHUNK)
+        mask = row_ok & (c[None, :] < n) & (c[None, :] < g0 + G)
+        x = tl.load(x_ptr + base + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        mn = tl.minimum(mn, tl.min(x, axis=1)[:, None])
+        mx = tl.maximum(mx, tl.max(x, axis=1)[:, None])
+    s, z = _scale(mn, mx, 0.0, KIND, DIV, HI, EMAX, CEIL, TOP)
+    for i in tl.static_range(N_CHUNKS):
+        c = g0 + i * CHUNK + tl.arange(0, CHUNK)
+        mask = row_ok & (c[None, :] < n) & (c[None, :] < g0 + G)
+        if N_CHUNKS > 1:
+            x = tl.load(x_ptr + base + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = _round(x, s, z, tab_ptr, KIND, LO, HI, FRAC, MBITS, EMIN)
+        tl.store(y_ptr + base + c[None, :],
+                 y.to(y_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
