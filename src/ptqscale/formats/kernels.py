@@ -17,7 +17,8 @@ Two layouts, chosen per call:
 
 A short last group (length not divisible by g) is masked: loaded zeros never change a scale
 (absmax ignores them, the asymmetric range contains 0), exactly like the reference's own
-handling. ``fake_quantize_triton`` returns None for what it does not cover (the caller then
+handling. Non-finite elements follow the reference's policy (base.finite_part): they enter
+the min / max and the rounding as 0 and are stored back unchanged. ``fake_quantize_triton`` returns None for what it does not cover (the caller then
 uses the torch reference).
 """
 
@@ -176,6 +177,12 @@ if triton is not None:
         return _copysign(r, v)
 
     @triton.jit
+    def _finite(x):
+        """(x with NaN / +-inf as 0, mask of finite x): base.finite_part. NaN compares false."""
+        ok = tl.abs(x) <= 3.4028234663852886e38
+        return tl.where(ok, x, 0.0), ok
+
+    @triton.jit
     def _to_fp16(s):
         """elements.round_float onto fp16 after the clamp: the hardware RNE cast is that."""
         s = tl.minimum(tl.maximum(s, 2.0**-24), 65504.0)
@@ -237,12 +244,13 @@ if triton is not None:
         offs = r[:, None].to(tl.int64) * n + c[None, :]
         mask = (r[:, None] < rows) & (c[None, :] < n)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        xg = tl.reshape(x, (BLOCK_R * CW // G, G))
+        xz, ok = _finite(x)
+        xg = tl.reshape(xz, (BLOCK_R * CW // G, G))
         mn = tl.min(xg, axis=1)[:, None]
         mx = tl.max(xg, axis=1)[:, None]
         s, z = _scale(mn, mx, KIND, DIV, HI, EMAX, CEIL, TOP)
         y = _round(xg, s, z, KIND, LO, HI, FRAC, MBITS, EMIN)
-        y = tl.reshape(y, (BLOCK_R, CW))
+        y = tl.where(ok, tl.reshape(y, (BLOCK_R, CW)), x)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
     @triton.jit
@@ -260,7 +268,7 @@ if triton is not None:
         for i in tl.static_range(N_CHUNKS):
             c = g0 + i * CHUNK + tl.arange(0, CHUNK)
             mask = row_ok & (c[None, :] < n) & (c[None, :] < g0 + G)
-            x = tl.load(x_ptr + base + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = _finite(tl.load(x_ptr + base + c[None, :], mask=mask, other=0.0).to(tl.float32))[0]
             mn = tl.minimum(mn, tl.min(x, axis=1)[:, None])
             mx = tl.maximum(mx, tl.max(x, axis=1)[:, None])
         s, z = _scale(mn, mx, KIND, DIV, HI, EMAX, CEIL, TOP)
@@ -268,5 +276,6 @@ if triton is not None:
             c = g0 + i * CHUNK + tl.arange(0, CHUNK)
             mask = row_ok & (c[None, :] < n) & (c[None, :] < g0 + G)
             x = tl.load(x_ptr + base + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            y = _round(x, s, z, KIND, LO, HI, FRAC, MBITS, EMIN)
+            xz, ok = _finite(x)
+            y = tl.where(ok, _round(xz, s, z, KIND, LO, HI, FRAC, MBITS, EMIN), x)
             tl.store(y_ptr + base + c[None, :], y.to(y_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
