@@ -216,7 +216,14 @@ if triton is not None:
     @triton.jit
     def _round(x, s, z, KIND: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
                FRAC: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr):
-        """Grid values of float32 ``x`` given its group's (scale, zero) from ``_scale``."""
+        """Grid values of float32 ``x`` given its group's (scale, zero) from ``_scale``; NaN
+        and +-inf come back unchanged (the formats' non-finite policy; GPTQ's kernel too)."""
+        xz, ok = _finite(x)
+        return tl.where(ok, _round_finite(xz, s, z, KIND, LO, HI, FRAC, MBITS, EMIN), x)
+
+    @triton.jit
+    def _round_finite(x, s, z, KIND: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
+                      FRAC: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr):
         if KIND == 0:
             q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, s)), LO), HI)
             return q * s
@@ -244,13 +251,13 @@ if triton is not None:
         offs = r[:, None].to(tl.int64) * n + c[None, :]
         mask = (r[:, None] < rows) & (c[None, :] < n)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        xz, ok = _finite(x)
-        xg = tl.reshape(xz, (BLOCK_R * CW // G, G))
-        mn = tl.min(xg, axis=1)[:, None]
-        mx = tl.max(xg, axis=1)[:, None]
+        xg = tl.reshape(x, (BLOCK_R * CW // G, G))
+        xz = _finite(xg)[0]  # a NaN / inf fits as 0
+        mn = tl.min(xz, axis=1)[:, None]
+        mx = tl.max(xz, axis=1)[:, None]
         s, z = _scale(mn, mx, KIND, DIV, HI, EMAX, CEIL, TOP)
         y = _round(xg, s, z, KIND, LO, HI, FRAC, MBITS, EMIN)
-        y = tl.where(ok, tl.reshape(y, (BLOCK_R, CW)), x)
+        y = tl.reshape(y, (BLOCK_R, CW))
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
     @triton.jit
@@ -268,7 +275,8 @@ if triton is not None:
         for i in tl.static_range(N_CHUNKS):
             c = g0 + i * CHUNK + tl.arange(0, CHUNK)
             mask = row_ok & (c[None, :] < n) & (c[None, :] < g0 + G)
-            x = _finite(tl.load(x_ptr + base + c[None, :], mask=mask, other=0.0).to(tl.float32))[0]
+            x = tl.load(x_ptr + base + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = _finite(x)[0]  # a NaN / inf fits as 0
             mn = tl.minimum(mn, tl.min(x, axis=1)[:, None])
             mx = tl.maximum(mx, tl.max(x, axis=1)[:, None])
         s, z = _scale(mn, mx, KIND, DIV, HI, EMAX, CEIL, TOP)
@@ -276,6 +284,5 @@ if triton is not None:
             c = g0 + i * CHUNK + tl.arange(0, CHUNK)
             mask = row_ok & (c[None, :] < n) & (c[None, :] < g0 + G)
             x = tl.load(x_ptr + base + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            xz, ok = _finite(x)
-            y = tl.where(ok, _round(xz, s, z, KIND, LO, HI, FRAC, MBITS, EMIN), x)
+            y = _round(x, s, z, KIND, LO, HI, FRAC, MBITS, EMIN)
             tl.store(y_ptr + base + c[None, :], y.to(y_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
