@@ -305,9 +305,10 @@ class Format(abc.ABC):
         if w_cols.ndim != 2:
             raise ValueError(f"{self.name}.quantize_with: w_cols must be (rows, k)")
         w = w_cols.to(torch.float32)
-        wz, finite = finite_part(w)
-        y = self._fake(wz.unsqueeze(-2), params).squeeze(-2)
-        return torch.where(finite, y, w).to(w_cols.dtype)
+        # _fake is elementwise once params are frozen: only the non-finite outputs need putting
+        # back (two ops, not three: GPTQ's torch loop calls this once per column)
+        y = self._fake(w.unsqueeze(-2), params).squeeze(-2)
+        return torch.where(torch.isfinite(w), y, w).to(w_cols.dtype)
 
     # ---- what a family implements -----------------------------------------------------------
     @abc.abstractmethod
