@@ -15,7 +15,7 @@ import pytest
 import torch
 from formats_reference import reference
 
-from ptqscale.formats import EXAMPLES, get_format
+from ptqscale.formats import EXAMPLES, get_format, sqnr_db
 
 NAMES = sorted(set(EXAMPLES) | {"int8_t_asym", "int4_t_full", "mxfp8_e4m3_ru", "nf4_b16"})
 SPECIALS = {"nan": math.nan, "+inf": math.inf, "-inf": -math.inf}
@@ -109,3 +109,9 @@ def test_element_rounding_keeps_non_finite(name):
     r = fmt.round_elements(y)
     assert torch.isnan(r[0]) and r[1] == math.inf and r[2] == -math.inf
     assert r[3] == fmt.round_elements(y[3:4])[0] and r[4] == -fmt.element_max
+
+
+def test_sqnr_of_non_finite_tensors_is_nan_not_an_error():
+    x = torch.tensor([1.0, 70000.0])
+    assert math.isnan(sqnr_db(x, get_format("fp16").fake_quantize(x)))   # 70000 -> inf
+    assert math.isnan(sqnr_db(poisoned(math.nan), poisoned(math.nan)))
