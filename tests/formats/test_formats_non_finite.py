@@ -86,6 +86,14 @@ def test_encode_refuses_non_finite_with_the_place(name):
         get_format(name).encode(x)
 
 
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_baseline_codes_hold_non_finite(name):
+    """The 16-bit baselines' codes are raw bit patterns: encode keeps NaN / inf (a cast)."""
+    fmt = get_format(name)
+    x = poisoned(-math.inf)
+    assert_same(fmt.decode(fmt.encode(x)), fmt.fake_quantize(x))
+
+
 @pytest.mark.parametrize("name", ["int3_g64_asym", "int4_g128_full", "mxfp4", "nvfp4", "nf4",
                                   "fp8_e4m3", "int8_t"])
 def test_gptq_hook_follows_the_same_policy(name):

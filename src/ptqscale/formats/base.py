@@ -131,6 +131,7 @@ class Format(abc.ABC):
     scale_bits: int = 0
     zero_bits: int = 0
     needs_tensor_amax: bool = False  # fit() needs the amax of the whole tensor (NVFP4)
+    codes_hold_non_finite: bool = False  # encode() keeps NaN / inf (raw float codes)
 
     # ---- identity -------------------------------------------------------------------------
     @property
@@ -264,10 +265,12 @@ class Format(abc.ABC):
     def encode(self, x: torch.Tensor, axis: int = -1) -> Encoded:
         """Integer codes and stored scales of ``x`` (groups along ``axis``).
 
-        A NaN or inf in ``x`` raises ValueError (before any work): no code represents it.
+        A NaN or inf in ``x`` raises ValueError (before any work) unless the codes are raw
+        float bit patterns that hold it (``codes_hold_non_finite``: the 16-bit baselines).
         """
         self._checked_axis(x, axis)
-        _refuse_non_finite(x, f"{self.name}.encode")
+        if not self.codes_hold_non_finite:
+            _refuse_non_finite(x, f"{self.name}.encode")
         xb, ax, pad = self._blocks(x, axis)
         p = self._fit(xb, None)
         scale, zero, tscale = self._store(p)

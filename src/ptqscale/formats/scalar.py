@@ -53,6 +53,7 @@ class BaselineFormat(Format):
     family = "baseline"
     element_bits = 16
     scale_rule = "none"
+    codes_hold_non_finite = True  # the raw 16-bit patterns: a cast keeps NaN and inf
 
     def __post_init__(self) -> None:
         if self.dtype_name not in ("bf16", "fp16"):
