@@ -17,7 +17,7 @@ as its own group instead of padding it.
 Non-finite values (docs/formats.md, "Non-finite values"): a NaN or +-inf element is kept as
 it is in the output and counts as 0 when its group's scale is fitted, so it never changes
 the other elements; ``encode`` refuses it (no code holds it). One place applies this for
-every format: :func:`finite_part` here, and the same two ``where`` in the fused kernel.
+every format: :func:`finite_part` here, and its twin ``kernels._finite`` in the fused kernel.
 """
 
 from __future__ import annotations
@@ -291,7 +291,7 @@ class Format(abc.ABC):
         ``w_cols``). NVFP4 also needs ``tensor_amax``, the absmax of the whole tensor.
         Missing columns of a partial group behave like the zero padding of fake_quantize, and
         so do NaN / inf entries of ``w_cols`` (``tensor_amax`` is then that of the finite
-        values; an inf or NaN ``tensor_amax`` makes every value non-finite).
+        values; an inf or NaN ``tensor_amax`` makes every NVFP4 value NaN).
         """
         if w_cols.ndim != 2:
             raise ValueError(f"{self.name}.fit: w_cols must be (rows, k), got {tuple(w_cols.shape)}")

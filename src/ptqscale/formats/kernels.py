@@ -17,9 +17,10 @@ Two layouts, chosen per call:
 
 A short last group (length not divisible by g) is masked: loaded zeros never change a scale
 (absmax ignores them, the asymmetric range contains 0), exactly like the reference's own
-handling. Non-finite elements follow the reference's policy (base.finite_part): they enter
-the min / max and the rounding as 0 and are stored back unchanged. ``fake_quantize_triton`` returns None for what it does not cover (the caller then
-uses the torch reference).
+handling. Non-finite elements follow the reference's policy (``base.finite_part``, here
+``_finite``): they enter the min / max and the rounding as 0 and are stored back unchanged.
+``fake_quantize_triton`` returns None for what it does not cover (the caller then uses the
+torch reference).
 """
 
 from __future__ import annotations
