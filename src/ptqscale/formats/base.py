@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from . import kernels
 
 KERNELS = ("auto", "torch", "triton")
+_F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
@@ -91,10 +92,11 @@ def finite_part(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Every format fits and rounds the zeroed tensor, then puts the non-finite elements back
     (``torch.where(finite, y, x)``): a NaN stays NaN, +-inf stays +-inf, and the rest of the
     group is quantized as if that element were 0 (as zero padding is). No data-dependent
-    branch, so it traces under torch.compile and costs no device sync.
+    branch, so it traces under torch.compile and costs no device sync. (``nan_to_num`` and
+    ``==`` rather than ``torch.isfinite``, which is ~8x slower on CPU: one pass each.)
     """
-    finite = torch.isfinite(x)
-    return torch.where(finite, x, 0.0), finite
+    xz = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    return xz, xz == x  # False exactly where x was NaN or +-inf (0 == 0 and -0 == 0 hold)
 
 
 def _refuse_non_finite(x: torch.Tensor, what: str) -> None:
@@ -311,7 +313,7 @@ class Format(abc.ABC):
         # _fake is elementwise once params are frozen: only the non-finite outputs need putting
         # back (two ops, not three: GPTQ's torch loop calls this once per column)
         y = self._fake(w.unsqueeze(-2), params).squeeze(-2)
-        return torch.where(torch.isfinite(w), y, w).to(w_cols.dtype)
+        return torch.where(w.abs() <= _F32_MAX, y, w).to(w_cols.dtype)  # False for NaN / inf
 
     # ---- what a family implements -----------------------------------------------------------
     @abc.abstractmethod
