@@ -99,6 +99,12 @@ def finite_part(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xz, xz == x  # False exactly where x was NaN or +-inf (0 == 0 and -0 == 0 hold)
 
 
+def finite_mask(x: torch.Tensor) -> torch.Tensor:
+    """True where ``x`` is finite: ``|x| <= float32 max`` (False for NaN and +-inf), two cheap
+    passes where ``torch.isfinite`` takes four on CUDA and is ~8x slower on CPU."""
+    return x.abs() <= _F32_MAX
+
+
 def _refuse_non_finite(x: torch.Tensor, what: str) -> None:
     finite = torch.isfinite(x)
     if not bool(finite.all()):
@@ -313,7 +319,7 @@ class Format(abc.ABC):
         # _fake is elementwise once params are frozen: only the non-finite outputs need putting
         # back (two ops, not three: GPTQ's torch loop calls this once per column)
         y = self._fake(w.unsqueeze(-2), params).squeeze(-2)
-        return torch.where(w.abs() <= _F32_MAX, y, w).to(w_cols.dtype)  # False for NaN / inf
+        return torch.where(finite_mask(w), y, w).to(w_cols.dtype)
 
     # ---- what a family implements -----------------------------------------------------------
     @abc.abstractmethod

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
-from .base import Encoded, Format, GroupParams
+from .base import Encoded, Format, GroupParams, finite_mask
 from .elements import (
     MinifloatSpec,
     codes_to_minifloat,
@@ -146,7 +146,7 @@ class IntFormat(Format):
     def round_elements(self, y: torch.Tensor) -> torch.Tensor:
         if not self.element_type:
             return super().round_elements(y)
-        return torch.where(torch.isfinite(y), torch.round(y).clamp(self._lo, self._hi), y)
+        return torch.where(finite_mask(y), torch.round(y).clamp(self._lo, self._hi), y)
 
     def kernel_spec(self) -> dict | None:
         if self.per_tensor:  # one amax over the whole tensor: not a per-group kernel
@@ -229,7 +229,7 @@ class FloatFormat(Format):
         return s  # stored as float32
 
     def round_elements(self, y: torch.Tensor) -> torch.Tensor:
-        return torch.where(torch.isfinite(y), round_minifloat(y, self.spec), y)
+        return torch.where(finite_mask(y), round_minifloat(y, self.spec), y)
 
     def _fit(self, xb, tensor_amax):
         return GroupParams(_guard(div_exact(self._amax(xb), self.spec.max_value)))
