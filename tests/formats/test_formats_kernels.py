@@ -76,6 +76,30 @@ def test_every_launch_candidate_and_the_tuned_one_are_the_reference(name):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", COVERED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_keeps_non_finite_like_the_reference(name, dtype):
+    """NaN / +-inf stay in place and never move a scale, in both kernel layouts (a NaN's
+    payload and sign may differ between the two casts back to bf16: compared as NaN)."""
+    fmt = get_format(name)
+    for shape, axes in [((8, 256), (-1, 0)), ((5, 200), (-1,)), ((2, 28672), (-1,))]:
+        x = edge_tensor(shape, dtype, seed=4)
+        flat = x.view(-1)
+        flat[[11, 40, 77, flat.numel() - 1]] = torch.tensor(
+            [float("nan"), float("inf"), -float("inf"), float("nan")], dtype=dtype)
+        x.view(-1, shape[-1])[1, :5] = float("inf")
+        x = x.cuda()
+        for axis in axes:
+            ref = fmt.fake_quantize(x, axis, kernel="torch")
+            got = fmt.fake_quantize(x, axis, kernel="triton")
+            assert torch.equal(torch.isnan(got), torch.isnan(ref)), (shape, axis)
+            keep = ~torch.isnan(ref)
+            assert torch.equal(got[keep], ref[keep]), (shape, axis)
+            assert torch.equal(torch.signbit(got[keep]), torch.signbit(ref[keep])), (shape, axis)
+            assert torch.equal(torch.isfinite(got), torch.isfinite(x)), (shape, axis)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["int4_g128", "int3_g64_asym", "mxfp6_e3m2", "mxint8",
                                   "fp8_e4m3", "nvfp4", "nf4"])
 def test_fp16_and_3d_inputs(name):

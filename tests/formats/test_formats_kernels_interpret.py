@@ -1,7 +1,7 @@
 """The fused kernels checked on the CPU, where triton is installed (``pip install -e .[kernels]``;
 CUDA builds of torch ship it): run by Triton's interpreter, bitwise the reference for every
-covered format, dtype, layout and launch candidate on tiny tensors
-(tests/formats/kernels_interpret_check.py); compiled for sm_90 without a GPU, with no
+covered format, dtype, layout and launch candidate on tiny tensors, and with NaN / +-inf
+inputs (tests/formats/kernels_interpret_check.py); compiled for sm_90 without a GPU, with no
 register spills (tests/formats/kernels_compile_check.py). Each runs in a subprocess: the
 interpreter is chosen when the kernels are decorated, at import."""
 
@@ -17,16 +17,23 @@ import pytest
 pytest.importorskip("triton")
 
 
-def _run(script: str, **env) -> None:
+def _run(script: str, *args: str, **env) -> None:
     path = Path(__file__).with_name(script)
-    out = subprocess.run([sys.executable, "-W", "ignore", str(path)], env=os.environ | env,
+    out = subprocess.run([sys.executable, "-W", "ignore", str(path), *args], env=os.environ | env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
 
 @pytest.mark.slow
 def test_interpreted_kernels_are_bitwise_the_reference():
-    _run("kernels_interpret_check.py", TRITON_INTERPRET="1")
+    _run("kernels_interpret_check.py", "finite", TRITON_INTERPRET="1")
+
+
+@pytest.mark.slow
+def test_interpreted_kernels_keep_non_finite_like_the_reference():
+    """NaN / +-inf in every covered format and layout: kept in place, never moving a scale,
+    bit for bit the reference's (docs/formats.md, "Non-finite values")."""
+    _run("kernels_interpret_check.py", "non-finite", TRITON_INTERPRET="1")
 
 
 @pytest.mark.slow

@@ -88,6 +88,27 @@ def test_bf16_rtn_is_the_16_bit_baseline_path(tiny_llama):
     assert report.weight_sqnr_db > 45
 
 
+def test_a_created_non_finite_weight_fails_an_inherited_one_is_kept(tiny_llama):
+    """fp16 overflows 1e5 to inf: the layer fails, named with the place and both values; a NaN
+    that was already in the weight stays NaN (formats keep it) and is the runner's to judge."""
+    from ptqscale.errors import ImplausibleResultError
+    from ptqscale.methods.base import layer_stats
+
+    q_proj = tiny_llama.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q_proj.weight[1, 2] = 1e5
+    with pytest.raises(ImplausibleResultError, match=r"model\.layers\.0\.self_attn\.q_proj: the "
+                       r"quantized weight holds 1 non-finite value\(s\) .* first at \(1, 2\): "
+                       r"100000\.0 -> inf"):
+        quantize(tiny_llama, RTNConfig(format="fp16"))
+    w = torch.randn(4, 64)
+    w[0, 3] = float("nan")
+    for name in ("int4_g32", "mxfp4", "nf4", "fp8_e4m3"):
+        q = get_format(name).fake_quantize(w)
+        stats = layer_stats("x", w, q, 0)   # inherited: no error, no SQNR (JSON has no NaN)
+        assert stats["sqnr_db"] is None and torch.isnan(q[0, 3]) and torch.isfinite(q).sum() == 255
+
+
 def test_registry_is_loud():
     with pytest.raises(ConfigError, match="rtn"):
         get_method("rnt")   # close match suggested

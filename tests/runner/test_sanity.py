@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runner_utils import run_cli
+from runner_utils import FAST, run_cli
 from safetensors.torch import load_file, save_file
 
 from ptqscale.assets import ZOO_CHECKPOINTS
@@ -35,6 +35,8 @@ def _corrupt(tmp_path: Path, how: str) -> Path:
         del tensors["model.layers.1.self_attn.k_proj.weight"]
     elif how == "wrong":  # finite, but every logit flipped and sharpened
         tensors["model.norm.weight"] = tensors["model.norm.weight"] * -30.0
+    elif how == "big":  # finite, beyond fp16's range (65504): an fp16 cast makes it inf
+        tensors["model.layers.1.self_attn.q_proj.weight"][2, 9] = 1e5
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
 
@@ -75,6 +77,30 @@ def test_an_implausible_model_gives_a_failed_record(tmp_path, how, reason):
     assert re.search(reason, record["error"]["message"]), record["error"]["message"]
     assert "metrics" not in record or record["metrics"].get("nll") is None
     assert not list((tmp_path / "results" / "_cache").glob("fp_eval/*.json"))  # never cached
+
+
+@pytest.mark.parametrize(("method", "count"), [
+    ("rtn", "1"), pytest.param("gptq", "\\d+", marks=pytest.mark.slow)])
+def test_a_format_that_creates_an_inf_fails_the_job(tmp_path, composed, method, count):
+    """Finite fp weights, one of them beyond fp16's range: the fp16 job fails at that layer,
+    naming it, the count, the place and the values, and stores no metrics (GPTQ carries the
+    inf along the row; it fails there, before the next layer is calibrated on NaN)."""
+    from ptqscale.runner.job import JobFailed, run_job
+
+    folder = _corrupt(tmp_path, "big")
+    cfg = composed([f"model={MEMBER}", f"model.path={folder}", "model.device=cpu",
+                    "data=gutenberg", f"method={method}", "format=fp16", "wandb.mode=disabled",
+                    f"paths.results={tmp_path / 'results'}", *FAST])
+    with pytest.raises(JobFailed, match="ImplausibleResultError"):
+        run_job(cfg)
+    (path,) = (tmp_path / "results" / "adhoc" / "records").glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["status"] == "failed"
+    assert re.fullmatch(
+        rf"model\.layers\.1\.self_attn\.q_proj: the quantized weight holds {count} non-finite "
+        r"value\(s\) \(NaN/inf\) where the full-precision weight was finite \(of 4096\), "
+        r"first at \(2, 9\): 99840\.0 -> inf", record["error"]["message"]), record["error"]
+    assert "metrics" not in record or record["metrics"].get("nll") is None
 
 
 def test_non_finite_quantized_weights_fail():

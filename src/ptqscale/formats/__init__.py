@@ -18,7 +18,9 @@ API of a :class:`Format`: ``name``, ``family`` (baseline | int | fp | mx | nvfp4
 ``storage_bits(shape)`` for the exact total), ``describe()``, ``fake_quantize(x, axis=-1)``,
 ``encode(x, axis=-1) -> Encoded``, ``decode(enc)``, ``padding_needed(n)``, and for GPTQ-style
 column-wise rounding ``scale_group_size(n_in)``, ``fit(w_cols[, tensor_amax])`` and
-``quantize_with(w_cols, params)``. ``sqnr_db(x, q)`` measures the error.
+``quantize_with(w_cols, params)``. ``sqnr_db(x, q)`` measures the error. A NaN or inf element
+is kept in place and fitted as 0 (never moving another element); ``encode`` refuses it
+(docs/formats.md, "Non-finite values").
 
 What methods and the fused kernel ask of a format (they never test its class or name):
 ``group_length(columns)``, ``to_groups(W)`` / ``from_groups(Wg, rows, columns)`` (one scale

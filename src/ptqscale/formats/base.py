@@ -13,6 +13,11 @@ and the base class turns them into ``fake_quantize`` / ``encode`` / ``decode`` /
 ``quantize_with``. Zero padding never changes a scale (absmax ignores zeros and the
 asymmetric INT range always contains 0), so ``fake_quantize`` handles a short last block
 as its own group instead of padding it.
+
+Non-finite values (docs/formats.md, "Non-finite values"): a NaN or +-inf element is kept as
+it is in the output and counts as 0 when its group's scale is fitted, so it never changes
+the other elements; ``encode`` refuses it (no code holds it). One place applies this for
+every format: :func:`finite_part` here, and its twin ``kernels_jit._finite`` in the fused kernels.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch.nn.functional as F
 from . import kernels
 
 KERNELS = ("auto", "torch", "triton")
+_F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,35 @@ class Encoded:
         return bits + (0 if self.tensor_scale is None else 32)
 
 
+def finite_part(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x with NaN / +-inf replaced by 0, mask of its finite elements)``.
+
+    Every format fits and rounds the zeroed tensor, then puts the non-finite elements back
+    (``torch.where(finite, y, x)``): a NaN stays NaN, +-inf stays +-inf, and the rest of the
+    group is quantized as if that element were 0 (as zero padding is). No data-dependent
+    branch, so it traces under torch.compile and costs no device sync. (``nan_to_num`` and
+    ``==`` rather than ``torch.isfinite``, which is ~8x slower on CPU: one pass each.)
+    """
+    xz = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    return xz, xz == x  # False exactly where x was NaN or +-inf (0 == 0 and -0 == 0 hold)
+
+
+def finite_mask(x: torch.Tensor) -> torch.Tensor:
+    """True where ``x`` is finite: ``|x| <= float32 max`` (False for NaN and +-inf), two cheap
+    passes where ``torch.isfinite`` takes four on CUDA and is ~8x slower on CPU."""
+    return x.abs() <= _F32_MAX
+
+
+def _refuse_non_finite(x: torch.Tensor, what: str) -> None:
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()
+        raise ValueError(
+            f"{what}: {bad.shape[0]} non-finite value(s) (NaN/inf), first at index "
+            f"{tuple(bad[0].tolist())}; integer codes cannot hold them (fake_quantize keeps "
+            "them in place, docs/formats.md 'Non-finite values')")
+
+
 def _normalize_axis(x: torch.Tensor, axis: int) -> int:
     if not isinstance(axis, int) or not -x.ndim <= axis < max(x.ndim, 1):
         raise ValueError(f"axis={axis!r} out of range for a tensor of shape {tuple(x.shape)}")
@@ -104,6 +139,7 @@ class Format(abc.ABC):
     scale_bits: int = 0
     zero_bits: int = 0
     needs_tensor_amax: bool = False  # fit() needs the amax of the whole tensor (NVFP4)
+    codes_hold_non_finite: bool = False  # encode() keeps NaN / inf (raw float codes)
 
     # ---- identity -------------------------------------------------------------------------
     @property
@@ -217,24 +253,32 @@ class Format(abc.ABC):
                                  f"(device={x.device}, dtype={x.dtype}, triton installed: "
                                  f"{kernels.available()})")
         xm, ax = self._moved(x, axis)
+        xz, finite = finite_part(xm)
         n = xm.shape[-1]
         g = self.block_size or n
-        ta = xm.abs().amax() if self.needs_tensor_amax else None
+        ta = xz.abs().amax() if self.needs_tensor_amax else None
         # A short last block is quantized on its own instead of zero-padded: same scales (zeros
         # never change them), and no pad-then-slice, which Inductor (torch 2.13, CPU) miscompiles.
         cut = n - n % g
-        parts = [self._fake_span(xm[..., :cut], g, ta)] if cut else []
+        parts = [self._fake_span(xz[..., :cut], g, ta)] if cut else []
         if cut < n:
-            parts.append(self._fake_span(xm[..., cut:], n - cut, ta))
+            parts.append(self._fake_span(xz[..., cut:], n - cut, ta))
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-        return y.movedim(-1, ax).to(x.dtype)
+        return torch.where(finite, y, xm).movedim(-1, ax).to(x.dtype)
 
     def _fake_span(self, xm: torch.Tensor, g: int, ta) -> torch.Tensor:
         xb = xm.reshape(*xm.shape[:-1], xm.shape[-1] // g, g)
         return self._fake(xb, self._fit(xb, ta)).reshape(xm.shape)
 
     def encode(self, x: torch.Tensor, axis: int = -1) -> Encoded:
-        """Integer codes and stored scales of ``x`` (groups along ``axis``)."""
+        """Integer codes and stored scales of ``x`` (groups along ``axis``).
+
+        A NaN or inf in ``x`` raises ValueError (before any work) unless the codes are raw
+        float bit patterns that hold it (``codes_hold_non_finite``: the 16-bit baselines).
+        """
+        self._checked_axis(x, axis)
+        if not self.codes_hold_non_finite:
+            _refuse_non_finite(x, f"{self.name}.encode")
         xb, ax, pad = self._blocks(x, axis)
         p = self._fit(xb, None)
         scale, zero, tscale = self._store(p)
@@ -253,21 +297,29 @@ class Format(abc.ABC):
 
         Returns per-row :class:`GroupParams` (per-tensor formats: one scale for all of
         ``w_cols``). NVFP4 also needs ``tensor_amax``, the absmax of the whole tensor.
-        Missing columns of a partial group behave like the zero padding of fake_quantize.
+        Missing columns of a partial group behave like the zero padding of fake_quantize, and
+        so do NaN / inf entries of ``w_cols`` (``tensor_amax`` is then that of the finite
+        values; an inf or NaN ``tensor_amax`` makes every NVFP4 value NaN).
         """
         if w_cols.ndim != 2:
             raise ValueError(f"{self.name}.fit: w_cols must be (rows, k), got {tuple(w_cols.shape)}")
         if self.needs_tensor_amax and tensor_amax is None:
             raise ValueError(f"{self.name}.fit needs tensor_amax=W.abs().amax() of the whole tensor")
         ta = None if tensor_amax is None else torch.as_tensor(tensor_amax, dtype=torch.float32)
-        return self._fit(w_cols.to(torch.float32).unsqueeze(-2), ta)
+        return self._fit(finite_part(w_cols.to(torch.float32))[0].unsqueeze(-2), ta)
 
     def quantize_with(self, w_cols: torch.Tensor, params: GroupParams) -> torch.Tensor:
-        """Round columns of a group with frozen ``params`` (from :meth:`fit`); keeps dtype."""
+        """Round columns of a group with frozen ``params`` (from :meth:`fit`); keeps dtype.
+
+        NaN / inf entries are returned as they are (the non-finite policy of fake_quantize).
+        """
         if w_cols.ndim != 2:
             raise ValueError(f"{self.name}.quantize_with: w_cols must be (rows, k)")
-        y = self._fake(w_cols.to(torch.float32).unsqueeze(-2), params)
-        return y.squeeze(-2).to(w_cols.dtype)
+        w = w_cols.to(torch.float32)
+        # _fake is elementwise once params are frozen: only the non-finite outputs need putting
+        # back (two ops, not three: GPTQ's torch loop calls this once per column)
+        y = self._fake(w.unsqueeze(-2), params).squeeze(-2)
+        return torch.where(finite_mask(w), y, w).to(w_cols.dtype)
 
     # ---- what a family implements -----------------------------------------------------------
     @abc.abstractmethod
@@ -303,6 +355,7 @@ class Format(abc.ABC):
 
         Only for element types (``element_type``): a method that places its own scales (per
         token, per channel, CrossQuant) rounds with the format's element rule through this.
+        NaN and +-inf are returned as they are (never saturated to a finite value).
         """
         raise NotImplementedError(f"{self.name}: not an element type; its scales are its own")
 

@@ -26,8 +26,11 @@ capture take the first).
 
 A short last group (length not divisible by g) is masked: loaded zeros never change a scale
 (absmax ignores them, the asymmetric range contains 0), exactly like the reference's own
-handling. ``fake_quantize_triton`` returns None for what it does not cover (the caller then
-uses the torch reference). Non-finite inputs are not matched to the reference (issue 23c).
+handling. Non-finite elements follow the reference's policy (``base.finite_part``; in the
+kernels ``kernels_jit._finite``): they enter every min / max, the pass-1 absmax and the rounding
+as 0 and are stored back unchanged, so NaN / +-inf inputs are bitwise the reference's too.
+``fake_quantize_triton`` returns None for what it does not cover (the caller then uses the
+torch reference).
 """
 
 from __future__ import annotations

@@ -3,6 +3,11 @@
 Every float32 operation is the torch reference's (:mod:`.scalar`, :mod:`.block`), in the same
 order, with IEEE division (``div_rn``; Triton's ``/`` is approximate) and round-half-even
 (``_rint``), so that results are bitwise the reference's. Imported only where Triton is.
+
+Non-finite values (docs/formats.md, "Non-finite values"): ``_finite`` is the twin of
+``base.finite_part``. Every reduction (a group's min / max, pass 1's absmax) reads a NaN or
++-inf as 0, and ``_round`` returns it unchanged, so the output keeps it in place and no other
+element moves: the reference's ``where(finite, y, x)``.
 """
 
 from __future__ import annotations
@@ -45,6 +50,14 @@ def _rint(v):
     a = tl.abs(v)
     r = tl.where(a < 8388608.0, (a + 8388608.0) - 8388608.0, a)
     return _copysign(r, v)
+
+
+@triton.jit
+def _finite(x):
+    """(x with NaN / +-inf as 0, mask of finite x): base.finite_part / finite_mask. A NaN
+    compares false, so it is not ``ok``."""
+    ok = tl.abs(x) <= 3.4028234663852886e38
+    return tl.where(ok, x, 0.0), ok
 
 
 @triton.jit
@@ -115,7 +128,16 @@ def _nf4(y, tab_ptr):
 @triton.jit
 def _round(x, s, z, tab_ptr, KIND: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
            FRAC: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr):
-    """Grid values of float32 ``x`` given its group's (scale, zero) from ``_scale``."""
+    """Grid values of float32 ``x`` given its group's (scale, zero) from ``_scale``; NaN and
+    +-inf come back unchanged (the formats' non-finite policy; GPTQ's fused loop too)."""
+    xz, ok = _finite(x)
+    return tl.where(ok, _round_finite(xz, s, z, tab_ptr, KIND, LO, HI, FRAC, MBITS, EMIN), x)
+
+
+@triton.jit
+def _round_finite(x, s, z, tab_ptr, KIND: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
+                  FRAC: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr):
+    """``_round`` of a finite ``x``."""
     if KIND == 0:
         q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, s)), LO), HI)
         return q * s
@@ -151,7 +173,7 @@ def amax_kernel(x_ptr, part_ptr, numel, iters, BLOCK: tl.constexpr):
     for i in range(iters):
         offs = (i * step + p).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
-        m = tl.maximum(m, tl.abs(x))
+        m = tl.maximum(m, tl.abs(_finite(x)[0]))  # the absmax of the finite values
     tl.store(part_ptr + p, tl.max(m, axis=0))
 
 
@@ -185,8 +207,9 @@ def tiled_kernel(x_ptr, y_ptr, part_ptr, tab_ptr, rows, n, n_parts, G: tl.conste
         y = _round(x, s, z, tab_ptr, KIND, LO, HI, FRAC, MBITS, EMIN)
     else:
         xg = tl.reshape(x, (BLOCK_R * CW // G, G))
-        mn = tl.min(xg, axis=1)[:, None]
-        mx = tl.max(xg, axis=1)[:, None]
+        xz = _finite(xg)[0]  # a NaN / inf fits as 0
+        mn = tl.min(xz, axis=1)[:, None]
+        mx = tl.max(xz, axis=1)[:, None]
         s, z = _scale(mn, mx, ta, KIND, DIV, HI, EMAX, CEIL, TOP)
         y = tl.reshape(_round(xg, s, z, tab_ptr, KIND, LO, HI, FRAC, MBITS, EMIN), (BLOCK_R, CW))
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
@@ -210,8 +233,9 @@ def looped_kernel(x_ptr, y_ptr, part_ptr, tab_ptr, rows, n, n_parts, G: tl.const
         c = g0 + i * CHUNK + tl.arange(0, CHUNK)
         mask = row_ok & (c[None, :] < n) & (c[None, :] < g0 + G)
         x = tl.load(x_ptr + base + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        mn = tl.minimum(mn, tl.min(x, axis=1)[:, None])
-        mx = tl.maximum(mx, tl.max(x, axis=1)[:, None])
+        xz = _finite(x)[0]  # a NaN / inf fits as 0 (x itself is rounded below: kept as it is)
+        mn = tl.minimum(mn, tl.min(xz, axis=1)[:, None])
+        mx = tl.maximum(mx, tl.max(xz, axis=1)[:, None])
     s, z = _scale(mn, mx, 0.0, KIND, DIV, HI, EMAX, CEIL, TOP)
     for i in tl.static_range(N_CHUNKS):
         c = g0 + i * CHUNK + tl.arange(0, CHUNK)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
-from .base import Encoded, Format, GroupParams
+from .base import Encoded, Format, GroupParams, finite_mask
 from .elements import (
     MinifloatSpec,
     codes_to_minifloat,
@@ -53,6 +53,7 @@ class BaselineFormat(Format):
     family = "baseline"
     element_bits = 16
     scale_rule = "none"
+    codes_hold_non_finite = True  # the raw 16-bit patterns: a cast keeps NaN and inf
 
     def __post_init__(self) -> None:
         if self.dtype_name not in ("bf16", "fp16"):
@@ -145,7 +146,7 @@ class IntFormat(Format):
     def round_elements(self, y: torch.Tensor) -> torch.Tensor:
         if not self.element_type:
             return super().round_elements(y)
-        return torch.round(y).clamp(self._lo, self._hi)
+        return torch.where(finite_mask(y), torch.round(y).clamp(self._lo, self._hi), y)
 
     def kernel_spec(self) -> dict | None:
         if self.per_tensor and self.mode == "asym":  # would need the tensor's min and max
@@ -229,7 +230,7 @@ class FloatFormat(Format):
         return s  # stored as float32
 
     def round_elements(self, y: torch.Tensor) -> torch.Tensor:
-        return round_minifloat(y, self.spec)
+        return torch.where(finite_mask(y), round_minifloat(y, self.spec), y)
 
     def kernel_spec(self) -> dict | None:
         return kernels.spec(KIND=kernels.FP, MBITS=self.spec.mbits, EMIN=self.spec.emin,

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ptqscale.errors import ConfigError, unknown_name
+from ptqscale.errors import ConfigError, ImplausibleResultError, unknown_name
 from ptqscale.formats import Format, get_format
 from ptqscale.methods.activations import ActQuantConfig, quantize_activations
 from ptqscale.methods.cost import measure_cost
@@ -84,8 +84,8 @@ class QuantReport:
         """Global SQNR: 10*log10(sum ||W||^2 / sum ||W - Q(W)||^2) over all quantized layers."""
         signal = sum(layer["signal"] for layer in self.layers)
         noise = sum(layer["noise"] for layer in self.layers)
-        if not self.layers or noise == 0:
-            return None  # nothing quantized, or exact: JSON has no +inf
+        if not self.layers or not 0 < noise < math.inf:
+            return None  # nothing quantized, exact, or non-finite weights: JSON has no inf
         return 10 * math.log10(signal / noise)
 
     @property
@@ -202,10 +202,34 @@ def select_targets(model: nn.Module, anatomy: Any, targets: TargetsConfig) -> di
 
 
 def layer_stats(name: str, weight: torch.Tensor, quantized: torch.Tensor, padded: int) -> dict[str, Any]:
-    """Per-layer record entry: sizes, signal and noise energy (fp64 sums), SQNR in dB."""
+    """Per-layer record entry: sizes, signal and noise energy (fp64 sums), SQNR in dB.
+
+    Every method passes each layer through here before writing it, so this is where a
+    non-finite value that quantizing created (``weight`` finite there) fails the job, with
+    the layer and the place, before the next layer is calibrated on its output.
+    """
     w = weight.detach().double()
     signal = float(w.square().sum())
     noise = float((w - quantized.detach().double()).square().sum())
-    sqnr = 10 * math.log10(signal / noise) if noise > 0 else None
+    if not math.isfinite(noise):
+        check_no_new_non_finite(name, weight, quantized)
+    # None also for an inf / NaN noise (non-finite weights), which the runner then reports
+    sqnr = 10 * math.log10(signal / noise) if 0 < noise < math.inf else None
     return {"name": name, "shape": list(weight.shape), "numel": weight.numel(),
             "signal": signal, "noise": noise, "sqnr_db": sqnr, "padded": padded}
+
+
+def check_no_new_non_finite(name: str, weight: torch.Tensor, quantized: torch.Tensor) -> None:
+    """Raise ImplausibleResultError where ``quantized`` is NaN / inf and ``weight`` is finite.
+
+    Formats keep a non-finite weight in place (docs/formats.md), so such a value was created by
+    the format (an fp16 overflow) or the method (an update gone inf), never inherited.
+    """
+    new = torch.isfinite(weight.detach()) & ~torch.isfinite(quantized.detach())
+    if bool(new.any()):
+        where = new.nonzero()
+        first = tuple(where[0].tolist())
+        raise ImplausibleResultError(
+            f"{name}: the quantized weight holds {where.shape[0]} non-finite value(s) (NaN/inf) "
+            f"where the full-precision weight was finite (of {weight.numel()}), first at "
+            f"{first}: {float(weight[first])!r} -> {float(quantized[first])!r}")

@@ -244,9 +244,17 @@ def check_loaded(model: nn.Module, info: dict, what: str) -> None:
 
 
 def check_finite(model: nn.Module, what: str) -> None:
-    """Fail naming the first parameters that hold NaN or infinity."""
-    bad = [name for name, p in model.named_parameters()
-           if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    """Fail naming the first parameters that hold NaN or infinity: how many, and where.
+
+    Every format keeps a non-finite weight where it is (docs/formats.md), so after
+    quantizing a model that loaded finite, a hit is a value the method or format created.
+    """
+    bad = []
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            where = (~torch.isfinite(p.detach())).nonzero()
+            bad.append(f"{name} ({where.shape[0]} of {p.numel()} elements, first at "
+                       f"{tuple(where[0].tolist())})")
     if bad:
         raise ImplausibleResultError(
             f"{what}: non-finite values (NaN or inf) in {len(bad)} weight tensor(s): "

@@ -131,7 +131,10 @@ def quantize_and_measure(spec: Any, model: torch.nn.Module, tokenizer: Any, leve
     with console.stage(f"quantize {spec.method.name} {spec.fmt.name}"):
         report = quantize(model, spec.method, ctx)
     timings["quantize"] = report.seconds
-    check_finite(model, f"{spec.method.name} into {spec.fmt.name}: the quantized model")
+    # The loader refused non-finite fp weights and formats keep them in place: a hit here is
+    # one the method or the format created (an fp16 overflow, a GPTQ update gone inf).
+    check_finite(model, f"{spec.method.name} into {spec.fmt.name}: the quantized model "
+                        "(its full-precision weights were finite at load)")
 
     mctx.report = report
     metrics = measure_metrics(spec.metrics, mctx)
