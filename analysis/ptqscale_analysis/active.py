@@ -1,0 +1,450 @@
+"""Predictor-guided design of a study's grid: which jobs to run next, and when to stop.
+
+A study's grid is a table of points (one row per job, a column per swept key, e.g. model,
+data, method, format). A *question* says what the jobs are for:
+
+- ``predictor``: dNLL over the whole grid (the forest of :mod:`ptqscale_analysis.predictor`);
+  the next batch is where the trees disagree most (widest interval), and the sweep stops
+  when the grid's answer (measured dNLL where run, predicted elsewhere) stops moving.
+- ``pareto``: the measured frontier of memory (``model_bytes``) against NLL, per corpus and
+  family (the splits of :mod:`ptqscale_analysis.queries`); the next batch is the points
+  with the largest expected improvement over the frontier measured so far (the forest's
+  mean and spread, widened by its out-of-bag error), and the sweep stops when no point not
+  yet run is expected to improve it by more than ``min_gain``.
+
+Every design starts with a seed that covers each combination of the ``unit_keys`` (model
+and corpus: the predictor's model features are measured per model and corpus) once, with
+the other keys cycled so that every format and method is seen. Baseline points (16-bit
+formats, method none) are never run: every job of a model measures its full-precision
+NLL, which is their answer. This module only decides; :func:`run_design` drives any
+``Oracle``: the Hydra sweeper (real jobs, hydra_plugins/ptqscale_sweeper) or
+:class:`ptqscale_analysis.replay.ReplayOracle` (an existing store's records revealed on
+demand: what the sweeper would have done, no job run).
+
+Example::
+
+    >>> full = load_study("results", "family_scan")                       # doctest: +SKIP
+    >>> grid = grid_from_frame(full, ["model", "data", "method", "format"])
+    >>> history = run_design(grid, ReplayOracle(full, grid), DesignConfig("pareto"))
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+from scipy.stats import norm
+
+from ptqscale_analysis.errors import AnalysisError
+from ptqscale_analysis.predictor import (
+    PredictorConfig,
+    add_features,
+    format_table,
+    train_predictor,
+    training_rows,
+)
+
+QUESTIONS = ("predictor", "pareto")
+# record columns that describe a model on one corpus (the predictor's model features)
+_UNIT_COLUMNS = ("params.total", "params.quantized", "metrics.nll_fp", "model.family")
+
+
+@dataclass(frozen=True)
+class DesignConfig:
+    """How the sweeper chooses (every field is recorded in its log).
+
+    ``budget``: the most jobs, an integer count (>= 1) or a fraction of the grid's points
+    (< 1; baseline points count in the grid but are never run). ``tol``/``patience``: the predictor answer has stopped moving when the mean
+    change of the grid's dNLL between two fits is below ``tol`` times its mean magnitude,
+    ``patience`` fits in a row. ``pareto_tol`` (nats): a pareto point is still a candidate
+    while its expected improvement over the best measured NLL at no more bytes, less this
+    tolerance (the resolution the frontier is wanted at), exceeds ``min_gain`` nats;
+    batches take the largest expected improvement.
+    """
+
+    question: str = "predictor"
+    budget: float = 0.3
+    batch_size: int = 8
+    seed: int = 0
+    tol: float = 0.05
+    patience: int = 2
+    pareto_tol: float = 0.0
+    min_gain: float = 1e-4
+    unit_keys: tuple[str, ...] = ("model", "data")
+    n_estimators: int = 100
+    strategy: str = "guided"    # or "random": the same seed, then uniform picks (a baseline)
+
+    def __post_init__(self):
+        if self.question not in QUESTIONS:
+            raise AnalysisError(f"question must be one of {list(QUESTIONS)}, "
+                                f"got {self.question!r}")
+        if self.strategy not in ("guided", "random"):
+            raise AnalysisError(f"strategy must be 'guided' or 'random', got {self.strategy!r}")
+        if not (self.budget >= 1 and float(self.budget).is_integer()) and not 0 < self.budget < 1:
+            raise AnalysisError(f"budget must be a job count >= 1 or a fraction in (0, 1), "
+                                f"got {self.budget}")
+        if self.batch_size < 1 or self.patience < 1 or self.tol < 0:
+            raise AnalysisError("batch_size and patience must be >= 1 and tol >= 0, got "
+                                f"{self.batch_size}, {self.patience}, {self.tol}")
+
+    def budget_jobs(self, points: int) -> int:
+        """The budget as a job count for a grid of ``points`` (its full job count)."""
+        return int(self.budget) if self.budget >= 1 else math.floor(self.budget * points)
+
+
+# ---- the grid and what the store knows of it ---------------------------------------------
+
+def record_column(key: str, frame_columns) -> str:
+    """The record column of a swept key: ``model`` -> ``model.name`` (a config group),
+    ``eval.seqlen`` -> ``eval.seqlen`` (a value)."""
+    return f"{key}.name" if f"{key}.name" in frame_columns or "." not in key else key
+
+
+def grid_from_frame(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The grid of a finished study: every combination of the values its records hold."""
+    cols = [record_column(k, frame.columns) for k in keys]
+    values = [sorted(frame[c].astype(str).unique()) for c in cols]
+    grid = pd.MultiIndex.from_product(values, names=keys).to_frame(index=False)
+    base = frame[frame["is_baseline"]]
+    grid["baseline"] = grid["format"].isin(base["format.name"]) if "format" in keys else False
+    if "method" in keys:
+        grid["baseline"] |= grid["method"] == "none"
+    return grid
+
+
+def match(grid: pd.DataFrame, frame: pd.DataFrame) -> pd.Series:
+    """Per grid point, the label of its record in ``frame`` (NaN: not measured)."""
+    keys = [k for k in grid.columns if k != "baseline"]
+    cols = [record_column(k, frame.columns) for k in keys]
+    if frame.empty:
+        return pd.Series(np.nan, index=grid.index)
+    rec = frame[cols].map(_text).set_axis(keys, axis=1).assign(_row=frame.index)
+    rec = rec.drop_duplicates(keys, keep="last")
+    merged = grid[keys].map(_text).merge(rec, on=keys, how="left")
+    return pd.Series(merged["_row"].to_numpy(), index=grid.index)
+
+
+def _text(value) -> str:
+    """A swept value as text that a record's value matches: 1e-4 and 0.0001 alike."""
+    try:
+        return repr(float(value))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def runnable(grid: pd.DataFrame) -> pd.Index:
+    return grid.index[~grid["baseline"].astype(bool)]
+
+
+def seed_design(grid: pd.DataFrame, cfg: DesignConfig) -> list[int]:
+    """One runnable point per combination of ``cfg.unit_keys``, the other keys cycled
+    through a shuffled order so every value of every key appears (when there are enough
+    units); more points when a key has more values than there are units."""
+    rng = np.random.default_rng(cfg.seed)
+    run = grid.loc[runnable(grid)]
+    units = [k for k in cfg.unit_keys if k in grid.columns]
+    others = [k for k in grid.columns if k not in (*units, "baseline")]
+    groups = list(run.groupby(units, sort=True).groups.values()) if units else [run.index]
+    n = max([len(groups)] + [run[k].nunique() for k in others])
+    cycles = {k: rng.permutation(sorted(run[k].unique())) for k in others}
+    chosen: list[int] = []
+    for i in range(n):
+        pool = run.loc[groups[i % len(groups)]]
+        want = {k: cycles[k][i % len(cycles[k])] for k in others}
+        hits = (pool[others] == pd.Series(want)).sum(axis=1) if others else pd.Series(0, pool.index)
+        hits = hits[~hits.index.isin(chosen)]
+        if len(hits):
+            best = hits[hits == hits.max()].index
+            chosen.append(int(rng.choice(best)))
+    return chosen
+
+
+# ---- features and predictions of points not yet run --------------------------------------
+
+def grid_table(grid: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
+    """The grid with the record columns each point's answer needs, from ``frame``: the unit's
+    model columns (per model and corpus), the format's features (means over its records)
+    and the RTN weight SQNR of the (model, format) pair where measured."""
+    keys = [k for k in grid.columns if k != "baseline"]
+    cols = [record_column(k, frame.columns) for k in keys]
+    t = grid.rename(columns=dict(zip(keys, cols)))
+    for col in ("model.name", "data.name", "method.name", "format.name"):
+        if col not in t and col in frame:   # not swept: the study's one value
+            t[col] = frame[col].astype(str).mode().iloc[0]
+    unit = [c for c in ("model.name", "data.name") if c in t]
+    model = [c for c in frame.columns if c in _UNIT_COLUMNS or c.startswith("landscape.")]
+    per_unit = frame.assign(**{c: frame[c].astype(str) for c in unit}).drop_duplicates(unit)
+    t = t.merge(per_unit[unit + model], on=unit, how="left")
+    q = frame[~frame["is_baseline"]]
+    if len(q):
+        t = t.join(format_table(q), on="format.name")
+        rtn = q[q["method.name"] == "rtn"].groupby(["model.name", "format.name"])
+        pair = rtn["metrics.weight_sqnr_db"].mean() if "metrics.weight_sqnr_db" in q else None
+        if pair is not None and len(pair):
+            idx = pd.MultiIndex.from_frame(t[["model.name", "format.name"]])
+            t["rtn_sqnr_db"] = pd.Series(pair.reindex(idx).to_numpy(), t.index).fillna(
+                t["rtn_sqnr_db"])
+    t["baseline"] = grid["baseline"].astype(bool).to_numpy()
+    for col in ("bits_per_weight", "params.quantized", "params.total", "metrics.nll_fp"):
+        t[col] = pd.to_numeric(t[col], errors="coerce") if col in t else np.nan
+    bits = t["bits_per_weight"].where(~t["baseline"], 16.0)   # the 16-bit baselines
+    quantized = t["params.quantized"]
+    t["model_bytes"] = quantized * bits / 8 + (t["params.total"] - quantized) * 2
+    return t
+
+
+def tree_predictions(frame: pd.DataFrame, table: pd.DataFrame,
+                     cfg: DesignConfig) -> tuple[np.ndarray, tuple[float, float]]:
+    """dNLL of every tree (rows) at every grid point (columns), NaN columns where the
+    point's features are unknown (a model, format or method no record has shown yet); and
+    the forest's out-of-bag error model (:func:`_oob_error`; NaN before there is one)."""
+    out = np.full((cfg.n_estimators, len(table)), np.nan)
+    try:
+        pred = train_predictor(frame, PredictorConfig(n_estimators=cfg.n_estimators,
+                                                      seed=cfg.seed))
+    except AnalysisError:   # nothing quantized measured yet
+        return out, (math.nan, math.nan)
+    oob = _oob_error(pred, frame)
+    X = add_features(table, pred.methods)
+    known = table["method.name"].isin(pred.methods).to_numpy().copy()
+    for f in pred.features:
+        known &= pd.to_numeric(X[f], errors="coerce").notna().to_numpy() if f in X else False
+    if known.any():
+        values = X.loc[known, pred.features].to_numpy(float)
+        out[:, known] = np.stack([t.predict(values) for t in pred.forest.estimators_])
+    return out, oob
+
+
+def _oob_error(pred, frame: pd.DataFrame) -> tuple[float, float]:
+    """(a, b): the forest's out-of-bag absolute error as a + b * |prediction| (least squares,
+    clipped at 0), each training row predicted by the trees that did not see it. The spread
+    of the trees alone is overconfident where records are few (a 3-bit format seen only on
+    the smallest models), and errors grow with the damage, so the pareto score adds this."""
+    rows = training_rows(frame)
+    X = add_features(rows, pred.methods)[pred.features].to_numpy(float)
+    y = rows["dnll"].to_numpy(float)
+    total, count = np.zeros(len(y)), np.zeros(len(y))
+    for tree, seen in zip(pred.forest.estimators_, pred.forest.estimators_samples_):
+        out = np.ones(len(y), bool)
+        out[seen] = False
+        if out.any():
+            total[out] += tree.predict(X[out])
+            count[out] += 1
+    ok = count > 0
+    if ok.sum() < 3:
+        return math.nan, math.nan
+    p = total[ok] / count[ok]
+    A = np.c_[np.ones(ok.sum()), np.abs(p)]
+    a, b = np.linalg.lstsq(A, np.abs(p - y[ok]), rcond=None)[0]
+    return max(float(a), 0.0), max(float(b), 0.0)
+
+
+# ---- answers ------------------------------------------------------------------------------
+
+@dataclass
+class Answer:
+    """The question's answer now: per grid point the dNLL (measured or predicted, 0 for a
+    baseline), NLL and bytes, plus the pareto frontier (point ids) and each point's score
+    (how much running it could change the answer)."""
+
+    table: pd.DataFrame
+    frontier: list[int]
+    score: pd.Series
+
+
+def answer(grid: pd.DataFrame, frame: pd.DataFrame, cfg: DesignConfig) -> Answer:
+    """Fit on ``frame`` (the records so far) and answer ``cfg.question`` over ``grid``."""
+    if frame.empty:   # nothing measured yet: nothing known, every point a candidate
+        t = grid.assign(dnll=float("nan"), nll=float("nan"), measured=grid["baseline"])
+        return Answer(t, [], pd.Series(np.inf, index=grid.index[~grid["baseline"]]))
+    t = grid_table(grid, frame)
+    rows = match(grid, frame)
+    measured = rows.notna().to_numpy()
+    trees, oob = tree_predictions(frame, t, cfg)
+    t["dnll"] = _nan_reduce(np.nanmean, trees)
+    if measured.any():
+        t.loc[measured, "dnll"] = frame.loc[rows[measured], "dnll"].to_numpy(float)
+    t.loc[t["baseline"], "dnll"] = 0.0
+    t["nll"] = t["metrics.nll_fp"] + t["dnll"] if "metrics.nll_fp" in t else np.nan
+    t["measured"] = measured | t["baseline"].to_numpy()
+    frontier = measured_frontier(t)
+    if cfg.question == "predictor":
+        width = (_nan_reduce(np.nanquantile, trees, q=0.95)
+                 - _nan_reduce(np.nanquantile, trees, q=0.05))
+        score = pd.Series(np.where(np.isnan(width), np.inf, width), index=t.index)
+    else:
+        score = _pareto_score(t, trees, oob, cfg.pareto_tol)
+    return Answer(t, frontier, score[~t["measured"]])
+
+
+def _nan_reduce(fn, trees: np.ndarray, **kw) -> np.ndarray:
+    """``fn`` over the trees per point; NaN, silently, for points no tree can predict."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return fn(trees, axis=0, **kw)
+
+
+def _groups(t: pd.DataFrame) -> list[str]:
+    return [c for c in ("data.name", "model.family") if c in t]
+
+
+def measured_frontier(t: pd.DataFrame) -> list[int]:
+    """Ids of the measured points (baselines included) that no other measured point of
+    their corpus and family beats on both bytes and NLL."""
+    known = t[t["measured"] & t["nll"].notna() & t["model_bytes"].notna()]
+    out: list[int] = []
+    for _, g in known.groupby(_groups(t), sort=True):
+        g = g.iloc[np.lexsort((g["nll"].to_numpy(), g["model_bytes"].to_numpy()))]
+        best = np.minimum.accumulate(g["nll"].to_numpy())
+        keep = np.r_[True, g["nll"].to_numpy()[1:] < best[:-1]]
+        out += [int(i) for i in g.index[keep]]
+    return sorted(out)
+
+
+def _pareto_score(t: pd.DataFrame, trees: np.ndarray, oob: tuple[float, float],
+                  tol: float) -> pd.Series:
+    """Per point, the expected improvement (nats) of its NLL over the best measured NLL at
+    no more bytes in its group, less ``tol``, under a normal law with the trees' mean and
+    variance plus the out-of-bag error at its predicted damage. Infinite where nothing is known (features unknown,
+    or nothing cheaper measured): such a point must be run."""
+    score = pd.Series(np.inf, index=t.index)
+    known = t[t["measured"] & t["nll"].notna()]
+    mu = _nan_reduce(np.nanmean, trees)
+    a, b = (0.0, 0.0) if np.isnan(oob[0]) else oob
+    err = np.sqrt(np.pi / 2) * (a + b * np.abs(mu))   # mean absolute error -> normal sd
+    sd = np.sqrt(_nan_reduce(np.nanvar, trees) + err ** 2) + 1e-9
+    for key, g in t.groupby(_groups(t), sort=True):
+        k = known
+        for col, v in zip(_groups(t), np.atleast_1d(key)):
+            k = k[k[col] == v]
+        kb, kn = k["model_bytes"].to_numpy(float), k["nll"].to_numpy(float)
+        for i in g.index[~g["measured"]]:
+            b, fp = t.at[i, "model_bytes"], t.at[i, "metrics.nll_fp"]
+            below = kn[kb <= b]
+            if np.isnan(mu[i]) or not len(below) or np.isnan(b):
+                continue
+            z = (below.min() - tol - fp - mu[i]) / sd[i]
+            score[i] = float(sd[i] * (z * norm.cdf(z) + norm.pdf(z)))
+    return score
+
+
+# ---- the loop -----------------------------------------------------------------------------
+
+class Oracle(Protocol):
+    def frame(self) -> pd.DataFrame: ...                    # the study's records so far
+    def run(self, points: list[int]) -> pd.DataFrame: ...   # run them, the records after
+
+
+@dataclass
+class Step:
+    batch: list[int]
+    jobs: int            # jobs run so far (points with a record, or tried and failed)
+    moved: float         # change of the answer since the previous fit (NaN for the first)
+    frontier: list[int]
+    note: str = ""
+
+
+@dataclass
+class History:
+    cfg: DesignConfig
+    grid: pd.DataFrame
+    steps: list[Step] = field(default_factory=list)
+    final: Answer | None = None
+    stopped: str = ""
+
+    @property
+    def jobs(self) -> int:
+        return self.steps[-1].jobs if self.steps else 0
+
+
+def run_design(grid: pd.DataFrame, oracle: Oracle, cfg: DesignConfig,
+               log: Callable[[str], None] = lambda s: None) -> History:
+    """Seed, then fit, answer and pick batches until the answer stops moving or the budget
+    is spent. Points with a record in the store count as run (a resumed sweep re-runs
+    nothing); points tried without a record (failed jobs) are not tried again."""
+    if grid.empty:
+        raise AnalysisError("the grid has no points")
+    budget = cfg.budget_jobs(len(grid))
+    rng = np.random.default_rng(cfg.seed + 1)
+    hist, frame, tried = History(cfg, grid), oracle.frame(), set()
+    prev, calm = None, 0
+    while True:
+        done = set(grid.index[match(grid, frame).notna()]) | tried
+        jobs = len(done & set(runnable(grid)))
+        seed = [i for i in seed_design(grid, cfg) if i not in done]
+        ans = answer(grid, frame, cfg)
+        moved = _moved(prev, ans, cfg) if not seed else math.nan
+        calm = calm + 1 if moved < cfg.tol else 0   # (NaN compares False)
+        prev = ans
+        left = budget - jobs
+        if seed:
+            batch, note = seed[:left], "seed"
+        else:
+            batch, note = _pick(ans, cfg, rng), cfg.strategy
+        batch = [i for i in batch if i not in done][:max(left, 0)]
+        hist.steps.append(Step(batch, jobs, moved, ans.frontier, note))
+        log(f"{jobs} jobs, answer moved {moved:.3g}: next {len(batch)} ({note})")
+        why = _stop(cfg, ans, calm, left, seed, batch)
+        if why:
+            hist.steps[-1].batch = []
+            hist.final, hist.stopped = ans, why
+            log(f"stopped after {jobs} jobs: {why}")
+            return hist
+        frame = oracle.run(batch)
+        tried |= set(batch)
+
+
+def _stop(cfg: DesignConfig, ans: Answer, calm: int, left: int, seed: list, batch) -> str:
+    if left <= 0:
+        return "budget spent"
+    if seed:
+        return ""
+    if not batch:
+        return "nothing left that could change the answer"
+    if cfg.question == "predictor" and calm >= cfg.patience:
+        return f"the answer moved less than tol={cfg.tol} for {cfg.patience} fits"
+    return ""
+
+
+def _moved(prev: Answer | None, ans: Answer, cfg: DesignConfig) -> float:
+    """How much the answer changed: relative mean change of the grid's dNLL (predictor), or
+    the share of the frontier that changed (pareto)."""
+    if prev is None:
+        return math.nan
+    if cfg.question == "pareto":
+        a, b = set(prev.frontier), set(ans.frontier)
+        return len(a ^ b) / max(len(a | b), 1)
+    new, old = ans.table["dnll"].to_numpy(float), prev.table["dnll"].to_numpy(float)
+    ok = np.isfinite(new) & np.isfinite(old)
+    if not ok.any():
+        return math.inf
+    return float(np.mean(np.abs(new[ok] - old[ok])) / max(np.mean(np.abs(new[ok])), 1e-12))
+
+
+def _pick(ans: Answer, cfg: DesignConfig, rng: np.random.Generator) -> list[int]:
+    """The next batch: the highest scores (random: uniform among the points not run), at
+    most one per (unit, format) pair in a batch while others are left, for spread."""
+    score = ans.score
+    if cfg.question == "pareto":
+        score = score[score > cfg.min_gain]
+    if cfg.strategy == "random":
+        pool = ans.score.index.to_numpy()
+        return [int(i) for i in rng.permutation(pool)[:cfg.batch_size]]
+    order = score.sort_values(ascending=False, kind="stable").index
+    t = ans.table
+    same = [c for c in ("model.name", "data.name", "format.name") if c in t]
+    chosen, seen = [], set()
+    for i in order:
+        key = tuple(t.loc[i, same])
+        if key not in seen:
+            chosen.append(int(i))
+            seen.add(key)
+        if len(chosen) == cfg.batch_size:
+            return chosen
+    rest = [int(i) for i in order if int(i) not in chosen]
+    return chosen + rest[:cfg.batch_size - len(chosen)]
