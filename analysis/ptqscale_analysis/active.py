@@ -123,6 +123,11 @@ def match(grid: pd.DataFrame, frame: pd.DataFrame) -> pd.Series:
     cols = [record_column(k, frame.columns) for k in keys]
     if frame.empty:
         return pd.Series(np.nan, index=grid.index)
+    missing = [k for k, c in zip(keys, cols) if c not in frame]
+    if missing:
+        raise AnalysisError(f"swept keys {missing} are not in the study's records (looked for "
+                            f"{[record_column(k, []) for k in missing]}): a grid point is "
+                            "matched to its record by the record's value of each swept key")
     rec = frame[cols].map(_text).set_axis(keys, axis=1).assign(_row=frame.index)
     rec = rec.drop_duplicates(keys, keep="last")
     merged = grid[keys].map(_text).merge(rec, on=keys, how="left")

@@ -119,3 +119,9 @@ def test_pareto_design_stops_when_nothing_could_join_the_frontier_and_finds_it(p
 def test_bad_design_settings_are_refused_with_what_is_allowed(kw, match_):
     with pytest.raises(AnalysisError, match=match_):
         DesignConfig(**kw)
+
+
+def test_a_swept_key_the_records_lack_is_named(part):
+    grid = grid_from_frame(part, KEYS).assign(landscape="default")
+    with pytest.raises(AnalysisError, match=r"swept keys \['landscape'\] are not in the study"):
+        match(grid, part)
