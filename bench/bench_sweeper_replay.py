@@ -5,13 +5,14 @@ Usage::
 
     PYTHONPATH=$PWD/src:$PWD/analysis python bench/bench_sweeper_replay.py --out bench/results
 
-For each question (predictor, pareto) and each guided seed: the guided design with a budget
-of 30% of the grid, then random designs (the same seed design, then uniform picks) with the
-guided design's job count. Then the pareto question with larger budgets, to show how many
-jobs its exact frontier needs. Writes ``bench_sweeper_replay.md`` and ``.json`` into --out.
+For each question (predictor, pareto, law) and each guided seed: the guided design with a budget
+of 30% of the grid, then random designs (a seed design of the same kind, then uniform picks)
+with the guided design's job count. Then the pareto question with larger budgets, to show
+how many jobs its exact frontier needs. Writes ``bench_sweeper_replay.md`` and ``.json`` into --out.
 Scores: ptqscale_analysis.replay (module docstring); ``mae_ratio`` = MAE on the points the
 design did not run / the full grid's 5-fold MAE; ``frontier_gap`` (nats) = the largest excess
-of the design's best measured NLL under a memory budget over the full grid's.
+of the design's best measured NLL under a memory budget over the full grid's; ``gamma_err``
+= the largest relative error of a group's noise-law exponent against the full grid's fit.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     full = load_study(args.results, args.study)
     tables, t0 = [], time.time()
-    for question in ("predictor", "pareto"):
+    for question in ("predictor", "pareto", "law"):
         for g in map(int, args.guided_seeds.split(",")):
             cfg = DesignConfig(question, budget=0.3, batch_size=8, seed=g)
             rs = tuple(range(10 * g, 10 * g + args.random_seeds))
@@ -74,20 +75,24 @@ def write(out: Path, args, table: pd.DataFrame, curve: pd.DataFrame, n: int, sec
             "design": dataclasses.asdict(DesignConfig())}
     cols = ["question", "design", "guided_seed", "seed", "jobs", "of_grid", "stopped",
             "mae_unrun", "cv_mae_full", "mae_ratio", "frontier", "frontier_of",
-            "frontier_extra", "frontier_gap"]
+            "frontier_extra", "frontier_gap", "gamma_err", "gamma_in_ci"]
     summary = (table.groupby(["question", "design"])
-               [["jobs", "mae_ratio", "frontier", "frontier_extra", "frontier_gap"]]
+               [["jobs", "mae_ratio", "frontier", "frontier_extra", "frontier_gap", "gamma_err",
+                 "gamma_in_ci"]]
                .agg(["mean", "min", "max"]))
     summary.columns = [f"{a} {b}" for a, b in summary.columns]
+    summary = summary.reset_index()
     (out / "bench_sweeper_replay.json").write_text(json.dumps(
         {"meta": meta, "runs": table[cols].to_dict("records"),
          "pareto_budgets": curve.to_dict("records")}, indent=1, default=str))
     md = [f"# Predictor-guided sweeper, replayed on {args.study} ({meta['date']}, CPU)", "",
           f"No job runs: the {n} committed records are revealed as each design asks for them "
           f"(`python bench/{Path(__file__).name} --out DIR`, {secs:.0f} s on 2 CPU cores). "
-          "Guided: `DesignConfig` defaults (budget 30% of the grid, batches of 8); random: the "
-          "same seed design, then uniform picks, with the guided design's job count.", "",
-          "## Mean (min, max) over designs", "", summary.to_markdown(floatfmt=".4g"), "",
+          "Guided: `DesignConfig` defaults (budget 30% of the grid, batches of 8), seeds 0-2; "
+          "random: a seed design of the same kind (its own shuffle), then uniform picks, with "
+          "the guided design's job count, three seeds per guided design.", "",
+          "## Mean, min and max over designs", "", summary.to_markdown(index=False, floatfmt=".4g"),
+          "",
           "## Every design", "", table[cols].to_markdown(index=False, floatfmt=".4g"), "",
           "## Pareto: jobs the measured frontier needs (guided, seed 0)", "",
           curve.to_markdown(index=False, floatfmt=".4g"), ""]

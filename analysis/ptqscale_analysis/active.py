@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
+from ptqscale_analysis.active_law import law_moved, law_score, law_table
 from ptqscale_analysis.errors import AnalysisError
 from ptqscale_analysis.predictor import (
     PredictorConfig,
@@ -49,9 +50,10 @@ from ptqscale_analysis.predictor import (
     training_rows,
 )
 
-QUESTIONS = ("predictor", "pareto")
+QUESTIONS = ("predictor", "pareto", "law")
 # record columns that describe a model on one corpus (the predictor's model features)
-_UNIT_COLUMNS = ("params.total", "params.quantized", "metrics.nll_fp", "model.family")
+_UNIT_COLUMNS = ("params.total", "params.quantized", "params.blocks", "metrics.nll_fp",
+                 "model.family")
 
 
 @dataclass(frozen=True)
@@ -59,12 +61,13 @@ class DesignConfig:
     """How the sweeper chooses (every field is recorded in its log).
 
     ``budget``: the most jobs, an integer count (>= 1) or a fraction of the grid's points
-    (< 1; baseline points count in the grid but are never run). ``tol``/``patience``: the predictor answer has stopped moving when the mean
-    change of the grid's dNLL between two fits is below ``tol`` times its mean magnitude,
-    ``patience`` fits in a row. ``pareto_tol`` (nats): a pareto point is still a candidate
-    while its expected improvement over the best measured NLL at no more bytes, less this
-    tolerance (the resolution the frontier is wanted at), exceeds ``min_gain`` nats;
-    batches take the largest expected improvement.
+    (< 1; baseline points count in the grid but are never run). ``tol``/``patience``: the
+    answer has stopped moving when its change between two fits is below ``tol``,
+    ``patience`` fits in a row (predictor: the mean change of the grid's dNLL over its mean
+    magnitude; law: the largest relative change of an exponent). ``pareto_tol`` (nats): a
+    pareto point is still a candidate while its expected improvement over the best measured
+    NLL at no more bytes, less this tolerance (the resolution wanted), exceeds ``min_gain``
+    nats. ``law_*``: see :mod:`ptqscale_analysis.active_law`.
     """
 
     question: str = "predictor"
@@ -75,9 +78,12 @@ class DesignConfig:
     patience: int = 2
     pareto_tol: float = 0.0
     min_gain: float = 1e-4
+    law_tol: float = 0.1         # law: stop when every exponent is known to +- this (relative)
+    law_boot: int = 50
+    law_min_dnll: float = 0.002
     unit_keys: tuple[str, ...] = ("model", "data")
     n_estimators: int = 100
-    strategy: str = "guided"    # or "random": the same seed, then uniform picks (a baseline)
+    strategy: str = "guided"    # or "random": the seed design, then uniform picks (a baseline)
 
     def __post_init__(self):
         if self.question not in QUESTIONS:
@@ -260,6 +266,7 @@ class Answer:
     table: pd.DataFrame
     frontier: list[int]
     score: pd.Series
+    law: pd.DataFrame | None = None   # question law: gamma and its interval per group
 
 
 def answer(grid: pd.DataFrame, frame: pd.DataFrame, cfg: DesignConfig) -> Answer:
@@ -282,8 +289,12 @@ def answer(grid: pd.DataFrame, frame: pd.DataFrame, cfg: DesignConfig) -> Answer
         width = (_nan_reduce(np.nanquantile, trees, q=0.95)
                  - _nan_reduce(np.nanquantile, trees, q=0.05))
         score = pd.Series(np.where(np.isnan(width), np.inf, width), index=t.index)
-    else:
+    elif cfg.question == "pareto":
         score = _pareto_score(t, trees, oob, cfg.pareto_tol)
+    else:
+        law = law_table(frame, cfg.law_boot, cfg.seed)
+        score = law_score(t, law, cfg.law_min_dnll)
+        return Answer(t, frontier, score[~t["measured"]], law)
     return Answer(t, frontier, score[~t["measured"]])
 
 
@@ -411,16 +422,22 @@ def _stop(cfg: DesignConfig, ans: Answer, calm: int, left: int, seed: list, batc
         return ""
     if not batch:
         return "nothing left that could change the answer"
-    if cfg.question == "predictor" and calm >= cfg.patience:
+    if cfg.question in ("predictor", "law") and calm >= cfg.patience:
         return f"the answer moved less than tol={cfg.tol} for {cfg.patience} fits"
+    if cfg.question == "law" and len(ans.law) and (ans.law["rel_width"] <= cfg.law_tol).all() \
+            and np.isfinite(ans.score).all():
+        return f"every exponent is known to +-{cfg.law_tol:.0%}"
     return ""
 
 
 def _moved(prev: Answer | None, ans: Answer, cfg: DesignConfig) -> float:
     """How much the answer changed: relative mean change of the grid's dNLL (predictor), or
-    the share of the frontier that changed (pareto)."""
+    the share of the frontier that changed (pareto), the largest relative change of a
+    group's exponent (law)."""
     if prev is None:
         return math.nan
+    if cfg.question == "law":
+        return law_moved(prev.law, ans.law, ans.score) if prev.law is not None else math.inf
     if cfg.question == "pareto":
         a, b = set(prev.frontier), set(ans.frontier)
         return len(a ^ b) / max(len(a | b), 1)
@@ -437,6 +454,8 @@ def _pick(ans: Answer, cfg: DesignConfig, rng: np.random.Generator) -> list[int]
     score = ans.score
     if cfg.question == "pareto":
         score = score[score > cfg.min_gain]
+    elif cfg.question == "law":
+        score = score[score > 0]
     if cfg.strategy == "random":
         pool = ans.score.index.to_numpy()
         return [int(i) for i in rng.permutation(pool)[:cfg.batch_size]]

@@ -12,6 +12,9 @@ Scores of one design (:func:`score`):
   ``frontier_extra`` the points on its frontier that are not on the full one, and
   ``frontier_gap``: the largest excess (nats) of the design's best measured NLL under a
   memory budget over the full grid's, over every budget where the full frontier steps.
+- ``gamma_err`` (question law): the largest relative error of a group's exponent against the
+  full grid's fit, and ``gamma_in_ci`` how many groups' exponents lie in the full grid's
+  interval.
 
 Example (or ``python -m ptqscale_analysis.replay --study family_scan``)::
 
@@ -75,9 +78,19 @@ def score(final: Answer, truth: Answer) -> dict:
     mae = float(np.mean(np.abs(t.loc[unrun, "dnll"] - true.loc[unrun, "dnll"]))) \
         if len(unrun) else 0.0
     found = set(final.frontier) & set(truth.frontier)
-    return {"mae_unrun": mae, "frontier": len(found), "frontier_of": len(truth.frontier),
-            "frontier_extra": len(set(final.frontier) - set(truth.frontier)),
-            "frontier_gap": _gap(true, final.frontier, truth.frontier)}
+    out = {"mae_unrun": mae, "frontier": len(found), "frontier_of": len(truth.frontier),
+           "frontier_extra": len(set(final.frontier) - set(truth.frontier)),
+           "frontier_gap": _gap(true, final.frontier, truth.frontier)}
+    if truth.law is not None and final.law is not None:
+        full = truth.law.set_index("group")
+        mine = final.law.set_index("group").reindex(full.index)
+        err = (mine["value"] - full["value"]).abs() / full["value"].abs()
+        inside = mine["value"].between(full["ci_low"], full["ci_high"])
+        out |= {"gamma_err": float(err.max()),    # NaN-free: a group not fitted counts inf
+                "gamma_in_ci": int(inside.sum()), "gamma_of": len(full)}
+        if err.isna().any():
+            out["gamma_err"] = math.inf
+    return out
 
 
 def _gap(true: pd.DataFrame, mine: list[int], full: list[int]) -> float:
@@ -122,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--study", required=True)
     ap.add_argument("--keys", default="model,data,method,format",
                     help="the swept keys of the study's grid (comma-separated)")
-    ap.add_argument("--question", default="predictor", choices=["predictor", "pareto"])
+    ap.add_argument("--question", default="predictor", choices=["predictor", "pareto", "law"])
     ap.add_argument("--budget", type=float, default=0.3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)

@@ -111,7 +111,27 @@ def test_pareto_design_stops_when_nothing_could_join_the_frontier_and_finds_it(p
     assert s["frontier_gap"] == 0
 
 
-@pytest.mark.parametrize("kw, match_", [({"question": "law"}, "question must be one of"),
+@pytest.mark.slow
+def test_law_design_fits_every_group_near_the_full_grids_exponent(part):
+    grid = grid_from_frame(part, KEYS)
+    cfg = DesignConfig("law", budget=0.3, batch_size=6, law_boot=20)
+    truth = answer(grid, part, cfg)
+    h = run_design(grid, ReplayOracle(part, grid), cfg)
+    assert h.jobs <= int(0.3 * len(grid)) and h.stopped
+    s = score(h.final, truth)
+    assert s["gamma_of"] == 2 and s["gamma_in_ci"] == 2 and s["gamma_err"] < 0.15, s
+
+
+def test_law_scores_nothing_in_a_group_with_one_size(full):
+    grid = grid_from_frame(full, KEYS)
+    seeded = full.loc[match(grid, full)[seed_design(grid, DesignConfig())]]
+    ans = answer(grid, seeded, DesignConfig("law", law_boot=0))
+    stories = ans.table.loc[ans.score.index, "model.name"] == "stories260k"
+    assert (ans.score[stories.to_numpy()] == 0).all()
+    assert (ans.score[~stories.to_numpy()] > 0).any()
+
+
+@pytest.mark.parametrize("kw, match_", [({"question": "laws"}, "question must be one of"),
                                         ({"budget": 0}, "budget must be"),
                                         ({"budget": 2.5}, "budget must be"),
                                         ({"strategy": "grid"}, "strategy must be"),

@@ -38,7 +38,7 @@ class PtqscaleSweeperConf:
 
     _target_: str = "hydra_plugins.ptqscale_sweeper.ptqscale_sweeper.PtqscaleSweeper"
     params: dict[str, str] | None = None
-    question: str = "predictor"        # predictor | pareto
+    question: str = "predictor"        # predictor | pareto | law
     budget: float = 0.3                # jobs: a count >= 1, or a fraction of the grid
     batch_size: int = 8
     seed: int = 0
@@ -46,6 +46,9 @@ class PtqscaleSweeperConf:
     patience: int = 2                  # ... and for how many fits in a row
     pareto_tol: float = 0.0            # pareto: the NLL resolution wanted (nats)
     min_gain: float = 1e-4             # pareto: least expected improvement worth a job
+    law_tol: float = 0.1               # law: every exponent known to +- this (relative)
+    law_boot: int = 50                 # law: bootstrap resamples of each fit
+    law_min_dnll: float = 0.002        # law: points predicted below this are not worth a job
     unit_keys: list[str] = field(default_factory=lambda: ["model", "data"])
     n_estimators: int = 100
     strategy: str = "guided"           # or random (a baseline design)
