@@ -31,23 +31,21 @@ Example::
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import pandas as pd
-from scipy.stats import norm
 
 from ptqscale_analysis.active_law import law_moved, law_score, law_table
+from ptqscale_analysis.active_pareto import measured_frontier, nan_reduce, oob_error, pareto_score
 from ptqscale_analysis.errors import AnalysisError
 from ptqscale_analysis.predictor import (
     PredictorConfig,
     add_features,
     format_table,
     train_predictor,
-    training_rows,
 )
 
 QUESTIONS = ("predictor", "pareto", "law")
@@ -213,14 +211,14 @@ def tree_predictions(frame: pd.DataFrame, table: pd.DataFrame,
                      cfg: DesignConfig) -> tuple[np.ndarray, tuple[float, float]]:
     """dNLL of every tree (rows) at every grid point (columns), NaN columns where the
     point's features are unknown (a model, format or method no record has shown yet); and
-    the forest's out-of-bag error model (:func:`_oob_error`; NaN before there is one)."""
+    the forest's out-of-bag error model (:func:`~ptqscale_analysis.active_pareto.oob_error`; NaN before there is one)."""
     out = np.full((cfg.n_estimators, len(table)), np.nan)
     try:
         pred = train_predictor(frame, PredictorConfig(n_estimators=cfg.n_estimators,
                                                       seed=cfg.seed))
     except AnalysisError:   # nothing quantized measured yet
         return out, (math.nan, math.nan)
-    oob = _oob_error(pred, frame)
+    oob = oob_error(pred, frame)
     X = add_features(table, pred.methods)
     known = table["method.name"].isin(pred.methods).to_numpy().copy()
     for f in pred.features:
@@ -229,30 +227,6 @@ def tree_predictions(frame: pd.DataFrame, table: pd.DataFrame,
         values = X.loc[known, pred.features].to_numpy(float)
         out[:, known] = np.stack([t.predict(values) for t in pred.forest.estimators_])
     return out, oob
-
-
-def _oob_error(pred, frame: pd.DataFrame) -> tuple[float, float]:
-    """(a, b): the forest's out-of-bag absolute error as a + b * |prediction| (least squares,
-    clipped at 0), each training row predicted by the trees that did not see it. The spread
-    of the trees alone is overconfident where records are few (a 3-bit format seen only on
-    the smallest models), and errors grow with the damage, so the pareto score adds this."""
-    rows = training_rows(frame)
-    X = add_features(rows, pred.methods)[pred.features].to_numpy(float)
-    y = rows["dnll"].to_numpy(float)
-    total, count = np.zeros(len(y)), np.zeros(len(y))
-    for tree, seen in zip(pred.forest.estimators_, pred.forest.estimators_samples_):
-        out = np.ones(len(y), bool)
-        out[seen] = False
-        if out.any():
-            total[out] += tree.predict(X[out])
-            count[out] += 1
-    ok = count > 0
-    if ok.sum() < 3:
-        return math.nan, math.nan
-    p = total[ok] / count[ok]
-    A = np.c_[np.ones(ok.sum()), np.abs(p)]
-    a, b = np.linalg.lstsq(A, np.abs(p - y[ok]), rcond=None)[0]
-    return max(float(a), 0.0), max(float(b), 0.0)
 
 
 # ---- answers ------------------------------------------------------------------------------
@@ -278,7 +252,7 @@ def answer(grid: pd.DataFrame, frame: pd.DataFrame, cfg: DesignConfig) -> Answer
     rows = match(grid, frame)
     measured = rows.notna().to_numpy()
     trees, oob = tree_predictions(frame, t, cfg)
-    t["dnll"] = _nan_reduce(np.nanmean, trees)
+    t["dnll"] = nan_reduce(np.nanmean, trees)
     if measured.any():
         t.loc[measured, "dnll"] = frame.loc[rows[measured], "dnll"].to_numpy(float)
     t.loc[t["baseline"], "dnll"] = 0.0
@@ -286,67 +260,16 @@ def answer(grid: pd.DataFrame, frame: pd.DataFrame, cfg: DesignConfig) -> Answer
     t["measured"] = measured | t["baseline"].to_numpy()
     frontier = measured_frontier(t)
     if cfg.question == "predictor":
-        width = (_nan_reduce(np.nanquantile, trees, q=0.95)
-                 - _nan_reduce(np.nanquantile, trees, q=0.05))
+        width = (nan_reduce(np.nanquantile, trees, q=0.95)
+                 - nan_reduce(np.nanquantile, trees, q=0.05))
         score = pd.Series(np.where(np.isnan(width), np.inf, width), index=t.index)
     elif cfg.question == "pareto":
-        score = _pareto_score(t, trees, oob, cfg.pareto_tol)
+        score = pareto_score(t, trees, oob, cfg.pareto_tol)
     else:
         law = law_table(frame, cfg.law_boot, cfg.seed)
         score = law_score(t, law, cfg.law_min_dnll)
         return Answer(t, frontier, score[~t["measured"]], law)
     return Answer(t, frontier, score[~t["measured"]])
-
-
-def _nan_reduce(fn, trees: np.ndarray, **kw) -> np.ndarray:
-    """``fn`` over the trees per point; NaN, silently, for points no tree can predict."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return fn(trees, axis=0, **kw)
-
-
-def _groups(t: pd.DataFrame) -> list[str]:
-    return [c for c in ("data.name", "model.family") if c in t]
-
-
-def measured_frontier(t: pd.DataFrame) -> list[int]:
-    """Ids of the measured points (baselines included) that no other measured point of
-    their corpus and family beats on both bytes and NLL."""
-    known = t[t["measured"] & t["nll"].notna() & t["model_bytes"].notna()]
-    out: list[int] = []
-    for _, g in known.groupby(_groups(t), sort=True):
-        g = g.iloc[np.lexsort((g["nll"].to_numpy(), g["model_bytes"].to_numpy()))]
-        best = np.minimum.accumulate(g["nll"].to_numpy())
-        keep = np.r_[True, g["nll"].to_numpy()[1:] < best[:-1]]
-        out += [int(i) for i in g.index[keep]]
-    return sorted(out)
-
-
-def _pareto_score(t: pd.DataFrame, trees: np.ndarray, oob: tuple[float, float],
-                  tol: float) -> pd.Series:
-    """Per point, the expected improvement (nats) of its NLL over the best measured NLL at
-    no more bytes in its group, less ``tol``, under a normal law with the trees' mean and
-    variance plus the out-of-bag error at its predicted damage. Infinite where nothing is known (features unknown,
-    or nothing cheaper measured): such a point must be run."""
-    score = pd.Series(np.inf, index=t.index)
-    known = t[t["measured"] & t["nll"].notna()]
-    mu = _nan_reduce(np.nanmean, trees)
-    a, b = (0.0, 0.0) if np.isnan(oob[0]) else oob
-    err = np.sqrt(np.pi / 2) * (a + b * np.abs(mu))   # mean absolute error -> normal sd
-    sd = np.sqrt(_nan_reduce(np.nanvar, trees) + err ** 2) + 1e-9
-    for key, g in t.groupby(_groups(t), sort=True):
-        k = known
-        for col, v in zip(_groups(t), np.atleast_1d(key)):
-            k = k[k[col] == v]
-        kb, kn = k["model_bytes"].to_numpy(float), k["nll"].to_numpy(float)
-        for i in g.index[~g["measured"]]:
-            b, fp = t.at[i, "model_bytes"], t.at[i, "metrics.nll_fp"]
-            below = kn[kb <= b]
-            if np.isnan(mu[i]) or not len(below) or np.isnan(b):
-                continue
-            z = (below.min() - tol - fp - mu[i]) / sd[i]
-            score[i] = float(sd[i] * (z * norm.cdf(z) + norm.pdf(z)))
-    return score
 
 
 # ---- the loop -----------------------------------------------------------------------------
