@@ -154,6 +154,9 @@ def test_wheel_ships_conf_and_sweeps_once(tmp_path):
     expected |= {f"ptqscale/conf/sweep/{p.relative_to(ROOT / 'sweeps')}"
                  for p in (ROOT / "sweeps").rglob("*.yaml")}
     assert sorted(conf) == sorted(expected)
+    # the Hydra sweeper plugin, found by Hydra under the hydra_plugins namespace
+    assert "hydra_plugins/ptqscale_sweeper/ptqscale_sweeper.py" in names
+    assert "hydra_plugins/__init__.py" not in names
 
 
 def test_group_key_overrides_reach_every_job_of_a_multirun():

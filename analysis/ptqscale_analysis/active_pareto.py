@@ -1,0 +1,91 @@
+"""The ``pareto`` question of the guided design (:mod:`ptqscale_analysis.active`): the measured
+frontier of memory (``model_bytes``) against NLL per corpus and family, and the expected
+improvement of a point not yet run over it; plus the forest's out-of-bag error model that
+widens the trees' spread there.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+from scipy.stats import norm
+
+from ptqscale_analysis.predictor import add_features, training_rows
+
+
+def nan_reduce(fn, trees: np.ndarray, **kw) -> np.ndarray:
+    """``fn`` over the trees per point; NaN, silently, for points no tree can predict."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return fn(trees, axis=0, **kw)
+
+
+def oob_error(pred, frame: pd.DataFrame) -> tuple[float, float]:
+    """(a, b): the forest's out-of-bag absolute error as a + b * |prediction| (least squares,
+    clipped at 0), each training row predicted by the trees that did not see it. The spread
+    of the trees alone is overconfident where records are few (a 3-bit format seen only on
+    the smallest models), and errors grow with the damage, so the pareto score adds this."""
+    rows = training_rows(frame)
+    X = add_features(rows, pred.methods)[pred.features].to_numpy(float)
+    y = rows["dnll"].to_numpy(float)
+    total, count = np.zeros(len(y)), np.zeros(len(y))
+    for tree, seen in zip(pred.forest.estimators_, pred.forest.estimators_samples_):
+        out = np.ones(len(y), bool)
+        out[seen] = False
+        if out.any():
+            total[out] += tree.predict(X[out])
+            count[out] += 1
+    ok = count > 0
+    if ok.sum() < 3:
+        return math.nan, math.nan
+    p = total[ok] / count[ok]
+    A = np.c_[np.ones(ok.sum()), np.abs(p)]
+    a, b = np.linalg.lstsq(A, np.abs(p - y[ok]), rcond=None)[0]
+    return max(float(a), 0.0), max(float(b), 0.0)
+
+
+def groups(t: pd.DataFrame) -> list[str]:
+    return [c for c in ("data.name", "model.family") if c in t]
+
+
+def measured_frontier(t: pd.DataFrame) -> list[int]:
+    """Ids of the measured points (baselines included) that no other measured point of
+    their corpus and family beats on both bytes and NLL."""
+    known = t[t["measured"] & t["nll"].notna() & t["model_bytes"].notna()]
+    out: list[int] = []
+    for _, g in known.groupby(groups(t), sort=True):
+        g = g.iloc[np.lexsort((g["nll"].to_numpy(), g["model_bytes"].to_numpy()))]
+        best = np.minimum.accumulate(g["nll"].to_numpy())
+        keep = np.r_[True, g["nll"].to_numpy()[1:] < best[:-1]]
+        out += [int(i) for i in g.index[keep]]
+    return sorted(out)
+
+
+def pareto_score(t: pd.DataFrame, trees: np.ndarray, oob: tuple[float, float],
+                  tol: float) -> pd.Series:
+    """Per point, the expected improvement (nats) of its NLL over the best measured NLL at
+    no more bytes in its group, less ``tol``, under a normal law with the trees' mean and
+    variance plus the out-of-bag error at its predicted damage. Infinite where nothing is known (features unknown,
+    or nothing cheaper measured): such a point must be run."""
+    score = pd.Series(np.inf, index=t.index)
+    known = t[t["measured"] & t["nll"].notna()]
+    mu = nan_reduce(np.nanmean, trees)
+    a, b = (0.0, 0.0) if np.isnan(oob[0]) else oob
+    err = np.sqrt(np.pi / 2) * (a + b * np.abs(mu))   # mean absolute error -> normal sd
+    sd = np.sqrt(nan_reduce(np.nanvar, trees) + err ** 2) + 1e-9
+    for key, g in t.groupby(groups(t), sort=True):
+        k = known
+        for col, v in zip(groups(t), np.atleast_1d(key)):
+            k = k[k[col] == v]
+        kb, kn = k["model_bytes"].to_numpy(float), k["nll"].to_numpy(float)
+        for i in g.index[~g["measured"]]:
+            b, fp = t.at[i, "model_bytes"], t.at[i, "metrics.nll_fp"]
+            below = kn[kb <= b]
+            if np.isnan(mu[i]) or not len(below) or np.isnan(b):
+                continue
+            z = (below.min() - tol - fp - mu[i]) / sd[i]
+            score[i] = float(sd[i] * (z * norm.cdf(z) + norm.pdf(z)))
+    return score

@@ -1,0 +1,147 @@
+"""The predictor-guided design (ptqscale_analysis.active) replayed on the committed
+family_scan records: the seed covers the study, budgets and baselines are respected, a
+resumed design re-runs nothing, and the guided choices beat random ones of the same budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import pytest
+
+from ptqscale_analysis.active import (
+    DesignConfig,
+    answer,
+    grid_from_frame,
+    match,
+    run_design,
+    runnable,
+    seed_design,
+)
+from ptqscale_analysis.errors import AnalysisError
+from ptqscale_analysis.load import load_study
+from ptqscale_analysis.replay import ReplayOracle, score
+
+RESULTS = Path(__file__).resolve().parents[2] / "results"
+KEYS = ["model", "data", "method", "format"]
+MODELS = [f"gutenberg-llama-{s}" for s in ("200k", "500k", "1m", "2m", "4m")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(scope="module")
+def full():
+    return load_study(RESULTS, "family_scan")
+
+
+@pytest.fixture(scope="module")
+def part(full):
+    """Five family members on Gutenberg: 130 points, 10 of them bf16 baselines."""
+    return full[full["model.name"].isin(MODELS) & (full["data.name"] == "gutenberg")]
+
+
+def test_every_record_is_one_grid_point_and_the_seed_covers_the_study(full):
+    grid = grid_from_frame(full, KEYS)
+    assert len(grid) == 416 and grid["baseline"].sum() == 32
+    rows = match(grid, full)
+    assert rows.notna().all() and rows.nunique() == 416
+    seed = seed_design(grid, DesignConfig())
+    picked = grid.loc[seed]
+    assert len(seed) == 16 and not picked["baseline"].any()
+    assert len(picked.drop_duplicates(["model", "data"])) == 16      # every model x corpus
+    assert set(picked["format"]) == set(grid.loc[~grid["baseline"], "format"])  # 12 formats
+    assert set(picked["method"]) == {"rtn", "gptq"}
+
+
+def test_replay_keeps_to_the_budget_never_runs_a_baseline_or_a_point_twice(part):
+    grid = grid_from_frame(part, KEYS)
+    cfg = DesignConfig("predictor", budget=0.3, batch_size=6)
+    h = run_design(grid, ReplayOracle(part, grid), cfg)
+    ran = [i for s in h.steps for i in s.batch]
+    assert len(ran) == len(set(ran)) == h.jobs <= int(0.3 * len(grid))
+    assert not grid.loc[ran, "baseline"].any()
+    assert h.steps[0].note == "seed" and all(len(s.batch) <= 6 for s in h.steps[1:])
+    assert h.stopped and h.steps[-1].batch == []
+    # the answer: measured dNLL where run, a prediction everywhere else, 0 for baselines
+    t = h.final.table
+    assert t["dnll"].notna().all() and (t.loc[grid["baseline"], "dnll"] == 0).all()
+    assert t["measured"].sum() == h.jobs + grid["baseline"].sum()
+
+
+def test_a_resumed_design_reads_what_ran_and_runs_none_of_it_again(part):
+    grid = grid_from_frame(part, KEYS)
+    cfg = DesignConfig("predictor", budget=24, batch_size=4)
+    first = run_design(grid, ReplayOracle(part, grid), dataclasses.replace(cfg, budget=12))
+    done = [i for s in first.steps for i in s.batch]
+    oracle = ReplayOracle(part, grid)
+    oracle.shown = set(done)           # the store holds the first sweep's records
+    h = run_design(grid, oracle, cfg)
+    assert h.steps[0].jobs == 12 and h.steps[0].note == "guided"
+    again = [i for s in h.steps for i in s.batch]
+    assert not set(again) & set(done) and h.jobs == 24
+
+
+@pytest.mark.slow
+def test_guided_design_predicts_the_grid_better_than_random_ones_of_its_budget(part):
+    grid = grid_from_frame(part, KEYS)
+    truth = answer(grid, part, DesignConfig())
+    cfg = DesignConfig("predictor", budget=0.3, batch_size=6)
+    guided = score(run_design(grid, ReplayOracle(part, grid), cfg).final, truth)["mae_unrun"]
+    for seed in (0, 1):
+        rnd = dataclasses.replace(cfg, strategy="random", seed=seed)
+        mae = score(run_design(grid, ReplayOracle(part, grid), rnd).final, truth)["mae_unrun"]
+        assert guided < mae, (guided, mae)
+
+
+@pytest.mark.slow
+def test_pareto_design_stops_when_nothing_could_join_the_frontier_and_finds_it(part):
+    grid = grid_from_frame(part, KEYS)
+    truth = answer(grid, part, DesignConfig("pareto"))
+    h = run_design(grid, ReplayOracle(part, grid), DesignConfig("pareto", budget=1.0 * len(grid)))
+    assert h.stopped == "nothing left that could change the answer"
+    assert h.jobs < len(runnable(grid))
+    s = score(h.final, truth)
+    assert s["frontier"] == s["frontier_of"] and s["frontier_extra"] == 0
+    assert s["frontier_gap"] == 0
+
+
+@pytest.mark.slow
+def test_law_design_fits_every_group_near_the_full_grids_exponent(part):
+    grid = grid_from_frame(part, KEYS)
+    cfg = DesignConfig("law", budget=0.3, batch_size=6, law_boot=20)
+    truth = answer(grid, part, cfg)
+    h = run_design(grid, ReplayOracle(part, grid), cfg)
+    assert h.jobs <= int(0.3 * len(grid)) and h.stopped
+    s = score(h.final, truth)
+    assert s["gamma_of"] == 2 and s["gamma_in_ci"] == 2 and s["gamma_err"] < 0.15, s
+
+
+def test_law_scores_nothing_in_a_group_with_one_size(full):
+    grid = grid_from_frame(full, KEYS)
+    seeded = full.loc[match(grid, full)[seed_design(grid, DesignConfig())]]
+    ans = answer(grid, seeded, DesignConfig("law", law_boot=0))
+    stories = ans.table.loc[ans.score.index, "model.name"] == "stories260k"
+    assert (ans.score[stories.to_numpy()] == 0).all()
+    assert (ans.score[~stories.to_numpy()] > 0).any()
+
+
+@pytest.mark.parametrize("kw, match_", [({"question": "laws"}, "question must be one of"),
+                                        ({"budget": 0}, "budget must be"),
+                                        ({"budget": 2.5}, "budget must be"),
+                                        ({"strategy": "grid"}, "strategy must be"),
+                                        ({"batch_size": 0}, "batch_size")])
+def test_bad_design_settings_are_refused_with_what_is_allowed(kw, match_):
+    with pytest.raises(AnalysisError, match=match_):
+        DesignConfig(**kw)
+
+
+def test_a_swept_key_the_records_lack_is_named(part):
+    grid = grid_from_frame(part, KEYS).assign(landscape="default")
+    with pytest.raises(AnalysisError, match=r"swept keys \['landscape'\] are not in the study"):
+        match(grid, part)
