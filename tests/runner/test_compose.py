@@ -58,7 +58,9 @@ def test_every_sweep_composes_and_validates(composed, study):
             continue  # larger family members are reproduced by one command, not committed
         # (hub members validate offline: docs/models.md "Planning without the hub")
         keys.add(validate_job(cfg).key)
-    assert keys
+    # the factory zoo is trained, not committed: tests/zoo/test_zoo_studies.py validates its
+    # studies' jobs against a member it trains
+    assert keys or study.startswith("zoo_")
 
 
 def test_key_ignores_paths_and_logging(composed, tmp_path):
