@@ -11,6 +11,9 @@ Transfer features (what the records already hold, per job; none needs a model he
 - ``hw_err_rtn_log10``: log10 of RTN's Hessian-weighted error of the same cell.
 - ``noise_equiv_log10``: log10 of the landscape's noise-equivalent damage of the job,
   kappa * 10^(-SQNR_RTN/10), times ``gptq_err_ratio`` for GPTQ rows: the physics guess.
+- ``weight_kurtosis``, ``weight_absmax_rms_log10``: the model's weight outlier statistics
+  (``quantization.weight_kurtosis`` / ``weight_absmax_rms``, recorded since issue 22; the
+  mean over the model's records, so every row of a model has them).
 
 Predictors compared on the same splits (``VARIANTS``): ``forest`` (the predictor's own
 features), ``forest+transfer`` (plus the three above), ``forest/physics`` (the forest learns
@@ -42,7 +45,9 @@ from ptqscale_analysis.predictor import (
 )
 from ptqscale_analysis.study_fits import LAW_PREDICTORS, StudyFitConfig, law_predictions
 
-TRANSFER_FEATURES = ("gptq_err_ratio", "hw_err_rtn_log10", "noise_equiv_log10")
+TRANSFER_FEATURES = ("gptq_err_ratio", "hw_err_rtn_log10", "noise_equiv_log10",
+                     "weight_kurtosis", "weight_absmax_rms_log10")
+MODEL = ("model.name", "model.revision")
 VARIANTS = ("forest", "forest+transfer", "forest/physics")
 # a cell: one model (and training length) quantized into one format, evaluated on one corpus
 CELL = ("model.name", "model.revision", "data.name", "format.name")
@@ -76,6 +81,12 @@ def add_transfer_features(rows: pd.DataFrame) -> pd.DataFrame:
     equiv = kappa * 10 ** (-pd.to_numeric(df["rtn_sqnr_db"], errors="coerce") / 10)
     equiv = equiv * df["gptq_err_ratio"].where(gptq, 1.0)
     df["noise_equiv_log10"] = np.log10(equiv.where(equiv > 0))
+    model = df[[c for c in MODEL if c in df]].astype(str).agg("|".join, axis=1)
+    for col, name, log in (("quantization.weight_kurtosis", "weight_kurtosis", False),
+                           ("quantization.weight_absmax_rms", "weight_absmax_rms_log10", True)):
+        v = pd.to_numeric(df[col], errors="coerce") if col in df else pd.Series(np.nan, df.index)
+        v = v.groupby(model).transform("mean")
+        df[name] = np.log10(v.where(v > 0)) if log else v
     return df
 
 

@@ -61,8 +61,10 @@ def transfer_frame(tmp_path_factory):
                     f = r if method == "gptq" else 1.0
                     dnll = kappa * 10 ** (-sqnr / 10) * f * math.exp(rng.normal(0, 0.03))
                     rec = _record("tr", fam, size, fmt, method, dnll, sqnr, n, land)
+                    # the weights' outlier statistics: per model, whatever the method
+                    rec["quantization"] = {"weight_kurtosis": 1.0 + ratio, "weight_absmax_rms": 6.0}
                     if method == "gptq":
-                        rec["quantization"] = {"out_err_rtn": err_rtn, "out_err_gptq": err_rtn * r}
+                        rec["quantization"] |= {"out_err_rtn": err_rtn, "out_err_gptq": err_rtn * r}
                     write_record(root, rec)
     return root, load_study(root, "tr")
 
@@ -101,7 +103,7 @@ def test_lofo_physics_forest_carries_the_gain_the_plain_forest_misses(transfer_f
     plain = t.xs("forest", level=1)
     # the family with the largest gain (fa) is outside what the others teach the plain forest
     assert plain.loc["fa", "gain_rel_err"] > 2 * phys.loc["fa", "gain_rel_err"]
-    assert "gptq_err_ratio" in res.features["forest+transfer"]
+    assert {"gptq_err_ratio", "weight_kurtosis"} <= set(res.features["forest+transfer"])
     assert t.xs("noise", level=1)["coverage"].eq(1.0).all()   # laws on the same splits
 
 
