@@ -55,6 +55,7 @@ BIG_DNLL = 0.01      # issue 22: MAE judged on rows with dNLL above this (nats)
 MAE_SHARE = 0.25     # ... against this share of their mean |dNLL|
 R2_BAR = 0.8
 GAIN_SHARE = 0.30    # GPTQ's gain over RTN predicted within this relative error
+PHYSICS_FLOOR = 1e-3  # nats: the forest/physics guess is never taken below this
 
 
 def _cell(rows: pd.DataFrame) -> list[str]:
@@ -142,10 +143,13 @@ def _fit_predict(name: str, feats: list[str], train: pd.DataFrame, test: pd.Data
     y = train[TARGET].to_numpy(float)
     if name != "forest/physics":
         return _forest(cfg).fit(train[feats].to_numpy(float), y).predict(test[feats].to_numpy(float))
-    # the forest learns the factor between the damage and the physics guess (scale-free)
-    phys_train = 10 ** train["noise_equiv_log10"].to_numpy(float)
-    forest = _forest(cfg).fit(train[feats].to_numpy(float), y / phys_train)
-    return forest.predict(test[feats].to_numpy(float)) * 10 ** test["noise_equiv_log10"].to_numpy(float)
+    # the forest learns the factor between the damage and the physics guess (scale-free);
+    # the guess is floored so that jobs of negligible damage (8-bit formats: guess ~1e-6,
+    # measured noise ~1e-4) do not teach it factors of hundreds
+    def guess(rows):
+        return np.maximum(10 ** rows["noise_equiv_log10"].to_numpy(float), PHYSICS_FLOOR)
+    forest = _forest(cfg).fit(train[feats].to_numpy(float), y / guess(train))
+    return forest.predict(test[feats].to_numpy(float)) * guess(test)
 
 
 def gain_frame(preds: pd.DataFrame, models: list[str]) -> pd.DataFrame:
