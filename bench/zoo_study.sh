@@ -7,7 +7,9 @@
 #   bash bench/zoo_study.sh pack /work/zoo-ckpts      # -> .carry/zoo-study.tar.xz (~35 MiB)
 # On the GPU machine (carry .carry and .whl: hydra/omegaconf wheels), from the repo root:
 #   OUT=$OUT bash bench/zoo_study.sh run
-# Unpack here: cp -r $OUT/zoo_cross $OUT/zoo_depth /work/zoo-results/ (records + _cache).
+# Unpack here: cp -r $OUT/zoo_cross $OUT/zoo_depth /work/zoo-results/ (records + _cache);
+# then the reports and the issue-22 tables into each study's folder (results/<study>/...):
+#   bash bench/zoo_study.sh analyse /work/zoo-results
 #
 # The models are tiny (25k..440k non-embedding parameters): one process cannot keep an H200
 # busy, so each study runs as one Hydra multirun per family (and per corpus), side by side on
@@ -37,7 +39,18 @@ if [ "${1:-}" = pack ]; then   # the checkpoints both studies read, and each fam
   tar -cJf .carry/zoo-study.tar.xz -C "$src" "${list[@]}" && ls -l .carry/zoo-study.tar.xz
   exit $?
 fi
-[ "${1:-}" = run ] || { echo "usage: bash bench/zoo_study.sh pack ZOO | run" >&2; exit 2; }
+if [ "${1:-}" = analyse ]; then   # report, LOFO table and D law of the returned records
+  root=${2:?bash bench/zoo_study.sh analyse RESULTS_ROOT}
+  export PYTHONPATH=$PWD/src:$PWD/analysis
+  fit() { "$PY" -c 'import sys; from ptqscale_analysis.cli import fit_main; sys.exit(fit_main())' "$@"; }
+  rep() { "$PY" -c 'import sys; from ptqscale_analysis.cli import report_main; sys.exit(report_main())' "$@"; }
+  rep --results "$root" --study zoo_cross && rep --results "$root" --study zoo_depth
+  fit --results "$root" --study zoo_cross --lofo family --markdown "$root/zoo_cross/lofo_family.md" \
+    --csv "$root/zoo_cross/lofo_family.csv"
+  fit --results "$root" --study zoo_depth --depth-law --markdown "$root/zoo_depth/depth_law.md"
+  exit $?
+fi
+[ "${1:-}" = run ] || { echo "usage: bash bench/zoo_study.sh pack ZOO | run | analyse RESULTS" >&2; exit 2; }
 : "${OUT:?set OUT to the folder that comes back}"
 RES=${RES:-$PWD/runs/results}
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/analysis PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2

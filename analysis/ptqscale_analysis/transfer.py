@@ -113,8 +113,10 @@ def lofo(frame: pd.DataFrame, group: str = "model.family", cfg: PredictorConfig 
     X = add_transfer_features(add_features(rows, methods))
     base, _ = select_features(X, methods)
     extra = [f for f in TRANSFER_FEATURES if X[f].notna().all()]
-    feats = {"forest": base, "forest+transfer": base + extra,
-             "forest/physics": base + extra if "noise_equiv_log10" in extra else []}
+    # forest/physics needs a guess in some rows at least; rows without one (no landscape, a
+    # kappa <= 0 from noise) take the floor
+    physics = base + extra if X["noise_equiv_log10"].notna().any() else []
+    feats = {"forest": base, "forest+transfer": base + extra, "forest/physics": physics}
     groups = X[group].astype(str)
     if groups.nunique() < 2:
         raise AnalysisError(f"leave-one-out over {group} needs >= 2 values, got "
@@ -147,7 +149,8 @@ def _fit_predict(name: str, feats: list[str], train: pd.DataFrame, test: pd.Data
     # the guess is floored so that jobs of negligible damage (8-bit formats: guess ~1e-6,
     # measured noise ~1e-4) do not teach it factors of hundreds
     def guess(rows):
-        return np.maximum(10 ** rows["noise_equiv_log10"].to_numpy(float), PHYSICS_FLOOR)
+        g = 10 ** rows["noise_equiv_log10"].to_numpy(float)
+        return np.maximum(np.nan_to_num(g, nan=PHYSICS_FLOOR), PHYSICS_FLOOR)
     forest = _forest(cfg).fit(train[feats].to_numpy(float), y / guess(train))
     return forest.predict(test[feats].to_numpy(float)) * guess(test)
 

@@ -116,3 +116,13 @@ def test_the_cli_prints_the_lofo_table(transfer_frame, tmp_path, capsys):
     assert "forest/physics" in out and "pass_gain" in out
     assert md.read_text().startswith("| group | predictor |")
     assert fit_main(["--results", str(root), "--study", "tr", "--lofo", "nope"]) == 2
+
+
+def test_rows_without_a_physics_guess_take_the_floor(transfer_frame):
+    _, frame = transfer_frame
+    frame = frame.copy()
+    frame.loc[frame["model.family"] == "fd", "landscape.kappa"] = np.nan  # no landscape there
+    res = lofo(frame, "model.family", PredictorConfig(n_estimators=20))
+    phys = res.table[res.table["predictor"] == "forest/physics"]
+    assert phys["coverage"].eq(1.0).all()
+    assert "noise_equiv_log10" not in res.features["forest/physics"]   # not in every row
