@@ -51,7 +51,8 @@ def test_every_sweep_composes_and_validates(composed, study):
     jobs = expand_sweep([f"+sweep={study}"])
     assert jobs, f"sweep {study} expands to no job"
     keys = set()
-    for job in jobs[:200]:
+    # the factory zoo's members are absent here (trained, not committed): a few compose checks
+    for job in jobs[:30 if study.startswith("zoo_") else 200]:
         cfg = composed(job)
         assert cfg.study == study
         if looks_like_path(cfg.model.path) and not Path(cfg.model.path).exists():
