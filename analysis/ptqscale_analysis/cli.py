@@ -7,6 +7,8 @@ Example::
 
     $ ptqscale-fit --results results --study quickstart
     $ ptqscale-fit --results results --study awq_tasks --target task.ptq_gutenberg_cloze.acc
+    $ ptqscale-fit --results results --study zoo_cross --lofo family    # issue 22's bar
+    $ ptqscale-fit --results results --study zoo_depth --depth-law      # dNLL = f(N, D, bits)
     $ ptqscale-predict --results results --study quickstart --model zoo-16m \\
           --format mxfp4 --method gptq
     $ ptqscale-pareto --results results --study quickstart --budget 50MB
@@ -101,7 +103,20 @@ def _fit(argv):
     p.add_argument("--size-column", default=StudyFitConfig.size_column)
     p.add_argument("--csv", type=Path, default=None, help="also write the table here")
     _target_arg(p)
+    p.add_argument("--lofo", default=None, metavar="COLUMN",
+                   help="instead of the laws: leave-one-out validation over this column "
+                        "(family = model.family, size = model.size, or any column) of the "
+                        "forest variants and the laws, with issue 22's pass flags")
+    p.add_argument("--depth-law", action="store_true",
+                   help="instead of the laws: fit dNLL = C N^-gN D^gD exp(-P/gP) over the "
+                        "study's training lengths (model.revision x0.25..x4)")
+    p.add_argument("--bootstrap", default="cases", choices=("cases", "residuals"),
+                   help="resampling of the --depth-law intervals (default: cases)")
+    p.add_argument("--markdown", type=Path, default=None,
+                   help="with --lofo or --depth-law: also write the table here as Markdown")
     args = p.parse_args(argv)
+    if args.lofo or args.depth_law:
+        return _fit_transfer(args)
     cfg = StudyFitConfig(size_column=args.size_column,
                          fit=FitConfig(n_boot=args.n_boot, seed=args.seed), target=args.target)
     fits = fit_study_laws(load_study(args.results, args.study), cfg)
@@ -123,6 +138,46 @@ def _fit(argv):
         print(f"note: {note}")
     if args.csv:
         table.to_csv(args.csv, index=False)
+    return 0
+
+
+def _fit_transfer(args) -> int:
+    """ptqscale-fit --lofo / --depth-law (ptqscale_analysis.transfer, .depth_law)."""
+    from ptqscale_analysis.depth_law import depth_slopes, depth_verdict, fit_depth_law
+    from ptqscale_analysis.transfer import lofo, markdown_table
+
+    frame = load_study(args.results, args.study)
+    if args.depth_law:
+        fit = fit_depth_law(frame, FitConfig(n_boot=args.n_boot, seed=args.seed,
+                                             bootstrap=args.bootstrap),
+                            size_column=args.size_column)
+        table = pd.DataFrame([{"param": k, "value": v, "ci_low": fit.ci[k][0],
+                               "ci_high": fit.ci[k][1]} for k, v in fit.params.items()])
+        text = (f"{fit.formula} ({fit.n} jobs, D as multiples of the base token count, "
+                f"{'converged' if fit.converged else 'NOT converged'})\n"
+                + table.to_string(index=False, float_format="{:.4g}".format)
+                + f"\n{depth_verdict(fit)}")
+        slopes = depth_slopes(frame)
+        if len(slopes):
+            text += (f"\nper-model slope of log dNLL over log D: median "
+                     f"{slopes['slope'].median():.3f}, positive in "
+                     f"{(slopes['slope'] > 0).sum()} of {len(slopes)}")
+        md = text
+    else:
+        column = {"family": "model.family", "size": "model.size"}.get(args.lofo, args.lofo)
+        res = lofo(frame, column, PredictorConfig(seed=args.seed))
+        table = res.table
+        text = table.to_string(index=False, float_format="{:.3g}".format)
+        text += "\nforest+transfer importances: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in res.importances.head(6).items())
+        md = markdown_table(table)
+    print(text)
+    for note in fit.notes if args.depth_law else []:
+        print(f"note: {note}")
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+    if args.markdown:
+        args.markdown.write_text(md + "\n")
     return 0
 
 

@@ -51,14 +51,17 @@ def test_every_sweep_composes_and_validates(composed, study):
     jobs = expand_sweep([f"+sweep={study}"])
     assert jobs, f"sweep {study} expands to no job"
     keys = set()
-    for job in jobs[:200]:
+    # the factory zoo's members are absent here (trained, not committed): a few compose checks
+    for job in jobs[:30 if study.startswith("zoo_") else 200]:
         cfg = composed(job)
         assert cfg.study == study
         if looks_like_path(cfg.model.path) and not Path(cfg.model.path).exists():
             continue  # larger family members are reproduced by one command, not committed
         # (hub members validate offline: docs/models.md "Planning without the hub")
         keys.add(validate_job(cfg).key)
-    assert keys
+    # the factory zoo is trained, not committed: tests/zoo/test_zoo_studies.py validates its
+    # studies' jobs against a member it trains
+    assert keys or study.startswith("zoo_")
 
 
 def test_key_ignores_paths_and_logging(composed, tmp_path):

@@ -92,11 +92,24 @@ class QuantReport:
     def quantized_numel(self) -> int:
         return sum(layer["numel"] for layer in self.layers)
 
+    def weight_outliers(self) -> dict[str, float]:
+        """Over the quantized layers: numel-weighted mean excess kurtosis of the weights and
+        the largest max|W| / rms(W) (empty where the layers do not carry them)."""
+        kurt = [(la["kurtosis"], la["numel"]) for la in self.layers
+                if la.get("kurtosis") is not None]
+        ratios = [la["absmax_rms"] for la in self.layers if la.get("absmax_rms") is not None]
+        out = {}
+        if kurt:
+            out["weight_kurtosis"] = sum(k * n for k, n in kurt) / sum(n for _, n in kurt)
+        if ratios:
+            out["weight_absmax_rms"] = max(ratios)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """The record's ``quantization`` block (the format is named once, in ``format.name``)."""
         return {"method": self.method, "seconds": self.seconds,
                 "weight_sqnr_db": self.weight_sqnr_db, "quantized_numel": self.quantized_numel,
-                **self.extra}
+                **self.weight_outliers(), **self.extra}
 
 
 # Where a method computes: ``device`` fields of method configs must match this.
@@ -202,7 +215,9 @@ def select_targets(model: nn.Module, anatomy: Any, targets: TargetsConfig) -> di
 
 
 def layer_stats(name: str, weight: torch.Tensor, quantized: torch.Tensor, padded: int) -> dict[str, Any]:
-    """Per-layer record entry: sizes, signal and noise energy (fp64 sums), SQNR in dB.
+    """Per-layer record entry: sizes, signal and noise energy (fp64 sums), SQNR in dB, and
+    the full-precision weights' outlier statistics: excess kurtosis and max|W| / rms(W)
+    (features that may carry a method's gain across families, issue 22).
 
     Every method passes each layer through here before writing it, so this is where a
     non-finite value that quantizing created (``weight`` finite there) fails the job, with
@@ -215,8 +230,18 @@ def layer_stats(name: str, weight: torch.Tensor, quantized: torch.Tensor, padded
         check_no_new_non_finite(name, weight, quantized)
     # None also for an inf / NaN noise (non-finite weights), which the runner then reports
     sqnr = 10 * math.log10(signal / noise) if 0 < noise < math.inf else None
+    centred = w - w.mean()
+    var = float(centred.square().mean())
+    kurtosis = float(centred.pow(4).mean()) / var**2 - 3.0 if 0 < var < math.inf else None
+    rms = math.sqrt(signal / w.numel()) if w.numel() else 0.0
+    absmax_rms = float(w.abs().max()) / rms if 0 < rms < math.inf else None
     return {"name": name, "shape": list(weight.shape), "numel": weight.numel(),
-            "signal": signal, "noise": noise, "sqnr_db": sqnr, "padded": padded}
+            "signal": signal, "noise": noise, "sqnr_db": sqnr, "padded": padded,
+            "kurtosis": _finite_or_none(kurtosis), "absmax_rms": _finite_or_none(absmax_rms)}
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
 
 
 def check_no_new_non_finite(name: str, weight: torch.Tensor, quantized: torch.Tensor) -> None:

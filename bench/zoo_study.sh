@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The two studies of issue 22 on the trained zoo, on one GPU: sweeps/zoo_cross.yaml (20
+# members at x1, RTN and GPTQ, 13 formats, two corpora, landscape) and sweeps/zoo_depth.yaml
+# (sizes 25k..230k at every revision x0.25..x4, RTN, four formats, Gutenberg).
+#
+# Here (once the zoo is trained and unpacked, e.g. under /work/zoo-ckpts):
+#   bash bench/zoo_study.sh pack /work/zoo-ckpts      # -> .carry/zoo-study.tar.xz (~35 MiB)
+# On the GPU machine (carry .carry and .whl: hydra/omegaconf wheels), from the repo root:
+#   OUT=$OUT bash bench/zoo_study.sh run
+# Unpack here: cp -r $OUT/zoo_cross $OUT/zoo_depth /work/zoo-results/ (records + _cache);
+# then the reports and the issue-22 tables into each study's folder (results/<study>/...):
+#   bash bench/zoo_study.sh analyse /work/zoo-results
+#
+# The models are tiny (25k..440k non-embedding parameters): one process cannot keep an H200
+# busy, so each study runs as one Hydra multirun per family (and per corpus), side by side on
+# the one GPU (exclusive_gpu: false in the sweeps). Every run stops by BUDGET_S (default 540 s,
+# under a call's 10 minutes) so that the records always reach $OUT; a re-run on a warm machine
+# skips finished jobs (the store is runs/results), so cut-off jobs are redone by the next call.
+# A CPU dry run: ZOO=<a zoo> FAMILIES=zoo-gpt2 CROSS_SIZES=25k DEPTH_SIZES=25k FORMATS=int4_g128
+#   EXTRA="eval.max_tokens=2048 landscape.max_tokens=512 calib.nsamples=4" OUT=... ... run
+set -uo pipefail
+ZOO=${ZOO:-/tmp/zoo}
+FAMILIES=${FAMILIES:-zoo-llama zoo-gpt2 zoo-opt zoo-neox}
+CROSS_SIZES=${CROSS_SIZES:-25k 55k 150k 230k 440k}
+DEPTH_SIZES=${DEPTH_SIZES:-25k 55k 150k 230k}
+REVISIONS=(x0.25 x0.5 x1 x2 x4)
+PY=${PYTHON:-python3}
+
+if [ "${1:-}" = pack ]; then   # the checkpoints both studies read, and each family's tokenizer
+  src=${2:?bash bench/zoo_study.sh pack ZOO_FOLDER}
+  list=()
+  for fam in $FAMILIES; do
+    list+=("$fam/tokenizer")
+    for s in $CROSS_SIZES; do list+=("$fam/$fam-$s-x1"); done
+    for s in $DEPTH_SIZES; do for r in "${REVISIONS[@]}"; do
+      [ "$r" = x1 ] || list+=("$fam/$fam-$s-$r"); done; done
+  done
+  mkdir -p .carry
+  tar -cJf .carry/zoo-study.tar.xz -C "$src" "${list[@]}" && ls -l .carry/zoo-study.tar.xz
+  exit $?
+fi
+if [ "${1:-}" = analyse ]; then   # report, LOFO table and D law of the returned records
+  root=${2:?bash bench/zoo_study.sh analyse RESULTS_ROOT}
+  export PYTHONPATH=$PWD/src:$PWD/analysis
+  fit() { "$PY" -c 'import sys; from ptqscale_analysis.cli import fit_main; sys.exit(fit_main())' "$@"; }
+  rep() { "$PY" -c 'import sys; from ptqscale_analysis.cli import report_main; sys.exit(report_main())' "$@"; }
+  rep --results "$root" --study zoo_cross && rep --results "$root" --study zoo_depth
+  fit --results "$root" --study zoo_cross --lofo family --markdown "$root/zoo_cross/lofo_family.md" \
+    --csv "$root/zoo_cross/lofo_family.csv"
+  fit --results "$root" --study zoo_depth --depth-law --markdown "$root/zoo_depth/depth_law.md"
+  exit $?
+fi
+[ "${1:-}" = run ] || { echo "usage: bash bench/zoo_study.sh pack ZOO | run | analyse RESULTS" >&2; exit 2; }
+: "${OUT:?set OUT to the folder that comes back}"
+RES=${RES:-$PWD/runs/results}
+export PYTHONPATH=/tmp/site:$PWD/src:$PWD/analysis PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+mkdir -p "$OUT" "$ZOO" "$RES"
+"$PY" -c "import hydra, omegaconf" 2>/dev/null || "$PY" -m pip install -q --no-index \
+  --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 2
+if [ ! -d "$ZOO/zoo-llama" ] && [ -f .carry/zoo-study.tar.xz ]; then
+  tar -xJf .carry/zoo-study.tar.xz -C "$ZOO" || exit 2
+fi
+end=$((SECONDS + ${BUDGET_S:-540}))
+left() { echo $((end - SECONDS > 1 ? end - SECONDS : 1)); }
+members() {  # family, sizes -> comma-separated model names
+  local fam=$1; shift; local out=(); for s in "$@"; do out+=("$fam-$s"); done
+  (IFS=,; echo "${out[*]}")
+}
+run() {  # study, log name, overrides...
+  timeout "$(left)" "$PY" -m ptqscale.runner.app +sweep="$1" paths.zoo="$ZOO" \
+    paths.results="$RES" progress=false wandb.mode=disabled ${FORMATS:+format=$FORMATS} \
+    "${@:3}" ${EXTRA:-} > "$OUT/$2.log" 2>&1
+}
+"$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
+start=$SECONDS
+pids=()
+for fam in $FAMILIES; do   # zoo_cross first: the main study; 2 processes per family
+  for data in gutenberg wikitext2; do
+    # shellcheck disable=SC2086
+    run zoo_cross "cross-$fam-$data" model="$(members "$fam" $CROSS_SIZES)" data=$data &
+    pids+=($!)
+  done
+done
+for p in "${pids[@]}"; do wait "$p"; done
+echo "zoo_cross done after $((SECONDS - start)) s"
+pids=()
+for fam in $FAMILIES; do   # zoo_depth: 2 processes per family (revisions split)
+  for revs in x0.25,x0.5,x1 x2,x4; do
+    # shellcheck disable=SC2086
+    run zoo_depth "depth-$fam-${revs%%,*}" model="$(members "$fam" $DEPTH_SIZES)" \
+      model.revision=$revs &
+    pids+=($!)
+  done
+done
+for p in "${pids[@]}"; do wait "$p"; done
+echo "zoo_depth done after $((SECONDS - start)) s"
+status=0
+for study in zoo_cross zoo_depth; do
+  n=$(ls "$RES/$study/records" 2>/dev/null | wc -l)
+  echo "$study: $n records"
+  [ -d "$RES/$study" ] && cp -r "$RES/$study" "$OUT"/ || status=1
+done
+# the model-level caches (full-precision NLL, landscape) the records were measured with
+mkdir -p "$OUT/_cache" && cp -r "$RES/_cache/fp_eval" "$RES/_cache/landscape" "$OUT/_cache/" 2>/dev/null
+grep -h "\[failed\]" "$OUT"/*.log | head -20
+exit $status
