@@ -10,8 +10,10 @@ Fields (over ``fidelity_tokens`` scored tokens, see "Budget"):
   unchanged; ties go to the lowest token id in both models (``torch.argmax``).
   ``flip_rate`` = 1 - ``top1_agreement``: share whose argmax changed.
 - ``fidelity_tokens``, ``fidelity_top_k``: the budget actually used (recorded so that a
-  number is never read without its protocol), and ``fidelity_fp_cached``: the fp reference
-  came from the store's cache (bookkeeping, like ``fp_cached``).
+  number is never read without its protocol), ``fidelity_fp_cached``: the fp reference
+  came from the store's cache (bookkeeping, like ``fp_cached``), and ``fidelity_own_pass``:
+  the metric ran a forward pass of the quantized model of its own (false: the NLL pass's
+  logits served every window, or nothing was quantized; see "Cost").
 
 Budget: the windows of the job's ``eval`` preset over the first ``MAX_TOKENS`` tokens of
 the evaluation stream (fewer where ``eval.max_tokens`` is smaller), so for a short corpus
@@ -34,10 +36,21 @@ and is otherwise a lower bound (data processing), short by exactly
 p_fp(rest) * KL(p_fp | rest || p_q | rest), the KL inside the rest bucket weighted by its fp
 mass: a few percent of the vocabulary's least likely tokens.
 
-Cost: one extra forward pass of the quantized model over the budget (the NLL's pass in
-metrics/perplexity.py returns no logits); none for method ``none`` (nothing quantized: KL 0,
-no flip) and none for the fp model once its reference is cached. Ask for it with
-``metrics=[nll,weight_sqnr,model_bytes,fidelity]``.
+Cost: no forward pass of its own where the job's NLL pass can share: that pass (metric
+``nll``, metrics/perplexity.py) hands each window's logits to this metric's tap
+(``SharedPass``, registered as ``tap``: registry.py), which keeps the per-token KL and flips
+of the windows that are also this metric's (same start, same first scored position: the
+windows of the gptq preset always are, the rolling preset's up to its last window when the
+budget ends off the stride grid). Those are the same logits in the same dtype as a pass of
+its own, so the same numbers: bitwise on CPU (tests/metrics/test_fidelity_shared.py; on a GPU
+the NLL pass batches other windows together, which may move the last bits as
+``eval.batch_size`` does). The windows it lacks, or all of them where the pass cannot share
+(``own_pass_reason``: ``eval.compile=true`` rounds differently, ``eval.head=chunked`` never
+holds a window's logits and runs the head on other row counts, a streamed or spread model is
+walked otherwise), get a forward pass of the quantized model of its own over them, eager with
+the whole head as before. ``fidelity_own_pass`` records whether one ran. None for method
+``none`` (nothing quantized: KL 0, no flip) and none for the fp model once its reference is
+cached. Ask for it with ``metrics=[nll,weight_sqnr,model_bytes,fidelity]``.
 """
 
 from __future__ import annotations
