@@ -153,10 +153,11 @@ class SharedPass:
 
 
 def _window_fields(ref: dict, at: int, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token KL and argmax flips (on the CPU) of one window whose tokens start at ``at``."""
+    """Per-token KL and argmax flips of one window whose tokens start at ``at``, on ``lq``'s
+    device (the NLL pass is not held up by a copy back per window)."""
     n, dev = lq.shape[0], lq.device
     kl = token_kl(ref["logp"][at:at + n].to(dev), ref["idx"][at:at + n].to(dev), lq)
-    return kl.cpu(), lq.argmax(-1).cpu() != ref["argmax"][at:at + n]
+    return kl, lq.argmax(-1) != ref["argmax"][at:at + n].to(dev)
 
 
 def compare(model, stream: torch.Tensor, cfg: EvalConfig, ref: dict,
@@ -173,8 +174,8 @@ def compare(model, stream: torch.Tensor, cfg: EvalConfig, ref: dict,
     kls, flips, at = [], [], 0
     for w in windows:
         kl, flip = done[w] if w in done else _window_fields(ref, at, next(own))
-        kls.append(kl)
-        flips.append(flip)
+        kls.append(kl.cpu())
+        flips.append(flip.cpu())
         at += kl.numel()
     if at != ref["argmax"].numel():
         raise RuntimeError(f"fidelity: {at} scored tokens against a reference of "
