@@ -68,9 +68,9 @@ def test_shared_pass_gives_the_own_pass_numbers(stories, preset, stride, budget,
 def test_chunked_head_refuses_a_tap(stories):
     model, _, stream = stories
     cfg = EvalConfig(seqlen=128, head="chunked", max_tokens=256)
-    assert F.own_pass_reason(model, cfg) == "eval.head=chunked"
-    assert F.own_pass_reason(model, EvalConfig(seqlen=128, compile=True)) == "eval.compile=true"
-    assert F.own_pass_reason(model, EvalConfig(seqlen=128)) is None
+    assert F.own_pass_reason(cfg) == "eval.head=chunked"
+    assert F.own_pass_reason(EvalConfig(seqlen=128, compile=True)) == "eval.compile=true"
+    assert F.own_pass_reason(EvalConfig(seqlen=128)) is None
     with pytest.raises(ValueError, match="chunked"):
         measure_perplexity(model, stream, cfg, on_logits=lambda *a: None)
 
@@ -99,7 +99,7 @@ def test_a_job_shares_the_nll_pass_and_the_fallback_agrees(tmp_path, monkeypatch
         recs = {}
         for mode in ("shared", "fallback"):
             if mode == "fallback":
-                monkeypatch.setattr(F, "own_pass_reason", lambda model, cfg: "forced")
+                monkeypatch.setattr(F, "own_pass_reason", lambda cfg: "forced")
             windows.clear()
             with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
                 recs[mode] = run_job(compose("config", overrides=[
@@ -116,3 +116,22 @@ def test_a_job_shares_the_nll_pass_and_the_fallback_agrees(tmp_path, monkeypatch
     fields = [k for k in shared["metrics"] if k != "fidelity_own_pass"]
     assert {k: shared["metrics"][k] for k in fields} == {k: fallback["metrics"][k] for k in fields}
     assert shared["metrics"]["kl_mean"] > 0
+
+
+@pytest.mark.slow   # three jobs end to end (~30 s on 2 cores)
+def test_streamed_and_spread_jobs_share_the_pass_with_the_same_numbers(tmp_path):
+    """A streamed model's block walk and a spread model's forward (over the CPU: the hooks'
+    code path) hand the metric the logits of the model in one piece: the same numbers."""
+    register_configs()
+    extra = {"one": [], "streamed": ["model.placement=streamed", "model.max_gpu_memory=1GiB",
+                                     "model.dtype=auto"],
+             "spread": ["model.placement=spread", "model.device=cpu"]}
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        recs = {p: run_job(compose("config", overrides=[
+            "model=stories260k", "data=tinystories", f"paths.results={tmp_path / p}", *FAST,
+            *more]))["metrics"] for p, more in extra.items()}
+    fields = ("kl_mean", "kl_p90", "kl_p99", "kl_max", "flip_rate", "fidelity_tokens", "nll_sum")
+    for p in ("streamed", "spread"):
+        assert {f: recs[p][f] for f in fields} == {f: recs["one"][f] for f in fields}, p
+        assert recs[p]["fidelity_own_pass"] is False, p
+    assert recs["one"]["kl_mean"] > 0

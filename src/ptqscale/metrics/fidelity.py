@@ -46,9 +46,11 @@ its own, so the same numbers: bitwise on CPU (tests/metrics/test_fidelity_shared
 the NLL pass batches other windows together, which may move the last bits as
 ``eval.batch_size`` does). The windows it lacks, or all of them where the pass cannot share
 (``own_pass_reason``: ``eval.compile=true`` rounds differently, ``eval.head=chunked`` never
-holds a window's logits and runs the head on other row counts, a streamed or spread model is
-walked otherwise), get a forward pass of the quantized model of its own over them, eager with
-the whole head as before. ``fidelity_own_pass`` records whether one ran. None for method
+holds a window's logits and runs the head on other row counts), get a forward pass of the
+quantized model of its own over them, eager with the whole head as before. Any placement
+shares: a streamed model's NLL pass walks it block by block on the GPU (the numbers of the
+model in one piece), where the metric's own pass, a plain forward, ran a streamed model on
+the CPU, where its weights wait. ``fidelity_own_pass`` records whether one ran. None for method
 ``none`` (nothing quantized: KL 0, no flip) and none for the fp model once its reference is
 cached. Ask for it with ``metrics=[nll,weight_sqnr,model_bytes,fidelity]``.
 """
@@ -234,23 +236,19 @@ def prepare_reference(ctx: MetricContext) -> dict:
     return {**ref, "cached": True}
 
 
-def own_pass_reason(model, cfg: EvalConfig) -> str | None:
+def own_pass_reason(cfg: EvalConfig) -> str | None:
     """Why the NLL pass cannot hand this metric its logits (None: it can). The metric's own
-    pass is eager, with the whole head, on a model in one piece: only such an NLL pass gives
-    the same logits (a compiled pass rounds differently, the chunked head runs the head GEMM
-    on other row counts and holds no window's logits at once)."""
-    from ptqscale.models.streaming import placement_of
-
-    placement = placement_of(model)
+    pass is eager, with the whole head: only such an NLL pass gives the same logits (a
+    compiled pass rounds differently, the chunked head runs the head GEMM on other row counts
+    and holds no window's logits at once). Any placement shares: a streamed model's walk and a
+    spread model's forward give the logits of the model in one piece."""
     return ("eval.compile=true" if cfg.compile else
-            "eval.head=chunked" if cfg.head == "chunked" else
-            "model.placement streamed or spread" if placement.streamed or placement.spread
-            else None)
+            "eval.head=chunked" if cfg.head == "chunked" else None)
 
 
 def shared_pass(ctx: MetricContext) -> SharedPass | None:
     """The tap on the NLL pass (registry.py), or None where this job's pass cannot share."""
-    if not ctx.report.layers or own_pass_reason(ctx.model, ctx.eval) is not None:
+    if not ctx.report.layers or own_pass_reason(ctx.eval) is not None:
         return None
     ref = ctx.prepared["fidelity"]
     return SharedPass(ref, fidelity_windows(ctx.stream.numel(), ctx.eval, MAX_TOKENS),
