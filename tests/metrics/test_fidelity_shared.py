@@ -75,6 +75,21 @@ def test_chunked_head_refuses_a_tap(stories):
         measure_perplexity(model, stream, cfg, on_logits=lambda *a: None)
 
 
+def test_a_metric_with_a_tap_computes_after_the_pass_its_fields_in_the_order_asked():
+    from ptqscale.metrics import Metric
+    from ptqscale.metrics.registry import MetricContext
+    from ptqscale.runner.measure import measure_metrics
+
+    ran = []
+    tapped = Metric("t", lambda ctx: ran.append("t") or {"t": len(ctx.taps["t"])}, False, 1,
+                    frozenset(), "t", tap=lambda ctx: [1, 2])
+    plain = Metric("p", lambda ctx: ran.append("p") or {"p": 0.0}, False, 1, frozenset(), "p")
+    ctx = MetricContext(model=None, stream=None, eval=None, fp={}, params={}, fmt=None,
+                        method=None)
+    out = measure_metrics((tapped, plain), ctx)
+    assert ran == ["p", "t"] and list(out) == ["t", "p"] and out["t"] == 2
+
+
 FAST = ["eval.max_tokens=2048", "eval.seqlen=256", "progress=false", "wandb.mode=disabled",
         "metrics=[nll,weight_sqnr,model_bytes,fidelity]", "method=rtn", "format=int4"]
 
