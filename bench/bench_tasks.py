@@ -15,7 +15,8 @@ Rows, synchronised, after one warm-up of each step:
   the metric runs it) on each offline task we ship, every item, batch ``--batch-size``; and
   ``tasks (all three)``, one call on all three, as a study asking for them would run;
 - ``fidelity fp reference``: the fp model's top-k reference over the metric's budget (once
-  per model, then cached); ``fidelity per job``: the comparison a quantized job pays.
+  per model, then cached); ``fidelity per job, shared``: what the metric adds to the NLL pass
+  that hands it its logits (the job's case); ``own pass``: its fallback (a pass of its own).
 
 Columns: seconds, the same over the NLL pass, the items lm-eval scored (each costs one
 loglikelihood request per choice). Writes DIR/bench_tasks.md and DIR/bench_tasks.json.
@@ -93,7 +94,16 @@ def main() -> None:
                  "seconds": ref_s, "items": 0})
     cmp_s, out = timed(device, lambda: F.compare(model, stream, cfg, ref, fid_tokens))
     assert out["kl_max"] == 0.0 and out["flip_rate"] == 0.0   # the model against itself
-    rows.append({"step": "fidelity per job", "seconds": cmp_s, "items": 0})
+    rows.append({"step": "fidelity per job, own pass (fallback)", "seconds": cmp_s, "items": 0})
+
+    def shared():   # the NLL pass hands the metric its logits: its excess over the pass
+        tap = F.SharedPass(ref, F.fidelity_windows(stream.numel(), cfg, fid_tokens), cfg.seqlen)
+        measure_perplexity(model, stream[:eval_tokens], cfg, on_logits=tap)
+        return F.compare(model, stream, cfg, ref, fid_tokens, shared=tap)
+    both_s, both = timed(device, shared)
+    assert both == out
+    rows.append({"step": "fidelity per job, shared NLL pass", "seconds": both_s - nll_s,
+                 "items": 0})
     for r in rows:
         r["over_nll"] = r["seconds"] / nll_s
 

@@ -10,8 +10,10 @@ Fields (over ``fidelity_tokens`` scored tokens, see "Budget"):
   unchanged; ties go to the lowest token id in both models (``torch.argmax``).
   ``flip_rate`` = 1 - ``top1_agreement``: share whose argmax changed.
 - ``fidelity_tokens``, ``fidelity_top_k``: the budget actually used (recorded so that a
-  number is never read without its protocol), and ``fidelity_fp_cached``: the fp reference
-  came from the store's cache (bookkeeping, like ``fp_cached``).
+  number is never read without its protocol), ``fidelity_fp_cached``: the fp reference
+  came from the store's cache (bookkeeping, like ``fp_cached``), and ``fidelity_own_pass``:
+  the metric ran a forward pass of the quantized model of its own (false: the NLL pass's
+  logits served every window, or nothing was quantized; see "Cost").
 
 Budget: the windows of the job's ``eval`` preset over the first ``MAX_TOKENS`` tokens of
 the evaluation stream (fewer where ``eval.max_tokens`` is smaller), so for a short corpus
@@ -34,10 +36,23 @@ and is otherwise a lower bound (data processing), short by exactly
 p_fp(rest) * KL(p_fp | rest || p_q | rest), the KL inside the rest bucket weighted by its fp
 mass: a few percent of the vocabulary's least likely tokens.
 
-Cost: one extra forward pass of the quantized model over the budget (the NLL's pass in
-metrics/perplexity.py returns no logits); none for method ``none`` (nothing quantized: KL 0,
-no flip) and none for the fp model once its reference is cached. Ask for it with
-``metrics=[nll,weight_sqnr,model_bytes,fidelity]``.
+Cost: no forward pass of its own where the job's NLL pass can share: that pass (metric
+``nll``, metrics/perplexity.py) hands each window's logits to this metric's tap
+(``SharedPass``, registered as ``tap``: registry.py), which keeps the per-token KL and flips
+of the windows that are also this metric's (same start, same first scored position: the
+windows of the gptq preset always are, the rolling preset's up to its last window when the
+budget ends off the stride grid). Those are the same logits in the same dtype as a pass of
+its own, so the same numbers: bitwise on CPU (tests/metrics/test_fidelity_shared.py; on a GPU
+the NLL pass batches other windows together, which may move the last bits as
+``eval.batch_size`` does). The windows it lacks, or all of them where the pass cannot share
+(``own_pass_reason``: ``eval.compile=true`` rounds differently, ``eval.head=chunked`` never
+holds a window's logits and runs the head on other row counts), get a forward pass of the
+quantized model of its own over them, eager with the whole head as before. Any placement
+shares: a streamed model's NLL pass walks it block by block on the GPU (the numbers of the
+model in one piece), where the metric's own pass, a plain forward, ran a streamed model on
+the CPU, where its weights wait. ``fidelity_own_pass`` records whether one ran. None for method
+``none`` (nothing quantized: KL 0, no flip) and none for the fp model once its reference is
+cached. Ask for it with ``metrics=[nll,weight_sqnr,model_bytes,fidelity]``.
 """
 
 from __future__ import annotations
@@ -58,15 +73,23 @@ MAX_TOKENS = 16384    # stream tokens the metric looks at (its own budget, proto
 TOP_K = 1024          # fp log-probs kept per token (the coarsening above, protocol)
 _FIELDS = ("logp", "idx", "argmax")
 fp_passes = 0         # forward passes spent on fp references in this process (tests read it)
+q_passes = 0          # passes of its own over a quantized model in this process (tests read it)
+
+
+def fidelity_windows(n_tokens: int, cfg: EvalConfig, max_tokens: int) -> list[tuple[int, int]]:
+    """The metric's windows ``[(start, first), ...]``: ``cfg``'s plan over the first
+    ``min(max_tokens, eval.max_tokens)`` of a stream of ``n_tokens``."""
+    return window_plan(min(n_tokens, max_tokens, cfg.max_tokens or max_tokens), cfg)
 
 
 def scored_logprobs(model, stream: torch.Tensor, cfg: EvalConfig, max_tokens: int,
-                    progress: bool = False) -> Iterator[torch.Tensor]:
+                    progress: bool = False, windows: list | None = None
+                    ) -> Iterator[torch.Tensor]:
     """float32 next-token log-probs ``[scored, vocab]`` of ``cfg``'s windows over the first
-    ``max_tokens`` tokens of ``stream``, one window at a time, on the model's device."""
-    limit = min(max_tokens, cfg.max_tokens or max_tokens)
-    stream = stream[:limit]
-    windows = window_plan(stream.numel(), cfg)
+    ``max_tokens`` tokens of ``stream`` (``windows``: only these of them), one window at a
+    time, on the model's device."""
+    if windows is None:
+        windows = fidelity_windows(stream.numel(), cfg, max_tokens)
     device = next(model.parameters()).device
     batches = console.progress(range(0, len(windows), cfg.batch_size), "fidelity", progress,
                                unit="batch")
@@ -76,7 +99,12 @@ def scored_logprobs(model, stream: torch.Tensor, cfg: EvalConfig, max_tokens: in
             ids = torch.stack([stream[s:s + cfg.seqlen] for s, _ in plan]).long().to(device)
             logits = model(input_ids=ids, use_cache=False).logits
             for row, (_, first) in enumerate(plan):
-                yield torch.log_softmax(logits[row, first - 1:-1].float(), dim=-1)
+                yield _logprobs(logits[row], first)
+
+
+def _logprobs(logits: torch.Tensor, first: int) -> torch.Tensor:
+    """One window's scored log-probs from its logits: float32 whatever the model dtype."""
+    return torch.log_softmax(logits[first - 1:-1].float(), dim=-1)
 
 
 def fp_reference(model, stream: torch.Tensor, cfg: EvalConfig, max_tokens: int = MAX_TOKENS,
@@ -109,17 +137,48 @@ def token_kl(ref_logp: torch.Tensor, ref_idx: torch.Tensor, logq: torch.Tensor) 
     return kl.clamp(min=0)   # rounding may leave -1e-17 where both agree
 
 
+class SharedPass:
+    """The fidelity windows' per-token KL and flips, from the logits of the quantized model's
+    NLL pass (``measure_perplexity(on_logits=...)``): a window the pass scores with the same
+    start and first scored position is the metric's own window, the same logits."""
+
+    def __init__(self, ref: dict, windows: list[tuple[int, int]], seqlen: int):
+        self.ref, self.offset, self.parts, at = ref, {}, {}, 0
+        for w in windows:   # where each window's tokens lie in the reference
+            self.offset[w] = at
+            at += seqlen - w[1]
+
+    def __call__(self, start: int, first: int, logits: torch.Tensor) -> None:
+        w = (start, first)
+        if w in self.offset and w not in self.parts:
+            self.parts[w] = _window_fields(self.ref, self.offset[w], _logprobs(logits, first))
+
+
+def _window_fields(ref: dict, at: int, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token KL and argmax flips of one window whose tokens start at ``at``, on ``lq``'s
+    device (the NLL pass is not held up by a copy back per window)."""
+    n, dev = lq.shape[0], lq.device
+    kl = token_kl(ref["logp"][at:at + n].to(dev), ref["idx"][at:at + n].to(dev), lq)
+    return kl, lq.argmax(-1) != ref["argmax"][at:at + n].to(dev)
+
+
 def compare(model, stream: torch.Tensor, cfg: EvalConfig, ref: dict,
-            max_tokens: int = MAX_TOKENS, progress: bool = False) -> dict:
-    """The fidelity fields of ``model`` against the fp reference ``ref`` (same windows)."""
+            max_tokens: int = MAX_TOKENS, progress: bool = False,
+            shared: SharedPass | None = None) -> dict:
+    """The fidelity fields of ``model`` against the fp reference ``ref`` (same windows): the
+    windows ``shared`` holds from the NLL pass as they are, the others by a pass of its own."""
+    global q_passes
+    windows = fidelity_windows(stream.numel(), cfg, max_tokens)
+    done = shared.parts if shared is not None else {}
+    missing = [w for w in windows if w not in done]
+    own = scored_logprobs(model, stream, cfg, max_tokens, progress, missing)
+    q_passes += bool(missing)
     kls, flips, at = [], [], 0
-    for lq in scored_logprobs(model, stream, cfg, max_tokens, progress):
-        n = lq.shape[0]
-        dev = lq.device
-        kls.append(token_kl(ref["logp"][at:at + n].to(dev), ref["idx"][at:at + n].to(dev),
-                            lq).cpu())
-        flips.append(lq.argmax(-1).cpu() != ref["argmax"][at:at + n])
-        at += n
+    for w in windows:
+        kl, flip = done[w] if w in done else _window_fields(ref, at, next(own))
+        kls.append(kl.cpu())
+        flips.append(flip.cpu())
+        at += kl.numel()
     if at != ref["argmax"].numel():
         raise RuntimeError(f"fidelity: {at} scored tokens against a reference of "
                            f"{ref['argmax'].numel()}: the windows changed")
@@ -177,18 +236,42 @@ def prepare_reference(ctx: MetricContext) -> dict:
     return {**ref, "cached": True}
 
 
+def own_pass_reason(cfg: EvalConfig) -> str | None:
+    """Why the NLL pass cannot hand this metric its logits (None: it can). The metric's own
+    pass is eager, with the whole head: only such an NLL pass gives the same logits (a
+    compiled pass rounds differently, the chunked head runs the head GEMM on other row counts
+    and holds no window's logits at once). Any placement shares: a streamed model's walk and a
+    spread model's forward give the logits of the model in one piece."""
+    return ("eval.compile=true" if cfg.compile else
+            "eval.head=chunked" if cfg.head == "chunked" else None)
+
+
+def shared_pass(ctx: MetricContext) -> SharedPass | None:
+    """The tap on the NLL pass (registry.py), or None where this job's pass cannot share."""
+    if not ctx.report.layers or own_pass_reason(ctx.eval) is not None:
+        return None
+    ref = ctx.prepared["fidelity"]
+    return SharedPass(ref, fidelity_windows(ctx.stream.numel(), ctx.eval, MAX_TOKENS),
+                      ctx.eval.seqlen)
+
+
 @register_metric("fidelity", higher_is_better=False, version=VERSION, headline="kl_mean",
                  needs=("stream", "fp_model", "report"), prepare=prepare_reference,
+                 tap=shared_pass,
                  directions={"kl_*": False, "flip_rate": False, "top1_agreement": True})
 def measure_fidelity(ctx: MetricContext) -> dict:
     """KL to the fp model (mean, p90, p99, max), top-1 agreement and flip rate."""
     ref = ctx.prepared["fidelity"]
+    own = False
     if ctx.report.layers:
+        shared = ctx.taps.get("fidelity")
+        before = q_passes
         with console.stage("fidelity", ctx.timings, "fidelity"):
-            out = compare(ctx.model, ctx.stream, ctx.eval, ref, progress=ctx.progress)
+            out = compare(ctx.model, ctx.stream, ctx.eval, ref, progress=ctx.progress,
+                          shared=shared)
+        own = q_passes > before
     else:   # nothing was quantized: the model is the fp one
         n = ref["argmax"].numel()
         out = summarize(torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.bool),
                         ref["logp"].shape[-1])
-    return {**out, "fidelity_fp_cached": bool(ref["cached"])}
-
+    return {**out, "fidelity_fp_cached": bool(ref["cached"]), "fidelity_own_pass": own}

@@ -3,7 +3,9 @@
 Fields: ``nll`` (mean nats per scored token), ``perplexity`` = exp(nll), ``nll_sum``,
 ``tokens``, the full-precision ``nll_fp`` and ``perplexity_fp`` (measured once per model,
 cached) and ``dnll`` = nll - nll_fp. Protocol: DESIGN "Measured quantities" (``eval``
-presets in metrics/perplexity.py); its version is the global ``PROTOCOL_VERSION``.
+presets in metrics/perplexity.py); its version is the global ``PROTOCOL_VERSION``. Its
+pass over the quantized model hands each window's logits to the other metrics' taps
+(``ctx.taps``, registry.py), e.g. ``fidelity``'s, which then needs no pass of its own.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ def measure_nll(ctx: MetricContext) -> dict:
     """NLL of the quantized model on the evaluation stream, next to the full-precision one."""
     if ctx.report.layers:
         with console.stage("quantized eval", ctx.timings, "eval"):
-            quant = measure_perplexity(ctx.model, ctx.stream, ctx.eval,
-                                       progress=ctx.progress).to_dict()
+            quant = measure_perplexity(ctx.model, ctx.stream, ctx.eval, progress=ctx.progress,
+                                       on_logits=_feed(list(ctx.taps.values()))).to_dict()
     else:  # nothing was quantized: the full-precision numbers are the answer
         quant = dict(ctx.fp)
     check_nll(quant["nll"], f"NLL of {ctx.label}")
@@ -32,6 +34,18 @@ def measure_nll(ctx: MetricContext) -> dict:
             "nll_sum": quant["nll_sum"], "tokens": quant["tokens"],
             "nll_fp": fp["nll"], "perplexity_fp": fp["perplexity"],
             "dnll": quant["nll"] - fp["nll"]}
+
+
+def _feed(taps: list):
+    """One ``on_logits`` for the pass that hands each window's logits to every tap; None
+    without taps (the pass then hands nothing on)."""
+    if not taps:
+        return None
+
+    def feed(start: int, first: int, logits) -> None:
+        for tap in taps:
+            tap(start, first, logits)
+    return feed
 
 
 def vocab_size(model) -> int:

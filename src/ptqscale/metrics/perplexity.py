@@ -168,8 +168,13 @@ def validate_eval_config(cfg: EvalConfig, model) -> None:
 
 
 def measure_perplexity(model, stream: torch.Tensor, cfg: EvalConfig,
-                       progress: bool = False) -> PerplexityResult:
+                       progress: bool = False, on_logits=None) -> PerplexityResult:
     """NLL and perplexity of ``model`` on the 1-D token ``stream`` under ``cfg``'s preset.
+
+    ``on_logits(start, first, logits)``, where given, is called for every window in plan order
+    with the logits ``[seqlen, vocab]`` (model dtype) the pass scores it from, so another
+    metric can read them without a pass of its own (metrics/fidelity.py). ``eval.head=chunked``
+    never holds a window's logits: it refuses ``on_logits``.
 
     Example::
 
@@ -189,6 +194,8 @@ def measure_perplexity(model, stream: torch.Tensor, cfg: EvalConfig,
     if apart and not whole:
         raise ConfigError(f"{' and '.join(apart)} needs the model in one piece; set "
                           "model.placement=one or leave the eval setting at its default")
+    if on_logits is not None and cfg.head == "chunked":
+        raise ValueError("measure_perplexity: eval.head=chunked holds no logits for on_logits")
     stream = _check_stream(stream, cfg, model)
     windows = window_plan(stream.numel(), cfg)
     device = placement.device
@@ -213,6 +220,9 @@ def measure_perplexity(model, stream: torch.Tensor, cfg: EvalConfig,
             for b, logits in console.progress(logits_of, f"ppl {cfg.preset}/{cfg.seqlen}",
                                               progress, unit="batch", total=len(batches)):
                 ids = batches[b].to(device)
+                if on_logits is not None:
+                    for row, (start, first) in enumerate(plans[b]):
+                        on_logits(start, first, logits[row])
                 losses = (chunked_losses(logits, ids, plans[b], head, compiled_nll) if chunked
                           else _window_losses(logits, ids, plans[b], compiled_nll))
                 for nll in losses:

@@ -28,6 +28,12 @@ is recorded in ``metric_info``; jobs that do not ask for the metric never see it
 ``metrics.<field>``): no other file lists them. ``prepare(ctx)``, where given, runs on the
 full-precision model before quantization; what it returns is ``ctx.prepared[name]``.
 
+``tap(ctx)``, where given, runs after quantization and before any metric computes; it may
+return a consumer ``(start, first, logits) -> None`` that the quantized model's NLL pass (the
+metric ``nll``) feeds window by window (``perplexity.measure_perplexity(on_logits=...)``), or
+None where it cannot use that pass's logits. It lies in ``ctx.taps[name]``; metrics with a
+tap compute after the others, so after that pass (e.g. ``fidelity``: no pass of its own).
+
 Keys: the default set :data:`DEFAULT_METRICS` is in no key (records predating the
 registry keep theirs); a job whose set differs from it has ``{name: version}`` of its
 metrics in its key. Adding a metric to the code therefore re-keys nothing; the versions of
@@ -88,6 +94,7 @@ class MetricContext:
     report: Any = None               # QuantReport, set after quantization
     timings: dict = field(default_factory=dict)
     prepared: dict = field(default_factory=dict)
+    taps: dict = field(default_factory=dict)   # name -> consumer of the NLL pass's logits
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,7 @@ class Metric:
     prepare: Callable[[MetricContext], Any] | None = None
     settings: Callable[[Any], dict] | None = None
     directions: dict[str, bool] = field(default_factory=dict, hash=False)  # pattern -> higher?
+    tap: Callable[[MetricContext], Any] | None = None   # reads the NLL pass's logits
 
     def info(self, eval_cfg: Any = None) -> dict:
         """What the record stores about the metric (``record["metric_info"][name]``)."""
@@ -128,7 +136,8 @@ def register_metric(name: str, *, higher_is_better: bool, version: int,
                     needs: Iterable[str] = (), headline: str | None = None,
                     prepare: Callable[[MetricContext], Any] | None = None,
                     settings: Callable[[Any], dict] | None = None,
-                    directions: dict[str, bool] | None = None):
+                    directions: dict[str, bool] | None = None,
+                  tap: Callable[[MetricContext], Any] | None = None):
     """Decorator registering ``compute(ctx) -> dict`` as the metric ``name``.
 
     >>> @register_metric("doc_demo", higher_is_better=True, version=1, needs=("report",))
@@ -152,7 +161,8 @@ def register_metric(name: str, *, higher_is_better: bool, version: int,
             raise ValueError(f"metric {name!r} is registered twice")
         METRICS[name] = Metric(name, compute, bool(higher_is_better), version, needs,
                                headline or name, prepare, settings,
-                               {str(k): bool(v) for k, v in (directions or {}).items()})
+                               {str(k): bool(v) for k, v in (directions or {}).items()},
+                               tap)
         return compute
     return decorate
 

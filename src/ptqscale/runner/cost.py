@@ -23,10 +23,12 @@ hessian         N x HVPs x tokens per HVP (Hutchinson + power iters)     N x (pr
 fidelity        (the eval stage's fit: forward passes over tokens)       N x min(16384, eval tokens)
 ==============  =======================================================  ==================
 
-The metric ``fidelity`` is a forward pass of the quantized model over its token budget, plus
-the fp reference once per model: both are charged at the ``eval`` stage's rate (at 1B the bench
-measured 1.2x that rate per job and 2.7x for the reference, 0.14 s and 0.29 s:
-bench/results/bench_tasks.md). The metric ``tasks`` gets no estimate: lm-eval's passes depend
+The metric ``fidelity`` is charged a forward pass of the quantized model over its token
+budget, plus the fp reference once per model, both at the ``eval`` stage's rate (at 1B the
+bench measured 1.2x that rate per job and 2.7x for the reference, 0.14 s and 0.29 s:
+bench/results/bench_tasks.md). The per-job pass is an upper bound: the metric now reads the
+NLL pass's logits where it can and runs that pass only as its fallback (metrics/fidelity.py,
+"Cost"); the excess of the shared case awaits its GPU bench. The metric ``tasks`` gets no estimate: lm-eval's passes depend
 on the tasks' items, not on the corpus (at 1B our three offline tasks took 17x a 65k-token NLL
 pass), and no fit covers them.
 

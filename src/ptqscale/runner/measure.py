@@ -151,10 +151,16 @@ def quantize_and_measure(spec: Any, model: torch.nn.Module, tokenizer: Any, leve
 
 
 def measure_metrics(metrics: tuple, ctx: MetricContext) -> dict:
-    """Each metric's fields, in the order asked; two metrics writing one field is a bug."""
+    """Each metric's fields, in the order asked; two metrics writing one field is a bug.
+
+    Metrics with a ``tap`` (registry.py) compute last: the NLL pass feeds their taps first."""
+    for metric in metrics:
+        if metric.tap is not None and (consumer := metric.tap(ctx)) is not None:
+            ctx.taps[metric.name] = consumer
+    computed = {m.name: m.compute(ctx) for m in sorted(metrics, key=lambda m: m.tap is not None)}
     out: dict[str, Any] = {}
     for metric in metrics:
-        values = metric.compute(ctx)
+        values = computed[metric.name]
         clash = sorted(set(values) & (set(out) | {"fp_cached"}))
         if clash:
             raise RuntimeError(f"metric {metric.name!r} writes {clash}, which another metric "
