@@ -24,9 +24,10 @@ model's weights on the same evaluation tokens. Columns (dNLL = NLL - full-precis
 - ``rtn``: round to nearest (ptqscale), for scale.
 
 INT formats use the ``_full`` grid (codes -2^(b-1)..2^(b-1)-1, scale amax/(2^b-1)*2), which is
-compressed-tensors' symmetric grid. ``mxfp4`` is compared with compressed-tensors' MXFP4 scheme,
-whose shared scale rounds amax to the NEAREST power of two before the OCP rule (ours: OCP,
-floor); llm-compressor refuses groups that do not divide a layer's input width (its error is
+compressed-tensors' symmetric grid. ``mxfp4`` and ``mxfp4_rn`` are both compared with
+compressed-tensors' MXFP4 scheme, whose shared scale rounds amax to one mantissa bit before the
+OCP rule: that is our ``mxfp4_rn``, while ``mxfp4`` is OCP's floor rule. llm-compressor refuses
+groups that do not divide a layer's input width (checked before calibrating; the error is
 recorded in the cell). Writes ``DIR/gptq_parity.md`` and ``DIR/gptq_parity.json``; the rows go
 to ``DIR/gptq_parity.jsonl`` as they finish, and a re-run skips the cells already there.
 """
@@ -119,7 +120,7 @@ def llmc_weights(fmt_name: str, fp16_scale: bool):
     from ptqscale.formats import get_format
 
     fmt = get_format(fmt_name)
-    if fmt_name == "mxfp4":
+    if fmt_name in ("mxfp4", "mxfp4_rn"):  # _rn: compressed-tensors' own scale rule
         if fp16_scale:
             raise ValueError("llmc_fp16 applies to INT formats only")
         return QuantizationArgs(num_bits=4, type="float", strategy="group", symmetric=True,

@@ -93,3 +93,26 @@ def test_scale_dtype_is_the_difference():
         return float(((D @ H.double()) * D).sum())
 
     assert abs(loss(fp32) / loss(ours) - 1) < 0.01
+
+
+def compressed_tensors_mx_exponent(amax: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors 0.19's ``generate_mx_scales`` (fp32, FP4 elements): amax rounded to a
+    power of two by adding 2**21 to its bits and masking the mantissa, then floor(log2) - 2."""
+    bits = amax.float().view(torch.int32) + (1 << 21)
+    rounded = (bits & (0x1FF << 23)).view(torch.float32)
+    return torch.floor(torch.log2(rounded)) - 2
+
+
+def test_mxfp4_rn_scale_is_compressed_tensors():
+    """``mxfp4_rn``'s shared exponent is compressed-tensors' (llm-compressor's MXFP4 scheme);
+    with it, the matrix's mxfp4 cells compare GPTQ, not two scale rules."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 256, generator=g) * torch.rand(512, 1, generator=g) * 8
+    x[0, :32] = torch.tensor([7.0] + [0.0] * 31)  # mantissa exactly 1.75: up
+    x[1, :32] = torch.tensor([6.99] + [0.0] * 31)
+    groups = x.reshape(-1, 32)  # one scale group per row
+    want = compressed_tensors_mx_exponent(groups.abs().amax(-1))
+    got = get_format("mxfp4_rn").fit(groups).scale.reshape(want.shape)
+    assert torch.equal(got.float(), want)
+    ocp = get_format("mxfp4").fit(groups).scale.reshape(want.shape)
+    assert 0.05 < (ocp.float() != want).float().mean().item() < 0.3

@@ -41,6 +41,8 @@ Format names: lower case, fields joined by "_"; every format has exactly one spe
                                codes +-(2^(b-1)-1)
   <mx name>_ru                 MX with the round-up shared scale: smallest 2^k with amax/2^k <=
                                element max (nothing saturates), e.g. mxfp4_ru, mxint4_b32_ru
+  <mx name>_rn                 MX with compressed-tensors' (llm-compressor's) shared scale: amax
+                               rounded to one mantissa bit (halves up), then the OCP rule
   nvfp4                        NVIDIA NVFP4: E2M1, block 16, E4M3 block scale, fp32 tensor scale
   nf4 | nf4_b<n>               QLoRA NormalFloat-4, fp32 absmax per block of 64 (or n >= 2)
 
@@ -59,7 +61,7 @@ EXAMPLES: tuple[str, ...] = (
 
 _INT = re.compile(r"int(\d+)(?:_(t)|_g(\d+))?(?:_(asym|full))?")
 _FP = re.compile(r"fp(\d+)_e(\d+)m(\d+)")
-_MX = re.compile(r"mx(fp|int)(\d+)(?:_e(\d+)m(\d+))?(?:_b(\d+))?(_ru)?")
+_MX = re.compile(r"mx(fp|int)(\d+)(?:_e(\d+)m(\d+))?(?:_b(\d+))?(_ru|_rn)?")
 _NF4 = re.compile(r"nf4(?:_b(\d+))?")
 
 
@@ -76,7 +78,7 @@ def _minifloat(bits: int, e: int, m: int) -> MinifloatSpec:
 def _mx(kind, bits, e, m, block, ru) -> MXFormat:
     bits = int(bits)
     block = 32 if block is None else int(block)
-    rule = "ceil" if ru else "floor"
+    rule = {None: "floor", "_ru": "ceil", "_rn": "round"}[ru]
     if kind == "int":
         if e is not None:
             raise ValueError("mxint elements are fixed point and take no _e<E>m<M>")
