@@ -263,14 +263,17 @@ def report(env: dict, rows: list[dict]) -> str:
     def num(x, spec=".4f"):
         return "" if x is None else format(x, spec)
 
+    def pct(x):
+        return "" if x is None else f"{100 * x:.1f}%"
+
     lines = [f"# GPTQ parity with llm-compressor ({env['device']}, {env['date']})", "",
              f"torch {env['torch']}, transformers {env['transformers']}, llm-compressor "
              f"{env['llmcompressor']}, compressed-tensors {env['compressed_tensors']}. "
              "dNLL (nats) of every column on the same evaluation tokens, calibrated on the same "
              "tokens (ours_alt: on the next draw). Columns: bench/bench_gptq_parity.py.", "",
-             "| model | format | act-order | ours | llmc | llmc / ours | llmc_fp16 | "
-             "fp16 weights = ours | ours_alt / ours | ours_default | rtn |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | format | act-order | ours | llmc | llmc / ours | llmc weights = ours | "
+             "llmc_fp16 | llmc_fp16 weights = ours | ours_alt / ours | ours_default | rtn |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     gaps, spreads = [], []
     for name, fmt, ao in dict.fromkeys((r["member"], r["format"], r["actorder"]) for r in rows):
         ours, llmc, f16, alt = (dnll((name, fmt, ao, m)) for m in
@@ -281,11 +284,11 @@ def report(env: dict, rows: list[dict]) -> str:
             gaps.append(ratio)
         if spread is not None:
             spreads.append(spread)
-        same = idx.get((name, fmt, ao, "llmc_fp16"), {}).get("equal_to_ours")
+        same, same16 = (pct(idx.get((name, fmt, ao, m), {}).get("equal_to_ours"))
+                        for m in ("llmc", "llmc_fp16"))
         lines.append(
             f"| {name} | {fmt} | {ao} | {num(ours)} | {num(llmc)} | {num(ratio, '.3f')} | "
-            f"{num(f16)} | {num(None if same is None else 100 * same, '.1f')}"
-            f"{'' if same is None else '%'} | {num(spread, '.3f')} | "
+            f"{same} | {num(f16)} | {same16} | {num(spread, '.3f')} | "
             f"{num(dnll((name, fmt, ao, 'ours_default')))} | {num(dnll((name, fmt, 'off', 'rtn')))} |")
     errors = sorted({(r["member"], r["format"], r["method"], r["error"]) for r in rows
                      if "error" in r})

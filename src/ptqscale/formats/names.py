@@ -55,7 +55,7 @@ EXAMPLES: tuple[str, ...] = (
     "bf16", "fp16", "int8", "int8_t", "int8_asym", "int4_g128", "int4_g128_asym", "int4_g128_full",
     "int3_g128", "int3_g64_asym", "int2_g64", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3",
     "fp4_e2m1", "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4", "mxint8",
-    "mxfp4_ru", "mxint4_b32", "mxint4_b128", "mxint3_b128", "mxint6_b16", "mxint8_b64",
+    "mxfp4_ru", "mxfp4_rn", "mxint4_b32", "mxint4_b128", "mxint3_b128", "mxint6_b16", "mxint8_b64",
     "mxfp4_b64", "mxfp4_b16", "mxfp6_e2m3_b64", "nvfp4", "nf4", "nf4_b128",
 )
 
