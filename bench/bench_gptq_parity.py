@@ -238,9 +238,15 @@ def cells(args, done: set) -> list[dict]:
 def environment() -> dict:
     import transformers
 
+    cpu = platform.processor() or platform.machine()
+    try:  # the CPU's model name where Linux says it
+        cpu = next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo")
+                   if x.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "device": f"cpu ({platform.processor() or platform.machine()}, "
-                     f"{torch.get_num_threads()} threads)",
+           "device": f"CPU ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
+                     "threads per process)",
            "torch": torch.__version__, "transformers": transformers.__version__,
            "python": platform.python_version()}
     for mod in ("llmcompressor", "compressed_tensors"):
