@@ -60,6 +60,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--seqlen", type=int, default=None)
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--skip-nll", action="store_true")
+    p.add_argument("--llmc-fp16-scales", action="store_true",
+                   help="llm-compressor with fp16 scales (our INT formats'): the parity check of "
+                        "bench_gptq_parity.py; its weights are then ours")
     return p.parse_args()
 
 
@@ -108,8 +111,9 @@ def llmc_available() -> str | None:
     return None
 
 
-def llmc_scheme(fmt_name: str):
-    """compressed-tensors scheme equal to our int<b>_g<g>_full (or per-channel int<b>_full)."""
+def llmc_scheme(fmt_name: str, fp16_scales: bool = False):
+    """compressed-tensors scheme equal to our int<b>_g<g>_full (or per-channel int<b>_full);
+    its scales are in the weights' dtype unless ``fp16_scales`` (ours: fp16)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     from ptqscale.formats import get_format
@@ -118,12 +122,13 @@ def llmc_scheme(fmt_name: str):
     if fmt.family != "int" or fmt.mode != "full" or fmt.per_tensor:
         raise ValueError(f"llm-compressor comparison needs an int<b>[_g<g>]_full format, got "
                          f"{fmt_name}")
+    kw = dict(scale_dtype=torch.float16) if fp16_scales else {}
     if fmt.block_size is None:
         weights = QuantizationArgs(num_bits=fmt.bits, type="int", symmetric=True,
-                                   strategy="channel")
+                                   strategy="channel", **kw)
     else:
         weights = QuantizationArgs(num_bits=fmt.bits, type="int", symmetric=True,
-                                   strategy="group", group_size=fmt.block_size)
+                                   strategy="group", group_size=fmt.block_size, **kw)
     return QuantizationScheme(targets=["Linear"], weights=weights)
 
 
@@ -135,7 +140,8 @@ def run_llmc(model, ids, args, tokenizer=None) -> dict:
 
     data = Dataset.from_dict({"input_ids": ids.tolist(),
                               "attention_mask": torch.ones_like(ids).tolist()})
-    recipe = GPTQModifier(config_groups={"group_0": llmc_scheme(args.format)},
+    scheme = llmc_scheme(args.format, getattr(args, "llmc_fp16_scales", False))
+    recipe = GPTQModifier(config_groups={"group_0": scheme},
                           ignore=["lm_head"], block_size=128, dampening_frac=0.01,
                           actorder="static")
     if tokenizer is None:

@@ -105,12 +105,15 @@ def ref_fp(x, e, m):
     return (round_minifloat(x / s, e, m).astype(F32) * s).astype(F32)
 
 
-def _mx_exponent(amax: float, emax: int, vmax: float, ceil: bool) -> int:
+def _mx_exponent(amax: float, emax: int, vmax: float, ceil: bool | str) -> int:
+    """``ceil``: True / "ceil" (_ru), "round" (_rn: one binade up iff 2 * mant >= 1.75)."""
     if amax == 0:
         return -127
     mant, exp = math.frexp(amax)  # amax = mant * 2**exp, mant in [0.5, 1)
     k = exp - 1 - emax  # floor(log2(amax)) - emax
-    if ceil and amax / 2.0**k > vmax:
+    if ceil in (True, "ceil") and amax / 2.0**k > vmax:
+        k += 1
+    if ceil == "round" and 2 * mant >= 1.75:
         k += 1
     return max(-127, min(127, k))
 
@@ -183,7 +186,7 @@ def reference(name: str):
     if fam == "mx":
         el = fmt.element
         elem = ("int", el.bits) if isinstance(el, FixedPointSpec) else ("fp", el.ebits, el.mbits)
-        return lambda x: ref_mx(x, fmt.block, elem, fmt.scale_rule == "ceil")
+        return lambda x: ref_mx(x, fmt.block, elem, fmt.scale_rule)
     if fam == "nvfp4":
         return ref_nvfp4
     return lambda x: ref_nf4(x, fmt.block)

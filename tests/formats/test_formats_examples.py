@@ -40,6 +40,16 @@ def test_mxfp4_saturates_and_round_up_rule_does_not():
     check("mxfp4_ru", block([6.0], 32), [6.0], [127])
 
 
+def test_mxfp4_rn_is_compressed_tensors_rule():
+    # _rn (compressed-tensors): amax rounded to one mantissa bit, halves up, then OCP's floor.
+    # 7.0 = 1.75 * 2**2 rounds to 2**3 -> k = 1, code 128: 7.0 / 2 = 3.5, a 3 / 4 tie -> 4 (even
+    # code) -> 8.0.  6.9 = 1.725 * 2**2 rounds to 1.5 * 2**2 -> k = 0: saturates to 6 (as OCP;
+    # _ru goes up: k = 1, 6.9 / 2 = 3.45 -> 3 -> 6.0 with code 128).
+    check("mxfp4_rn", block([7.0, 3.0], 32), [8.0, 3.0], [128])
+    check("mxfp4_rn", block([6.9, 3.0], 32), [6.0, 3.0], [127])
+    check("mxfp4_ru", block([6.9], 32), [6.0], [128])
+
+
 def test_mxfp8_e4m3_example():
     # amax = 1000: floor(log2 1000) = 9, E4M3 emax = 8 -> k = 1, scale 2, code 128.
     # 1000 / 2 = 500 > 448 -> saturates to 448 -> 896.   3.3 / 2 = 1.65: step 1/8 in [1, 2)

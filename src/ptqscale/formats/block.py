@@ -32,6 +32,8 @@ E4M3 = MinifloatSpec(4, 3)
 OCP_MX_ELEMENTS = (MinifloatSpec(4, 3), MinifloatSpec(5, 2), MinifloatSpec(3, 2),
                    MinifloatSpec(2, 3), E2M1, FixedPointSpec(8, 6))
 E8M0_BIAS = 127
+# MX shared-scale rules and their name suffixes (MXFormat's docstring says what each does)
+SCALE_RULES = {"floor": "", "ceil": "_ru", "round": "_rn"}
 
 
 @dataclass(frozen=True, repr=False)
@@ -42,7 +44,9 @@ class MXFormat(Format):
     the E8M0 range [-127, 127]; elements are amax-relative values rounded to nearest-even
     and saturated (amax can exceed the element max by < 2x and is then clipped).
     ``scale_rule="ceil"`` (name suffix ``_ru``) rounds the scale up instead: the smallest
-    2**k with amax / 2**k <= element max, so nothing saturates.
+    2**k with amax / 2**k <= element max, so nothing saturates. ``scale_rule="round"`` (suffix
+    ``_rn``) is compressed-tensors' (llm-compressor's) rule: amax rounded to one mantissa bit
+    (halves up) before the OCP rule, i.e. one binade up iff amax's mantissa is >= 1.75.
     """
 
     element: MinifloatSpec | FixedPointSpec = E2M1
@@ -56,8 +60,8 @@ class MXFormat(Format):
     def __post_init__(self) -> None:
         if not isinstance(self.block, int) or self.block < 2:
             raise ValueError(f"mx block={self.block!r}: allowed an integer >= 2")
-        if self.scale_rule not in ("floor", "ceil"):
-            raise ValueError(f"mx scale_rule={self.scale_rule!r}: allowed 'floor', 'ceil'")
+        if self.scale_rule not in SCALE_RULES:
+            raise ValueError(f"mx scale_rule={self.scale_rule!r}: allowed {list(SCALE_RULES)}")
         if isinstance(self.element, FixedPointSpec) and (
                 self.element.frac_bits != self.element.bits - 2 or self.element.bits > 8):
             raise ValueError(f"mxint element {self.element}: need bits <= 8, frac_bits = bits - 2")
@@ -73,7 +77,7 @@ class MXFormat(Format):
         if not self.is_int and e != E2M1:
             base += f"_{e.name}"
         ocp = e in OCP_MX_ELEMENTS and self.block == 32
-        return base + ("" if ocp else f"_b{self.block}") + ("_ru" if self.scale_rule == "ceil" else "")
+        return base + ("" if ocp else f"_b{self.block}") + SCALE_RULES[self.scale_rule]
 
     element_bits = property(lambda self: self.element.bits)
     block_size = property(lambda self: self.block)
@@ -84,6 +88,8 @@ class MXFormat(Format):
         return f"int{self.element.bits}" if self.is_int else self.element.name
 
     def kernel_spec(self) -> dict | None:
+        if self.scale_rule == "round":  # not a rule of the kernel: the torch reference runs
+            return None
         e = self.element
         rule = dict(EMAX=e.emax, CEIL=self.scale_rule == "ceil", TOP=e.max_value / 2.0**e.emax)
         if self.is_int:
@@ -98,6 +104,8 @@ class MXFormat(Format):
         if self.scale_rule == "ceil":  # amax = m * 2**e; one binade up iff m > mantissa of max
             top = self.element.max_value / 2.0**self.element.emax
             k = k + (mul_pow2(amax, -e) > top).to(k.dtype)
+        elif self.scale_rule == "round":  # compressed-tensors' round_to_power_2, then floor
+            k = k + (mul_pow2(amax, -e) >= 1.75).to(k.dtype)
         return GroupParams(k.clamp(-E8M0_BIAS, E8M0_BIAS))
 
     def _fake(self, xb, p):

@@ -41,6 +41,8 @@ Format names: lower case, fields joined by "_"; every format has exactly one spe
                                codes +-(2^(b-1)-1)
   <mx name>_ru                 MX with the round-up shared scale: smallest 2^k with amax/2^k <=
                                element max (nothing saturates), e.g. mxfp4_ru, mxint4_b32_ru
+  <mx name>_rn                 MX with compressed-tensors' (llm-compressor's) shared scale: amax
+                               rounded to one mantissa bit (halves up), then the OCP rule
   nvfp4                        NVIDIA NVFP4: E2M1, block 16, E4M3 block scale, fp32 tensor scale
   nf4 | nf4_b<n>               QLoRA NormalFloat-4, fp32 absmax per block of 64 (or n >= 2)
 
@@ -53,13 +55,13 @@ EXAMPLES: tuple[str, ...] = (
     "bf16", "fp16", "int8", "int8_t", "int8_asym", "int4_g128", "int4_g128_asym", "int4_g128_full",
     "int3_g128", "int3_g64_asym", "int2_g64", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3",
     "fp4_e2m1", "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4", "mxint8",
-    "mxfp4_ru", "mxint4_b32", "mxint4_b128", "mxint3_b128", "mxint6_b16", "mxint8_b64",
+    "mxfp4_ru", "mxfp4_rn", "mxint4_b32", "mxint4_b128", "mxint3_b128", "mxint6_b16", "mxint8_b64",
     "mxfp4_b64", "mxfp4_b16", "mxfp6_e2m3_b64", "nvfp4", "nf4", "nf4_b128",
 )
 
 _INT = re.compile(r"int(\d+)(?:_(t)|_g(\d+))?(?:_(asym|full))?")
 _FP = re.compile(r"fp(\d+)_e(\d+)m(\d+)")
-_MX = re.compile(r"mx(fp|int)(\d+)(?:_e(\d+)m(\d+))?(?:_b(\d+))?(_ru)?")
+_MX = re.compile(r"mx(fp|int)(\d+)(?:_e(\d+)m(\d+))?(?:_b(\d+))?(_ru|_rn)?")
 _NF4 = re.compile(r"nf4(?:_b(\d+))?")
 
 
@@ -76,7 +78,7 @@ def _minifloat(bits: int, e: int, m: int) -> MinifloatSpec:
 def _mx(kind, bits, e, m, block, ru) -> MXFormat:
     bits = int(bits)
     block = 32 if block is None else int(block)
-    rule = "ceil" if ru else "floor"
+    rule = {None: "floor", "_ru": "ceil", "_rn": "round"}[ru]
     if kind == "int":
         if e is not None:
             raise ValueError("mxint elements are fixed point and take no _e<E>m<M>")
