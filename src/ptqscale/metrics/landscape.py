@@ -40,7 +40,15 @@ from torch import nn
 # helpers that tests and benches import) where they always were.
 from .directional import measure_directional_profile
 from .hessian_streamed import check_streamable
-from .landscape_config import HVP_METHODS, LANDSCAPE_PROTOCOL, LandscapeConfig, _check_ts
+from .landscape_config import (
+    EIG_METHODS,
+    HUTCHINSON_SCHEMES,
+    HVP_DTYPES,
+    HVP_METHODS,
+    LANDSCAPE_PROTOCOL,
+    LandscapeConfig,
+    _check_ts,
+)
 from .landscape_loss import (
     _check_targets,
     _measuring,
@@ -58,10 +66,15 @@ from .noise_response import (
     noise_equivalent_dnll,
     summarize_noise_response,
 )
-from .second_order import _batch_hvps, _passes_per_trace, measure_hessian
+from .second_order import (
+    _batch_hvps,
+    _check_streamed_estimators,
+    _passes_per_trace,
+    measure_hessian,
+)
 
 __all__ = [
-    "HVP_METHODS", "LANDSCAPE_PROTOCOL", "LandscapeConfig", "_batch_hvps", "_check_targets",
+    "EIG_METHODS", "HUTCHINSON_SCHEMES", "HVP_DTYPES", "HVP_METHODS", "LANDSCAPE_PROTOCOL", "LandscapeConfig", "_batch_hvps", "_check_targets",
     "_check_ts", "_measuring", "_passes_per_trace", "_shifted_nlls", "_streamed", "basin_edge",
     "fit_kappa", "mean_nll", "measure_directional_profile", "measure_hessian",
     "measure_landscape", "measure_noise_response", "nll_from_logits", "nll_loss",
@@ -82,6 +95,7 @@ def measure_landscape(
 
     if cfg.hessian and placement_of(model).streamed:  # before the noise response's work
         check_streamable(model, targets, cfg.hvp)
+        _check_streamed_estimators(cfg)
     out: dict = {"landscape_protocol": LANDSCAPE_PROTOCOL}
     out.update(measure_noise_response(model, targets, batches, cfg, progress))
     if cfg.hessian:

@@ -11,6 +11,9 @@ from ptqscale.errors import ConfigError
 
 LANDSCAPE_PROTOCOL = 1
 HVP_METHODS = ("autograd", "finite_difference")
+HUTCHINSON_SCHEMES = ("all_windows", "stratified")
+EIG_METHODS = ("power", "lanczos")
+HVP_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -40,11 +43,21 @@ class LandscapeConfig:
     power_tol: float = 1e-4  # relative change of the Rayleigh quotient that stops early
     hvp: str = "autograd"  # "autograd" (double backward) | "finite_difference"
     fd_eps: float = 1e-4  # finite-difference step as a fraction of the weights' global norm
+    # Cheaper second-order estimators (issue 23; bench/results/landscape_estimators_cpu.md
+    # measures their error): every probe on every window, or probe k on window k mod n only
+    # (unbiased, n times fewer products); power iteration or Lanczos for the top eigenvalue;
+    # HVPs in fp32 or with the model in bf16 (fp32 logits and loss, fp32 probes and sums).
+    hutchinson_scheme: str = "all_windows"
+    eig_method: str = "power"
+    hvp_dtype: str = "float32"
     directional_ts: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
 
     # Memory knobs: the same features (up to float summation order) for any value, so a
     # cached result is shared across them; the features record the values they ran with.
     not_in_key: ClassVar[tuple[str, ...]] = ("hvp_windows", "hvp_retain_graph")
+    # fields added after records were keyed, at the value every earlier record ran with
+    added_later: ClassVar[dict[str, str]] = {
+        "hutchinson_scheme": "all_windows", "eig_method": "power", "hvp_dtype": "float32"}
 
     def __post_init__(self) -> None:
         levels = [float(s) for s in self.levels_db]
@@ -73,6 +86,14 @@ class LandscapeConfig:
             raise ConfigError(f"landscape.power_tol must be >= 0, got {self.power_tol}")
         if self.hvp not in HVP_METHODS:
             raise ConfigError(f"landscape.hvp must be one of {HVP_METHODS}, got {self.hvp!r}")
+        for key, allowed in (("hutchinson_scheme", HUTCHINSON_SCHEMES),
+                             ("eig_method", EIG_METHODS), ("hvp_dtype", HVP_DTYPES)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"landscape.{key} must be one of {allowed}, "
+                                  f"got {getattr(self, key)!r}")
+        if self.hvp_dtype != "float32" and self.hvp != "autograd":
+            raise ConfigError(f"landscape.hvp_dtype={self.hvp_dtype!r} needs landscape.hvp="
+                              f"autograd (a finite difference in bf16 is mostly rounding)")
         _check_ts(self.directional_ts)
 
 
