@@ -64,13 +64,14 @@ def stratified_hutchinson_samples(
 
 def lanczos(
     full_hvp: HVP, weights: Sequence[torch.Tensor], iters: int, tol: float, seed: int,
-    progress: bool = False,
+    progress: bool = False, history: list[float] | None = None,
 ) -> tuple[float, int, bool]:
     """Eigenvalue of largest magnitude of H by Lanczos: ``(eigenvalue, products, converged)``.
 
     Starts from the power iteration's seeded Gaussian vector; after product k the estimate
     is the extreme Ritz value of ``T_k``. Stops when it changes by less than ``tol``
     relative (``tol=0`` runs all ``iters``) or when the Krylov space is invariant (exact).
+    ``history``: the estimate after each product is appended to it (convergence studies).
     """
     if iters < 1:
         raise ValueError(f"lanczos needs iters >= 1, got {iters}")
@@ -84,6 +85,8 @@ def lanczos(
         w = [h.to(x.dtype) for h, x in zip(full_hvp(v), v)]
         alphas.append(float(blockwise_dot(v, w).sum()))
         new = _extreme_ritz(alphas, betas)
+        if history is not None:
+            history.append(new)
         converged = it > 1 and abs(new - eig) <= tol * abs(new)
         eig = new
         if converged or it == iters:

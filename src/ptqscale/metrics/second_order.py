@@ -87,8 +87,8 @@ def measure_hessian(
     out.update(top_eigenvalue=eig, power_iters_run=iters, power_converged=converged)
     n_tok = windows.numel()
     trace_tokens = n_tok * _passes_per_trace(cfg, streamed)
-    if cfg.hutchinson_scheme == "stratified":  # each probe's products cover one window
-        trace_tokens //= windows.shape[0]
+    if cfg.hutchinson_scheme == "stratified" and trace_tokens > n_tok:
+        trace_tokens //= windows.shape[0]  # per-probe passes cover one window, not all
     out.update(
         cost_hessian_trace_s=trace_s,
         cost_hessian_trace_tokens=trace_tokens,
