@@ -6,7 +6,8 @@
   the mean of the samples is still unbiased for ``tr(H)``. Each product costs one window
   instead of ``B``: at ``P`` probes ``B`` times cheaper, at a variance that is larger by
   ``r = mean_b ||offdiag H_b||_F^2 / ||offdiag H||_F^2`` (1 when the windows' Hessians are
-  alike, ``B`` when they are unrelated), so for the same variance ``r / B`` of the cost.
+  alike, about ``B`` or more when their differences dominate), so for the same variance
+  ``r / B`` of the cost: it pays only where the probes' noise, not the tokens', dominates.
   bench/landscape_estimators_cpu.py measures ``r`` on real models.
 - Lanczos (no reorthogonalisation, three vectors alive like the power iteration's two plus
   one): the largest-magnitude Ritz value of the tridiagonal ``T_k`` converges much faster
