@@ -203,6 +203,9 @@ def _run_feature(name, model, targets, stream, cfg, device) -> dict:
         return {"seconds": out[f"cost_{key}_s"], "wall_seconds": sec, "peak_gib": peak,
                 "tokens": out[f"cost_{key}_tokens"], "hvps": out[f"cost_{key}_hvps"],
                 "power_iters_run": out["power_iters_run"], "hvp_windows": out["hvp_windows"],
+                # the values too: a cheaper estimator's error and spread against v1's
+                "value": out[key], "sem": out["hessian_trace_sem"] if name == "trace" else None,
+                "converged": out["power_converged"] if name == "eigen" else None,
                 # the eigenvalue's graphs serve one product each and are never retained
                 "hvp_retain_graph": out["hvp_retain_graph"] and name == "trace"}
     out, sec, peak = timed(lambda: measure_directional_profile(
