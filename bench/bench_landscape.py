@@ -6,6 +6,8 @@ Usage::
     python bench/bench_landscape.py --out /tmp/landscape --smoke             # CPU, tiny config
     python bench/bench_landscape.py --out DIR --features noise,directional   # a subset
     python bench/bench_landscape.py --out DIR --features trace --probes 16   # fewer probes
+    python bench/bench_landscape.py --out DIR --features baseline,trace,eigen --probes 16 \
+        --scheme stratified --eig-method lanczos --hvp-dtype bfloat16       # issue 23 estimators
 
 The model is a randomly initialised Llama-3.2-1B-shaped config (hidden 2048, 16 layers, 32
 heads / 8 KV heads, FFN 8192, vocab 128256, tied embeddings; 1.24B parameters) in bf16. The
@@ -43,6 +45,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, masking_utils
 
 from ptqscale.metrics import hessian as hs
 from ptqscale.metrics.landscape import (
+    EIG_METHODS,
+    HUTCHINSON_SCHEMES,
+    HVP_DTYPES,
     LandscapeConfig,
     _batch_hvps,
     mean_nll,
@@ -50,6 +55,7 @@ from ptqscale.metrics.landscape import (
     measure_hessian,
     measure_noise_response,
 )
+from ptqscale.metrics.second_order import _parameters_in
 
 FEATURES = ("baseline", "noise", "trace", "eigen", "directional")
 SIZES = {  # name: (LlamaConfig kwargs, seqlen, stream tokens)
@@ -141,18 +147,20 @@ def estimate_hvp_peak_gib(size: str, cfg: LandscapeConfig) -> dict[str, float]:
                if isinstance(m, torch.nn.Linear) and ".layers." in n}
     weights = [m.weight for m in targets.values()]
     windows = torch.zeros(2 * cfg.hvp_windows, seqlen, dtype=torch.long, device="meta")
-    fixed = sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()])
+    itemsize = {"float32": 4, "bfloat16": 2}[cfg.hvp_dtype]  # parameters; buffers stay fp32
+    fixed = sum(t.numel() * itemsize for t in model.parameters()) + \
+        sum(t.numel() * 4 for t in model.buffers())
     out = {}
     # transformers checks position ids for packed sequences with a data-dependent .item(),
     # which meta tensors cannot answer; the landscape windows are never packed.
     find_packed, masking_utils.find_packed_sequence_indices = (
         masking_utils.find_packed_sequence_indices, lambda *a, **k: None)
     try:
-        with hs.double_backward_ready(model, weights):
+        with hs.double_backward_ready(model, weights), _parameters_in(model, cfg.hvp_dtype):
             for feature, retain in (("trace", cfg.hvp_retain_graph), ("eigen", False)):
                 batches = _batch_hvps(model, windows, weights, None, cfg, retain)
                 with PeakLiveBytes([*model.parameters(), *model.buffers()]) as mode:
-                    v = [torch.empty_like(w) for w in weights]
+                    v = [torch.empty_like(w, dtype=torch.float32) for w in weights]
                     if feature == "trace":
                         hvp = batches[0][1]()
                         for _ in range(2):  # each product is consumed before the next
@@ -186,12 +194,18 @@ def _run_feature(name, model, targets, stream, cfg, device) -> dict:
                 "passes": out["cost_noise_response_tokens"] // windows.numel()}
     if name in ("trace", "eigen"):
         probes, iters = (cfg.hutchinson_probes, 0) if name == "trace" else (1, cfg.power_iters)
-        sub = LandscapeConfig(**{**asdict(cfg), "hutchinson_probes": probes, "power_iters": iters})
+        sub = {**asdict(cfg), "hutchinson_probes": probes, "power_iters": iters}
+        if name == "eigen":  # its one throwaway probe: no window split to respect
+            sub["hutchinson_scheme"] = "all_windows"
+        sub = LandscapeConfig(**sub)
         out, sec, peak = timed(lambda: measure_hessian(model, targets, windows, sub), device)
         key = "hessian_trace" if name == "trace" else "top_eigenvalue"
         return {"seconds": out[f"cost_{key}_s"], "wall_seconds": sec, "peak_gib": peak,
                 "tokens": out[f"cost_{key}_tokens"], "hvps": out[f"cost_{key}_hvps"],
                 "power_iters_run": out["power_iters_run"], "hvp_windows": out["hvp_windows"],
+                # the values too: a cheaper estimator's error and spread against v1's
+                "value": out[key], "sem": out["hessian_trace_sem"] if name == "trace" else None,
+                "converged": out["power_converged"] if name == "eigen" else None,
                 # the eigenvalue's graphs serve one product each and are never retained
                 "hvp_retain_graph": out["hvp_retain_graph"] and name == "trace"}
     out, sec, peak = timed(lambda: measure_directional_profile(
@@ -208,7 +222,9 @@ def markdown(report: dict) -> str:
              f"{report['budget']['hutchinson_probes']} probes, {report['budget']['power_iters']} "
              f"power iterations, HVP micro-batches of {report['budget']['hvp_windows']} "
              f"window(s), graph {'kept' if report['budget']['hvp_retain_graph'] else 'rebuilt'} "
-             "per product", "",
+             f"per product; trace scheme {report['budget'].get('hutchinson_scheme', 'all_windows')}"
+             f", eigenvalue by {report['budget'].get('eig_method', 'power')}, HVPs in "
+             f"{report['budget'].get('hvp_dtype', 'float32')}", "",
              "| feature | seconds | x full-precision pass | tokens | HVPs | HVP micro-batch "
              "| peak GiB (reserved) | est GiB |",
              "|---|---|---|---|---|---|---|---|"]
@@ -246,6 +262,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hvp-windows", type=int, default=1, help="windows per HVP micro-batch")
     p.add_argument("--retain-graph", action="store_true",
                    help="keep each micro-batch's graph across probes (faster, ~1.5x the memory)")
+    p.add_argument("--scheme", choices=HUTCHINSON_SCHEMES, default="all_windows",
+                   help="landscape.hutchinson_scheme (stratified: probe k on window k mod n)")
+    p.add_argument("--eig-method", choices=EIG_METHODS, default="power",
+                   help="landscape.eig_method for the top eigenvalue")
+    p.add_argument("--hvp-dtype", choices=HVP_DTYPES, default="float32",
+                   help="landscape.hvp_dtype: the parameters' dtype during the HVPs")
+    p.add_argument("--power-tol", type=float, help="landscape.power_tol (default: the config's)")
     args = p.parse_args(argv)
     features = [f for f in args.features.split(",") if f]
     bad = sorted(set(features) - set(FEATURES))
@@ -258,9 +281,11 @@ def main(argv: list[str] | None = None) -> None:
     budget = dict(max_tokens=256, seeds=1, hutchinson_probes=2, power_iters=2) if args.smoke \
         else {}
     budget.update({k: v for k, v in (("hutchinson_probes", args.probes),
-                                     ("power_iters", args.power_iters)) if v is not None})
+                                     ("power_iters", args.power_iters),
+                                     ("power_tol", args.power_tol)) if v is not None})
     cfg = LandscapeConfig(enabled=True, seqlen=stream.shape[1], hvp_windows=args.hvp_windows,
-                          hvp_retain_graph=args.retain_graph, **budget)
+                          hvp_retain_graph=args.retain_graph, hutchinson_scheme=args.scheme,
+                          eig_method=args.eig_method, hvp_dtype=args.hvp_dtype, **budget)
     report = {"size": size, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
               or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
