@@ -79,8 +79,8 @@ def spec(**rule) -> dict:
                 TOP=1.0, TENSOR=False) | rule
 
 
-def _defining(cls: type, attr: str) -> type:
-    return next(c for c in cls.__mro__ if attr in c.__dict__)
+def _defining(cls: type, attr: str) -> type | None:
+    return next((c for c in cls.__mro__ if attr in c.__dict__), None)
 
 
 @functools.cache
@@ -90,11 +90,12 @@ def kernel_spec(fmt) -> dict | None:
     A subclass that overrides the rounding rule (``_fit`` or ``_fake``) below the class that
     states the spec inherits a spec that no longer describes it: declined, so a new format
     can never reach the kernel inexactly (it takes the torch reference until it says what
-    it is).
+    it is). So does an object that only forwards to a format (blockft's RecordingFormat
+    must see every ``fit``, which the kernel would bypass).
     """
     cls = type(fmt)
     owner = _defining(cls, "kernel_spec")
-    if any(issubclass(_defining(cls, m), owner) and _defining(cls, m) is not owner
+    if owner is None or any(issubclass(_defining(cls, m), owner) and _defining(cls, m) is not owner
            for m in ("_fit", "_fake")):
         return None
     return fmt.kernel_spec()

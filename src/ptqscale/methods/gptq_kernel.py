@@ -22,7 +22,7 @@ BLOCK_R = 16
 
 def supports(W: torch.Tensor, fmt, blocksize: int) -> bool:
     """Whether the kernel can run this sweep (CUDA, a covered format, a small lazy block)."""
-    spec = fk.kernel_spec(fmt) if fk.available() else None
+    spec = fk.kernel_spec(fmt) if W.is_cuda and fk.available() else None
     return (W.is_cuda and spec is not None and spec["KIND"] in fk.SCALE_ZERO_KINDS
             and not spec["TENSOR"] and 1 <= blocksize <= 256)
 
