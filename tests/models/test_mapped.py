@@ -77,12 +77,14 @@ def test_a_mapped_load_takes_no_process_memory_for_weights(tmp_path):
     anon, file = _rss("RssAnon"), _rss("RssFile")
     model = _load(tmp_path)   # load_model reads every weight (its finiteness check)
     grown_anon, grown_file = _rss("RssAnon") - anon, _rss("RssFile") - file
-    assert grown_anon < weight_bytes / 10 and grown_file > weight_bytes / 2
+    # thresholds at a quarter of the weights: the allocator's own noise here is up to ~35 MB
+    # (freed heap kept or reused between loads), a copy would be all of them
+    assert grown_anon < weight_bytes / 4 and grown_file > weight_bytes / 2
     del model
     gc.collect()
     anon = _rss("RssAnon")
     copied = _load(tmp_path, dtype="bfloat16")   # converted: the copy is the process's own
-    assert _rss("RssAnon") - anon > 0.9 * weight_bytes / 2
+    assert _rss("RssAnon") - anon > weight_bytes / 4   # bf16: half the bytes, minus reuse
     del copied
 
 
