@@ -20,15 +20,9 @@ from ptqscale.runner.job import run_job
 
 
 @pytest.fixture(scope="module")
-def stories(shared_data):
-    from ptqscale.models import ModelConfig, load_model
-
-    gguf = shared_data / "models" / "stories260K" / "stories260K.gguf"
-    text = shared_data / "tinystories-valid-sample" / "tinystories_val.txt"
-    if not gguf.is_file() or not text.is_file():
-        pytest.skip("stories260K or the TinyStories sample is missing")
-    model, tok = load_model(ModelConfig(name="stories260k", path=str(gguf), max_seqlen=512))
-    stream = tok(text.read_text()[:8_000], return_tensors="pt").input_ids[0]
+def stories_q(stories):
+    """stories260K, a crude int4 copy of it, and the TinyStories stream."""
+    model, stream = stories
     quant = copy.deepcopy(model)
     with torch.no_grad():   # a crude int4 round of every block weight: a model that differs
         for mod in quant.model.layers.modules():
@@ -50,8 +44,8 @@ def _forwards(model) -> list:
     ("rolling", 64, 640, False),        # 128 + 8 x 64: the budget ends on the stride grid
     ("rolling", 64, 600, True),         # off the grid: its last window is not the NLL's
 ])
-def test_shared_pass_gives_the_own_pass_numbers(stories, preset, stride, budget, own):
-    model, quant, stream = stories
+def test_shared_pass_gives_the_own_pass_numbers(stories_q, preset, stride, budget, own):
+    model, quant, stream = stories_q
     cfg = EvalConfig(preset=preset, seqlen=128, stride=stride, batch_size=3)
     ref = F.fp_reference(model, stream, cfg, max_tokens=budget, top_k=64)
     alone = F.compare(quant, stream, cfg, ref, max_tokens=budget)
@@ -65,8 +59,8 @@ def test_shared_pass_gives_the_own_pass_numbers(stories, preset, stride, budget,
     assert (F.q_passes - before, sum(seen)) == ((1, 1) if own else (0, 0))
 
 
-def test_chunked_head_refuses_a_tap(stories):
-    model, _, stream = stories
+def test_chunked_head_refuses_a_tap(stories_q):
+    model, _, stream = stories_q
     cfg = EvalConfig(seqlen=128, head="chunked", max_tokens=256)
     assert F.own_pass_reason(cfg) == "eval.head=chunked"
     assert F.own_pass_reason(EvalConfig(seqlen=128, compile=True)) == "eval.compile=true"
