@@ -20,11 +20,16 @@ FORMATS = "bf16,int8,int4_g128,int3_g128,mxfp4,nf4"
 
 
 def test_hydra_discovers_the_sweeper():
-    from hydra.core.plugins import Plugins
-    from hydra.plugins.sweeper import Sweeper
-
-    found = {f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(Sweeper)}
-    assert f"{PtqscaleSweeper.__module__}.PtqscaleSweeper" in found   # (Hydra re-imports it)
+    """As ``ptqscale-run`` starts Hydra: in a fresh process (Hydra scans plugins once), from
+    an editable install too (tests run from one: setuptools' import hook, not a folder)."""
+    code = ("from ptqscale.runner.app import plugins_discoverable; plugins_discoverable(); "
+            "from hydra.core.plugins import Plugins; from hydra.plugins.sweeper import Sweeper; "
+            "print(sorted(f'{c.__module__}.{c.__name__}' for c in Plugins.instance()"
+            ".discover(Sweeper)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={k: v for k, v in os.environ.items()
+                                           if k != "PYTHONPATH"})
+    assert f"{PtqscaleSweeper.__module__}.PtqscaleSweeper" in out.stdout, out.stderr[-2000:]
 
 
 def test_grid_from_overrides_later_wins_and_baselines_are_flagged():

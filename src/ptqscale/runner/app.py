@@ -75,6 +75,27 @@ def objective_value(record: dict, path: str) -> float:
     return float(node)
 
 
+def plugins_discoverable() -> None:
+    """Let Hydra's plugin scan see ptqscale's own plugins (``hydra/sweeper=ptqscale``).
+
+    Hydra finds plugins by walking ``hydra_plugins.__path__`` with pkgutil. An editable
+    install (``pip install -e``, what ``make setup`` does) serves our plugin folder through
+    setuptools' import hook, which pkgutil cannot list, so the scan would miss it; putting
+    the folder that holds our ``hydra_plugins`` on sys.path adds it to that namespace's
+    path. A wheel install has it in site-packages already: then nothing changes.
+    """
+    import importlib.util
+
+    import hydra_plugins
+
+    spec = importlib.util.find_spec("hydra_plugins.ptqscale_sweeper")
+    if spec is None or spec.origin is None:
+        return
+    ours = Path(spec.origin).resolve().parents[1]   # .../hydra_plugins
+    if not any(Path(p).is_dir() and Path(p).resolve() == ours for p in hydra_plugins.__path__):
+        sys.path.append(str(ours.parent))
+
+
 def main() -> None:
     """Run Hydra; a bad input is one line ``error: ...`` on stderr and exit status 2.
 
@@ -100,6 +121,7 @@ def main() -> None:
                                                                                    "sweep"}
             sys.argv[1:] = per_job_overrides(sys.argv[1:], groups)
             register_configs()
+            plugins_discoverable()
             hydra.main(config_path=conf_dir(), config_name="config", version_base="1.3")(task)()
     except outcomes.Abort as stop:   # a bad input found by a callback (runner/callbacks.py)
         if debug:
