@@ -8,6 +8,8 @@ import dataclasses
 import warnings
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from ptqscale_analysis.active import (
@@ -19,6 +21,7 @@ from ptqscale_analysis.active import (
     runnable,
     seed_design,
 )
+from ptqscale_analysis.active_pareto import rank1_dnll
 from ptqscale_analysis.errors import AnalysisError
 from ptqscale_analysis.load import load_study
 from ptqscale_analysis.replay import ReplayOracle, score
@@ -97,6 +100,32 @@ def test_guided_design_predicts_the_grid_better_than_random_ones_of_its_budget(p
         rnd = dataclasses.replace(cfg, strategy="random", seed=seed)
         mae = score(run_design(grid, ReplayOracle(part, grid), rnd).final, truth)["mae_unrun"]
         assert guided < mae, (guided, mae)
+
+
+def test_rank1_recovers_a_product_law_and_marks_the_unit_that_breaks_it():
+    # dNLL = s[model, corpus] * g[format, method]; unit d breaks the law by noise
+    rng = np.random.default_rng(0)
+    s = {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.7, "h": 0.8, "i": 0.4, "j": 0.6}
+    g = {("f1", "rtn"): 0.2, ("f1", "gptq"): 0.1, ("f2", "rtn"): 0.02, ("f2", "gptq"): 0.015}
+
+    def table(units, noise):
+        rows = [{"model.name": u, "data.name": "x", "format.name": f, "method.name": m,
+                 "baseline": False, "dnll": s[u] * v + (rng.normal(0, noise) if u == "d" else 0)}
+                for u in units for (f, m), v in g.items()]
+        t = pd.DataFrame(rows + [{"model.name": "e", "data.name": "x", "format.name": "f1",
+                                  "method.name": "rtn", "baseline": False, "dnll": np.nan}])
+        return t.assign(measured=~t.index.isin(hidden) & t["dnll"].notna())
+
+    hidden = [1, 6, 11]   # (a, f1 gptq), (b, f2 rtn), (c, f2 gptq): not measured
+    t = table("abc", 0.0)
+    pred, var = rank1_dnll(t)
+    exact = [s[t.at[i, "model.name"]] * g[(t.at[i, "format.name"], t.at[i, "method.name"])]
+             for i in hidden]
+    np.testing.assert_allclose(pred[hidden], exact, rtol=1e-2)   # the ridge's pull only
+    assert np.isnan(pred[12]) and np.isnan(var[12])   # unit e: nothing measured
+    t = table("abcdhij", 0.03)
+    pred, var = rank1_dnll(t)
+    assert var[12] > 3 * var[:12].max() > 0            # d's residuals widen d's uncertainty
 
 
 @pytest.mark.slow
