@@ -65,7 +65,9 @@ class DesignConfig:
     magnitude; law: the largest relative change of an exponent). ``pareto_tol`` (nats): a
     pareto point is still a candidate while its expected improvement over the best measured
     NLL at no more bytes, less this tolerance (the resolution wanted), exceeds ``min_gain``
-    nats. ``law_*``: see :mod:`ptqscale_analysis.active_law`.
+    nats. ``pareto_rank1``: average the forest's dNLL with the grid's own rank-1 law
+    (:func:`~ptqscale_analysis.active_pareto.rank1_dnll`). ``law_*``: see
+    :mod:`ptqscale_analysis.active_law`.
     """
 
     question: str = "predictor"
@@ -76,6 +78,7 @@ class DesignConfig:
     patience: int = 2
     pareto_tol: float = 0.0
     min_gain: float = 1e-4
+    pareto_rank1: bool = True
     law_tol: float = 0.1         # law: stop when every exponent is known to +- this (relative)
     law_boot: int = 50
     law_min_dnll: float = 0.002
@@ -264,7 +267,7 @@ def answer(grid: pd.DataFrame, frame: pd.DataFrame, cfg: DesignConfig) -> Answer
                  - nan_reduce(np.nanquantile, trees, q=0.05))
         score = pd.Series(np.where(np.isnan(width), np.inf, width), index=t.index)
     elif cfg.question == "pareto":
-        score = pareto_score(t, trees, oob, cfg.pareto_tol)
+        score = pareto_score(t, trees, oob, cfg.pareto_tol, cfg.pareto_rank1)
     else:
         law = law_table(frame, cfg.law_boot, cfg.seed)
         score = law_score(t, law, cfg.law_min_dnll)

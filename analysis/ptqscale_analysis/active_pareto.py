@@ -107,10 +107,10 @@ def rank1_dnll(t: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pareto_score(t: pd.DataFrame, trees: np.ndarray, oob: tuple[float, float],
-                  tol: float) -> pd.Series:
+                  tol: float, rank1: bool = True) -> pd.Series:
     """Per point, the expected improvement (nats) of its NLL over the best measured NLL at
     no more bytes in its group, less ``tol``, under a normal law. Its mean: the trees' mean,
-    averaged with :func:`rank1_dnll` where that is defined; its variance: the trees', plus
+    averaged (with ``rank1``) with :func:`rank1_dnll` where that is defined; its variance: the trees', plus
     the out-of-bag error at the predicted damage, plus (where both opinions exist) the unit's
     rank-1 residual variance and the square of half their disagreement. Infinite where nothing is
     known (features unknown, or nothing cheaper measured): such a point must be run."""
@@ -120,7 +120,7 @@ def pareto_score(t: pd.DataFrame, trees: np.ndarray, oob: tuple[float, float],
     a, b = (0.0, 0.0) if np.isnan(oob[0]) else oob
     err = np.sqrt(np.pi / 2) * (a + b * np.abs(mu))   # mean absolute error -> normal sd
     var = nan_reduce(np.nanvar, trees) + err ** 2
-    r1, r1_var = rank1_dnll(t)
+    r1, r1_var = rank1_dnll(t) if rank1 else (np.full_like(mu, np.nan),) * 2
     both = ~np.isnan(r1) & ~np.isnan(mu)
     var[both] += r1_var[both] + ((r1 - mu)[both] / 2) ** 2
     mu[both] = (mu[both] + r1[both]) / 2

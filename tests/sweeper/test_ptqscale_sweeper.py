@@ -91,8 +91,10 @@ def test_sweeper_runs_real_jobs_resumes_and_replays(tmp_path):
 
     # replay: the same design on the store's records, no job run
     stamps = {p: p.stat().st_mtime_ns for p in (results / "sweeper_e2e").rglob("*.json")}
-    replay, _ = run(results, "hydra.sweeper.replay=true", "hydra.sweeper.question=pareto")
+    replay, _ = run(results, "hydra.sweeper.replay=true", "hydra.sweeper.question=pareto",
+                    "hydra.sweeper.pareto_rank1=false")
     assert replay["replay"] is True and replay["design"]["question"] == "pareto"
+    assert replay["design"]["pareto_rank1"] is False   # every setting in the design log
     assert replay["jobs"] <= 8 and replay["frontier"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert len(records(results)) == 10

@@ -46,6 +46,7 @@ class PtqscaleSweeperConf:
     patience: int = 2                  # ... and for how many fits in a row
     pareto_tol: float = 0.0            # pareto: the NLL resolution wanted (nats)
     min_gain: float = 1e-4             # pareto: least expected improvement worth a job
+    pareto_rank1: bool = True          # pareto: the rank-1 opinion beside the forest's
     law_tol: float = 0.1               # law: every exponent known to +- this (relative)
     law_boot: int = 50                 # law: bootstrap resamples of each fit
     law_min_dnll: float = 0.002        # law: points predicted below this are not worth a job
