@@ -55,6 +55,7 @@ def main() -> None:
     summary = (table.groupby(["budget", "opinion"])[["frontier", "frontier_extra", "frontier_gap"]]
                .agg(["mean", "min", "max"]))
     summary.columns = [" ".join(c) for c in summary.columns]
+    summary = summary.reset_index()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"date": datetime.date.today().isoformat(), "device": "CPU (replay: no job runs)",
@@ -68,7 +69,7 @@ def main() -> None:
         f"frontier), `DesignConfig('pareto', budget, seed)` defaults otherwise, seeds "
         f"0-{args.seeds - 1}; `python bench/bench_sweeper_opinions.py --out DIR`, "
         f"{meta['seconds']:.0f} s on 2 CPU cores.\n\n"
-        + summary.to_markdown(floatfmt=".4g") + "\n\n## Every design\n\n"
+        + summary.to_markdown(index=False, floatfmt=".4g") + "\n\n## Every design\n\n"
         + table.to_markdown(index=False, floatfmt=".4g") + "\n")
 
 
