@@ -1,6 +1,7 @@
 """The pareto design with and without the rank-1 opinion (issue 24), replayed on a committed
 study: the trees alone (``pareto_rank1=False``) against trees +
-:func:`ptqscale_analysis.active_pareto.rank1_dnll` (the default), five seeds at each budget. CPU only: no job runs.
+:func:`ptqscale_analysis.active_pareto.rank1_dnll` (the default), five seeds at each budget.
+CPU only: no job runs.
 
 Usage::
 

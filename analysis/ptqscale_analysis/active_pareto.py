@@ -110,10 +110,11 @@ def pareto_score(t: pd.DataFrame, trees: np.ndarray, oob: tuple[float, float],
                   tol: float, rank1: bool = True) -> pd.Series:
     """Per point, the expected improvement (nats) of its NLL over the best measured NLL at
     no more bytes in its group, less ``tol``, under a normal law. Its mean: the trees' mean,
-    averaged (with ``rank1``) with :func:`rank1_dnll` where that is defined; its variance: the trees', plus
-    the out-of-bag error at the predicted damage, plus (where both opinions exist) the unit's
-    rank-1 residual variance and the square of half their disagreement. Infinite where nothing is
-    known (features unknown, or nothing cheaper measured): such a point must be run."""
+    averaged (with ``rank1``) with :func:`rank1_dnll` where that is defined; its variance: the
+    trees', plus the out-of-bag error at the predicted damage, plus (where both opinions
+    exist) the unit's rank-1 residual variance and the square of half their disagreement.
+    Infinite where nothing is known (features unknown, or nothing cheaper measured): such a
+    point must be run."""
     score = pd.Series(np.inf, index=t.index)
     known = t[t["measured"] & t["nll"].notna()]
     mu = nan_reduce(np.nanmean, trees)
