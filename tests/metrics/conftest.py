@@ -7,8 +7,9 @@ import torch
 
 
 @pytest.fixture(scope="module")
-def stories(shared_data):
-    """stories260K (float32) and the first 8,000 characters of the TinyStories sample, tokenized."""
+def stories_tokens(shared_data):
+    """stories260K (float32, eval mode) and a function that tokenizes the first ``chars``
+    characters of the TinyStories sample (in-domain text)."""
     from ptqscale.models import ModelConfig, load_model
 
     gguf = shared_data / "models" / "stories260K" / "stories260K.gguf"
@@ -16,6 +17,13 @@ def stories(shared_data):
     if not gguf.is_file() or not text.is_file():
         pytest.skip("stories260K or the TinyStories sample is missing")
     model, tok = load_model(ModelConfig(name="stories260k", path=str(gguf), max_seqlen=512))
-    stream = tok(text.read_text()[:8_000], return_tensors="pt").input_ids[0]
     assert next(model.parameters()).dtype == torch.float32
-    return model.eval(), stream
+    return model.eval(), lambda chars: tok(text.read_text()[:chars],
+                                           return_tensors="pt").input_ids[0]
+
+
+@pytest.fixture(scope="module")
+def stories(stories_tokens):
+    """stories260K and the first 8,000 characters of the TinyStories sample, tokenized."""
+    model, tokens = stories_tokens
+    return model, tokens(8_000)

@@ -10,19 +10,15 @@ from __future__ import annotations
 import pytest
 
 from ptqscale.metrics.landscape import LandscapeConfig, measure_hessian, measure_noise_response
-from ptqscale.models import ModelConfig, get_anatomy, load_model
+from ptqscale.models import get_anatomy
 
 SEQLEN, N_WINDOWS = 256, 8
 
 
 @pytest.fixture(scope="module")
-def stories(shared_data):
-    gguf = shared_data / "models" / "stories260K" / "stories260K.gguf"
-    text_file = shared_data / "tinystories-valid-sample" / "tinystories_val.txt"
-    if not gguf.is_file() or not text_file.is_file():
-        pytest.skip("stories260K or the TinyStories sample is missing")
-    model, tok = load_model(ModelConfig(name="stories260k", path=str(gguf), max_seqlen=512))
-    ids = tok(text_file.read_text()[:20_000], return_tensors="pt").input_ids[0]
+def stories(stories_tokens):
+    model, tokens = stories_tokens
+    ids = tokens(20_000)
     assert ids.numel() >= SEQLEN * N_WINDOWS
     windows = ids[: SEQLEN * N_WINDOWS].view(N_WINDOWS, SEQLEN).long()
     targets = get_anatomy(model).targets
