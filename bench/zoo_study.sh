@@ -3,11 +3,14 @@
 # members at x1, RTN and GPTQ, 13 formats, two corpora, landscape) and sweeps/zoo_depth.yaml
 # (sizes 25k..230k at every revision x0.25..x4, RTN, four formats, Gutenberg).
 #
+# The checkpoints of both studies (~35 MiB of xz) do not fit beside the repository in one
+# call's 64 MiB, so each study is packed and run on its own (STUDIES picks; default both).
 # Here (once the zoo is trained and unpacked, e.g. under /work/zoo-ckpts):
-#   bash bench/zoo_study.sh pack /work/zoo-ckpts      # -> .carry/zoo-study.tar.xz (~35 MiB)
+#   STUDIES=zoo_cross bash bench/zoo_study.sh pack /work/zoo-ckpts  # -> .carry/zoo-study.tar.xz
 # On the GPU machine (carry .carry and .whl: hydra/omegaconf wheels), from the repo root:
-#   OUT=$OUT bash bench/zoo_study.sh run
-# Unpack here: cp -r $OUT/zoo_cross $OUT/zoo_depth /work/zoo-results/ (records + _cache);
+#   STUDIES=zoo_cross OUT=$OUT bash bench/zoo_study.sh run   # -> $OUT/zoo_cross.tar.xz + logs
+# then the same with STUDIES=zoo_depth. Unpack here into one folder (records + _cache):
+#   for f in zoo_*.tar.xz; do tar -xJf $f -C /work/zoo-results; done
 # then the reports and the issue-22 tables into each study's folder (results/<study>/...):
 #   bash bench/zoo_study.sh analyse /work/zoo-results
 #
@@ -22,18 +25,22 @@ set -uo pipefail
 ZOO=${ZOO:-/tmp/zoo}
 FAMILIES=${FAMILIES:-zoo-llama zoo-gpt2 zoo-opt zoo-neox}
 CROSS_SIZES=${CROSS_SIZES:-25k 55k 150k 230k 440k}
-DEPTH_SIZES=${DEPTH_SIZES:-25k 55k 150k 230k}
+# zoo_depth's checkpoints at 25k..150k (all five revisions, 17.6 MB of xz) are what fits beside
+# the repository (45.5 MB) under a call's 64 MiB; 230k would add 12.8 MB
+DEPTH_SIZES=${DEPTH_SIZES:-25k 55k 150k}
 REVISIONS=(x0.25 x0.5 x1 x2 x4)
 PY=${PYTHON:-python3}
+STUDIES=${STUDIES:-zoo_cross zoo_depth}
+has() { [[ " $STUDIES " == *" $1 "* ]]; }
 
 if [ "${1:-}" = pack ]; then   # the checkpoints both studies read, and each family's tokenizer
   src=${2:?bash bench/zoo_study.sh pack ZOO_FOLDER}
   list=()
   for fam in $FAMILIES; do
     list+=("$fam/tokenizer")
-    for s in $CROSS_SIZES; do list+=("$fam/$fam-$s-x1"); done
-    for s in $DEPTH_SIZES; do for r in "${REVISIONS[@]}"; do
-      [ "$r" = x1 ] || list+=("$fam/$fam-$s-$r"); done; done
+    has zoo_cross && for s in $CROSS_SIZES; do list+=("$fam/$fam-$s-x1"); done
+    has zoo_depth && for s in $DEPTH_SIZES; do for r in "${REVISIONS[@]}"; do
+      { [ "$r" = x1 ] && has zoo_cross; } || list+=("$fam/$fam-$s-$r"); done; done
   done
   mkdir -p .carry
   tar -cJf .carry/zoo-study.tar.xz -C "$src" "${list[@]}" && ls -l .carry/zoo-study.tar.xz
@@ -57,7 +64,7 @@ export PYTHONPATH=/tmp/site:$PWD/src:$PWD/analysis PYTHONUNBUFFERED=1 OMP_NUM_TH
 mkdir -p "$OUT" "$ZOO" "$RES"
 "$PY" -c "import hydra, omegaconf" 2>/dev/null || "$PY" -m pip install -q --no-index \
   --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 2
-if [ ! -d "$ZOO/zoo-llama" ] && [ -f .carry/zoo-study.tar.xz ]; then
+if [ -f .carry/zoo-study.tar.xz ]; then   # adds to a zoo already there (a warm machine)
   tar -xJf .carry/zoo-study.tar.xz -C "$ZOO" || exit 2
 fi
 end=$((SECONDS + ${BUDGET_S:-540}))
@@ -69,22 +76,21 @@ members() {  # family, sizes -> comma-separated model names
 run() {  # study, log name, overrides...
   timeout "$(left)" "$PY" -m ptqscale.runner.app +sweep="$1" paths.zoo="$ZOO" \
     paths.results="$RES" progress=false wandb.mode=disabled ${FORMATS:+format=$FORMATS} \
-    "${@:3}" ${EXTRA:-} > "$OUT/$2.log" 2>&1
+    "${@:3}" ${EXTRA:-} > "$LOGS/$2.log" 2>&1
 }
 "$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
 start=$SECONDS
+LOGS=$RES/logs
+mkdir -p "$LOGS"
 pids=()
-for fam in $FAMILIES; do   # zoo_cross first: the main study; 2 processes per family
+has zoo_cross && for fam in $FAMILIES; do   # 2 processes per family (one per corpus)
   for data in gutenberg wikitext2; do
     # shellcheck disable=SC2086
     run zoo_cross "cross-$fam-$data" model="$(members "$fam" $CROSS_SIZES)" data=$data &
     pids+=($!)
   done
 done
-for p in "${pids[@]}"; do wait "$p"; done
-echo "zoo_cross done after $((SECONDS - start)) s"
-pids=()
-for fam in $FAMILIES; do   # zoo_depth: 2 processes per family (revisions split)
+has zoo_depth && for fam in $FAMILIES; do   # 2 processes per family (revisions split)
   for revs in x0.25,x0.5,x1 x2,x4; do
     # shellcheck disable=SC2086
     run zoo_depth "depth-$fam-${revs%%,*}" model="$(members "$fam" $DEPTH_SIZES)" \
@@ -93,14 +99,15 @@ for fam in $FAMILIES; do   # zoo_depth: 2 processes per family (revisions split)
   done
 done
 for p in "${pids[@]}"; do wait "$p"; done
-echo "zoo_depth done after $((SECONDS - start)) s"
+echo "$STUDIES done after $((SECONDS - start)) s"
+grep -h "\[failed\]" "$LOGS"/*.log | head -20
+# $OUT takes 8 files: one archive per study with its records, the model-level caches (full-
+# precision NLL, landscape) they were measured with, and the logs
 status=0
-for study in zoo_cross zoo_depth; do
+for study in $STUDIES; do
   n=$(ls "$RES/$study/records" 2>/dev/null | wc -l)
-  echo "$study: $n records"
-  [ -d "$RES/$study" ] && cp -r "$RES/$study" "$OUT"/ || status=1
+  echo "$study: $n records, $(ls "$RES/$study/records" 2>/dev/null | grep -c '^invalid-') invalid"
+  tar -cJf "$OUT/$study.tar.xz" -C "$RES" "$study" _cache/fp_eval _cache/landscape logs || status=1
 done
-# the model-level caches (full-precision NLL, landscape) the records were measured with
-mkdir -p "$OUT/_cache" && cp -r "$RES/_cache/fp_eval" "$RES/_cache/landscape" "$OUT/_cache/" 2>/dev/null
-grep -h "\[failed\]" "$OUT"/*.log | head -20
+ls -l "$OUT"
 exit $status

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -204,25 +205,36 @@ def cross_validate(frame: pd.DataFrame, scheme: str = "size", cfg: PredictorConf
     methods = sorted(rows["method.name"].unique())
     X = add_features(rows, methods)
     features, _ = select_features(X, methods)
-    groups = X[SCHEMES[scheme]].astype(str)
+    def forest(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
+        fit = _forest(cfg).fit(train[features].to_numpy(float), train[TARGET].to_numpy(float))
+        fp = test["metrics.nll_fp"] if cfg.target == TARGET else test["target_fp"]
+        return pd.DataFrame({"measured": test[TARGET].to_numpy(float),
+                             "nll_fp": fp.to_numpy(float),
+                             "forest": fit.predict(test[features].to_numpy(float))},
+                            index=test.index)
+
+    preds = leave_one_group_out(X, X[SCHEMES[scheme]].astype(str), f"leave-one-{scheme}-out",
+                                forest, law_cfg)
+    models = ["forest", *LAW_PREDICTORS]
+    return CVResult(scheme, preds, _metrics(preds, models), _per_group(preds, models), features)
+
+
+def leave_one_group_out(X: pd.DataFrame, groups: pd.Series, what: str,
+                        predict: Callable[[pd.DataFrame, pd.DataFrame], pd.DataFrame],
+                        law_cfg: StudyFitConfig) -> pd.DataFrame:
+    """Each group's rows predicted by ``predict(train, test)`` (a frame indexed like test) and
+    by every law fitted on the other groups; one frame with a ``group`` column."""
     if groups.nunique() < 2:
-        raise AnalysisError(f"leave-one-{scheme}-out needs >= 2 values of {SCHEMES[scheme]}, "
-                            f"got {sorted(groups.unique())}")
+        raise AnalysisError(f"{what} needs >= 2 values, got {sorted(groups.unique())}")
     parts = []
     for g in sorted(groups.unique()):
         test, train = X[groups == g], X[groups != g]
-        forest = _forest(cfg).fit(train[features].to_numpy(float), train[TARGET].to_numpy(float))
-        fp = test["metrics.nll_fp"] if cfg.target == TARGET else test["target_fp"]
-        part = pd.DataFrame({"group": g, "measured": test[TARGET].to_numpy(float),
-                             "nll_fp": fp.to_numpy(float),
-                             "forest": forest.predict(test[features].to_numpy(float))},
-                            index=test.index)
+        part = predict(train, test)
+        part.insert(0, "group", g)
         for law, pred in law_predictions(train, test, law_cfg).items():
             part[law] = pred
         parts.append(part)
-    preds = pd.concat(parts)
-    models = ["forest", *LAW_PREDICTORS]
-    return CVResult(scheme, preds, _metrics(preds, models), _per_group(preds, models), features)
+    return pd.concat(parts)
 
 
 def r2_score(y: np.ndarray, p: np.ndarray) -> float:

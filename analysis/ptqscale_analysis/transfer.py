@@ -39,11 +39,12 @@ from ptqscale_analysis.predictor import (
     PredictorConfig,
     _forest,
     add_features,
+    leave_one_group_out,
     r2_score,
     select_features,
     training_rows,
 )
-from ptqscale_analysis.study_fits import LAW_PREDICTORS, StudyFitConfig, law_predictions
+from ptqscale_analysis.study_fits import LAW_PREDICTORS, StudyFitConfig
 
 TRANSFER_FEATURES = ("gptq_err_ratio", "hw_err_rtn_log10", "noise_equiv_log10",
                      "weight_kurtosis", "weight_absmax_rms_log10")
@@ -117,22 +118,15 @@ def lofo(frame: pd.DataFrame, group: str = "model.family", cfg: PredictorConfig 
     # kappa <= 0 from noise) take the floor
     physics = base + extra if X["noise_equiv_log10"].notna().any() else []
     feats = {"forest": base, "forest+transfer": base + extra, "forest/physics": physics}
-    groups = X[group].astype(str)
-    if groups.nunique() < 2:
-        raise AnalysisError(f"leave-one-out over {group} needs >= 2 values, got "
-                            f"{sorted(groups.unique())}")
-    parts = []
-    for g in sorted(groups.unique()):
-        test, train = X[groups == g], X[groups != g]
+    def forests(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
         part = test[[*_cell(test), "method.name"]].copy()
-        part.insert(0, "group", g)
         part["measured"] = test[TARGET].to_numpy(float)
         for name, f in feats.items():
             part[name] = _fit_predict(name, f, train, test, cfg) if f else np.nan
-        for law, pred in law_predictions(train, test, law_cfg).items():
-            part[law] = pred
-        parts.append(part)
-    preds = pd.concat(parts)
+        return part
+
+    preds = leave_one_group_out(X, X[group].astype(str), f"leave-one-out over {group}",
+                                forests, law_cfg)
     models = [*VARIANTS, *LAW_PREDICTORS]
     full = _forest(cfg).fit(X[feats["forest+transfer"]].to_numpy(float), X[TARGET].to_numpy(float))
     imp = pd.Series(full.feature_importances_, index=feats["forest+transfer"])
