@@ -64,8 +64,9 @@ export PYTHONPATH=/tmp/site:$PWD/src:$PWD/analysis PYTHONUNBUFFERED=1 OMP_NUM_TH
 mkdir -p "$OUT" "$ZOO" "$RES"
 "$PY" -c "import hydra, omegaconf" 2>/dev/null || "$PY" -m pip install -q --no-index \
   --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 2
-if [ -f .carry/zoo-study.tar.xz ]; then   # adds to a zoo already there (a warm machine)
-  tar -xJf .carry/zoo-study.tar.xz -C "$ZOO" || exit 2
+PACK=${PACK:-.carry/zoo-study.tar.xz}   # PACK=none: the zoo is in $ZOO already
+if [ -f "$PACK" ]; then   # adds to a zoo already there (a warm machine)
+  tar -xJf "$PACK" -C "$ZOO" || exit 2
 fi
 end=$((SECONDS + ${BUDGET_S:-540}))
 left() { echo $((end - SECONDS > 1 ? end - SECONDS : 1)); }

@@ -166,8 +166,15 @@ def _execution_order(model: nn.Module, block: nn.Module) -> list[str]:
             called.append(linears[module])
 
     handles = [m.register_forward_hook(hook) for m in linears]
+    device = next(model.parameters()).device
+    # Skeletons probe on the meta device. transformers 5.17's sdpa mask (OPT) calls .item() on
+    # the padding mask to decide whether it may skip the causal mask, which a meta tensor
+    # cannot answer; the eager mask asks nothing, and the order of the calls does not depend
+    # on the attention kernel.
+    attn = getattr(model.config, "_attn_implementation", None)
+    if device.type == "meta" and attn is not None:
+        model.config._attn_implementation = "eager"
     try:
-        device = next(model.parameters()).device
         vocab = int(model.config.vocab_size)
         ids = torch.arange(4, device=device).remainder(vocab).unsqueeze(0)
         with torch.no_grad():
@@ -175,6 +182,8 @@ def _execution_order(model: nn.Module, block: nn.Module) -> list[str]:
     finally:
         for h in handles:
             h.remove()
+        if attn is not None:
+            model.config._attn_implementation = attn
     order = list(called)
     for i, name in enumerate(registered):
         if name not in order:
