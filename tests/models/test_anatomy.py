@@ -129,3 +129,25 @@ def test_replace_conv1d_keeps_gpt2_outputs():
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     with pytest.raises(IndexError, match="out of range"):
         get_anatomy(model).block_targets(2)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama", "gpt2"])
+def test_anatomy_on_the_meta_device_asks_no_mask_values(family, monkeypatch):
+    """Skeletons (plans, validation) probe the call order on the meta device. transformers
+    5.17's sdpa mask read the padding mask's values (``.item()``), which failed every OPT job
+    on the GPU machine; the probe must ask no such question, and leave the attention as it was."""
+    import transformers.masking_utils as mu
+    from transformers import AutoModelForCausalLM
+
+    def reads_values(*args, **kwargs):   # 5.17 read the (meta) padding mask's values here
+        return torch.ones(1, device="meta").item()
+
+    monkeypatch.setattr(mu, "_ignore_causal_mask_sdpa", reads_values)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(TINY_CONFIGS[family]())
+    attn = model.config._attn_implementation
+    prefix, block, _, _ = EXPECTED[family]
+    replace_conv1d(model)
+    anat = get_anatomy(model)
+    assert list(anat.targets) == [f"{prefix}.{i}.{rel}" for i in range(2) for rel in block]
+    assert model.config._attn_implementation == attn
