@@ -108,7 +108,8 @@ status=0
 for study in $STUDIES; do
   n=$(ls "$RES/$study/records" 2>/dev/null | wc -l)
   echo "$study: $n records, $(ls "$RES/$study/records" 2>/dev/null | grep -c '^invalid-') invalid"
-  tar -cJf "$OUT/$study.tar.xz" -C "$RES" "$study" _cache/fp_eval _cache/landscape logs || status=1
+  caches=(); for c in fp_eval landscape; do [ -d "$RES/_cache/$c" ] && caches+=("_cache/$c"); done
+  tar -cJf "$OUT/$study.tar.xz" -C "$RES" "$study" "${caches[@]}" logs || status=1
 done
 ls -l "$OUT"
 exit $status
