@@ -296,7 +296,9 @@ def _base_record(spec: JobSpec, cfg: DictConfig) -> dict:
         "model": {"name": spec.model.name, "family": spec.model.family, "size": spec.model.size,
                   # a stand-in (models/standins.py) says so where the checkpoint is named
                   "path": ("stand-in:" if spec.model.stand_in else "") + spec.model.path,
-                  "dtype": spec.model.dtype},
+                  "dtype": spec.model.dtype,
+                  # which checkpoint of the name (a zoo member's training length, a hub ref)
+                  "revision": spec.model.revision},
         "data": {"name": spec.data.name, "split": spec.data.split},
         # fingerprints of what was loaded (runner/identity.py); "keyed_by_files" lists the
         # roles whose files differ from the store's bindings of their names

@@ -57,12 +57,16 @@ Status = Literal["complete", "failed", "invalid"]
 Scalar = float | int | bool | str | None
 
 
-class ModelInfo(TypedDict):
+class _ModelRequired(TypedDict):
     name: str
     family: str
     size: str
     path: str
     dtype: str
+
+
+class ModelInfo(_ModelRequired, total=False):
+    revision: str | None   # written since 2026-12-05; before, in config.model.revision only
 
 
 class DataInfo(TypedDict):
