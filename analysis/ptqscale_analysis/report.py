@@ -224,18 +224,30 @@ def _scheme(frame: pd.DataFrame) -> pd.Series:
 
 def _summary(doc: _Doc, frame: pd.DataFrame) -> None:
     doc.h(2, "Study")
-    models = frame.drop_duplicates("model.name").sort_values(["model.family", "params.total"])
+    frame = frame.assign(model=_checkpoint(frame))
+    models = frame.drop_duplicates("model").sort_values(["model.family", "params.total", "model"])
     doc.items([f"{len(frame)} complete records",
-               f"models: {', '.join(models['model.name'])}",
+               f"models: {', '.join(models['model'])}",
                f"formats: {', '.join(sorted(frame['format.name'].unique()))}",
                f"methods: {', '.join(sorted(frame['method.name'].unique()))}"])
     q = weight_only(frame[~frame["is_baseline"]])  # activation schemes: their own section
     by = [c for c in ("data.name", "method.name") if c in q]
     for key, rows in q.groupby(by, sort=True):
-        pivot = rows.pivot_table(index="model.name", columns="format.name", values="dnll")
-        pivot = pivot.reindex([m for m in models["model.name"] if m in pivot.index])
+        pivot = rows.pivot_table(index="model", columns="format.name", values="dnll")
+        pivot = pivot.reindex([m for m in models["model"] if m in pivot.index])
         doc.p(f"dNLL (nats) of every weight-only job, {', '.join(map(str, key))}:")
         doc.table(pivot.reset_index())
+
+
+def _checkpoint(frame: pd.DataFrame) -> pd.Series:
+    """The model name, with ``@revision`` where a study holds several checkpoints of one name
+    (a training-length axis: ``zoo-opt-25k@x0.5``)."""
+    name = frame["model.name"]
+    if "model.revision" not in frame:
+        return name
+    rev = frame["model.revision"]
+    several = rev.groupby(name).transform("nunique") > 1
+    return name.where(~several, name + "@" + rev.astype(str))
 
 
 FIDELITY_COLUMNS = {"metrics.kl_mean": "KL mean", "metrics.kl_p99": "KL p99",

@@ -87,3 +87,16 @@ def test_the_cli_fits_the_d_law(depth_root, capsys):
                      "--n-boot", "20"]) == 0
     out = capsys.readouterr().out
     assert "gamma_D" in out and "grows with training tokens" in out
+
+
+def test_report_tables_each_checkpoint_of_a_name(depth_root, tmp_path):
+    """A study over training lengths holds several checkpoints per model name: the report's
+    dNLL table has a row for each (name@revision), not one value blended over them."""
+    from ptqscale_analysis.cli import report_main
+
+    out = tmp_path / "report"
+    assert report_main(["--results", str(depth_root), "--study", "grows",
+                        "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| zoo-t-25k")]
+    assert [r.split("|")[1].strip() for r in rows[:5]] == [f"zoo-t-25k@{r}" for r in REVISIONS]
