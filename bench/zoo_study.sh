@@ -25,8 +25,14 @@ set -uo pipefail
 ZOO=${ZOO:-/tmp/zoo}
 FAMILIES=${FAMILIES:-zoo-llama zoo-gpt2 zoo-opt zoo-neox}
 CROSS_SIZES=${CROSS_SIZES:-25k 55k 150k 230k 440k}
-# zoo_depth's checkpoints at 25k..150k (all five revisions, 17.6 MB of xz) are what fits beside
-# the repository (45.5 MB) under a call's 64 MiB; 230k would add 12.8 MB
+# zoo_cross's checkpoint; another than x1 makes the study zoo_cross_<rev> (e.g. CROSS_REV=x4:
+# RTN's damage is 8-11x that of x1 there, results/zoo_cross/findings.md)
+CROSS_REV=${CROSS_REV:-x1}
+CROSS=zoo_cross; [ "$CROSS_REV" = x1 ] || CROSS=zoo_cross_$CROSS_REV
+# zoo_depth's checkpoints at 25k..150k (all five revisions, 17.6 MB of xz) fitted beside the
+# repository (45.5 MB on 2026-12-05) in a call's 64 MiB; 230k would add 12.8 MB. With the zoo
+# results committed the repository is 50.8 MB: pack the depth study without x1 on a warm
+# machine that holds zoo_cross's pack, or with fewer sizes
 DEPTH_SIZES=${DEPTH_SIZES:-25k 55k 150k}
 REVISIONS=(x0.25 x0.5 x1 x2 x4)
 PY=${PYTHON:-python3}
@@ -38,9 +44,9 @@ if [ "${1:-}" = pack ]; then   # the checkpoints both studies read, and each fam
   list=()
   for fam in $FAMILIES; do
     list+=("$fam/tokenizer")
-    has zoo_cross && for s in $CROSS_SIZES; do list+=("$fam/$fam-$s-x1"); done
+    has zoo_cross && for s in $CROSS_SIZES; do list+=("$fam/$fam-$s-$CROSS_REV"); done
     has zoo_depth && for s in $DEPTH_SIZES; do for r in "${REVISIONS[@]}"; do
-      { [ "$r" = x1 ] && has zoo_cross; } || list+=("$fam/$fam-$s-$r"); done; done
+      { [ "$r" = "$CROSS_REV" ] && has zoo_cross; } || list+=("$fam/$fam-$s-$r"); done; done
   done
   mkdir -p .carry
   tar -cJf .carry/zoo-study.tar.xz -C "$src" "${list[@]}" && ls -l .carry/zoo-study.tar.xz
@@ -51,9 +57,9 @@ if [ "${1:-}" = analyse ]; then   # report, LOFO table and D law of the returned
   export PYTHONPATH=$PWD/src:$PWD/analysis
   fit() { "$PY" -c 'import sys; from ptqscale_analysis.cli import fit_main; sys.exit(fit_main())' "$@"; }
   rep() { "$PY" -c 'import sys; from ptqscale_analysis.cli import report_main; sys.exit(report_main())' "$@"; }
-  rep --results "$root" --study zoo_cross && rep --results "$root" --study zoo_depth
-  fit --results "$root" --study zoo_cross --lofo family --markdown "$root/zoo_cross/lofo_family.md" \
-    --csv "$root/zoo_cross/lofo_family.csv"
+  rep --results "$root" --study "$CROSS" && rep --results "$root" --study zoo_depth
+  fit --results "$root" --study "$CROSS" --lofo family --markdown "$root/$CROSS/lofo_family.md" \
+    --csv "$root/$CROSS/lofo_family.csv"
   fit --results "$root" --study zoo_depth --depth-law --markdown "$root/zoo_depth/depth_law.md"
   exit $?
 fi
@@ -87,7 +93,8 @@ pids=()
 has zoo_cross && for fam in $FAMILIES; do   # 2 processes per family (one per corpus)
   for data in gutenberg wikitext2; do
     # shellcheck disable=SC2086
-    run zoo_cross "cross-$fam-$data" model="$(members "$fam" $CROSS_SIZES)" data=$data &
+    run zoo_cross "cross-$fam-$data" model="$(members "$fam" $CROSS_SIZES)" data=$data \
+      model.revision="$CROSS_REV" study="$CROSS" &
     pids+=($!)
   done
 done
@@ -106,6 +113,7 @@ grep -h "\[failed\]" "$LOGS"/*.log | head -20
 # precision NLL, landscape) they were measured with, and the logs
 status=0
 for study in $STUDIES; do
+  [ "$study" = zoo_cross ] && study=$CROSS
   n=$(ls "$RES/$study/records" 2>/dev/null | wc -l)
   echo "$study: $n records, $(ls "$RES/$study/records" 2>/dev/null | grep -c '^invalid-') invalid"
   caches=(); for c in fp_eval landscape; do [ -d "$RES/_cache/$c" ] && caches+=("_cache/$c"); done
