@@ -205,6 +205,7 @@ def cross_validate(frame: pd.DataFrame, scheme: str = "size", cfg: PredictorConf
     methods = sorted(rows["method.name"].unique())
     X = add_features(rows, methods)
     features, _ = select_features(X, methods)
+
     def forest(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
         fit = _forest(cfg).fit(train[features].to_numpy(float), train[TARGET].to_numpy(float))
         fp = test["metrics.nll_fp"] if cfg.target == TARGET else test["target_fp"]

@@ -118,6 +118,7 @@ def lofo(frame: pd.DataFrame, group: str = "model.family", cfg: PredictorConfig 
     # kappa <= 0 from noise) take the floor
     physics = base + extra if X["noise_equiv_log10"].notna().any() else []
     feats = {"forest": base, "forest+transfer": base + extra, "forest/physics": physics}
+
     def forests(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
         part = test[[*_cell(test), "method.name"]].copy()
         part["measured"] = test[TARGET].to_numpy(float)

@@ -172,7 +172,8 @@ def _execution_order(model: nn.Module, block: nn.Module) -> list[str]:
     # cannot answer; the eager mask asks nothing, and the order of the calls does not depend
     # on the attention kernel.
     attn = getattr(model.config, "_attn_implementation", None)
-    if device.type == "meta" and attn is not None:
+    eager = device.type == "meta" and attn not in (None, "eager")
+    if eager:
         model.config._attn_implementation = "eager"
     try:
         vocab = int(model.config.vocab_size)
@@ -182,7 +183,7 @@ def _execution_order(model: nn.Module, block: nn.Module) -> list[str]:
     finally:
         for h in handles:
             h.remove()
-        if attn is not None:
+        if eager:
             model.config._attn_implementation = attn
     order = list(called)
     for i, name in enumerate(registered):
