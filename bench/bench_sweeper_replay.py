@@ -82,21 +82,24 @@ def write(out: Path, args, table: pd.DataFrame, curve: pd.DataFrame, n: int, sec
                .agg(["mean", "min", "max"]))
     summary.columns = [f"{a} {b}" for a, b in summary.columns]
     summary = summary.reset_index()
-    (out / "bench_sweeper_replay.json").write_text(json.dumps(
+    # family_scan's table keeps its name; another study's is bench_sweeper_replay_<study>
+    stem = "bench_sweeper_replay" + ("" if args.study == "family_scan" else f"_{args.study}")
+    (out / f"{stem}.json").write_text(json.dumps(
         {"meta": meta, "runs": table[cols].to_dict("records"),
          "pareto_budgets": curve.to_dict("records")}, indent=1, default=str))
     md = [f"# Predictor-guided sweeper, replayed on {args.study} ({meta['date']}, CPU)", "",
           f"No job runs: the {n} committed records are revealed as each design asks for them "
-          f"(`python bench/{Path(__file__).name} --out DIR`, {secs:.0f} s on 2 CPU cores). "
-          "Guided: `DesignConfig` defaults (budget 30% of the grid, batches of 8), seeds 0-2; "
-          "random: a seed design of the same kind (its own shuffle), then uniform picks, with "
-          "the guided design's job count, three seeds per guided design.", "",
+          f"(`python bench/{Path(__file__).name} --out DIR --study {args.study}`, {secs:.0f} s "
+          "on 2 CPU cores). Guided: `DesignConfig` defaults (budget 30% of the grid, batches of "
+          f"8), seeds {args.guided_seeds}; random: a seed design of the same kind (its own "
+          "shuffle), then uniform picks, with the guided design's job count, "
+          f"{args.random_seeds} seeds per guided design.", "",
           "## Mean, min and max over designs", "", summary.to_markdown(index=False, floatfmt=".4g"),
           "",
           "## Every design", "", table[cols].to_markdown(index=False, floatfmt=".4g"), "",
           "## Pareto: jobs the measured frontier needs (guided, seed 0)", "",
           curve.to_markdown(index=False, floatfmt=".4g"), ""]
-    (out / "bench_sweeper_replay.md").write_text("\n".join(md))
+    (out / f"{stem}.md").write_text("\n".join(md))
 
 
 if __name__ == "__main__":
