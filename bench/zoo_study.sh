@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The two studies of issue 22 on the trained zoo, on one GPU: sweeps/zoo_cross.yaml (20
 # members at x1, RTN and GPTQ, 13 formats, two corpora, landscape) and sweeps/zoo_depth.yaml
-# (sizes 25k..230k at every revision x0.25..x4, RTN, four formats, Gutenberg).
+# (sizes 25k..150k at every revision x0.25..x4, RTN, four formats, Gutenberg).
 #
 # The checkpoints of both studies (~35 MiB of xz) do not fit beside the repository in one
 # call's 64 MiB, so each study is packed and run on its own (STUDIES picks; default both).
@@ -57,10 +57,15 @@ if [ "${1:-}" = analyse ]; then   # report, LOFO table and D law of the returned
   export PYTHONPATH=$PWD/src:$PWD/analysis
   fit() { "$PY" -c 'import sys; from ptqscale_analysis.cli import fit_main; sys.exit(fit_main())' "$@"; }
   rep() { "$PY" -c 'import sys; from ptqscale_analysis.cli import report_main; sys.exit(report_main())' "$@"; }
-  rep --results "$root" --study "$CROSS" && rep --results "$root" --study zoo_depth
-  fit --results "$root" --study "$CROSS" --lofo family --markdown "$root/$CROSS/lofo_family.md" \
-    --csv "$root/$CROSS/lofo_family.csv"
-  fit --results "$root" --study zoo_depth --depth-law --markdown "$root/zoo_depth/depth_law.md"
+  if has zoo_cross; then
+    rep --results "$root" --study "$CROSS" || exit
+    fit --results "$root" --study "$CROSS" --lofo family --markdown "$root/$CROSS/lofo_family.md" \
+      --csv "$root/$CROSS/lofo_family.csv" || exit
+  fi
+  if has zoo_depth; then
+    rep --results "$root" --study zoo_depth || exit
+    fit --results "$root" --study zoo_depth --depth-law --markdown "$root/zoo_depth/depth_law.md"
+  fi
   exit $?
 fi
 [ "${1:-}" = run ] || { echo "usage: bash bench/zoo_study.sh pack ZOO | run | analyse RESULTS" >&2; exit 2; }
