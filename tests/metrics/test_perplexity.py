@@ -12,6 +12,8 @@ from torch import nn
 
 from ptqscale.errors import ConfigError
 from ptqscale.metrics import PROTOCOL_VERSION, EvalConfig, measure_perplexity, window_plan
+from ptqscale.metrics.nll import standard_errors
+from ptqscale.metrics.perplexity import window_se
 
 VOCAB = 96
 
@@ -165,3 +167,53 @@ def test_the_loss_in_row_chunks_equals_one_call(model, stream, monkeypatch):
     monkeypatch.setattr(perplexity, "LOSS_CHUNK_FLOATS", 7 * model.config.vocab_size)
     chunked = measure_perplexity(model, stream, cfg)
     assert chunked.nll_sum == whole.nll_sum and chunked.tokens == whole.tokens
+
+
+def test_window_sums_are_the_windows_own_losses(model, stream):
+    res = measure_perplexity(model, stream, EvalConfig(seqlen=64, batch_size=4))
+    ref = [float(_per_token_nll(model, stream[i * 64:(i + 1) * 64]).sum())
+           for i in range(res.windows)]
+    assert res.window_nll == pytest.approx(ref, rel=1e-6)
+    assert res.window_tokens == [63] * res.windows and math.fsum(res.window_nll) == res.nll_sum
+
+
+def test_standard_errors_match_the_spread_over_fresh_corpora(model):
+    """The SE of one corpus predicts how NLL and dNLL move on another corpus of the same size:
+    40 draws of 16 windows, each measured on the model and on a perturbed copy of it. (That
+    pairing makes dNLL's SE far smaller than NLL's shows on a trained model: test_jobs.py.)"""
+    noisy = T.AutoModelForCausalLM.from_config(model.config).eval()
+    noisy.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for w in noisy.parameters():
+            w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(w.numel())) * 0.05)
+    cfg = EvalConfig(seqlen=32, batch_size=16)
+    nll, dnll, nll_se, dnll_se = [], [], [], []
+    for draw in range(40):
+        # windows of varied predictability: runs of one repeated token among random ones
+        g = torch.Generator().manual_seed(100 + draw)
+        ids = torch.randint(0, VOCAB, (512,), generator=g)
+        ids[torch.rand(512, generator=g) < torch.rand(16, generator=g).repeat_interleave(32)] = 7
+        fp = measure_perplexity(model, ids, cfg).to_dict()
+        q = measure_perplexity(noisy, ids, cfg).to_dict()
+        nll.append(fp["nll"])
+        dnll.append(q["nll"] - fp["nll"])
+        se = standard_errors(q, fp)
+        nll_se.append(window_se(fp["window_nll"], fp["window_tokens"]))
+        dnll_se.append(se["dnll_se"])
+    # the spread of 40 draws is itself known to ~+-11% (1 sd): a factor of 1.4 either way
+    for values, ses in ((nll, nll_se), (dnll, dnll_se)):
+        ratio = float(torch.tensor(values).std()) / float(torch.tensor(ses).mean())
+        assert 1 / 1.4 < ratio < 1.4, ratio
+
+
+def test_window_se_is_a_ratio_estimator_and_needs_two_windows():
+    # equal windows: the plain standard error of the per-window means
+    sums, tokens = [10.0, 12.0, 11.0, 15.0], [5, 5, 5, 5]
+    means = torch.tensor(sums, dtype=torch.float64) / 5
+    assert window_se(sums, tokens) == pytest.approx(float(means.std() / 2), rel=1e-12)
+    # unequal windows weigh by their tokens: the same per-token rate everywhere has no spread
+    assert window_se([2.0, 4.0, 6.0], [1, 2, 3]) == 0.0
+    assert math.isnan(window_se([3.0], [4]))
+    with pytest.raises(Exception, match="different windows"):
+        standard_errors({"window_nll": [1.0, 2.0], "window_tokens": [3, 3]},
+                        {"window_nll": [1.0, 2.0], "window_tokens": [3, 4]})

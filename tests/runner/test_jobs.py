@@ -36,6 +36,9 @@ def test_single_job_writes_the_record_fields(composed, tmp_path):
     m = rec["metrics"]
     assert m["nll"] == pytest.approx(m["nll_sum"] / m["tokens"])
     assert m["dnll"] > 0 and 5 < m["weight_sqnr_db"] < 30
+    # standard errors (windows as draws; tests/metrics/test_perplexity.py checks them): the
+    # paired dNLL's below NLL's, and int4's damage resolved (8 windows: 0.164 +- 0.028)
+    assert 0 < m["dnll_se"] < m["nll_se"] and m["dnll"] > 3 * m["dnll_se"]
     assert rec["protocol_version"] == 1 and rec["model"]["name"] == "stories260k"
     assert rec["format"]["bits_per_weight"] == pytest.approx(4 + 16 / 128)
     assert len(rec["layers"]) == 35   # 5 blocks x (q, k, v, o, gate, up, down)

@@ -2,7 +2,10 @@
 
 Fields: ``nll`` (mean nats per scored token), ``perplexity`` = exp(nll), ``nll_sum``,
 ``tokens``, the full-precision ``nll_fp`` and ``perplexity_fp`` (measured once per model,
-cached) and ``dnll`` = nll - nll_fp. Protocol: DESIGN "Measured quantities" (``eval``
+cached), ``dnll`` = nll - nll_fp, and their standard errors ``nll_se`` and ``dnll_se``
+(windows as the independent draws, the dNLL one paired window by window:
+``perplexity.window_se``; what a second corpus sample of the same size would move them by,
+the floor under any difference a study can resolve). Protocol: DESIGN "Measured quantities" (``eval``
 presets in metrics/perplexity.py); its version is the global ``PROTOCOL_VERSION``. Its
 pass over the quantized model hands each window's logits to the other metrics' taps
 (``ctx.taps``, registry.py), e.g. ``fidelity``'s, which then needs no pass of its own.
@@ -14,7 +17,7 @@ import math
 
 from ptqscale import console
 from ptqscale.errors import ImplausibleResultError
-from ptqscale.metrics.perplexity import PROTOCOL_VERSION, measure_perplexity
+from ptqscale.metrics.perplexity import PROTOCOL_VERSION, measure_perplexity, window_se
 from ptqscale.metrics.registry import MetricContext, register_metric
 
 
@@ -33,7 +36,17 @@ def measure_nll(ctx: MetricContext) -> dict:
     return {"nll": quant["nll"], "perplexity": quant["perplexity"],
             "nll_sum": quant["nll_sum"], "tokens": quant["tokens"],
             "nll_fp": fp["nll"], "perplexity_fp": fp["perplexity"],
-            "dnll": quant["nll"] - fp["nll"]}
+            "dnll": quant["nll"] - fp["nll"], **standard_errors(quant, fp)}
+
+
+def standard_errors(quant: dict, fp: dict) -> dict:
+    """``nll_se`` and the paired ``dnll_se`` from the two passes' per-window sums."""
+    tokens = quant["window_tokens"]
+    if fp["window_tokens"] != tokens:   # the same windows, or the pairing means nothing
+        raise ImplausibleResultError("the quantized and full-precision passes scored different "
+                                     "windows: their NLLs cannot be compared")
+    diff = [q - f for q, f in zip(quant["window_nll"], fp["window_nll"])]
+    return {"nll_se": window_se(quant["window_nll"], tokens), "dnll_se": window_se(diff, tokens)}
 
 
 def _feed(taps: list):

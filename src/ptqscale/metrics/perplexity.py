@@ -13,8 +13,9 @@ Two presets cut windows of ``seqlen`` tokens from the stream:
 
 NLL is the mean next-token negative log-likelihood in nats over the scored tokens; the logits
 are cast to fp32 before log-softmax whatever the weight dtype (bf16 log-softmax loses ~3
-significant digits), one window at a time so fp32 logits never exist for a whole batch. The
-sum is accumulated in float64 in window order, so the result is bitwise reproducible on CPU.
+significant digits), one window at a time so fp32 logits never exist for a whole batch. Each
+window's sum is kept in float64 (``window_nll``: the standard errors come from them,
+:func:`window_se`) and the total is their exact sum, so the result is bitwise reproducible on CPU.
 
 A streamed model (``model.placement=streamed``) is scored by ``models.streaming.walk_logits``:
 all windows through one decoder block, then the next, the same batches and arithmetic, so the
@@ -152,6 +153,10 @@ class PerplexityResult:
     seqlen: int
     stride: int
     protocol_version: int = PROTOCOL_VERSION
+    # per window, in window order: the NLL sum and the scored tokens (the standard errors of
+    # NLL and of a paired dNLL, :func:`window_se`, treat windows as independent draws)
+    window_nll: list[float] = field(default_factory=list)
+    window_tokens: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -199,9 +204,9 @@ def measure_perplexity(model, stream: torch.Tensor, cfg: EvalConfig,
     stream = _check_stream(stream, cfg, model)
     windows = window_plan(stream.numel(), cfg)
     device = placement.device
-    # float64 on the model's device: one host sync at the end, not one per window
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    scored = 0
+    # float64 sums on the model's device: one host sync at the end, not one per window
+    sums: list[torch.Tensor] = []
+    counts: list[int] = []
     plans = [windows[b:b + cfg.batch_size] for b in range(0, len(windows), cfg.batch_size)]
     batches = [torch.stack([stream[s:s + cfg.seqlen] for s, _ in plan]) for plan in plans]
     chunked = cfg.head == "chunked"
@@ -226,12 +231,30 @@ def measure_perplexity(model, stream: torch.Tensor, cfg: EvalConfig,
                 losses = (chunked_losses(logits, ids, plans[b], head, compiled_nll) if chunked
                           else _window_losses(logits, ids, plans[b], compiled_nll))
                 for nll in losses:
-                    total += nll.double().sum()
-                    scored += nll.numel()
-    nll_sum = float(total.cpu())
+                    sums.append(nll.double().sum())
+                    counts.append(nll.numel())
+    per_window = torch.stack(sums).cpu().tolist()
+    nll_sum, scored = math.fsum(per_window), sum(counts)
     mean = nll_sum / scored
     return PerplexityResult(mean, math.exp(mean), nll_sum, scored, len(windows), cfg.preset,
-                            cfg.seqlen, cfg.effective_stride())
+                            cfg.seqlen, cfg.effective_stride(), window_nll=per_window,
+                            window_tokens=counts)
+
+
+def window_se(window_sums, window_tokens) -> float:
+    """Standard error of the mean per-token value ``sum(window_sums) / sum(window_tokens)``,
+    windows taken as the independent draws (a cluster-robust ratio estimator): tokens within a
+    window share context and are correlated, so the per-token spread would understate it.
+    For a paired dNLL pass the per-window differences of the quantized and the full-precision
+    sums: both see the same windows, so the text's own variation cancels. NaN below 2 windows.
+    """
+    d = torch.as_tensor(window_sums, dtype=torch.float64)
+    n = torch.as_tensor(window_tokens, dtype=torch.float64)
+    w = d.numel()
+    if w < 2 or n.numel() != w:
+        return math.nan
+    resid = d - n * (d.sum() / n.sum())
+    return float(torch.sqrt(w / (w - 1) * (resid ** 2).sum()) / n.sum())
 
 
 def _forward(model, ids: torch.Tensor, cuda_graphs: bool) -> torch.Tensor:

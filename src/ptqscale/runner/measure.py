@@ -78,7 +78,8 @@ def model_level(spec: Any, model: torch.nn.Module, tokenizer: Any, timings: dict
         fp, fp_hit = _cached(spec.results, "fp_eval", fp_key,
                              lambda: measure_perplexity(model, stream, spec.eval,
                                                         progress=spec.progress).to_dict(),
-                             required=("nll", "perplexity", "nll_sum", "tokens"),
+                             required=("nll", "perplexity", "nll_sum", "tokens", "window_nll",
+                                       "window_tokens"),
                              check=lambda v: check_nll(v["nll"], what, vocab_size(model)))
     check_nll(fp["nll"], what, vocab_size(model))  # also a value cached before this check
     level = ModelLevel(anatomy=anatomy, stream=stream, fp=fp, fp_cached=fp_hit,
