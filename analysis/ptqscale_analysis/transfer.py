@@ -122,6 +122,7 @@ def lofo(frame: pd.DataFrame, group: str = "model.family", cfg: PredictorConfig 
     def forests(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
         part = test[[*_cell(test), "method.name"]].copy()
         part["measured"] = test[TARGET].to_numpy(float)
+        part["measured_se"] = pd.to_numeric(test.get("metrics.dnll_se", np.nan), errors="coerce")
         for name, f in feats.items():
             part[name] = _fit_predict(name, f, train, test, cfg) if f else np.nan
         return part
@@ -163,14 +164,33 @@ def gain_frame(preds: pd.DataFrame, models: list[str]) -> pd.DataFrame:
     return gain.dropna(subset=["measured"]).reset_index()
 
 
+def noise_ceiling(part: pd.DataFrame) -> dict:
+    """What the evaluation's own noise leaves to any predictor of one group's rows, from each
+    job's ``dnll_se``: ``r2_ceiling``, the expected R^2 of a predictor that knew every job's
+    true dNLL (1 - mean se^2 / variance of the measured dNLL), and ``mae_floor_share``, its
+    expected MAE on rows above ``BIG_DNLL`` (sqrt(2/pi) se, a normal error) as a share of their
+    mean |dNLL|. NaN where the records hold no ``dnll_se`` (measured before 2026-12-05)."""
+    se = part["measured_se"] if "measured_se" in part else pd.Series(np.nan, part.index)
+    if se.isna().any() or len(part) < 2:
+        return {"r2_ceiling": np.nan, "mae_floor_share": np.nan}
+    y = part["measured"].to_numpy(float)
+    big = (y > BIG_DNLL)
+    floor = (float(np.sqrt(2 / np.pi) * se[big].mean() / np.abs(y[big]).mean())
+             if big.any() else np.nan)
+    return {"r2_ceiling": float(1 - np.mean(se.to_numpy(float) ** 2) / np.var(y)),
+            "mae_floor_share": floor}
+
+
 def must_show_table(preds: pd.DataFrame, models: list[str]) -> pd.DataFrame:
     """Per held-out group and predictor: R^2 and MAE of dNLL, MAE/mean|dNLL| on rows with
-    dNLL > 0.01, the relative error of GPTQ's summed gain over RTN, and the pass flags."""
+    dNLL > 0.01, the relative error of GPTQ's summed gain over RTN, the pass flags, and the
+    group's :func:`noise_ceiling` (the same for every predictor)."""
     gains = gain_frame(preds, models)
     out = []
     for g, part in preds.groupby("group"):
         big = part[part["measured"] > BIG_DNLL]
         gp = gains[gains["group"] == g]
+        ceiling = noise_ceiling(part)
         for m in models:
             ok = part[m].notna()
             row = {"group": g, "predictor": m, "rows": int(ok.sum()),
@@ -189,7 +209,7 @@ def must_show_table(preds: pd.DataFrame, models: list[str]) -> pd.DataFrame:
             row["pass_r2"] = bool(row["r2_dnll"] >= R2_BAR)
             row["pass_mae"] = bool(row["mae_share"] <= MAE_SHARE)
             row["pass_gain"] = bool(row["gain_rel_err"] <= GAIN_SHARE)
-            out.append(row)
+            out.append(row | ceiling)
     return pd.DataFrame(out)
 
 

@@ -14,7 +14,13 @@ from ptqscale.store import write_record
 from ptqscale_analysis.cli import fit_main
 from ptqscale_analysis.load import load_study
 from ptqscale_analysis.predictor import PredictorConfig
-from ptqscale_analysis.transfer import add_transfer_features, gain_frame, lofo, must_show_table
+from ptqscale_analysis.transfer import (
+    add_transfer_features,
+    gain_frame,
+    lofo,
+    must_show_table,
+    noise_ceiling,
+)
 
 # the rows the transfer features read: format (bits, RTN SQNR dB), params, metrics, landscape
 SQNR = {"int4_g128": (4.125, 20.0), "int3_g128": (3.125, 14.0), "mxfp4": (4.25, 16.0),
@@ -88,9 +94,27 @@ def test_gain_is_rtn_minus_gptq_per_cell():
     assert gains.loc["a", "measured"] == pytest.approx(0.3)
     assert gains.loc["b", "p"] == pytest.approx(0.15)
     table = must_show_table(preds, ["p"]).iloc[0]
+    assert np.isnan(table["r2_ceiling"])   # no dnll_se in these rows: no ceiling claimed
     assert table["gain_rel_err"] == pytest.approx(abs(0.35 - 0.3) / 0.3)
     assert table["mae_share"] == pytest.approx(
         np.mean([0.1, 0.0, 0.1, 0.05]) / np.mean([0.5, 0.2, 0.1, 0.1]))
+
+
+def test_noise_ceiling_is_what_a_predictor_of_the_true_damage_reaches():
+    rng = np.random.default_rng(0)
+    truth = 10 ** rng.uniform(-3, -1, 4000)
+    se = 0.2 * truth + 0.002
+    measured = truth + se * rng.standard_normal(truth.size)
+    part = pd.DataFrame({"group": "g", "measured": measured, "measured_se": se, "p": truth})
+    ceiling = noise_ceiling(part)
+    from ptqscale_analysis.predictor import r2_score
+
+    assert ceiling["r2_ceiling"] == pytest.approx(r2_score(measured, truth), abs=0.02)
+    big = measured > 0.01
+    mae = np.mean(np.abs(measured - truth)[big]) / np.mean(np.abs(measured[big]))
+    assert ceiling["mae_floor_share"] == pytest.approx(mae, rel=0.1)
+    row = must_show_table(part.assign(**{"method.name": "rtn"}), ["p"]).iloc[0]
+    assert row["r2_ceiling"] == ceiling["r2_ceiling"] and row["r2_dnll"] <= 1
 
 
 def test_lofo_physics_forest_carries_the_gain_the_plain_forest_misses(transfer_frame):
