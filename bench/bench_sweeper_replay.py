@@ -11,7 +11,9 @@ with the guided design's job count. Then the pareto question with larger budgets
 how many jobs its exact frontier needs. Writes ``bench_sweeper_replay.md`` and ``.json`` into --out.
 Scores: ptqscale_analysis.replay (module docstring); ``mae_ratio`` = MAE on the points the
 design did not run / the full grid's 5-fold MAE; ``frontier_gap`` (nats) = the largest excess
-of the design's best measured NLL under a memory budget over the full grid's; ``gamma_err``
+of the design's best measured NLL under a memory budget over the full grid's;
+``frontier_noise`` = the full frontier's points found or missed by at most twice their
+``dnll_se`` (what the evaluation cannot resolve; studies measured from 2026-12-05); ``gamma_err``
 = the largest relative error of a group's noise-law exponent against the full grid's fit.
 """
 
@@ -32,7 +34,7 @@ import sklearn
 
 from ptqscale_analysis.active import DesignConfig, answer, grid_from_frame, run_design
 from ptqscale_analysis.load import load_study
-from ptqscale_analysis.replay import ReplayOracle, compare, score
+from ptqscale_analysis.replay import ReplayOracle, compare, point_se, score
 
 KEYS = ["model", "data", "method", "format"]
 
@@ -44,24 +46,25 @@ def main() -> None:
     ap.add_argument("--study", default="family_scan")
     ap.add_argument("--guided-seeds", default="0,1,2")
     ap.add_argument("--random-seeds", type=int, default=3, help="random designs per guided one")
+    ap.add_argument("--questions", default="predictor,pareto,law")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     full = load_study(args.results, args.study)
     tables, t0 = [], time.time()
-    for question in ("predictor", "pareto", "law"):
+    for question in args.questions.split(","):
         for g in map(int, args.guided_seeds.split(",")):
             cfg = DesignConfig(question, budget=0.3, batch_size=8, seed=g)
             rs = tuple(range(10 * g, 10 * g + args.random_seeds))
             tables.append(compare(full, KEYS, cfg, rs).assign(question=question, guided_seed=g))
             print(tables[-1].to_string(), flush=True)
     grid = grid_from_frame(full, KEYS)
-    truth = answer(grid, full, DesignConfig("pareto"))
+    truth, se = answer(grid, full, DesignConfig("pareto")), point_se(full, grid)
     curve = []
     for budget in (0.3, 0.5, 0.7, len(grid)):   # a count >= 1: the whole grid
         cfg = DesignConfig("pareto", budget=budget, batch_size=8)
         h = run_design(grid, ReplayOracle(full, grid), cfg)
         curve.append({"budget": min(budget, 1.0), "jobs": h.jobs, "of_grid": h.jobs / len(grid),
-                      "stopped": h.stopped} | score(h.final, truth))
+                      "stopped": h.stopped} | score(h.final, truth, se))
         print(curve[-1], flush=True)
     write(Path(args.out), args, pd.concat(tables, ignore_index=True), pd.DataFrame(curve),
           len(grid), time.time() - t0)
@@ -75,10 +78,11 @@ def write(out: Path, args, table: pd.DataFrame, curve: pd.DataFrame, n: int, sec
             "design": dataclasses.asdict(DesignConfig())}
     cols = ["question", "design", "guided_seed", "seed", "jobs", "of_grid", "stopped",
             "mae_unrun", "cv_mae_full", "mae_ratio", "frontier", "frontier_of",
-            "frontier_extra", "frontier_gap", "gamma_err", "gamma_in_ci"]
+            "frontier_extra", "frontier_gap", "frontier_noise", "gamma_err", "gamma_in_ci"]
+    cols = [c for c in cols if c in table]   # gamma_*: only when the law question ran
     summary = (table.groupby(["question", "design"])
-               [["jobs", "mae_ratio", "frontier", "frontier_extra", "frontier_gap", "gamma_err",
-                 "gamma_in_ci"]]
+               [[c for c in ("jobs", "mae_ratio", "frontier", "frontier_extra", "frontier_gap",
+                             "frontier_noise", "gamma_err", "gamma_in_ci") if c in table]]
                .agg(["mean", "min", "max"]))
     summary.columns = [f"{a} {b}" for a, b in summary.columns]
     summary = summary.reset_index()

@@ -12,6 +12,9 @@ Scores of one design (:func:`score`):
   ``frontier_extra`` the points on its frontier that are not on the full one, and
   ``frontier_gap``: the largest excess (nats) of the design's best measured NLL under a
   memory budget over the full grid's, over every budget where the full frontier steps.
+  ``frontier_noise``: the full frontier's points that the design found or came within
+  twice the point's ``dnll_se`` of (its best measured NLL at no more bytes): the points it
+  missed by more than the evaluation can resolve are the rest (NaN without ``dnll_se``).
 - ``gamma_err`` (question law): the largest relative error of a group's exponent against the
   full grid's fit, and ``gamma_in_ci`` how many groups' exponents lie in the full grid's
   interval.
@@ -71,16 +74,21 @@ def cv_mae(full: pd.DataFrame, grid: pd.DataFrame, cfg: DesignConfig, folds: int
     return float(np.mean(np.concatenate(err)))
 
 
-def score(final: Answer, truth: Answer) -> dict:
-    """The scores of one design's final answer against the full grid's (module docstring)."""
+def score(final: Answer, truth: Answer, se: pd.Series | None = None) -> dict:
+    """The scores of one design's final answer against the full grid's (module docstring);
+    ``se``: each grid point's ``dnll_se`` (0 for a baseline), for ``frontier_noise``."""
     t, true = final.table, truth.table
     unrun = t.index[~t["measured"]]
     mae = float(np.mean(np.abs(t.loc[unrun, "dnll"] - true.loc[unrun, "dnll"]))) \
         if len(unrun) else 0.0
     found = set(final.frontier) & set(truth.frontier)
+    gaps = _gaps(true, final.frontier, truth.frontier)
     out = {"mae_unrun": mae, "frontier": len(found), "frontier_of": len(truth.frontier),
            "frontier_extra": len(set(final.frontier) - set(truth.frontier)),
-           "frontier_gap": _gap(true, final.frontier, truth.frontier)}
+           "frontier_gap": float(gaps.max()) if len(gaps) else 0.0,
+           "frontier_noise": (int((gaps <= 2 * se.reindex(gaps.index)).sum())
+                              if se is not None and se.reindex(gaps.index).notna().all()
+                              else math.nan)}
     if truth.law is not None and final.law is not None:
         full = truth.law.set_index("group")
         mine = final.law.set_index("group").reindex(full.index)
@@ -93,16 +101,30 @@ def score(final: Answer, truth: Answer) -> dict:
     return out
 
 
-def _gap(true: pd.DataFrame, mine: list[int], full: list[int]) -> float:
+def _gaps(true: pd.DataFrame, mine: list[int], full: list[int]) -> pd.Series:
+    """Per full-frontier point: the design's best measured NLL at no more bytes, less the
+    full frontier's there (0: found or matched; inf: the design has nothing that cheap)."""
     groups = [c for c in ("data.name", "model.family") if c in true]
-    gap = 0.0
+    gaps = {}
     for i in full:
         same = (true[groups] == true.loc[i, groups]).all(axis=1)
         cheap = same & (true["model_bytes"] <= true.at[i, "model_bytes"])
         have = true.loc[true.index.isin(mine) & cheap, "nll"]
         best = true.loc[true.index.isin(full) & cheap, "nll"].min()
-        gap = max(gap, (have.min() if len(have) else math.inf) - best)
-    return float(gap)
+        gaps[i] = max((have.min() if len(have) else math.inf) - best, 0.0)
+    return pd.Series(gaps, dtype=float)
+
+
+def point_se(full: pd.DataFrame, grid: pd.DataFrame) -> pd.Series:
+    """Each grid point's ``metrics.dnll_se`` (0 for a baseline: its dNLL is 0 by
+    definition; NaN where not recorded)."""
+    rows = match(grid, full)
+    col = full.get("metrics.dnll_se", pd.Series(np.nan, index=full.index))
+    se = pd.Series(np.nan, index=grid.index)
+    have = rows.notna()
+    se[have] = pd.to_numeric(col.loc[rows[have]], errors="coerce").to_numpy(float)
+    se[grid["baseline"].astype(bool)] = 0.0
+    return se
 
 
 def compare(full: pd.DataFrame, keys: list[str], cfg: DesignConfig,
@@ -111,15 +133,16 @@ def compare(full: pd.DataFrame, keys: list[str], cfg: DesignConfig,
     grid = grid_from_frame(full, keys)
     truth = answer(grid, full, cfg)
     ref = cv_mae(full, grid, cfg)
+    se = point_se(full, grid)
     out = []
     guided = run_design(grid, ReplayOracle(full, grid), cfg)
     out.append({"design": "guided", "seed": cfg.seed, "jobs": guided.jobs,
-                "stopped": guided.stopped} | score(guided.final, truth))
+                "stopped": guided.stopped} | score(guided.final, truth, se))
     for seed in random_seeds:
         rcfg = dataclasses.replace(cfg, strategy="random", seed=seed, budget=guided.jobs)
         h = run_design(grid, ReplayOracle(full, grid), rcfg)
         out.append({"design": "random", "seed": seed, "jobs": h.jobs, "stopped": h.stopped}
-                   | score(h.final, truth))
+                   | score(h.final, truth, se))
     table = pd.DataFrame(out)
     table.insert(3, "of_grid", table["jobs"] / len(grid))
     table["cv_mae_full"] = ref

@@ -24,7 +24,7 @@ from ptqscale_analysis.active import (
 from ptqscale_analysis.active_pareto import rank1_dnll
 from ptqscale_analysis.errors import AnalysisError
 from ptqscale_analysis.load import load_study
-from ptqscale_analysis.replay import ReplayOracle, score
+from ptqscale_analysis.replay import ReplayOracle, point_se, score
 
 RESULTS = Path(__file__).resolve().parents[2] / "results"
 KEYS = ["model", "data", "method", "format"]
@@ -138,6 +138,23 @@ def test_pareto_design_stops_when_nothing_could_join_the_frontier_and_finds_it(p
     s = score(h.final, truth)
     assert s["frontier"] == s["frontier_of"] and s["frontier_extra"] == 0
     assert s["frontier_gap"] == 0
+
+
+@pytest.mark.slow
+def test_frontier_within_noise_counts_the_misses_the_evaluation_cannot_resolve(part):
+    grid = grid_from_frame(part, KEYS)
+    truth = answer(grid, part, DesignConfig("pareto"))
+    h = run_design(grid, ReplayOracle(part, grid), DesignConfig("pareto", budget=40))
+    plain = score(h.final, truth)
+    assert np.isnan(plain["frontier_noise"])         # family_scan predates dnll_se
+    assert 0 < plain["frontier"] < plain["frontier_of"]
+    exact = score(h.final, truth, point_se(part.assign(**{"metrics.dnll_se": 0.0}), grid))
+    assert exact["frontier_noise"] == plain["frontier"]   # no noise: found is what counts
+    wide = score(h.final, truth, point_se(part.assign(**{"metrics.dnll_se": 10.0}), grid))
+    assert wide["frontier_noise"] == plain["frontier_of"]
+    half = plain["frontier_gap"] / 4   # between: the misses by less than 2 se join
+    some = score(h.final, truth, point_se(part.assign(**{"metrics.dnll_se": half}), grid))
+    assert plain["frontier"] <= some["frontier_noise"] < plain["frontier_of"]
 
 
 @pytest.mark.slow
