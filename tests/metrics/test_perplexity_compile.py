@@ -77,6 +77,33 @@ def test_all_blocks_share_one_graph_and_are_restored(compiled_runs, model):
     assert not any("_orig_mod" in name for name, _ in model.named_modules())
 
 
+def test_cuda_graphs_compile_the_decoder_whole_and_give_the_eager_nll(model, stream):
+    """Graph trees would let compiled blocks overwrite their own inputs (perplexity.py
+    ``_compiled_parts``): with ``cuda_graphs`` the decoder is one graph, called once per batch.
+    On CPU ``reduce-overhead`` compiles without the graphs: the same swap, the same NLL."""
+    if not HAS_CXX:
+        pytest.skip("Inductor's CPU backend needs a C++ compiler (g++ or c++ on PATH)")
+    from ptqscale.metrics.perplexity import _compiled_parts
+
+    parts = _compiled_parts(model, "model.layers", cuda_graphs=True)
+    assert [(owner, key) for owner, key, _ in parts] == [(model, "model")]
+    assert len(_compiled_parts(model, "model.layers", cuda_graphs=False)) == 3
+    decoder, seen = model.model, []
+    hook = model.register_forward_pre_hook(lambda m, a: seen.append(type(m.model).__name__))
+    cfg = dataclasses.replace(CONFIGS["gptq"], compile=True, cuda_graphs=True)
+    try:
+        graphs = measure_perplexity(model, stream, cfg)
+    finally:
+        hook.remove()
+    # the few-token probe of the attention kernel first, then every batch through the graph
+    assert seen[0] == "LlamaModel" and set(seen[1:]) == {"OptimizedModule"}
+    assert len(seen) == 3 and model.model is decoder   # 8 windows in batches of 4
+    eager = measure_perplexity(model, stream, CONFIGS["gptq"])
+    assert graphs.nll_sum == pytest.approx(eager.nll_sum, rel=1e-5)
+    with pytest.raises(ConfigError, match="cuda_graphs=true replays the decoder"):
+        _compiled_parts(model, "layers", cuda_graphs=True)
+
+
 class _Explodes(nn.Module):
     """Stands in for a compiled block: raises ``error`` when called."""
 

@@ -33,7 +33,7 @@ about as many bytes in more kernels, and the loss is a few percent of a pass.
 ``EvalConfig.head="chunked"`` never materialises the logits of a batch: the head and loss run
 in chunks of scored positions (metrics/chunked_head.py; same NLL to float tolerance).
 ``EvalConfig.attention`` pins the SDPA kernel; ``EvalConfig.cuda_graphs`` replays the compiled
-blocks as CUDA graphs (``mode="reduce-overhead"``). A few-token forward before the pass records
+decoder, whole, as CUDA graphs (``mode="reduce-overhead"``). A few-token forward before the pass records
 the attention kernel that ran (``env.attention``) and checks both settings apply to the model.
 """
 
@@ -108,7 +108,7 @@ class EvalConfig:
     compile: bool = False  # torch.compile the decoder blocks and the loss for the pass
     head: str = "logits"  # logits | chunked: the head and loss in chunks of positions
     attention: str = "auto"  # auto (PyTorch picks) | flash | cudnn | efficient | math (SDPA)
-    cuda_graphs: bool = False  # with compile: replay the compiled blocks as CUDA graphs
+    cuda_graphs: bool = False  # with compile: replay the compiled decoder as CUDA graphs
     tasks: TasksConfig = field(default_factory=TasksConfig)  # lm-eval tasks (metric tasks)
 
     def __post_init__(self):
@@ -117,7 +117,7 @@ class EvalConfig:
         if not isinstance(self.cuda_graphs, bool):
             raise ConfigError(f"eval.cuda_graphs={self.cuda_graphs!r} must be true or false")
         if self.cuda_graphs and not self.compile:
-            raise ConfigError("eval.cuda_graphs=true replays compiled blocks: set eval.compile=true")
+            raise ConfigError("eval.cuda_graphs=true replays the compiled decoder: set eval.compile=true")
         if self.head not in HEADS:
             raise ConfigError(f"eval.head={self.head!r} unknown; allowed: {list(HEADS)}")
         if self.attention not in ATTENTION:
@@ -295,7 +295,8 @@ def compiled_blocks(model, enabled: bool = True, loss=None, cuda_graphs: bool = 
     Yields None (and changes nothing) when not ``enabled``. The original block modules are put
     back on exit, also after an error; a failed compilation raises :class:`EvalCompileError`.
     ``loss``: the loss function to compile (default :func:`batch_nll`; ``chunk_nll`` for
-    ``eval.head=chunked``); ``cuda_graphs``: the blocks with ``mode="reduce-overhead"``.
+    ``eval.head=chunked``); ``cuda_graphs``: the whole decoder instead, with
+    ``mode="reduce-overhead"`` (:func:`_compiled_parts` says why).
 
     Example::
 
@@ -307,22 +308,46 @@ def compiled_blocks(model, enabled: bool = True, loss=None, cuda_graphs: bool = 
         return
     from ptqscale.models import get_anatomy
 
-    holder = model.get_submodule(get_anatomy(model).block_prefix)
-    originals = list(holder)
+    swaps = _compiled_parts(model, get_anatomy(model).block_prefix, cuda_graphs)
+    done = []
     try:
-        # the loss's outputs are kept across calls, which graph replays would overwrite
-        mode = "reduce-overhead" if cuda_graphs else None
-        for i, block in enumerate(originals):
-            holder[i] = _compile(block, mode)
+        for owner, key, original in swaps:
+            _put(owner, key, _compile(original, "reduce-overhead" if cuda_graphs else None))
+            done.append((owner, key, original))
         limits = dict(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)
-        with torch._dynamo.config.patch(**limits):
-            yield _compile(loss or batch_nll)
+        with torch._dynamo.config.patch(**limits):   # the loss never as graphs: its outputs
+            yield _compile(loss or batch_nll)          # are kept across calls
     except (torch._dynamo.exc.TorchDynamoException,
             torch._dynamo.exc.FailOnRecompileLimitHit) as e:
         raise EvalCompileError(_compile_failed(e)) from e
     finally:
-        for i, block in enumerate(originals):
-            holder[i] = block
+        for owner, key, original in done:
+            _put(owner, key, original)
+
+
+def _compiled_parts(model, block_prefix: str, cuda_graphs: bool) -> list[tuple]:
+    """What ``compiled_blocks`` swaps: ``(owner, index or attribute, module)``. Each decoder
+    block; or, for CUDA graphs, the decoder (embeddings, blocks, final norm) whole: CUDA graph
+    trees begin a new iteration at every call of a compiled function in inference and may
+    reuse the previous call's output memory, so compiled blocks would overwrite their own
+    input (the block before's output). The decoder is called once per batch."""
+    if not cuda_graphs:
+        holder = model.get_submodule(block_prefix)
+        return [(holder, i, block) for i, block in enumerate(holder)]
+    decoder = block_prefix.rpartition(".")[0]
+    if not decoder:
+        raise ConfigError(f"eval.cuda_graphs=true replays the decoder that holds the blocks "
+                          f"({block_prefix!r}) as one graph, and this model has none: set "
+                          "eval.cuda_graphs=false")
+    owner, _, leaf = decoder.rpartition(".")
+    return [(model.get_submodule(owner), leaf, model.get_submodule(decoder))]
+
+
+def _put(owner, key, module) -> None:
+    if isinstance(key, int):
+        owner[key] = module
+    else:
+        setattr(owner, key, module)
 
 
 def _compile(obj, mode: str | None = None):
