@@ -17,8 +17,10 @@ Transfer features (what the records already hold, per job; none needs a model he
 
 Predictors compared on the same splits (``VARIANTS``): ``forest`` (the predictor's own
 features), ``forest+transfer`` (plus the three above), ``forest/physics`` (the forest learns
-dNLL / physics guess, so it need not extrapolate the scale of a family it never saw), and
-the laws of :mod:`study_fits` (``noise``, ``precision``, ``format_power``).
+dNLL / physics guess, so it need not extrapolate the scale of a family it never saw),
+``landscape`` (the physics guess itself: nothing is fitted, every input is measured on the
+held-out model without evaluating a quantized one), and the laws of :mod:`study_fits`
+(``noise``, ``precision``, ``format_power``).
 
 Example::
 
@@ -49,7 +51,7 @@ from ptqscale_analysis.study_fits import LAW_PREDICTORS, StudyFitConfig
 TRANSFER_FEATURES = ("gptq_err_ratio", "hw_err_rtn_log10", "noise_equiv_log10",
                      "weight_kurtosis", "weight_absmax_rms_log10")
 MODEL = ("model.name", "model.revision")
-VARIANTS = ("forest", "forest+transfer", "forest/physics")
+VARIANTS = ("forest", "forest+transfer", "forest/physics", "landscape")
 # a cell: one model (and training length) quantized into one format, evaluated on one corpus
 CELL = ("model.name", "model.revision", "data.name", "format.name")
 BIG_DNLL = 0.01      # issue 22: MAE judged on rows with dNLL above this (nats)
@@ -125,6 +127,7 @@ def lofo(frame: pd.DataFrame, group: str = "model.family", cfg: PredictorConfig 
         part["measured_se"] = pd.to_numeric(test.get("metrics.dnll_se", np.nan), errors="coerce")
         for name, f in feats.items():
             part[name] = _fit_predict(name, f, train, test, cfg) if f else np.nan
+        part["landscape"] = 10 ** test["noise_equiv_log10"].to_numpy(float)
         return part
 
     preds = leave_one_group_out(X, X[group].astype(str), f"leave-one-out over {group}",

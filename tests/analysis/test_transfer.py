@@ -129,6 +129,10 @@ def test_lofo_physics_forest_carries_the_gain_the_plain_forest_misses(transfer_f
     assert plain.loc["fa", "gain_rel_err"] > 2 * phys.loc["fa", "gain_rel_err"]
     assert {"gptq_err_ratio", "weight_kurtosis"} <= set(res.features["forest+transfer"])
     assert t.xs("noise", level=1)["coverage"].eq(1.0).all()   # laws on the same splits
+    # the guess itself, nothing fitted: these rows are the guess up to 3% jitter
+    land = res.predictions
+    assert np.allclose(land["landscape"], land["measured"], rtol=0.15)
+    assert t.xs("landscape", level=1)["pass_r2"].all()
 
 
 def test_the_cli_prints_the_lofo_table(transfer_frame, tmp_path, capsys):
