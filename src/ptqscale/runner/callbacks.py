@@ -22,7 +22,8 @@ from ptqscale.runner import outcomes
 log = logging.getLogger("ptqscale")
 
 SUMMARY_COLUMNS = ["model.name", "format.name", "method.name", "format.bits_per_weight",
-                   "metrics.nll", "metrics.nll_fp", "metrics.dnll", "metrics.weight_sqnr_db",
+                   "metrics.nll", "metrics.nll_fp", "metrics.dnll", "metrics.dnll_se",
+                   "metrics.weight_sqnr_db",
                    "metrics.model_bytes"]
 
 
