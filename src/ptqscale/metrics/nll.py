@@ -5,8 +5,9 @@ Fields: ``nll`` (mean nats per scored token), ``perplexity`` = exp(nll), ``nll_s
 cached), ``dnll`` = nll - nll_fp, and their standard errors ``nll_se`` and ``dnll_se``
 (windows as the independent draws, the dNLL one paired window by window:
 ``perplexity.window_se``; what a second corpus sample of the same size would move them by,
-the floor under any difference a study can resolve). Protocol: DESIGN "Measured quantities" (``eval``
-presets in metrics/perplexity.py); its version is the global ``PROTOCOL_VERSION``. Its
+the floor under any difference a study can resolve). Protocol: DESIGN "Measured
+quantities" (``eval`` presets in metrics/perplexity.py); its version is the global
+``PROTOCOL_VERSION``. Its
 pass over the quantized model hands each window's logits to the other metrics' taps
 (``ctx.taps``, registry.py), e.g. ``fidelity``'s, which then needs no pass of its own.
 """

@@ -15,7 +15,8 @@ NLL is the mean next-token negative log-likelihood in nats over the scored token
 are cast to fp32 before log-softmax whatever the weight dtype (bf16 log-softmax loses ~3
 significant digits), one window at a time so fp32 logits never exist for a whole batch. Each
 window's sum is kept in float64 (``window_nll``: the standard errors come from them,
-:func:`window_se`) and the total is their exact sum, so the result is bitwise reproducible on CPU.
+:func:`window_se`) and the total is their exact sum, so the result is bitwise reproducible on
+CPU.
 
 A streamed model (``model.placement=streamed``) is scored by ``models.streaming.walk_logits``:
 all windows through one decoder block, then the next, the same batches and arithmetic, so the
@@ -33,8 +34,9 @@ about as many bytes in more kernels, and the loss is a few percent of a pass.
 ``EvalConfig.head="chunked"`` never materialises the logits of a batch: the head and loss run
 in chunks of scored positions (metrics/chunked_head.py; same NLL to float tolerance).
 ``EvalConfig.attention`` pins the SDPA kernel; ``EvalConfig.cuda_graphs`` replays the compiled
-decoder, whole, as CUDA graphs (``mode="reduce-overhead"``). A few-token forward before the pass records
-the attention kernel that ran (``env.attention``) and checks both settings apply to the model.
+decoder, whole, as CUDA graphs (``mode="reduce-overhead"``). A few-token forward before the
+pass records the attention kernel that ran (``env.attention``) and checks both settings apply
+to the model.
 """
 
 from __future__ import annotations
@@ -117,7 +119,8 @@ class EvalConfig:
         if not isinstance(self.cuda_graphs, bool):
             raise ConfigError(f"eval.cuda_graphs={self.cuda_graphs!r} must be true or false")
         if self.cuda_graphs and not self.compile:
-            raise ConfigError("eval.cuda_graphs=true replays the compiled decoder: set eval.compile=true")
+            raise ConfigError("eval.cuda_graphs=true replays the compiled decoder: set "
+                              "eval.compile=true")
         if self.head not in HEADS:
             raise ConfigError(f"eval.head={self.head!r} unknown; allowed: {list(HEADS)}")
         if self.attention not in ATTENTION:
