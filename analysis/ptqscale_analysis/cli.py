@@ -114,7 +114,12 @@ def _fit(argv):
                    help="resampling of the --depth-law intervals (default: cases)")
     p.add_argument("--markdown", type=Path, default=None,
                    help="with --lofo or --depth-law: also write the table here as Markdown")
+    p.add_argument("--data", default=None,
+                   help="with --lofo or --depth-law: only this corpus's records (data.name)")
     args = p.parse_args(argv)
+    if args.data is not None and not (args.lofo or args.depth_law):
+        raise AnalysisError("--data applies to --lofo and --depth-law (the laws are fitted "
+                            "per corpus already)")
     if args.lofo or args.depth_law:
         return _fit_transfer(args)
     cfg = StudyFitConfig(size_column=args.size_column,
@@ -146,7 +151,9 @@ def _fit_transfer(args) -> int:
     from ptqscale_analysis.depth_law import depth_slopes, depth_verdict, fit_depth_law
     from ptqscale_analysis.transfer import lofo, markdown_table
 
-    frame = load_study(args.results, args.study)
+    from ptqscale_analysis.queries import select
+
+    frame = select(load_study(args.results, args.study), data=args.data)
     if args.depth_law:
         fit = fit_depth_law(frame, FitConfig(n_boot=args.n_boot, seed=args.seed,
                                              bootstrap=args.bootstrap),

@@ -34,7 +34,7 @@ def _record(study, fam, size, fmt, method, dnll, sqnr, n, landscape):
             "model": {"name": f"{fam}-{size}", "family": fam, "size": size},
             "format": {"name": fmt, "family": "baseline" if fmt == "bf16" else "int",
                        "element_bits": 4, "block_size": 32, "bits_per_weight": SQNR[fmt][0]},
-            "method": {"name": method},
+            "method": {"name": method}, "data": {"name": "corpus"},
             "params": {"total": int(2 * n), "embedding": int(n / 2), "head": int(n / 2),
                        "blocks": int(n), "quantizable": int(n)},
             "metrics": {"nll": 3.0 + dnll, "perplexity": math.exp(3.0 + dnll), "nll_fp": 3.0,
@@ -144,6 +144,17 @@ def test_the_cli_prints_the_lofo_table(transfer_frame, tmp_path, capsys):
     assert "forest/physics" in out and "pass_gain" in out
     assert md.read_text().startswith("| group | predictor |")
     assert fit_main(["--results", str(root), "--study", "tr", "--lofo", "nope"]) == 2
+    # one corpus's records: the study has only this one, so the same table
+    one = tmp_path / "one.md"
+    assert fit_main(["--results", str(root), "--study", "tr", "--lofo", "family",
+                     "--data", "corpus", "--markdown", str(one)]) == 0
+    assert one.read_text() == md.read_text()
+    capsys.readouterr()
+    assert fit_main(["--results", str(root), "--study", "tr", "--lofo", "family",
+                     "--data", "wiki"]) == 2
+    assert "--data 'wiki' is not in the study; data.name values: ['corpus']" in \
+        capsys.readouterr().err
+    assert fit_main(["--results", str(root), "--study", "tr", "--data", "corpus"]) == 2
 
 
 def test_rows_without_a_physics_guess_take_the_floor(transfer_frame):
