@@ -149,9 +149,8 @@ def _fit(argv):
 def _fit_transfer(args) -> int:
     """ptqscale-fit --lofo / --depth-law (ptqscale_analysis.transfer, .depth_law)."""
     from ptqscale_analysis.depth_law import depth_slopes, depth_verdict, fit_depth_law
-    from ptqscale_analysis.transfer import lofo, markdown_table
-
     from ptqscale_analysis.queries import select
+    from ptqscale_analysis.transfer import lofo, markdown_table
 
     frame = select(load_study(args.results, args.study), data=args.data)
     if args.depth_law:

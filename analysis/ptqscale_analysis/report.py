@@ -424,4 +424,15 @@ def _figure(doc: _Doc, out: Path, name: str, caption: str, fn, *args) -> None:
     rel = f"figures/{name}.png"
     fig.savefig(out / rel, dpi=100)
     plt.close(fig)
+    _palette(out / rel)
     doc.img(rel, caption)
+
+
+def _palette(path: Path) -> None:
+    """Rewrite a figure as a 256-colour PNG: about a third of the bytes (a plot has few
+    colours beyond antialiasing), so a study's report stays small enough to commit."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT)
+    small.save(path, optimize=True)

@@ -5,6 +5,7 @@ import sys
 
 import matplotlib.image as mpimg
 import pytest
+from PIL import Image
 
 from ptqscale_analysis.cli import fit_main, pareto_main, predict_main, report_main
 
@@ -34,6 +35,8 @@ def test_report_renders_with_figures(small_root, tmp_path, capsys):
         assert f"({p.relative_to(tmp_path)})" in md and f"src='{p.relative_to(tmp_path)}'" in html
         img = mpimg.imread(p)
         assert img.ndim == 3 and img.shape[0] > 100 and img.std() > 0  # not blank
+        with Image.open(p) as im:
+            assert im.mode == "P"   # 256 colours: a third of the bytes
     assert "noise-response curves' skipped: no noise-response features" in md
     assert "wrote" in capsys.readouterr().out
 
