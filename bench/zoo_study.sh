@@ -31,7 +31,7 @@ CROSS_REV=${CROSS_REV:-x1}
 CROSS=zoo_cross; [ "$CROSS_REV" = x1 ] || CROSS=zoo_cross_$CROSS_REV
 # zoo_depth's checkpoints at 25k..150k (all five revisions, 17.6 MB of xz) fitted beside the
 # repository (45.5 MB on 2026-12-05) in a call's 64 MiB; 230k would add 12.8 MB. With the zoo
-# results committed the repository is 50.8 MB: pack the depth study without x1 on a warm
+# results committed the repository is 48.6 MB (2026-12-05): pack the depth study without x1 on a warm
 # machine that holds zoo_cross's pack, or with fewer sizes
 DEPTH_SIZES=${DEPTH_SIZES:-25k 55k 150k}
 REVISIONS=(x0.25 x0.5 x1 x2 x4)
