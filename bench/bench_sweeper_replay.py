@@ -93,7 +93,7 @@ def write(out: Path, args, table: pd.DataFrame, curve: pd.DataFrame, n: int, sec
          "pareto_budgets": curve.to_dict("records")}, indent=1, default=str))
     md = [f"# Predictor-guided sweeper, replayed on {args.study} ({meta['date']}, CPU)", "",
           f"No job runs: the {n} committed records are revealed as each design asks for them "
-          f"(`python bench/{Path(__file__).name} --out DIR --study {args.study}`, {secs:.0f} s "
+          f"(`python bench/{Path(__file__).name} {_args_text(args)}`, {secs:.0f} s "
           "on 2 CPU cores). Guided: `DesignConfig` defaults (budget 30% of the grid, batches of "
           f"8), seeds {args.guided_seeds}; random: a seed design of the same kind (its own "
           "shuffle), then uniform picks, with the guided design's job count, "
@@ -104,6 +104,12 @@ def write(out: Path, args, table: pd.DataFrame, curve: pd.DataFrame, n: int, sec
           "## Pareto: jobs the measured frontier needs (guided, seed 0)", "",
           curve.to_markdown(index=False, floatfmt=".4g"), ""]
     (out / f"{stem}.md").write_text("\n".join(md))
+
+
+def _args_text(args) -> str:
+    """The command line's options as given (the output folder as DIR)."""
+    given = {k: v for k, v in vars(args).items() if k != "out"}
+    return "--out DIR " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items())
 
 
 if __name__ == "__main__":
