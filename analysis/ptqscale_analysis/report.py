@@ -237,6 +237,12 @@ def _summary(doc: _Doc, frame: pd.DataFrame) -> None:
         pivot = pivot.reindex([m for m in models["model"] if m in pivot.index])
         doc.p(f"dNLL (nats) of every weight-only job, {', '.join(map(str, key))}:")
         doc.table(pivot.reset_index())
+        se = pd.to_numeric(rows.get("metrics.dnll_se", pd.Series(dtype=float)), errors="coerce")
+        if len(se) and se.notna().all():   # records from 2026-12-05 on
+            resolved = int((rows["dnll"].abs() > 2 * se).sum())
+            doc.p(f"Standard error of these dNLLs over the corpus (metrics.dnll_se): median "
+                  f"{se.median():.2g} nats, {se.min():.2g} to {se.max():.2g}; {resolved} of "
+                  f"{len(rows)} jobs differ from full precision by more than 2 SE.")
 
 
 def _checkpoint(frame: pd.DataFrame) -> pd.Series:

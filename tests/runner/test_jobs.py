@@ -75,6 +75,8 @@ def test_sweep_skips_done_jobs_and_shares_the_fp_eval(tmp_path):
     from ptqscale_analysis.report import write_report
 
     write_report(tmp_path, "quickstart", tmp_path / "report")
+    assert "jobs differ from full precision by more than 2 SE" in \
+        (tmp_path / "report" / "report.md").read_text()
     pngs = list((tmp_path / "report" / "figures").glob("*.png"))
     assert pngs and all(mpimg.imread(p).std() > 0 for p in pngs)
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "quickstart" / "records").iterdir()}
