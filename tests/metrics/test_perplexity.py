@@ -180,7 +180,7 @@ def test_window_sums_are_the_windows_own_losses(model, stream):
 def test_standard_errors_match_the_spread_over_fresh_corpora(model):
     """The SE of one corpus predicts how NLL and dNLL move on another corpus of the same size:
     40 draws of 16 windows, each measured on the model and on a perturbed copy of it. (That
-    pairing makes dNLL's SE far smaller than NLL's shows on a trained model: test_jobs.py.)"""
+    the pairing brings dNLL's SE below NLL's shows on a trained model: test_jobs.py.)"""
     noisy = T.AutoModelForCausalLM.from_config(model.config).eval()
     noisy.load_state_dict(model.state_dict())
     with torch.no_grad():
