@@ -83,11 +83,11 @@ def score(final: Answer, truth: Answer, se: pd.Series | None = None) -> dict:
         if len(unrun) else 0.0
     found = set(final.frontier) & set(truth.frontier)
     gaps = _gaps(true, final.frontier, truth.frontier)
+    gap_se = se.reindex(gaps.index) if se is not None else pd.Series(np.nan, gaps.index)
     out = {"mae_unrun": mae, "frontier": len(found), "frontier_of": len(truth.frontier),
            "frontier_extra": len(set(final.frontier) - set(truth.frontier)),
            "frontier_gap": float(gaps.max()) if len(gaps) else 0.0,
-           "frontier_noise": (int((gaps <= 2 * se.reindex(gaps.index)).sum())
-                              if se is not None and se.reindex(gaps.index).notna().all()
+           "frontier_noise": (int((gaps <= 2 * gap_se).sum()) if gap_se.notna().all()
                               else math.nan)}
     if truth.law is not None and final.law is not None:
         full = truth.law.set_index("group")

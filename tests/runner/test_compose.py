@@ -121,6 +121,16 @@ def test_key_ignores_the_eval_batch_size(composed):
     assert validate_job(composed(["method=rtn", "format=int8", "eval.seqlen=128"])).key != spec.key
 
 
+def test_fp_entries_of_another_content_version_are_never_read(composed, monkeypatch):
+    """An entry written before the per-window sums (content 1) lies under another key: it is
+    not read, nor called corrupt; the job's own key does not move."""
+    spec = validate_job(composed(["method=rtn", "format=int8"]))
+    now = job_keys.fp_eval_key(spec.model, spec.data, spec.eval)
+    monkeypatch.setattr(job_keys, "FP_EVAL_CONTENT", job_keys.FP_EVAL_CONTENT - 1)
+    assert job_keys.fp_eval_key(spec.model, spec.data, spec.eval) != now
+    assert validate_job(composed(["method=rtn", "format=int8"])).key == spec.key
+
+
 def test_job_names_spell_out_the_activation_scheme(composed):
     base = ["+sweep=crossquant", "+sweep/crossquant_model@_global_=stories260k",
             "+sweep/crossquant_bits@_global_=w8a8"]

@@ -22,6 +22,11 @@ from typing import Any
 from ptqscale.metrics import PROTOCOL_VERSION
 from ptqscale.metrics.registry import Metric, metrics_identity
 
+# What a full-precision cache entry holds; a new version keys new entries, so entries of an
+# older one are never read (never mistaken for corrupt). 2 (2026-12-05): the per-window NLL
+# sums that the standard errors need.
+FP_EVAL_CONTENT = 2
+
 _MODEL_IGNORED = ("path", "device", "tokenizer", "placement", "max_gpu_memory", "gpus",
                   "reuse")
 _DATA_IGNORED = ("path",)
@@ -97,7 +102,8 @@ def fp_eval_key(model_cfg: Any, data_cfg: Any, eval_cfg: Any, files: dict | None
     """Key of the model-level full-precision measurement shared by every job of a model."""
     return digest(_with_files({"model": model_identity(model_cfg),
                                "data": data_identity(data_cfg), "eval": eval_identity(eval_cfg),
-                               "protocol": PROTOCOL_VERSION}, files, ("model", "data")))
+                               "protocol": PROTOCOL_VERSION, "content": FP_EVAL_CONTENT},
+                              files, ("model", "data")))
 
 
 def landscape_key(model_cfg: Any, data_cfg: Any, eval_cfg: Any, landscape_cfg: Any,
