@@ -46,8 +46,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, masking_utils
 from ptqscale.metrics import hessian as hs
 from ptqscale.metrics.landscape import (
     EIG_METHODS,
+    FD_TRACES,
     HUTCHINSON_SCHEMES,
     HVP_DTYPES,
+    HVP_METHODS,
     LandscapeConfig,
     _batch_hvps,
     mean_nll,
@@ -207,7 +209,8 @@ def _run_feature(name, model, targets, stream, cfg, device) -> dict:
                 "value": out[key], "sem": out["hessian_trace_sem"] if name == "trace" else None,
                 "converged": out["power_converged"] if name == "eigen" else None,
                 # the eigenvalue's graphs serve one product each and are never retained
-                "hvp_retain_graph": out["hvp_retain_graph"] and name == "trace"}
+                "hvp_retain_graph": out["hvp_retain_graph"] and name == "trace",
+                "hvp_attention": out["hvp_attention"]}
     out, sec, peak = timed(lambda: measure_directional_profile(
         model, targets, windows, rtn_int4, cfg.directional_ts, batch_size=cfg.batch_size), device)
     return {"seconds": sec, "tokens": out["cost_directional_tokens"], "peak_gib": peak}
@@ -224,7 +227,11 @@ def markdown(report: dict) -> str:
              f"window(s), graph {'kept' if report['budget']['hvp_retain_graph'] else 'rebuilt'} "
              f"per product; trace scheme {report['budget'].get('hutchinson_scheme', 'all_windows')}"
              f", eigenvalue by {report['budget'].get('eig_method', 'power')}, HVPs in "
-             f"{report['budget'].get('hvp_dtype', 'float32')}", "",
+             f"{report['budget'].get('hvp_dtype', 'float32')}, products by "
+             f"{report['budget'].get('hvp', 'autograd')}"
+             + (f" ({report['budget']['fd_trace']} differences for the trace, eps "
+                f"{report['budget']['fd_eps']:g})" if report['budget'].get('hvp') ==
+                "finite_difference" else ""), "",
              "| feature | seconds | x full-precision pass | tokens | HVPs | HVP micro-batch "
              "| peak GiB (reserved) | est GiB |",
              "|---|---|---|---|---|---|---|---|"]
@@ -269,6 +276,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hvp-dtype", choices=HVP_DTYPES, default="float32",
                    help="landscape.hvp_dtype: the parameters' dtype during the HVPs")
     p.add_argument("--power-tol", type=float, help="landscape.power_tol (default: the config's)")
+    p.add_argument("--hvp", choices=HVP_METHODS, default="autograd",
+                   help="landscape.hvp: double backward (eager attention) or finite differences "
+                        "of gradients (the model's own attention)")
+    p.add_argument("--fd-trace", choices=FD_TRACES, default="central",
+                   help="landscape.fd_trace: the trace's finite differences")
     args = p.parse_args(argv)
     features = [f for f in args.features.split(",") if f]
     bad = sorted(set(features) - set(FEATURES))
@@ -285,13 +297,16 @@ def main(argv: list[str] | None = None) -> None:
                                      ("power_tol", args.power_tol)) if v is not None})
     cfg = LandscapeConfig(enabled=True, seqlen=stream.shape[1], hvp_windows=args.hvp_windows,
                           hvp_retain_graph=args.retain_graph, hutchinson_scheme=args.scheme,
-                          eig_method=args.eig_method, hvp_dtype=args.hvp_dtype, **budget)
+                          eig_method=args.eig_method, hvp_dtype=args.hvp_dtype, hvp=args.hvp,
+                          fd_trace=args.fd_trace, **budget)
     report = {"size": size, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
               or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
               "n_params": sum(p.numel() for p in model.parameters()), "budget": asdict(cfg),
               "model": SIZES[size][0], "features": {}}
-    if {"trace", "eigen"} & set(features):  # seconds on the CPU, before any GPU time
+    # seconds on the CPU, before any GPU time (finite differences need the weights' norm, which
+    # the meta device cannot give; their peak is one training step's, measured below)
+    if {"trace", "eigen"} & set(features) and cfg.hvp == "autograd":
         report["estimate_gib"] = estimate_hvp_peak_gib(size, cfg)
         print("estimated peak GiB", report["estimate_gib"], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

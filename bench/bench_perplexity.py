@@ -11,7 +11,7 @@ Stream: random token ids. Paths (gptq preset, ``--batch-sizes`` windows per pass
   ``eval.compile``: regionally compiled decoder blocks and loss), as before;
 - ``... chunked``: ``eval.head=chunked``, the head and loss in chunks of positions, the
   logits of a batch never materialised; ``+ cudnn`` / ``+ flash``: ``eval.attention`` pinned;
-  ``+ CUDA graphs``: ``eval.cuda_graphs`` (compiled blocks replayed as graphs);
+  ``+ CUDA graphs``: ``eval.cuda_graphs`` (the compiled decoder replayed as CUDA graphs);
 - ``naive loop``: one window at a time, ``model(w, labels=w).loss`` (every GPTQ-style script).
 
 A path that fails (a kernel PyTorch cannot run here) is a row with its error, not a lost run.
@@ -68,7 +68,9 @@ PATHS = [("eager", {}), ("compiled", dict(compile=True)),
          ("compiled chunked", dict(compile=True, head="chunked")),
          ("compiled chunked + cudnn", dict(compile=True, head="chunked", attention="cudnn")),
          ("compiled chunked + flash", dict(compile=True, head="chunked", attention="flash")),
-         ("compiled chunked + CUDA graphs", dict(compile=True, head="chunked", cuda_graphs=True))]
+         ("compiled chunked + CUDA graphs", dict(compile=True, head="chunked", cuda_graphs=True)),
+         ("compiled chunked + flash + CUDA graphs",
+          dict(compile=True, head="chunked", attention="flash", cuda_graphs=True))]
 
 
 def matmul_rate(device, dtype, n: int, repeats: int) -> float:
@@ -136,6 +138,8 @@ def run(args) -> dict:
     rate_before = matmul_rate(device, dtype, gemm_n, args.repeats)
     rows = []
     for path, changes in PATHS:
+        if args.paths and path not in args.paths:
+            continue
         if changes.get("compile") and args.skip_compile_reason:
             continue
         if device.type != "cuda" and (changes.get("cuda_graphs") or "attention" in changes):
@@ -218,7 +222,13 @@ def main():
     p.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
     p.add_argument("--warm-cache", action="store_true",
                    help="keep the user's Inductor cache (default: a fresh one, cold compile)")
+    p.add_argument("--paths", help="';'-separated path names to run (default: all): "
+                   + "; ".join(name for name, _ in PATHS))
     args = p.parse_args()
+    args.paths = args.paths and [name.strip() for name in args.paths.split(";")]
+    unknown = sorted(set(args.paths or ()) - {name for name, _ in PATHS})
+    if unknown:
+        p.error(f"unknown --paths {unknown}; allowed: {[name for name, _ in PATHS]}")
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.smoke:
         args.windows, args.naive_windows, args.repeats, args.seqlen = 8, 4, 1, 128

@@ -154,6 +154,41 @@ def test_finite_difference_measure_hessian_agrees_with_autograd(tiny):
     # the truncation error is largest along the sharpest direction, which power iteration finds
     assert fd["top_eigenvalue"] == pytest.approx(ad["top_eigenvalue"], rel=2e-3)
     assert fd["cost_hessian_trace_tokens"] == 2 * 8 * tiny["data"].numel()
+    # first-order gradients only: the model's own attention kernel, not eager's maps
+    assert (fd["hvp_attention"], ad["hvp_attention"]) == ("sdpa", "eager")
+    assert tiny["model"].config._attn_implementation == "sdpa"
+
+
+def test_forward_difference_trace_is_unbiased(tiny):
+    # One shared g(W) and one gradient per probe: the (h/2) v^T T[v, v] error of each product
+    # is odd in v and cancels over the Rademacher probes (measured: 4e-4 at eps 1e-4 with 8
+    # probes), where along one direction it is first order (the 1e-2 check would fail at 1e-3)
+    common = dict(max_tokens=10**6, batch_size=8, hvp_windows=8, hutchinson_probes=8,
+                  power_iters=0)
+    ad = measure_hessian(tiny["model"], tiny["targets"], tiny["data"], LandscapeConfig(**common))
+    fd = measure_hessian(tiny["model"], tiny["targets"], tiny["data"],
+                         LandscapeConfig(hvp="finite_difference", fd_trace="forward", **common))
+    assert fd["hessian_trace"] == pytest.approx(ad["hessian_trace"], rel=2e-3)
+    for name, layer in ad["layers"].items():
+        assert fd["layers"][name]["hessian_trace"] == pytest.approx(
+            layer["hessian_trace"], rel=2e-2, abs=1e-3 * ad["hessian_trace"])
+    assert fd["cost_hessian_trace_tokens"] == (8 + 1) * tiny["data"].numel()
+    assert fd["fd_trace"] == "forward"
+
+
+def test_forward_difference_hvp_is_first_order(tiny):
+    weights = [m.weight for m in tiny["targets"].values()]
+    model, data, H = tiny["model"], tiny["data"], tiny["H"]
+    reference = [w.detach().clone() for w in weights]
+    v = hs.gaussian(weights, seed=3)
+    exact = H @ _flat(v)
+    with hs.double_backward_ready(model, weights, eager=False):
+        err = {eps: (_flat(hs.finite_difference_hvp(lambda: nll_loss(model, data), weights,
+                                                    reference, eps, one_sided=True)(v))
+                     - exact).norm() / exact.norm() for eps in (1e-3, 1e-4)}
+    assert err[1e-4] < 5e-3
+    assert 3 < err[1e-3] / err[1e-4] < 30  # first order in h (central: second order)
+    assert all(torch.equal(w, r) for w, r in zip(weights, reference))
 
 
 def test_kappa_from_noise_matches_exact_weighted_trace(tiny):

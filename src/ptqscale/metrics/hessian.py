@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
@@ -77,20 +77,29 @@ def _zeros_for_unused(weights: Sequence[torch.Tensor], hv) -> Vector:
 
 
 def finite_difference_hvp(
-    loss_fn: LossFn, weights: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], eps: float
+    loss_fn: LossFn, weights: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], eps: float,
+    *, one_sided: bool = False,
 ) -> HVP:
     """``v -> (g(W + h v) - g(W - h v)) / 2h``, the central-difference HVP.
 
     The step ``h = eps * ||W|| / ||v||`` makes the perturbation a fixed fraction ``eps`` of
     the weights' global norm, so one ``eps`` suits every model size. ``reference`` holds the
     unperturbed weights; they are copied back exactly after each gradient.
+
+    ``one_sided=True``: ``(g(W + h v) - g(W)) / h``, with ``g(W)`` computed once here and
+    shared by every product, so a product costs one gradient instead of two. Its error is
+    ``(h / 2) T[v, v]`` (``T`` the third derivative), first order in ``h``; but ``v^T T[v, v]``
+    is odd in ``v``, so over Rademacher probes it averages to zero and a Hutchinson trace stays
+    unbiased to second order. Not for the eigenvalue, whose iteration does not average it out.
     """
     w_norm = math.sqrt(sum(float(r.double().pow(2).sum()) for r in reference))
 
-    def grad_at(v: Vector, h: float) -> Vector:
+    def grad_at(v: Vector | None, h: float) -> Vector:
         with torch.no_grad():
-            for w, r, d in zip(weights, reference, v):
-                w.copy_(r).add_(d, alpha=h)
+            for w, r, d in zip(weights, reference, v or reference):
+                w.copy_(r)
+                if v is not None:
+                    w.add_(d, alpha=h)
         try:
             return list(torch.autograd.grad(loss_fn(), list(weights)))
         finally:
@@ -98,11 +107,15 @@ def finite_difference_hvp(
                 for w, r in zip(weights, reference):
                     w.copy_(r)
 
+    base = grad_at(None, 0.0) if one_sided else None
+
     def hvp(v: Vector) -> Vector:
         v_norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in v))
         h = eps * w_norm / v_norm
+        if base is not None:
+            return [g.sub_(b).div_(h) for g, b in zip(grad_at(v, h), base)]
         g_plus, g_minus = grad_at(v, h), grad_at(v, -h)
-        return [(a - b) / (2 * h) for a, b in zip(g_plus, g_minus)]
+        return [a.sub_(b).div_(2 * h) for a, b in zip(g_plus, g_minus)]
 
     return hvp
 
@@ -287,15 +300,19 @@ def restored_exactly(targets: dict[str, nn.Linear]) -> Iterator[list[torch.Tenso
 
 
 @contextmanager
-def double_backward_ready(model: nn.Module, weights: Sequence[torch.Tensor]) -> Iterator[None]:
+def double_backward_ready(model: nn.Module, weights: Sequence[torch.Tensor], *, eager: bool = True
+                          ) -> Iterator[None]:
     """Run ``model`` so that HVPs w.r.t. ``weights`` are exact fp32 double backwards.
 
     Inside: every floating parameter and buffer in fp32 (bf16/fp16 -> fp32 is exact, and so
     is the way back), attention switched to ``"eager"`` (flash/SDPA kernels have no double
     backward), eval mode (no dropout), and ``requires_grad`` only on ``weights``. All of it
-    is restored on exit, also after an error.
+    is restored on exit, also after an error. ``eager=False`` keeps the model's own attention:
+    for HVPs made of first-order gradients (finite differences), which every kernel supports,
+    and the fused ones without the eager attention maps of every layer.
     """
-    with fp32(model), eager_attention(model), eval_mode(model), _grad_only(model, weights):
+    attention = eager_attention(model) if eager else nullcontext()
+    with fp32(model), attention, eval_mode(model), _grad_only(model, weights):
         yield
 
 

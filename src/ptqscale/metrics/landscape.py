@@ -42,6 +42,7 @@ from .directional import measure_directional_profile
 from .hessian_streamed import check_streamable
 from .landscape_config import (
     EIG_METHODS,
+    FD_TRACES,
     HUTCHINSON_SCHEMES,
     HVP_DTYPES,
     HVP_METHODS,
@@ -74,7 +75,7 @@ from .second_order import (
 )
 
 __all__ = [
-    "EIG_METHODS", "HUTCHINSON_SCHEMES", "HVP_DTYPES", "HVP_METHODS", "LANDSCAPE_PROTOCOL", "LandscapeConfig", "_batch_hvps", "_check_targets",
+    "EIG_METHODS", "FD_TRACES", "HUTCHINSON_SCHEMES", "HVP_DTYPES", "HVP_METHODS", "LANDSCAPE_PROTOCOL", "LandscapeConfig", "_batch_hvps", "_check_targets",
     "_check_ts", "_measuring", "_passes_per_trace", "_shifted_nlls", "_streamed", "basin_edge",
     "fit_kappa", "mean_nll", "measure_directional_profile", "measure_hessian",
     "measure_landscape", "measure_noise_response", "nll_from_logits", "nll_loss",

@@ -14,6 +14,7 @@ HVP_METHODS = ("autograd", "finite_difference")
 HUTCHINSON_SCHEMES = ("all_windows", "stratified")
 EIG_METHODS = ("power", "lanczos")
 HVP_DTYPES = ("float32", "bfloat16")
+FD_TRACES = ("central", "forward")
 
 
 @dataclass
@@ -50,6 +51,10 @@ class LandscapeConfig:
     hutchinson_scheme: str = "all_windows"
     eig_method: str = "power"
     hvp_dtype: str = "float32"
+    # hvp=finite_difference only: the trace's products as central differences (two gradients
+    # each) or forward differences from one shared g(W) (one gradient each; unbiased over
+    # Rademacher probes, hessian.finite_difference_hvp says why). The eigenvalue is central.
+    fd_trace: str = "central"
     directional_ts: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
 
     # Memory knobs: the same features (up to float summation order) for any value, so a
@@ -57,7 +62,8 @@ class LandscapeConfig:
     not_in_key: ClassVar[tuple[str, ...]] = ("hvp_windows", "hvp_retain_graph")
     # fields added after records were keyed, at the value every earlier record ran with
     added_later: ClassVar[dict[str, str]] = {
-        "hutchinson_scheme": "all_windows", "eig_method": "power", "hvp_dtype": "float32"}
+        "hutchinson_scheme": "all_windows", "eig_method": "power", "hvp_dtype": "float32",
+        "fd_trace": "central"}
 
     def __post_init__(self) -> None:
         levels = [float(s) for s in self.levels_db]
@@ -87,13 +93,17 @@ class LandscapeConfig:
         if self.hvp not in HVP_METHODS:
             raise ConfigError(f"landscape.hvp must be one of {HVP_METHODS}, got {self.hvp!r}")
         for key, allowed in (("hutchinson_scheme", HUTCHINSON_SCHEMES),
-                             ("eig_method", EIG_METHODS), ("hvp_dtype", HVP_DTYPES)):
+                             ("eig_method", EIG_METHODS), ("hvp_dtype", HVP_DTYPES),
+                             ("fd_trace", FD_TRACES)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"landscape.{key} must be one of {allowed}, "
                                   f"got {getattr(self, key)!r}")
         if self.hvp_dtype != "float32" and self.hvp != "autograd":
             raise ConfigError(f"landscape.hvp_dtype={self.hvp_dtype!r} needs landscape.hvp="
                               f"autograd (a finite difference in bf16 is mostly rounding)")
+        if self.fd_trace != "central" and self.hvp != "finite_difference":
+            raise ConfigError(f"landscape.fd_trace={self.fd_trace!r} needs landscape.hvp="
+                              f"finite_difference (autograd products are exact)")
         _check_ts(self.directional_ts)
 
 

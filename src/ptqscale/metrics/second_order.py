@@ -50,8 +50,11 @@ def measure_hessian(
                          f"multiple of the budget's {windows.shape[0]} windows for "
                          f"hutchinson_scheme=stratified")
     weights = [m.weight for m in targets.values()]
-    with _measuring(model, targets) as reference, hs.double_backward_ready(model, weights), \
+    autograd = cfg.hvp == "autograd"  # double backward needs eager attention; FD does not
+    with _measuring(model, targets) as reference, \
+            hs.double_backward_ready(model, weights, eager=autograd or streamed), \
             _parameters_in(model, cfg.hvp_dtype):
+        attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
         if streamed:
             samples, trace_s, eig, iters, converged, eig_s = streamed_hessian(
                 model, targets, windows, cfg, progress)
@@ -61,11 +64,13 @@ def measure_hessian(
                 per_window = replace(cfg, hvp_windows=1)  # one product = one window
                 samples = est.stratified_hutchinson_samples(
                     [make for _, make in _batch_hvps(model, windows, weights, reference,
-                                                     per_window, cfg.hvp_retain_graph)],
+                                                     per_window, cfg.hvp_retain_graph,
+                                                     trace=True)],
                     weights, cfg.hutchinson_probes, cfg.seed, progress)
             else:
                 samples = hs.hutchinson_samples(
-                    _batch_hvps(model, windows, weights, reference, cfg, cfg.hvp_retain_graph),
+                    _batch_hvps(model, windows, weights, reference, cfg, cfg.hvp_retain_graph,
+                                trace=True),
                     weights, cfg.hutchinson_probes, cfg.seed, progress)
             trace_s = time.perf_counter() - start
 
@@ -82,7 +87,7 @@ def measure_hessian(
     out = {"hvp_method": cfg.hvp, "hutchinson_probes": cfg.hutchinson_probes,
            "hvp_windows": cfg.hvp_windows, "hvp_retain_graph": cfg.hvp_retain_graph,
            "hutchinson_scheme": cfg.hutchinson_scheme, "eig_method": cfg.eig_method,
-           "hvp_dtype": cfg.hvp_dtype}
+           "hvp_dtype": cfg.hvp_dtype, "fd_trace": cfg.fd_trace, "hvp_attention": attention}
     out.update(hs.trace_stats(samples, scale))
     out.update(top_eigenvalue=eig, power_iters_run=iters, power_converged=converged)
     n_tok = windows.numel()
@@ -144,24 +149,29 @@ def _fp32_products(make_hvp: Callable[[], hs.HVP]) -> Callable[[], hs.HVP]:
 
 
 def _passes_per_trace(cfg: LandscapeConfig, streamed: bool = False) -> int:
-    """Forward passes over the budget for the trace: FD takes 2 gradients per probe; autograd
-    builds each micro-batch's graph once for all probes, or once per probe when not retained;
-    streamed, every probe is a forward sweep plus a recomputing backward sweep (2 passes)."""
+    """Forward passes over the budget for the trace: FD takes 2 gradients per probe (forward
+    differences: 1, plus the shared g(W)); autograd builds each micro-batch's graph once for
+    all probes, or once per probe when not retained; streamed, every probe is a forward sweep
+    plus a recomputing backward sweep (2 passes)."""
+    if cfg.hvp == "finite_difference" and cfg.fd_trace == "forward":
+        return cfg.hutchinson_probes + 1
     if cfg.hvp == "finite_difference" or streamed:
         return 2 * cfg.hutchinson_probes
     return 1 if cfg.hvp_retain_graph else cfg.hutchinson_probes
 
 
-def _batch_hvps(model, windows, weights, reference, cfg, retain_graph: bool
+def _batch_hvps(model, windows, weights, reference, cfg, retain_graph: bool, trace: bool = False
                 ) -> list[tuple[float, Callable]]:
-    """``(fraction of windows, make_hvp)`` per micro-batch of ``cfg.hvp_windows`` windows."""
+    """``(fraction of windows, make_hvp)`` per micro-batch of ``cfg.hvp_windows`` windows;
+    ``trace``: the products are Hutchinson's (``cfg.fd_trace`` applies)."""
     out = []
     for ids in windows.split(cfg.hvp_windows):
         loss_fn = partial(nll_loss, model, ids)
         if cfg.hvp == "autograd":
             make = partial(hs.autograd_hvp, loss_fn, weights, retain_graph=retain_graph)
         else:
-            make = partial(hs.finite_difference_hvp, loss_fn, weights, reference, cfg.fd_eps)
+            make = partial(hs.finite_difference_hvp, loss_fn, weights, reference, cfg.fd_eps,
+                           one_sided=trace and cfg.fd_trace == "forward")
         if cfg.hvp_dtype == "bfloat16":
             make = _fp32_products(make)
         # windows have equal length, so the share of windows is the share of tokens
