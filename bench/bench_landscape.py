@@ -230,8 +230,9 @@ def markdown(report: dict) -> str:
              f"{report['budget'].get('hvp_dtype', 'float32')}, products by "
              f"{report['budget'].get('hvp', 'autograd')}"
              + (f" ({report['budget']['fd_trace']} differences for the trace, eps "
-                f"{report['budget']['fd_eps']:g})" if report['budget'].get('hvp') ==
-                "finite_difference" else ""), "",
+                f"{report['budget']['fd_eps']:g}; eigenvalue eps "
+                f"{report['budget']['fd_eps_eig'] or report['budget']['fd_eps']:g})"
+                if report['budget'].get('hvp') == "finite_difference" else ""), "",
              "| feature | seconds | x full-precision pass | tokens | HVPs | HVP micro-batch "
              "| peak GiB (reserved) | est GiB |",
              "|---|---|---|---|---|---|---|---|"]
@@ -281,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
                         "of gradients (the model's own attention)")
     p.add_argument("--fd-trace", choices=FD_TRACES, default="central",
                    help="landscape.fd_trace: the trace's finite differences")
+    p.add_argument("--fd-eps-eig", type=float, help="landscape.fd_eps_eig: the eigenvalue's step")
     args = p.parse_args(argv)
     features = [f for f in args.features.split(",") if f]
     bad = sorted(set(features) - set(FEATURES))
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = LandscapeConfig(enabled=True, seqlen=stream.shape[1], hvp_windows=args.hvp_windows,
                           hvp_retain_graph=args.retain_graph, hutchinson_scheme=args.scheme,
                           eig_method=args.eig_method, hvp_dtype=args.hvp_dtype, hvp=args.hvp,
-                          fd_trace=args.fd_trace, **budget)
+                          fd_trace=args.fd_trace, fd_eps_eig=args.fd_eps_eig, **budget)
     report = {"size": size, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
               or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,

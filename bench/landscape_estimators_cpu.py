@@ -69,16 +69,18 @@ def load(name: str, n_windows: int, seqlen: int):
 def trace_samples(model, targets, windows, cfg: LandscapeConfig) -> tuple[torch.Tensor, float]:
     """``([probes, L] samples, seconds)`` of ``cfg``'s scheme and dtype, as measure_hessian."""
     weights = [m.weight for m in targets.values()]
-    with _measuring(model, targets) as ref, hs.double_backward_ready(model, weights), \
+    with _measuring(model, targets) as ref, \
+            hs.double_backward_ready(model, weights, eager=cfg.hvp == "autograd"), \
             _parameters_in(model, cfg.hvp_dtype):
         start = time.perf_counter()
         if cfg.hutchinson_scheme == "stratified":
             makes = [m for _, m in _batch_hvps(model, windows, weights, ref,
-                                               replace(cfg, hvp_windows=1), cfg.hvp_retain_graph)]
+                                               replace(cfg, hvp_windows=1), cfg.hvp_retain_graph,
+                                               trace=True)]
             s = est.stratified_hutchinson_samples(makes, weights, cfg.hutchinson_probes, cfg.seed)
         else:
             s = hs.hutchinson_samples(_batch_hvps(model, windows, weights, ref, cfg,
-                                                  cfg.hvp_retain_graph),
+                                                  cfg.hvp_retain_graph, trace=True),
                                       weights, cfg.hutchinson_probes, cfg.seed)
         return s, time.perf_counter() - start
 
@@ -88,7 +90,8 @@ def eigen_history(model, targets, windows, cfg: LandscapeConfig, method: str, it
     """Estimate after each product (tol 0: all ``iters``), and seconds per product."""
     weights = [m.weight for m in targets.values()]
     history: list[float] = []
-    with _measuring(model, targets) as ref, hs.double_backward_ready(model, weights), \
+    with _measuring(model, targets) as ref, \
+            hs.double_backward_ready(model, weights, eager=cfg.hvp == "autograd"), \
             _parameters_in(model, cfg.hvp_dtype):
         full = hs.summed_hvp(_batch_hvps(model, windows, weights, ref, cfg, False), weights)
         start = time.perf_counter()
@@ -163,6 +166,22 @@ def run_model(name: str, n_windows: int, seqlen: int, probes: int, bf16_probes: 
                               "lanczos", bf16_iters)
     n_stop, value = stop_at(hist_b, cfg.power_tol)
     row.update(lanczos_bf16_stop=n_stop, lanczos_bf16_err=abs(value - top) / abs(top))
+    # finite differences of gradients (the model's own attention), the same probes: forward
+    # differences for the trace, central for the trace and the eigenvalue
+    fd = replace(cfg, hvp="finite_difference", hvp_retain_graph=False)
+    for scheme in ("forward", "central"):
+        s_fd, sec_fd = trace_samples(model, targets, windows, replace(fd, fd_trace=scheme))
+        rel = (s_fd.sum(1) - s_all.sum(1)).abs() / s_all.sum(1).abs()
+        row.update({f"fd_{scheme}_trace_rel_err": float(
+                        (s_fd.sum(1).mean() - t_all.mean()).abs() / t_all.mean().abs()),
+                    f"fd_{scheme}_sample_rel_err_max": float(rel.max()),
+                    f"fd_{scheme}_layer_rel_err_max": float(
+                        ((s_fd.mean(0) - s_all.mean(0)).abs()
+                         / s_all.mean(0).abs().clamp_min(1e-30)).max()),
+                    f"sec_fd_{scheme}_per_probe": sec_fd / probes})
+    hist_fd, _ = eigen_history(model, targets, windows, fd, "lanczos", iters)
+    n_stop, value = stop_at(hist_fd, cfg.power_tol)
+    row.update(lanczos_fd_stop=n_stop, lanczos_fd_err=abs(value - top) / abs(top))
     return row
 
 
@@ -201,6 +220,23 @@ def markdown(report: dict) -> str:
                      f"{r['bf16_sample_rel_err_max']:.1e} | {r['bf16_layer_rel_err_max']:.1e} | "
                      f"{r['lanczos_bf16_stop']} ({r['lanczos_bf16_err']:.1e}) | "
                      f"{r['sec_fp32_per_probe']:.2f} / {r['sec_bf16_per_probe']:.2f} |")
+    rows = [r for r in report["models"] if "fd_forward_trace_rel_err" in r]
+    if rows:
+        lines += ["", "## Finite differences of gradients (fd_eps 1e-4, the model's own attention)"
+                  " vs double backward, same probes", "",
+                  "| model | probes | trace: forward / central rel err | max per-probe rel err: "
+                  "forward / central | max per-layer rel err: forward / central | Lanczos "
+                  "(central) stop: products (rel err) | CPU s/probe: autograd (graph kept) / "
+                  "forward / central |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['probes']} | {r['fd_forward_trace_rel_err']:.1e} / "
+                     f"{r['fd_central_trace_rel_err']:.1e} | "
+                     f"{r['fd_forward_sample_rel_err_max']:.1e} / "
+                     f"{r['fd_central_sample_rel_err_max']:.1e} | "
+                     f"{r['fd_forward_layer_rel_err_max']:.1e} / "
+                     f"{r['fd_central_layer_rel_err_max']:.1e} | {r['lanczos_fd_stop']} "
+                     f"({r['lanczos_fd_err']:.1e}) | {r['sec_all'] / r['probes']:.2f} / "
+                     f"{r['sec_fd_forward_per_probe']:.2f} / {r['sec_fd_central_per_probe']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

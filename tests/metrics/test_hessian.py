@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ptqscale.errors import ConfigError
 from ptqscale.metrics import hessian as hs
 from ptqscale.metrics.landscape import (
     LandscapeConfig,
@@ -234,3 +235,30 @@ def test_directional_profile_matches_taylor_expansion(tiny):
     assert out["directional_quadratic"] == pytest.approx(0.5 * float(D @ H @ D), rel=0.1)
     expect_t1 = float(g @ D) + 0.5 * float(D @ H @ D)
     assert out["directional_dnll_at_t1"] == pytest.approx(expect_t1, rel=0.02)
+
+
+def test_eigenvalue_takes_its_own_finite_difference_step(tiny):
+    common = dict(max_tokens=10**6, batch_size=8, hvp_windows=8, hutchinson_probes=8,
+                  power_iters=30, hvp="finite_difference", fd_eps=1e-2)
+    ad = measure_hessian(tiny["model"], tiny["targets"], tiny["data"],
+                         LandscapeConfig(**{**common, "hvp": "autograd", "fd_eps": 1e-4}))
+    coarse = measure_hessian(tiny["model"], tiny["targets"], tiny["data"],
+                             LandscapeConfig(**common))
+    fine = measure_hessian(tiny["model"], tiny["targets"], tiny["data"],
+                           LandscapeConfig(**common, fd_eps_eig=1e-4))
+    # the trace keeps fd_eps (1e-2: a few percent off); the eigenvalue takes fd_eps_eig
+    assert fine["hessian_trace"] == coarse["hessian_trace"] != pytest.approx(
+        ad["hessian_trace"], rel=1e-2)
+    assert fine["top_eigenvalue"] == pytest.approx(ad["top_eigenvalue"], rel=2e-3)
+    assert coarse["top_eigenvalue"] != pytest.approx(ad["top_eigenvalue"], rel=1e-2)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(fd_trace="forward"), "needs landscape.hvp=finite_difference"),
+    (dict(fd_eps_eig=1e-5), "needs landscape.hvp=finite_difference"),
+    (dict(hvp="finite_difference", fd_eps_eig=0.0), "fd_eps_eig must be > 0"),
+    (dict(hvp="finite_difference", fd_trace="backward"), "fd_trace must be one of"),
+])
+def test_finite_difference_settings_are_checked(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        LandscapeConfig(**bad)

@@ -170,7 +170,8 @@ def _batch_hvps(model, windows, weights, reference, cfg, retain_graph: bool, tra
         if cfg.hvp == "autograd":
             make = partial(hs.autograd_hvp, loss_fn, weights, retain_graph=retain_graph)
         else:
-            make = partial(hs.finite_difference_hvp, loss_fn, weights, reference, cfg.fd_eps,
+            eps = cfg.fd_eps if trace or cfg.fd_eps_eig is None else cfg.fd_eps_eig
+            make = partial(hs.finite_difference_hvp, loss_fn, weights, reference, eps,
                            one_sided=trace and cfg.fd_trace == "forward")
         if cfg.hvp_dtype == "bfloat16":
             make = _fp32_products(make)
