@@ -116,10 +116,17 @@ def _fit(argv):
                    help="with --lofo or --depth-law: also write the table here as Markdown")
     p.add_argument("--data", default=None,
                    help="with --lofo or --depth-law: only this corpus's records (data.name)")
+    p.add_argument("--fisher", type=Path, default=None,
+                   help="with --lofo: a CSV of fisher_ratio by model.name, model.revision, "
+                        "format.name (bench/zoo_fisher.py); scales the physics guess")
     args = p.parse_args(argv)
     if args.data is not None and not (args.lofo or args.depth_law):
         raise AnalysisError("--data applies to --lofo and --depth-law (the laws are fitted "
                             "per corpus already)")
+    if args.fisher is not None and not args.lofo:
+        raise AnalysisError("--fisher applies to --lofo")
+    if args.fisher is not None and not args.fisher.is_file():
+        raise AnalysisError(f"--fisher {args.fisher}: no such file")
     if args.lofo or args.depth_law:
         return _fit_transfer(args)
     cfg = StudyFitConfig(size_column=args.size_column,
@@ -171,7 +178,8 @@ def _fit_transfer(args) -> int:
         md = text
     else:
         column = {"family": "model.family", "size": "model.size"}.get(args.lofo, args.lofo)
-        res = lofo(frame, column, PredictorConfig(seed=args.seed))
+        fisher = None if args.fisher is None else pd.read_csv(args.fisher)
+        res = lofo(frame, column, PredictorConfig(seed=args.seed), fisher=fisher)
         table = res.table
         text = table.to_string(index=False, float_format="{:.3g}".format)
         text += "\nforest+transfer importances: " + ", ".join(

@@ -14,6 +14,12 @@ Transfer features (what the records already hold, per job; none needs a model he
 - ``weight_kurtosis``, ``weight_absmax_rms_log10``: the model's weight outlier statistics
   (``quantization.weight_kurtosis`` / ``weight_absmax_rms``, recorded since issue 22; the
   mean over the model's records, so every row of a model has them).
+- ``fisher_ratio`` (when a Fisher table is given, ``fisher=``; not a forest feature): RTN's
+  error weighted by the model's diagonal empirical Fisher, over the same weighting of
+  isotropic noise with each layer's own error power (bench/zoo_fisher.py computes it from the
+  weights and calibration-like text; no model runs quantized). The noise response perturbs every weight of a layer
+  alike; where the quantization error sits away from the weights the loss is sensitive to,
+  the ratio is below 1 (zoo-neox: 0.5-0.9). The physics guess is multiplied by it.
 
 Predictors compared on the same splits (``VARIANTS``): ``forest`` (the predictor's own
 features), ``forest+transfer`` (plus the three above), ``forest/physics`` (the forest learns
@@ -48,8 +54,13 @@ from ptqscale_analysis.predictor import (
 )
 from ptqscale_analysis.study_fits import LAW_PREDICTORS, StudyFitConfig
 
+# (fisher_ratio enters the physics guess only: as a forest feature, a held-out family whose
+# ratio lies outside the others' range is sent to whichever family had the nearest one,
+# measured: zoo-neox's R^2 fell from 0.81 to -4.7 in zoo_cross_x4)
 TRANSFER_FEATURES = ("gptq_err_ratio", "hw_err_rtn_log10", "noise_equiv_log10",
                      "weight_kurtosis", "weight_absmax_rms_log10")
+# a Fisher table (bench/zoo_fisher.py): one ratio per model, training length and format
+FISHER_KEY = ("model.name", "model.revision", "format.name")
 MODEL = ("model.name", "model.revision")
 VARIANTS = ("forest", "forest+transfer", "forest/physics", "landscape")
 # a cell: one model (and training length) quantized into one format, evaluated on one corpus
@@ -65,8 +76,10 @@ def _cell(rows: pd.DataFrame) -> list[str]:
     return [c for c in CELL if c in rows]
 
 
-def add_transfer_features(rows: pd.DataFrame) -> pd.DataFrame:
-    """``rows`` with :data:`TRANSFER_FEATURES` (NaN where the records cannot give them)."""
+def add_transfer_features(rows: pd.DataFrame, fisher: pd.DataFrame | None = None
+                          ) -> pd.DataFrame:
+    """``rows`` with :data:`TRANSFER_FEATURES` (NaN where the records cannot give them);
+    ``fisher``: a table of ``fisher_ratio`` by :data:`FISHER_KEY`."""
     df = rows.copy()
     cell = _cell(df)
     key = df[cell].astype(str).agg("|".join, axis=1)
@@ -84,6 +97,8 @@ def add_transfer_features(rows: pd.DataFrame) -> pd.DataFrame:
                           errors="coerce")
     equiv = kappa * 10 ** (-pd.to_numeric(df["rtn_sqnr_db"], errors="coerce") / 10)
     equiv = equiv * df["gptq_err_ratio"].where(gptq, 1.0)
+    df["fisher_ratio"] = _fisher_ratio(df, fisher)
+    equiv = equiv * df["fisher_ratio"].fillna(1.0)
     df["noise_equiv_log10"] = np.log10(equiv.where(equiv > 0))
     model = df[[c for c in MODEL if c in df]].astype(str).agg("|".join, axis=1)
     for col, name, log in (("quantization.weight_kurtosis", "weight_kurtosis", False),
@@ -92,6 +107,28 @@ def add_transfer_features(rows: pd.DataFrame) -> pd.DataFrame:
         v = v.groupby(model).transform("mean")
         df[name] = np.log10(v.where(v > 0)) if log else v
     return df
+
+
+def _fisher_ratio(df: pd.DataFrame, fisher: pd.DataFrame | None) -> pd.Series:
+    """Each row's ``fisher_ratio`` from the table (NaN without one). A row whose cell the table
+    lacks is an error, not a silent 1: the guess of that family would change unseen. A format
+    with no error (bf16) has no ratio and takes 1."""
+    if fisher is None:
+        return pd.Series(np.nan, index=df.index)
+    keys = [k for k in FISHER_KEY if k in df]  # a study of one training length has no revision
+    missing = [c for c in (*keys, "fisher_ratio") if c not in fisher]
+    if missing:
+        raise AnalysisError(f"the Fisher table has no column(s) {missing}; it needs "
+                            f"{[*keys, 'fisher_ratio']}")
+    table = fisher.astype({k: str for k in keys}).drop_duplicates(keys).set_index(keys)
+    index = pd.MultiIndex.from_frame(df[keys].astype(str))
+    ratio = table["fisher_ratio"].reindex(index)
+    absent = ~index.isin(table.index)
+    if absent.any():
+        raise AnalysisError(f"the Fisher table lacks {int(absent.sum())} row(s) of the study, "
+                            f"e.g. {index[absent][0]}")
+    return pd.Series(pd.to_numeric(ratio, errors="coerce").to_numpy(float), index=df.index
+                     ).fillna(1.0)
 
 
 @dataclass
@@ -104,8 +141,10 @@ class LofoResult:
 
 
 def lofo(frame: pd.DataFrame, group: str = "model.family", cfg: PredictorConfig | None = None,
-         law_cfg: StudyFitConfig | None = None) -> LofoResult:
-    """Leave-one-``group``-out validation of the forest variants and the laws (dNLL)."""
+         law_cfg: StudyFitConfig | None = None, fisher: pd.DataFrame | None = None
+         ) -> LofoResult:
+    """Leave-one-``group``-out validation of the forest variants and the laws (dNLL);
+    ``fisher``: a Fisher table (:func:`add_transfer_features`)."""
     cfg, law_cfg = cfg or PredictorConfig(), law_cfg or StudyFitConfig()
     if cfg.target != TARGET:
         raise AnalysisError("lofo validates dNLL (issue 22); --target is not supported here")
@@ -113,7 +152,7 @@ def lofo(frame: pd.DataFrame, group: str = "model.family", cfg: PredictorConfig 
     if group not in rows:
         raise AnalysisError(f"no column {group!r} to leave out; e.g. model.family, model.size")
     methods = sorted(rows["method.name"].unique())
-    X = add_transfer_features(add_features(rows, methods))
+    X = add_transfer_features(add_features(rows, methods), fisher)
     base, _ = select_features(X, methods)
     extra = [f for f in TRANSFER_FEATURES if X[f].notna().all()]
     # forest/physics needs a guess in some rows at least; rows without one (no landscape, a

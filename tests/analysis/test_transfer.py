@@ -12,6 +12,7 @@ import pytest
 
 from ptqscale.store import write_record
 from ptqscale_analysis.cli import fit_main
+from ptqscale_analysis.errors import AnalysisError
 from ptqscale_analysis.load import load_study
 from ptqscale_analysis.predictor import PredictorConfig
 from ptqscale_analysis.transfer import (
@@ -165,3 +166,29 @@ def test_rows_without_a_physics_guess_take_the_floor(transfer_frame):
     phys = res.table[res.table["predictor"] == "forest/physics"]
     assert phys["coverage"].eq(1.0).all()
     assert "noise_equiv_log10" not in res.features["forest/physics"]   # not in every row
+
+
+def test_a_fisher_table_scales_the_physics_guess(transfer_frame, tmp_path, capsys):
+    root, frame = transfer_frame
+    rows = frame[frame["method.name"] != "none"]
+    # family fb's error avoids the sensitive weights: its damage is half the noise's
+    table = rows[["model.name", "format.name"]].drop_duplicates()
+    table["fisher_ratio"] = np.where(table["model.name"].str.startswith("fb"), 0.5, 1.0)
+    plain = add_transfer_features(rows)
+    scaled = add_transfer_features(rows, table)
+    fb = rows["model.family"] == "fb"
+    diff = scaled["noise_equiv_log10"] - plain["noise_equiv_log10"]
+    assert np.allclose(diff[fb], np.log10(0.5)) and np.allclose(diff[~fb], 0.0)
+    assert plain["fisher_ratio"].isna().all() and scaled["fisher_ratio"].notna().all()
+    with pytest.raises(AnalysisError, match="lacks 10 row"):   # fa-1m: 5 formats x 2 methods
+        add_transfer_features(rows, table[table["model.name"] != "fa-1m"])
+    with pytest.raises(AnalysisError, match="no column"):
+        add_transfer_features(rows, table.drop(columns="fisher_ratio"))
+    csv = tmp_path / "fisher.csv"
+    table.to_csv(csv, index=False)
+    assert fit_main(["--results", str(root), "--study", "tr", "--lofo", "family",
+                     "--fisher", str(csv)]) == 0
+    capsys.readouterr()
+    assert fit_main(["--results", str(root), "--study", "tr", "--lofo", "family",
+                     "--fisher", str(tmp_path / "none.csv")]) == 2
+    assert "no such file" in capsys.readouterr().err
