@@ -14,10 +14,11 @@ Transfer features (what the records already hold, per job; none needs a model he
 - ``weight_kurtosis``, ``weight_absmax_rms_log10``: the model's weight outlier statistics
   (``quantization.weight_kurtosis`` / ``weight_absmax_rms``, recorded since issue 22; the
   mean over the model's records, so every row of a model has them).
-- ``fisher_ratio`` (when a Fisher table is given, ``fisher=``; not a forest feature): RTN's
-  error weighted by the model's diagonal empirical Fisher, over the same weighting of
-  isotropic noise with each layer's own error power (bench/zoo_fisher.py computes it from the
-  weights and calibration-like text; no model runs quantized). The noise response perturbs every weight of a layer
+- ``fisher_ratio`` (not a forest feature): RTN's error weighted by the model's diagonal
+  empirical Fisher, over the same weighting of isotropic noise with each layer's own error
+  power: the records' ``metrics.fisher_ratio`` (metric ``fisher``) of the cell's RTN job, or
+  a table (``fisher=``; bench/zoo_fisher.py computes one from the weights and calibration-
+  like text). No model runs quantized for it. The noise response perturbs every weight of a layer
   alike; where the quantization error sits away from the weights the loss is sensitive to,
   the ratio is below 1 (zoo-neox: 0.5-0.9). The physics guess is multiplied by it.
 
@@ -97,7 +98,7 @@ def add_transfer_features(rows: pd.DataFrame, fisher: pd.DataFrame | None = None
                           errors="coerce")
     equiv = kappa * 10 ** (-pd.to_numeric(df["rtn_sqnr_db"], errors="coerce") / 10)
     equiv = equiv * df["gptq_err_ratio"].where(gptq, 1.0)
-    df["fisher_ratio"] = _fisher_ratio(df, fisher)
+    df["fisher_ratio"] = _fisher_ratio(df, fisher, key)
     equiv = equiv * df["fisher_ratio"].fillna(1.0)
     df["noise_equiv_log10"] = np.log10(equiv.where(equiv > 0))
     model = df[[c for c in MODEL if c in df]].astype(str).agg("|".join, axis=1)
@@ -109,12 +110,23 @@ def add_transfer_features(rows: pd.DataFrame, fisher: pd.DataFrame | None = None
     return df
 
 
-def _fisher_ratio(df: pd.DataFrame, fisher: pd.DataFrame | None) -> pd.Series:
-    """Each row's ``fisher_ratio`` from the table (NaN without one). A row whose cell the table
-    lacks is an error, not a silent 1: the guess of that family would change unseen. A format
-    with no error (bf16) has no ratio and takes 1."""
+def _fisher_ratio(df: pd.DataFrame, fisher: pd.DataFrame | None, cell: pd.Series) -> pd.Series:
+    """Each row's ``fisher_ratio``: from the table when one is given, else from the records'
+    ``metrics.fisher_ratio`` (metric ``fisher``) of the cell's RTN job; NaN where neither
+    exists. A row whose cell the table or the records lack is an error, not a silent 1: the
+    guess of that family would change unseen. A format with no error (bf16) takes 1."""
     if fisher is None:
-        return pd.Series(np.nan, index=df.index)
+        if "metrics.fisher_ratio" not in df:
+            return pd.Series(np.nan, index=df.index)
+        value = pd.to_numeric(df["metrics.fisher_ratio"], errors="coerce")
+        rtn = (df["method.name"] == "rtn") & (df["format.name"] != "bf16")
+        if value[rtn].isna().any():
+            raise AnalysisError(f"{int(value[rtn].isna().sum())} of {int(rtn.sum())} RTN jobs "
+                                "have no metrics.fisher_ratio: run them with metric fisher "
+                                "(metrics=[...,fisher]) or pass a Fisher table (--fisher)")
+        by_cell = value[rtn].groupby(cell[rtn]).mean()
+        return pd.Series(by_cell.reindex(cell.to_numpy()).to_numpy(float), index=df.index
+                         ).fillna(1.0)
     keys = [k for k in FISHER_KEY if k in df]  # a study of one training length has no revision
     missing = [c for c in (*keys, "fisher_ratio") if c not in fisher]
     if missing:

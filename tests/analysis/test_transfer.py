@@ -192,3 +192,20 @@ def test_a_fisher_table_scales_the_physics_guess(transfer_frame, tmp_path, capsy
     assert fit_main(["--results", str(root), "--study", "tr", "--lofo", "family",
                      "--fisher", str(tmp_path / "none.csv")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_the_records_fisher_ratio_scales_the_guess_per_cell(transfer_frame):
+    _, frame = transfer_frame
+    rows = frame[frame["method.name"] != "none"].copy()
+    # metric fisher in every job; the cell's RTN value is what both of its rows take
+    rows["metrics.fisher_ratio"] = np.where(rows["method.name"] == "rtn",
+                                            np.where(rows["model.family"] == "fc", 0.6, 1.0), 5.0)
+    plain = add_transfer_features(rows.drop(columns="metrics.fisher_ratio"))
+    scaled = add_transfer_features(rows)
+    diff = scaled["noise_equiv_log10"] - plain["noise_equiv_log10"]
+    fc = rows["model.family"] == "fc"
+    assert np.allclose(diff[fc], np.log10(0.6)) and np.allclose(diff[~fc], 0.0)
+    rows.loc[rows.index[0], "metrics.fisher_ratio"] = np.nan   # an RTN job without it
+    assert rows.loc[rows.index[0], "method.name"] == "rtn"
+    with pytest.raises(AnalysisError, match="1 of 80 RTN jobs have no metrics.fisher_ratio"):
+        add_transfer_features(rows)
