@@ -23,11 +23,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import lzma
 import platform
 from pathlib import Path
 
 import torch
+from zoo_fisher import windows_of  # bench/ is the script's folder, on sys.path
 
 from ptqscale.formats import get_format
 from ptqscale.metrics import hessian as hs
@@ -35,18 +35,6 @@ from ptqscale.metrics.landscape import mean_nll
 from ptqscale.models import ModelConfig, get_anatomy, load_model
 
 FAMILIES = ("zoo-llama", "zoo-gpt2", "zoo-opt", "zoo-neox")
-
-
-def windows_of(tok, data: Path, n: int, seqlen: int) -> torch.Tensor:
-    texts = []
-    with lzma.open(data / "gutenberg-en" / "test.jsonl.xz", "rt") as f:
-        for line in f:
-            texts.append(json.loads(line)["text"][5_000:])  # past the boilerplate
-            if sum(map(len, texts)) > 40 * n * seqlen:
-                break
-    ids = tok("\n\n".join(texts), return_tensors="pt").input_ids[0]
-    assert ids.numel() >= n * seqlen, ids.numel()
-    return ids[: n * seqlen].view(n, seqlen)
 
 
 @torch.no_grad()
@@ -67,7 +55,7 @@ def measure(path: Path, formats: list[str], windows_n: int, seeds: int, data: Pa
     targets = get_anatomy(model).targets
     weights = [m.weight for m in targets.values()]
     ref = [w.detach().clone() for w in weights]
-    windows = windows_of(tok, data, windows_n, 256)
+    windows = windows_of(tok, data, windows_n, 256, split="test")
     clean = shifted_nll(model, weights, ref, [torch.zeros_like(r) for r in ref], 0.0, windows)
     rows = []
     for name in formats:

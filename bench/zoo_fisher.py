@@ -36,11 +36,13 @@ FORMATS = ("bf16,int8,int4_g128,int3_g128,fp8_e4m3,mxfp8_e4m3,mxfp6_e2m3,mxfp4,m
            "mxint4_b32,mxint3_b128,nvfp4,nf4")
 
 
-def windows_of(tok, data: Path, n: int, seqlen: int = 256) -> torch.Tensor:
+def windows_of(tok, data: Path, n: int, seqlen: int = 256, split: str = "valid") -> torch.Tensor:
+    """``n`` windows of ``seqlen`` tokens from the Gutenberg ``split``, past each book's
+    boilerplate."""
     texts = []
-    with lzma.open(data / "gutenberg-en" / "valid.jsonl.xz", "rt") as f:
+    with lzma.open(data / "gutenberg-en" / f"{split}.jsonl.xz", "rt") as f:
         for line in f:
-            texts.append(json.loads(line)["text"][5_000:])  # past the boilerplate
+            texts.append(json.loads(line)["text"][5_000:])
             if sum(map(len, texts)) > 40 * n * seqlen:
                 break
     ids = tok("\n\n".join(texts), return_tensors="pt").input_ids[0]
