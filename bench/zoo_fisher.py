@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from ptqscale.formats import get_format
-from ptqscale.metrics.landscape import nll_loss
+from ptqscale.metrics import hessian as hs
+from ptqscale.metrics.fisher import fisher_diagonal, fisher_ratio
 from ptqscale.models import ModelConfig, get_anatomy, load_model
 
 FAMILIES = ("zoo-llama", "zoo-gpt2", "zoo-opt", "zoo-neox")
@@ -50,23 +51,6 @@ def windows_of(tok, data: Path, n: int, seqlen: int = 256, split: str = "valid")
     return ids[: n * seqlen].view(n, seqlen)
 
 
-def fisher_diagonal(model, weights, windows) -> list[torch.Tensor]:
-    """Sum over windows of each window's squared mean-NLL gradient, per weight."""
-    fisher = [torch.zeros_like(w) for w in weights]
-    for k in range(windows.shape[0]):
-        grads = torch.autograd.grad(nll_loss(model, windows[k : k + 1]), weights)
-        for f, g in zip(fisher, grads):
-            f.add_(g.detach().square())
-    return fisher
-
-
-def fisher_ratio(fisher, weights, fmt) -> float:
-    err = [fmt.fake_quantize(w) - w for w in weights]
-    weighted = sum(float((f * e.square()).sum()) for f, e in zip(fisher, err))
-    iso = sum(float(e.square().sum() / e.numel() * f.sum()) for f, e in zip(fisher, err))
-    return weighted / iso if iso > 0 else float("nan")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--zoo", type=Path, required=True)
@@ -84,16 +68,15 @@ def main() -> None:
             path = args.zoo / fam / f"{name}-{args.revision}"
             model, tok = load_model(ModelConfig(name=name, path=str(path), max_seqlen=256,
                                                 tokenizer=str(args.zoo / fam / "tokenizer")))
-            model.eval().requires_grad_(False)
             weights = [m.weight for m in get_anatomy(model).targets.values()]
-            for w in weights:
-                w.requires_grad_(True)
-            fisher = fisher_diagonal(model, weights, windows_of(tok, args.data, args.windows))
+            with hs.double_backward_ready(model, weights, eager=False):
+                fisher = fisher_diagonal(model, weights, windows_of(tok, args.data, args.windows))
             ref = [w.detach() for w in weights]
-            for fmt in formats:
+            for fmt in formats:  # the metric fisher's ratio, of RTN's error
+                ratio = fisher_ratio(fisher, [fmt.fake_quantize(w) - w for w in ref])
                 rows.append({"model.name": name, "model.revision": args.revision,
                              "format.name": fmt.name,
-                             "fisher_ratio": round(fisher_ratio(fisher, ref, fmt), 6)})
+                             "fisher_ratio": None if ratio is None else round(ratio, 6)})
             print(name, {r["format.name"]: r["fisher_ratio"] for r in rows[-len(formats):]},
                   flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
