@@ -262,3 +262,13 @@ def test_eigenvalue_takes_its_own_finite_difference_step(tiny):
 def test_finite_difference_settings_are_checked(bad, match):
     with pytest.raises(ConfigError, match=match):
         LandscapeConfig(**bad)
+
+
+def test_forward_difference_cost_counts_one_shared_gradient_per_window(tiny):
+    # stratified: probe k on window k mod n; each window's g(W) once, then one gradient a probe
+    data = tiny["data"][:4]
+    cfg = LandscapeConfig(max_tokens=10**6, batch_size=4, hutchinson_probes=8, power_iters=0,
+                          hvp="finite_difference", fd_trace="forward",
+                          hutchinson_scheme="stratified")
+    out = measure_hessian(tiny["model"], tiny["targets"], data, cfg)
+    assert out["cost_hessian_trace_tokens"] == (8 + 4) * data.shape[1]

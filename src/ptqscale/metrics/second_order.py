@@ -94,6 +94,8 @@ def measure_hessian(
     trace_tokens = n_tok * _passes_per_trace(cfg, streamed)
     if cfg.hutchinson_scheme == "stratified" and trace_tokens > n_tok:
         trace_tokens //= windows.shape[0]  # per-probe passes cover one window, not all
+        if cfg.hvp == "finite_difference" and cfg.fd_trace == "forward":  # g(W) per window
+            trace_tokens += n_tok - n_tok // windows.shape[0]
     out.update(
         cost_hessian_trace_s=trace_s,
         cost_hessian_trace_tokens=trace_tokens,
