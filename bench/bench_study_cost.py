@@ -71,16 +71,16 @@ def random_llama(folder: Path, tokenizer: Path, shape: str) -> None:
                          torch_dtype="bfloat16")
     model = LlamaForCausalLM(config)
     # Random logits score worse than a uniform guess, which the runner refuses as implausible.
-    # A Zipf prior over GPT-2's ids (roughly in frequency order) beats it: a constant feature
-    # in the embeddings' dimension 0 (large against the N(0, 0.02) rest, so it dominates
-    # after every RMSNorm) carries log(1 / (id + 10)) through the head; the head's random
-    # part is scaled down so its noise does not undo the prior.
+    # A Zipf prior over GPT-2's ids (roughly in frequency order) beats it at any depth: the
+    # final norm keeps only dimension 0 of the residual stream (positive: the embeddings
+    # carry a constant 1 there), and the head maps it to log(1 / (id + 10)), tilted by
+    # h_0 / sqrt(hidden) in (0, 1]. Every matmul keeps its shape, so the cost is a 1.1B's.
     with torch.no_grad():
         model.model.embed_tokens.weight[:, 0] = 1.0
-        head = model.lm_head.weight
-        head.mul_(0.1)
-        rms = (1.0 / config.hidden_size + 0.02 ** 2) ** 0.5
-        head[:, 0] = -torch.log(torch.arange(config.vocab_size) + 10.0) * rms
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+        model.lm_head.weight[:, 0] = (-torch.log(torch.arange(config.vocab_size) + 10.0)
+                                      / config.hidden_size ** 0.5)
     model = model.to(torch.bfloat16)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
