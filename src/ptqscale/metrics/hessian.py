@@ -96,10 +96,10 @@ def finite_difference_hvp(
 
     def grad_at(v: Vector | None, h: float) -> Vector:
         with torch.no_grad():
-            for w, r, d in zip(weights, reference, v or reference):
+            for i, (w, r) in enumerate(zip(weights, reference)):
                 w.copy_(r)
                 if v is not None:
-                    w.add_(d, alpha=h)
+                    w.add_(v[i], alpha=h)
         try:
             return list(torch.autograd.grad(loss_fn(), list(weights)))
         finally:

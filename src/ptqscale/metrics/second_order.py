@@ -91,14 +91,9 @@ def measure_hessian(
     out.update(hs.trace_stats(samples, scale))
     out.update(top_eigenvalue=eig, power_iters_run=iters, power_converged=converged)
     n_tok = windows.numel()
-    trace_tokens = n_tok * _passes_per_trace(cfg, streamed)
-    if cfg.hutchinson_scheme == "stratified" and trace_tokens > n_tok:
-        trace_tokens //= windows.shape[0]  # per-probe passes cover one window, not all
-        if cfg.hvp == "finite_difference" and cfg.fd_trace == "forward":  # g(W) per window
-            trace_tokens += n_tok - n_tok // windows.shape[0]
     out.update(
         cost_hessian_trace_s=trace_s,
-        cost_hessian_trace_tokens=trace_tokens,
+        cost_hessian_trace_tokens=_trace_tokens(cfg, windows.shape[0], n_tok, streamed),
         cost_hessian_trace_hvps=cfg.hutchinson_probes,
         cost_top_eigenvalue_s=eig_s,
         cost_top_eigenvalue_tokens=n_tok * (2 if cfg.hvp == "finite_difference" or streamed
@@ -150,16 +145,22 @@ def _fp32_products(make_hvp: Callable[[], hs.HVP]) -> Callable[[], hs.HVP]:
     return make
 
 
-def _passes_per_trace(cfg: LandscapeConfig, streamed: bool = False) -> int:
-    """Forward passes over the budget for the trace: FD takes 2 gradients per probe (forward
-    differences: 1, plus the shared g(W)); autograd builds each micro-batch's graph once for
-    all probes, or once per probe when not retained; streamed, every probe is a forward sweep
-    plus a recomputing backward sweep (2 passes)."""
-    if cfg.hvp == "finite_difference" and cfg.fd_trace == "forward":
-        return cfg.hutchinson_probes + 1
-    if cfg.hvp == "finite_difference" or streamed:
-        return 2 * cfg.hutchinson_probes
-    return 1 if cfg.hvp_retain_graph else cfg.hutchinson_probes
+def _trace_tokens(cfg: LandscapeConfig, n_windows: int, n_tok: int, streamed: bool = False
+                  ) -> int:
+    """Tokens through forward passes for the trace. Per probe: FD 2 gradients (forward
+    differences 1), autograd 1 double backward when the graph is rebuilt (0 when retained),
+    streamed 2 (a forward sweep and a recomputing backward sweep); once per micro-batch: the
+    retained graph, or forward differences' shared g(W). A stratified probe covers one
+    window of the ``n_windows``, not all."""
+    fd, forward = cfg.hvp == "finite_difference", cfg.fd_trace == "forward"
+    if fd:
+        per_probe, shared = (1, 1) if forward else (2, 0)
+    elif streamed:
+        per_probe, shared = 2, 0
+    else:
+        per_probe, shared = (0, 1) if cfg.hvp_retain_graph else (1, 0)
+    probe_tokens = n_tok // n_windows if cfg.hutchinson_scheme == "stratified" else n_tok
+    return cfg.hutchinson_probes * per_probe * probe_tokens + shared * n_tok
 
 
 def _batch_hvps(model, windows, weights, reference, cfg, retain_graph: bool, trace: bool = False
