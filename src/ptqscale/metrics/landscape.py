@@ -70,13 +70,13 @@ from .noise_response import (
 from .second_order import (
     _batch_hvps,
     _check_streamed_estimators,
-    _trace_tokens,
+    trace_tokens,
     measure_hessian,
 )
 
 __all__ = [
     "EIG_METHODS", "FD_TRACES", "HUTCHINSON_SCHEMES", "HVP_DTYPES", "HVP_METHODS", "LANDSCAPE_PROTOCOL", "LandscapeConfig", "_batch_hvps", "_check_targets",
-    "_check_ts", "_measuring", "_trace_tokens", "_shifted_nlls", "_streamed", "basin_edge",
+    "_check_ts", "_measuring", "trace_tokens", "_shifted_nlls", "_streamed", "basin_edge",
     "fit_kappa", "mean_nll", "measure_directional_profile", "measure_hessian",
     "measure_landscape", "measure_noise_response", "nll_from_logits", "nll_loss",
     "noise_equivalent_dnll", "select_windows", "summarize_noise_response",

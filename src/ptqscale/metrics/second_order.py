@@ -93,7 +93,7 @@ def measure_hessian(
     n_tok = windows.numel()
     out.update(
         cost_hessian_trace_s=trace_s,
-        cost_hessian_trace_tokens=_trace_tokens(cfg, windows.shape[0], n_tok, streamed),
+        cost_hessian_trace_tokens=trace_tokens(cfg, windows.shape[0], n_tok, streamed),
         cost_hessian_trace_hvps=cfg.hutchinson_probes,
         cost_top_eigenvalue_s=eig_s,
         cost_top_eigenvalue_tokens=n_tok * (2 if cfg.hvp == "finite_difference" or streamed
@@ -145,7 +145,7 @@ def _fp32_products(make_hvp: Callable[[], hs.HVP]) -> Callable[[], hs.HVP]:
     return make
 
 
-def _trace_tokens(cfg: LandscapeConfig, n_windows: int, n_tok: int, streamed: bool = False
+def trace_tokens(cfg: LandscapeConfig, n_windows: int, n_tok: int, streamed: bool = False
                   ) -> int:
     """Tokens through forward passes for the trace. Per probe: FD 2 gradients (forward
     differences 1), autograd 1 double backward when the graph is rebuilt (0 when retained),

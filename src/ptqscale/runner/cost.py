@@ -20,6 +20,8 @@ rtn             N                                                        N
 <method>        N x calibration tokens (gptq, awq, athena, blockft_...)  N x nsamples x seqlen
 noise           N x tokens of the noise response passes                  N x (levels x seeds x (2 if antithetic) + 1) x max_tokens
 hessian         N x HVPs x tokens per HVP (Hutchinson + power iters)     N x (probes + power_iters) x max_tokens
+hessian_fd      N x tokens through gradients (``landscape.hvp=           N x (trace's gradient tokens
+                finite_difference``: no double backward, its own rate)   + 2 x power_iters x max_tokens)
 fidelity        (the eval stage's fit: forward passes over tokens)       N x min(16384, eval tokens)
 ==============  =======================================================  ==================
 
@@ -193,7 +195,15 @@ def job_work(spec: Any, n: float, model: dict | None = None) -> list[tuple[str, 
         t = land.max_tokens
         passes = len(land.levels_db) * land.seeds * (2 if land.antithetic else 1) + 1
         stages.append(("noise", n * passes * t, True))
-        if land.hessian:   # power iterations may stop early: an upper bound
+        if land.hessian and land.hvp == "finite_difference":   # gradients, as the job counts them
+            from ptqscale.metrics.second_order import trace_tokens
+
+            windows = 1   # a stratified probe covers one window of the budget's
+            if land.hutchinson_scheme == "stratified":
+                windows = max(1, t // (land.seqlen or spec.eval.seqlen))
+            grads = trace_tokens(land, windows, t) + 2 * land.power_iters * t
+            stages.append(("hessian_fd", n * grads, True))
+        elif land.hessian:   # power iterations may stop early: an upper bound
             stages.append(("hessian", n * (land.hutchinson_probes + land.power_iters) * t, True))
     return stages
 

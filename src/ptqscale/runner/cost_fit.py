@@ -69,10 +69,15 @@ def _landscape_points(m: dict, n: float, tokens: int, base: dict) -> list[Point]
     if m.get("cost_noise_response_tokens"):
         out.append(Point(stage="noise", work=n * m["cost_noise_response_tokens"],
                          seconds=m["cost_noise_response_s"], **base))
+    seconds = (m.get("cost_hessian_trace_s") or 0) + (m.get("cost_top_eigenvalue_s") or 0)
+    if m.get("hvp_method") == "finite_difference":   # its own rate: gradients, no double backward
+        grads = (m.get("cost_hessian_trace_tokens") or 0) + (m.get("cost_top_eigenvalue_tokens") or 0)
+        if grads:
+            out.append(Point(stage="hessian_fd", work=n * grads, seconds=seconds, **base))
+        return out
     hvps = (m.get("cost_hessian_trace_hvps") or 0) + (m.get("cost_top_eigenvalue_hvps") or 0)
     if hvps:
-        out.append(Point(stage="hessian", work=n * hvps * tokens,
-                         seconds=m["cost_hessian_trace_s"] + m["cost_top_eigenvalue_s"], **base))
+        out.append(Point(stage="hessian", work=n * hvps * tokens, seconds=seconds, **base))
     return out
 
 
@@ -98,11 +103,13 @@ def _bench_json_points(folder: Path) -> list[Point]:
     for path in sorted(folder.glob("bench_landscape_*.json")):
         d = json.loads(path.read_text())
         n, feats = float(d["n_params"]), d["features"]
-        stages = {"baseline": "eval", "noise": "noise", "trace": "hessian", "eigen": "hessian"}
+        hessian = "hessian_fd" if d["budget"].get("hvp") == "finite_difference" else "hessian"
+        stages = {"baseline": "eval", "noise": "noise", "trace": hessian, "eigen": hessian}
         for name, f in feats.items():
             if name not in stages:   # the directional profile is not a stage of a job
                 continue
-            # trace/eigen: "tokens" counts every HVP's tokens, as hessian work does
+            # trace/eigen: "tokens" counts every HVP's tokens (autograd) or every gradient's
+            # (finite differences), as the stage's work does
             points.append(Point(path.name, d["device"], d["date"], stages[name], "one", "16-bit",
                                 n, n * f["tokens"], f["seconds"], f.get("peak_gib")))
     return points
