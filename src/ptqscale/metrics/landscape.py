@@ -70,8 +70,8 @@ from .noise_response import (
 from .second_order import (
     _batch_hvps,
     _check_streamed_estimators,
-    trace_tokens,
     measure_hessian,
+    trace_tokens,
 )
 
 __all__ = [
