@@ -72,7 +72,7 @@ def test_fisher_ratio_matches_an_independent_computation(tiny):
             for n, m in targets.items():
                 m.weight.copy_(fp[n])
     assert got == pytest.approx(num / den, rel=1e-4)
-    for n, f in zip(ctx.prepared["fisher"]["names"], ctx.prepared["fisher"]["fisher"]):
+    for n, f in zip(ctx.prepared["fisher"]["names"], ctx.prepared["fisher"]["statistic"]):
         assert torch.allclose(f.double(), ref_f[n], rtol=1e-3, atol=1e-12)
 
 

@@ -27,7 +27,7 @@ import torch
 from ptqscale.metrics.registry import MetricContext, register_metric
 
 VERSION = 1
-_MEMO: dict = {}   # (fp_key, calibration hash) -> prepared value: one model at a time
+_MEMO: dict = {}   # (metric, fp_key, windows hash, targets) -> prepared value
 
 
 def fisher_diagonal(model, weights: list[torch.Tensor], windows: torch.Tensor
@@ -57,43 +57,58 @@ def fisher_ratio(fisher: list[torch.Tensor], errors: list[torch.Tensor]) -> floa
     return weighted / iso if iso > 0 else None
 
 
-def prepare_fisher(ctx: MetricContext) -> dict:
-    """The Fisher diagonal on the calibration windows and the targets' fp weights."""
+def prepare_weight_statistic(ctx: MetricContext, metric: str, windows: torch.Tensor,
+                             statistic) -> dict:
+    """``statistic(model, weights, windows)`` of the fp model's target weights (one tensor per
+    target, e.g. :func:`fisher_diagonal`) with the targets' fp weights, to set against the job's
+    error after quantization (:func:`weight_errors`). Kept for the worker's next job of the same
+    model and windows; the metrics ``fisher`` and ``first_order`` share this."""
     from ptqscale.data.calibration import hash_tokens
     from ptqscale.errors import ConfigError
     from ptqscale.metrics import hessian as hs
     from ptqscale.models import get_anatomy, placement_of
 
     if placement_of(ctx.model).streamed:
-        raise ConfigError("metric fisher needs the model in one piece (its gradients); "
+        raise ConfigError(f"metric {metric} needs the model in one piece (its gradients); "
                           "model.placement=streamed is not supported: use one or spread")
     targets = get_anatomy(ctx.model).targets
     names = list(targets)
-    key = (ctx.fp_key, hash_tokens(ctx.calibration), tuple(names))
+    key = (metric, ctx.fp_key, hash_tokens(windows), tuple(names))
     if ctx.fp_key and key in _MEMO:
         return _MEMO[key]
     weights = [m.weight for m in targets.values()]
     with hs.double_backward_ready(ctx.model, weights, eager=False):
-        fisher = fisher_diagonal(ctx.model, weights, ctx.calibration)
-    value = {"names": names, "fisher": fisher,
+        stat = statistic(ctx.model, weights, windows)
+    value = {"names": names, "statistic": stat,
              "weights": [w.detach().clone() for w in weights]}
-    _MEMO.clear()
+    for k in [k for k in _MEMO if k[0] == metric]:   # one model at a time per metric
+        del _MEMO[k]
     if ctx.fp_key:
         _MEMO[key] = value
     return value
 
 
+def weight_errors(ctx: MetricContext, metric: str) -> list[torch.Tensor]:
+    """``Q(W) - W`` per target of the quantized model, against the weights ``prepare`` kept."""
+    from ptqscale.models import get_anatomy
+
+    prepared = ctx.prepared[metric]
+    targets = get_anatomy(ctx.model).targets
+    if list(targets) != prepared["names"]:
+        raise RuntimeError(f"{metric}: the quantized model's targets are not those prepared "
+                           f"({len(targets)} vs {len(prepared['names'])})")
+    with torch.no_grad():
+        return [m.weight.detach().to(w.device, w.dtype) - w
+                for m, w in zip(targets.values(), prepared["weights"])]
+
+
+def prepare_fisher(ctx: MetricContext) -> dict:
+    """The Fisher diagonal on the calibration windows and the targets' fp weights."""
+    return prepare_weight_statistic(ctx, "fisher", ctx.calibration, fisher_diagonal)
+
+
 @register_metric("fisher", higher_is_better=False, version=VERSION, headline="fisher_ratio",
                  needs=("calibration", "fp_model", "report"), prepare=prepare_fisher)
 def measure_fisher(ctx: MetricContext) -> dict:
-    from ptqscale.models import get_anatomy
-
-    prepared = ctx.prepared["fisher"]
-    targets = get_anatomy(ctx.model).targets
-    if list(targets) != prepared["names"]:
-        raise RuntimeError(f"fisher: the quantized model's targets are not those prepared "
-                           f"({len(targets)} vs {len(prepared['names'])})")
-    with torch.no_grad():
-        errors = [m.weight.detach().to(w.device, w.dtype) - w
-                  for m, w in zip(targets.values(), prepared["weights"])]
-    return {"fisher_ratio": fisher_ratio(prepared["fisher"], errors)}
+    fisher = ctx.prepared["fisher"]["statistic"]
+    return {"fisher_ratio": fisher_ratio(fisher, weight_errors(ctx, "fisher"))}
