@@ -21,12 +21,19 @@ Transfer features (what the records already hold, per job; none needs a model he
   like text). No model runs quantized for it. The noise response perturbs every weight of a layer
   alike; where the quantization error sits away from the weights the loss is sensitive to,
   the ratio is below 1 (zoo-neox: 0.5-0.9). The physics guess is multiplied by it.
+- ``first_order_dnll``: the job's own ``g . e`` (metric ``first_order``: the fp model's NLL
+  gradient on the evaluation text dotted with the job's weight error). The noise response's
+  antithetic pairs cancel it, so the guess above is the second-order part only; on text the
+  model is not at a minimum of (the zoo on WikiText-2) the first-order part is most of the
+  damage and can be negative. The physics guess is ``first_order_dnll`` plus the second-order
+  part (a study without the metric: the second-order part alone).
 
 Predictors compared on the same splits (``VARIANTS``): ``forest`` (the predictor's own
 features), ``forest+transfer`` (plus the three above), ``forest/physics`` (the forest learns
 dNLL / physics guess, so it need not extrapolate the scale of a family it never saw),
 ``landscape`` (the physics guess itself: nothing is fitted, every input is measured on the
-held-out model without evaluating a quantized one), and the laws of :mod:`study_fits`
+held-out model without evaluating a quantized one; the forest/physics forest learns the
+factor on its second-order part, ``(dNLL - first_order) / second-order guess``), and the laws of :mod:`study_fits`
 (``noise``, ``precision``, ``format_power``).
 
 Example::
@@ -59,7 +66,7 @@ from ptqscale_analysis.study_fits import LAW_PREDICTORS, StudyFitConfig
 # ratio lies outside the others' range is sent to whichever family had the nearest one,
 # measured: zoo-neox's R^2 fell from 0.81 to -4.7 in zoo_cross_x4)
 TRANSFER_FEATURES = ("gptq_err_ratio", "hw_err_rtn_log10", "noise_equiv_log10",
-                     "weight_kurtosis", "weight_absmax_rms_log10")
+                     "weight_kurtosis", "weight_absmax_rms_log10", "first_order_dnll")
 # a Fisher table (bench/zoo_fisher.py): one ratio per model, training length and format
 FISHER_KEY = ("model.name", "model.revision", "format.name")
 MODEL = ("model.name", "model.revision")
@@ -101,6 +108,7 @@ def add_transfer_features(rows: pd.DataFrame, fisher: pd.DataFrame | None = None
     df["fisher_ratio"] = _fisher_ratio(df, fisher, key)
     equiv = equiv * df["fisher_ratio"].fillna(1.0)
     df["noise_equiv_log10"] = np.log10(equiv.where(equiv > 0))
+    df["first_order_dnll"] = _first_order(df)
     model = df[[c for c in MODEL if c in df]].astype(str).agg("|".join, axis=1)
     for col, name, log in (("quantization.weight_kurtosis", "weight_kurtosis", False),
                            ("quantization.weight_absmax_rms", "weight_absmax_rms_log10", True)):
@@ -108,6 +116,22 @@ def add_transfer_features(rows: pd.DataFrame, fisher: pd.DataFrame | None = None
         v = v.groupby(model).transform("mean")
         df[name] = np.log10(v.where(v > 0)) if log else v
     return df
+
+
+def _first_order(df: pd.DataFrame) -> pd.Series:
+    """Each row's ``metrics.first_order_dnll`` (metric ``first_order``), 0 for rows with no
+    error (bf16); NaN for a study without the metric (no feature; the guess adds 0). A
+    quantized row without it, in a study that has it, is an error: its guess would lose its
+    first-order part unseen."""
+    if "metrics.first_order_dnll" not in df:
+        return pd.Series(np.nan, index=df.index)
+    value = pd.to_numeric(df["metrics.first_order_dnll"], errors="coerce")
+    lacking = value.isna() & (df["format.name"] != "bf16")
+    if lacking.any():
+        raise AnalysisError(f"{int(lacking.sum())} quantized job(s) have no "
+                            "metrics.first_order_dnll while others do: run them with metric "
+                            "first_order (metrics=[...,first_order])")
+    return value.fillna(0.0)
 
 
 def _fisher_ratio(df: pd.DataFrame, fisher: pd.DataFrame | None, cell: pd.Series) -> pd.Series:
@@ -178,7 +202,8 @@ def lofo(frame: pd.DataFrame, group: str = "model.family", cfg: PredictorConfig 
         part["measured_se"] = pd.to_numeric(test.get("metrics.dnll_se", np.nan), errors="coerce")
         for name, f in feats.items():
             part[name] = _fit_predict(name, f, train, test, cfg) if f else np.nan
-        part["landscape"] = 10 ** test["noise_equiv_log10"].to_numpy(float)
+        part["landscape"] = (test["first_order_dnll"].fillna(0.0).to_numpy(float)
+                             + 10 ** test["noise_equiv_log10"].to_numpy(float))
         return part
 
     preds = leave_one_group_out(X, X[group].astype(str), f"leave-one-out over {group}",
@@ -195,14 +220,17 @@ def _fit_predict(name: str, feats: list[str], train: pd.DataFrame, test: pd.Data
     y = train[TARGET].to_numpy(float)
     if name != "forest/physics":
         return _forest(cfg).fit(train[feats].to_numpy(float), y).predict(test[feats].to_numpy(float))
-    # the forest learns the factor between the damage and the physics guess (scale-free);
-    # the guess is floored so that jobs of negligible damage (8-bit formats: guess ~1e-6,
-    # measured noise ~1e-4) do not teach it factors of hundreds
+    # the forest learns the factor between the damage beyond its first-order part and the
+    # second-order guess (scale-free); the guess is floored so that jobs of negligible damage
+    # (8-bit formats: guess ~1e-6, measured noise ~1e-4) do not teach it factors of hundreds
     def guess(rows):
         g = 10 ** rows["noise_equiv_log10"].to_numpy(float)
         return np.maximum(np.nan_to_num(g, nan=PHYSICS_FLOOR), PHYSICS_FLOOR)
-    forest = _forest(cfg).fit(train[feats].to_numpy(float), y / guess(train))
-    return forest.predict(test[feats].to_numpy(float)) * guess(test)
+
+    def first(rows):
+        return rows["first_order_dnll"].fillna(0.0).to_numpy(float)
+    forest = _forest(cfg).fit(train[feats].to_numpy(float), (y - first(train)) / guess(train))
+    return first(test) + forest.predict(test[feats].to_numpy(float)) * guess(test)
 
 
 def gain_frame(preds: pd.DataFrame, models: list[str]) -> pd.DataFrame:

@@ -209,3 +209,30 @@ def test_the_records_fisher_ratio_scales_the_guess_per_cell(transfer_frame):
     assert rows.loc[rows.index[0], "method.name"] == "rtn"
     with pytest.raises(AnalysisError, match="1 of 80 RTN jobs have no metrics.fisher_ratio"):
         add_transfer_features(rows)
+
+
+def test_the_first_order_term_joins_the_guess(transfer_frame):
+    """Damage = g.e + the second-order part, g.e signed and as large: the landscape guess
+    (nothing fitted) recovers each row once the records hold metric first_order, and misses
+    without it; forest/physics learns the factor on the second-order part only."""
+    _, frame = transfer_frame
+    rows = frame.copy()
+    rng = np.random.default_rng(1)
+    quantized = rows["format.name"] != "bf16"
+    first = pd.Series(0.0, index=rows.index)
+    first[quantized] = rng.uniform(-1.0, 1.0, int(quantized.sum())) * rows["dnll"][quantized]
+    rows["dnll"] = rows["dnll"] + first
+    without = lofo(rows, "model.family", PredictorConfig(n_estimators=30))
+    rows["metrics.first_order_dnll"] = first.where(quantized)   # bf16: no error, no value
+    res = lofo(rows, "model.family", PredictorConfig(n_estimators=30))
+    assert "first_order_dnll" in res.features["forest+transfer"]
+    p = res.predictions
+    assert np.allclose(p["landscape"], p["measured"], atol=0.15 * p["measured"].abs().max())
+    land = res.table[res.table["predictor"] == "landscape"].set_index("group")
+    land0 = without.table[without.table["predictor"] == "landscape"].set_index("group")
+    assert (land["r2_dnll"] > 0.9).all() and (land0["r2_dnll"] < land["r2_dnll"] - 0.2).all()
+    phys = res.table[res.table["predictor"] == "forest/physics"]
+    assert (phys["r2_dnll"] > 0.9).all()
+    rows.loc[rows.index[quantized][0], "metrics.first_order_dnll"] = np.nan
+    with pytest.raises(AnalysisError, match="1 quantized job"):
+        add_transfer_features(rows)
