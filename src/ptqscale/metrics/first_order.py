@@ -10,8 +10,9 @@ No model is evaluated quantized for it. A model at a minimum of the text's loss 
 and its damage is the second-order part, which the landscape's noise response measures (its
 antithetic pairs cancel ``g . e``). A model that is not (text other than its training
 distribution) has a gradient, and quantization error that happens to point down it *lowers*
-the NLL: the zoo's models, trained for two epochs on Gutenberg, lose NLL on WikiText-2 in 137
-of 480 quantized jobs, which no second-order feature can describe. There ``g . e`` is most of
+the NLL: quantizing the zoo's models, trained for two epochs on Gutenberg, lowers their
+WikiText-2 NLL by more than two standard errors in 137 of 480 jobs, which no second-order
+feature can describe. There ``g . e`` is most of
 the damage (docs/analysis.md, "The physics guess"); ``ptqscale-fit --lofo`` adds it to the
 guess.
 
