@@ -27,3 +27,15 @@ def stories(stories_tokens):
     """stories260K and the first 8,000 characters of the TinyStories sample, tokenized."""
     model, tokens = stories_tokens
     return model, tokens(8_000)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama() -> torch.nn.Module:
+    """A random two-layer Llama of 64 ids (eval mode, seeded; one per test module): gradients
+    in milliseconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()

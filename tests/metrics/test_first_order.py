@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from ptqscale.formats import get_format
 from ptqscale.metrics import first_order as FO
@@ -23,11 +22,8 @@ from ptqscale.runner.job import run_job
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+def tiny(tiny_llama):
+    model = tiny_llama
     # float64 for the central differences below (RMSNorm still computes in float32: steps of
     # 1e-4 drown in its rounding, 1e-2 agree with the gradient to 1e-4)
     model.double()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from ptqscale.formats import get_format
 from ptqscale.metrics import fisher as FI
@@ -20,11 +19,8 @@ from ptqscale.runner.job import run_job
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+def tiny(tiny_llama):
+    model = tiny_llama
     windows = torch.randint(0, 64, (6, 32), generator=torch.Generator().manual_seed(1))
     return model, windows
 
