@@ -111,3 +111,19 @@ def test_a_job_records_the_first_order_term(tmp_path):
     got, dnll = rec["metrics"]["first_order_dnll"], rec["metrics"]["dnll"]
     assert got == pytest.approx(dnll, rel=0.2), (got, dnll)
     assert rec["metric_info"]["first_order"]["version"] == FO.VERSION
+
+
+def test_a_method_that_changes_other_parameters_is_refused(tiny):
+    """A fold into a norm (SmoothQuant, AWQ) changes the function beyond the targets' error."""
+    model, stream = tiny
+    ctx = _context(model, stream)
+    ctx.prepared["first_order"] = FO.prepare_first_order(ctx)
+    norm = model.model.layers[0].input_layernorm.weight
+    with torch.no_grad():
+        norm.mul_(2.0)
+    try:
+        with pytest.raises(RuntimeError, match="changed parameters besides the quantized"):
+            FO.measure_first_order(ctx)
+    finally:
+        with torch.no_grad():
+            norm.div_(2.0)

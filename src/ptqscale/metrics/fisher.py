@@ -80,7 +80,8 @@ def prepare_weight_statistic(ctx: MetricContext, metric: str, windows: torch.Ten
     with hs.double_backward_ready(ctx.model, weights, eager=False):
         stat = statistic(ctx.model, weights, windows)
     value = {"names": names, "statistic": stat,
-             "weights": [w.detach().clone() for w in weights]}
+             "weights": [w.detach().clone() for w in weights],
+             "others": _fingerprint(ctx.model, weights)}
     for k in [k for k in _MEMO if k[0] == metric]:   # one model at a time per metric
         del _MEMO[k]
     if ctx.fp_key:
@@ -97,9 +98,23 @@ def weight_errors(ctx: MetricContext, metric: str) -> list[torch.Tensor]:
     if list(targets) != prepared["names"]:
         raise RuntimeError(f"{metric}: the quantized model's targets are not those prepared "
                            f"({len(targets)} vs {len(prepared['names'])})")
+    weights = [m.weight for m in targets.values()]
+    if _fingerprint(ctx.model, weights) != prepared["others"]:
+        raise RuntimeError(f"metric {metric}: the method changed parameters besides the "
+                           "quantized linears' weights (SmoothQuant and AWQ fold their scales "
+                           "into the norms): the weights' error is not what the job changed; "
+                           "use it with weight-only methods such as rtn or gptq")
     with torch.no_grad():
-        return [m.weight.detach().to(w.device, w.dtype) - w
-                for m, w in zip(targets.values(), prepared["weights"])]
+        return [m.detach().to(w.device, w.dtype) - w for m, w in zip(weights, prepared["weights"])]
+
+
+def _fingerprint(model, targets: list[torch.Tensor]) -> list[float]:
+    """Sum and sum of squares (float64) of every parameter but ``targets``: a method that
+    changes any of them (a fold, a tuned norm) changes this."""
+    skip = {id(w) for w in targets}
+    with torch.no_grad():
+        return [float(v) for p in model.parameters() if id(p) not in skip
+                for v in (p.double().sum(), p.double().square().sum())]
 
 
 def prepare_fisher(ctx: MetricContext) -> dict:
