@@ -109,12 +109,13 @@ def weight_errors(ctx: MetricContext, metric: str) -> list[torch.Tensor]:
 
 
 def _fingerprint(model, targets: list[torch.Tensor]) -> list[float]:
-    """Sum and sum of squares (float64) of every parameter but ``targets``: a method that
-    changes any of them (a fold, a tuned norm) changes this."""
+    """Sum and norm (float64) of every parameter but ``targets``: a method that changes any
+    of them (a fold, a tuned norm) changes this."""
     skip = {id(w) for w in targets}
-    with torch.no_grad():
+    with torch.no_grad():   # float64 accumulation, no float64 copy of a large embedding
         return [float(v) for p in model.parameters() if id(p) not in skip
-                for v in (p.double().sum(), p.double().square().sum())]
+                for v in (p.sum(dtype=torch.float64),
+                          torch.linalg.vector_norm(p, dtype=torch.float64))]
 
 
 def prepare_fisher(ctx: MetricContext) -> dict:

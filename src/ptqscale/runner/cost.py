@@ -32,7 +32,9 @@ bench/results/bench_tasks.md). The per-job pass is an upper bound: the metric no
 NLL pass's logits where it can and runs that pass only as its fallback (metrics/fidelity.py,
 "Cost"); the excess of the shared case awaits its GPU bench. The metric ``tasks`` gets no estimate: lm-eval's passes depend
 on the tasks' items, not on the corpus (at 1B our three offline tasks took 17x a 65k-token NLL
-pass), and no fit covers them.
+pass), and no fit covers them. The metrics ``fisher`` and ``first_order`` are not charged:
+one gradient pass per model (over the calibration windows, or 16,384 evaluation tokens), with
+no bench point yet.
 
 (The landscape stage of a job is the noise response and the Hessian; the directional profile
 is not part of a job; the rest of the stage, under 1 s on the records, is left out.)
