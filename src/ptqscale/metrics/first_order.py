@@ -12,9 +12,9 @@ antithetic pairs cancel ``g . e``). A model that is not (text other than its tra
 distribution) has a gradient, and quantization error that happens to point down it *lowers*
 the NLL: quantizing the zoo's models, trained for two epochs on Gutenberg, lowers their
 WikiText-2 NLL by more than two standard errors in 137 of 480 jobs, which no second-order
-feature can describe. There ``g . e`` is most of
-the damage (docs/analysis.md, "The physics guess"); ``ptqscale-fit --lofo`` adds it to the
-guess.
+feature can describe. There ``g . e`` is about half the damage (median 51-55% over jobs above
+0.01 nats; results/zoo_cross_x4/findings.md), and ``ptqscale-fit --lofo`` adds it to the
+physics guess (docs/analysis.md, "Transfer across families").
 
 Budget: non-overlapping windows of ``eval.seqlen`` over the first ``MAX_TOKENS`` tokens of the
 evaluation stream (or ``eval.max_tokens``, when smaller): the text whose NLL the job measures,
