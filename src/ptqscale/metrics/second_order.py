@@ -96,8 +96,7 @@ def measure_hessian(
         cost_hessian_trace_tokens=trace_tokens(cfg, windows.shape[0], n_tok, streamed),
         cost_hessian_trace_hvps=cfg.hutchinson_probes,
         cost_top_eigenvalue_s=eig_s,
-        cost_top_eigenvalue_tokens=n_tok * (2 if cfg.hvp == "finite_difference" or streamed
-                                            else 1) * iters,
+        cost_top_eigenvalue_tokens=eigen_tokens(cfg, n_tok, iters, streamed),
         cost_top_eigenvalue_hvps=iters,
     )
     out["layers"] = {
@@ -146,7 +145,7 @@ def _fp32_products(make_hvp: Callable[[], hs.HVP]) -> Callable[[], hs.HVP]:
 
 
 def trace_tokens(cfg: LandscapeConfig, n_windows: int, n_tok: int, streamed: bool = False
-                  ) -> int:
+                 ) -> int:
     """Tokens through forward passes for the trace. Per probe: FD 2 gradients (forward
     differences 1), autograd 1 double backward when the graph is rebuilt (0 when retained),
     streamed 2 (a forward sweep and a recomputing backward sweep); once per micro-batch: the
@@ -161,6 +160,12 @@ def trace_tokens(cfg: LandscapeConfig, n_windows: int, n_tok: int, streamed: boo
         per_probe, shared = (0, 1) if cfg.hvp_retain_graph else (1, 0)
     probe_tokens = n_tok // n_windows if cfg.hutchinson_scheme == "stratified" else n_tok
     return cfg.hutchinson_probes * per_probe * probe_tokens + shared * n_tok
+
+
+def eigen_tokens(cfg: LandscapeConfig, n_tok: int, iters: int, streamed: bool = False) -> int:
+    """Tokens through forward passes for ``iters`` products of the top eigenvalue: 2 per token
+    with finite differences (central) or streamed, else 1 (the graph is never retained)."""
+    return n_tok * (2 if cfg.hvp == "finite_difference" or streamed else 1) * iters
 
 
 def _batch_hvps(model, windows, weights, reference, cfg, retain_graph: bool, trace: bool = False

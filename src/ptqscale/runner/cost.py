@@ -198,12 +198,12 @@ def job_work(spec: Any, n: float, model: dict | None = None) -> list[tuple[str, 
         passes = len(land.levels_db) * land.seeds * (2 if land.antithetic else 1) + 1
         stages.append(("noise", n * passes * t, True))
         if land.hessian and land.hvp == "finite_difference":   # gradients, as the job counts them
-            from ptqscale.metrics.second_order import trace_tokens
+            from ptqscale.metrics.second_order import eigen_tokens, trace_tokens
 
             windows = 1   # a stratified probe covers one window of the budget's
             if land.hutchinson_scheme == "stratified":
                 windows = max(1, t // (land.seqlen or spec.eval.seqlen))
-            grads = trace_tokens(land, windows, t) + 2 * land.power_iters * t
+            grads = trace_tokens(land, windows, t) + eigen_tokens(land, t, land.power_iters)
             stages.append(("hessian_fd", n * grads, True))
         elif land.hessian:   # power iterations may stop early: an upper bound
             stages.append(("hessian", n * (land.hutchinson_probes + land.power_iters) * t, True))
