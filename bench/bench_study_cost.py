@@ -52,6 +52,8 @@ RANDOM_SHAPES = {  # TinyLlama-1.1B's shape (bench_perplexity's), GPT-2's vocabu
                  num_attention_heads=32, num_key_value_heads=4),
     "smoke": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                   num_attention_heads=8, num_key_value_heads=4),
+    "deep": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=22,
+                 num_attention_heads=8, num_key_value_heads=4),  # the 1.1B's depth, on a CPU
 }
 
 
@@ -72,11 +74,17 @@ def random_llama(folder: Path, tokenizer: Path, shape: str) -> None:
     model = LlamaForCausalLM(config)
     # Random logits score worse than a uniform guess, which the runner refuses as implausible.
     # A Zipf prior over GPT-2's ids (roughly in frequency order) beats it at any depth: the
-    # final norm keeps only dimension 0 of the residual stream (positive: the embeddings
-    # carry a constant 1 there), and the head maps it to log(1 / (id + 10)), tilted by
-    # h_0 / sqrt(hidden) in (0, 1]. Every matmul keeps its shape, so the cost is a 1.1B's.
+    # embeddings carry a constant 16 in dimension 0 of the residual stream, no block writes
+    # there (row 0 of every o_proj and down_proj is zero: at 22 random layers the blocks'
+    # writes are larger than any constant and flip its sign, session 13 on an H100), the
+    # final norm keeps only that dimension, and the head maps it to log(1 / (id + 10)),
+    # tilted by h_0 / sqrt(hidden) in (0, 1]. Every matmul keeps its shape, so the cost is a
+    # 1.1B's.
     with torch.no_grad():
-        model.model.embed_tokens.weight[:, 0] = 1.0
+        model.model.embed_tokens.weight[:, 0] = 16.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0].zero_()
+            layer.mlp.down_proj.weight[0].zero_()
         model.model.norm.weight.zero_()
         model.model.norm.weight[0] = 1.0
         model.lm_head.weight[:, 0] = (-torch.log(torch.arange(config.vocab_size) + 10.0)

@@ -144,6 +144,28 @@ def test_finite_difference_hvp_matches_exact(tiny):
     assert all(torch.equal(w, r) for w, r in zip(weights, reference))  # restored bit-exactly
 
 
+def test_finite_difference_gradients_run_in_full_float32(tiny):
+    """A caller's TF32 (matmul precision "high") never reaches the finite difference: on an
+    H100 it put the trace 55-77% off (bench/results/fd_tf32_h100.md). Set back afterwards."""
+    weights = [m.weight for m in tiny["targets"].values()]
+    model, data = tiny["model"], tiny["data"]
+    seen = []
+
+    def loss_fn():
+        seen.append(torch.get_float32_matmul_precision())
+        return nll_loss(model, data)
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        reference = [w.detach().clone() for w in weights]
+        hs.finite_difference_hvp(loss_fn, weights, reference, 1e-4)(hs.gaussian(weights, 3))
+        assert seen == ["highest", "highest"]
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_finite_difference_measure_hessian_agrees_with_autograd(tiny):
     common = dict(max_tokens=10**6, batch_size=8, hvp_windows=8, hutchinson_probes=8,
                   power_iters=30)

@@ -190,6 +190,12 @@ class Format(abc.ABC):
             return None
         return n_in if self.block_size is None else self.block_size
 
+    def exact_on(self, dtype: torch.dtype) -> bool:
+        """Whether every value of ``dtype`` is on this format's grid, whatever its group: then
+        fake_quantize is the identity on a tensor of that dtype (a 16-bit baseline on its own
+        dtype) and a method's rounding moves nothing."""
+        return False
+
     def padding_needed(self, n: int) -> int:
         """Zeros appended to an axis of length n so that it splits into whole blocks."""
         return 0 if self.block_size is None else (-n) % self.block_size

@@ -50,9 +50,6 @@ except ImportError:  # pragma: no cover - depends on the install
 
 # Which element rule a kernel applies (constexpr selector; kernels_jit's values).
 INT_SYM, INT_ASYM, MX_INT, MX_FP, FP, NVFP4, NF4 = range(7)
-# Rules whose rounding needs only a group's (scale, zero): what GPTQ's fused column loop runs
-# (methods/gptq_kernel.py) with the scales it fitted itself.
-SCALE_ZERO_KINDS = (INT_SYM, INT_ASYM, MX_INT, MX_FP)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _AMAX_BLOCK = 8192  # elements per pass-1 load (two programs per SM keep ~32 KB in flight)
 _TUNE_MIN = 1 << 20  # smaller tensors take the first candidate: not worth compiling the others
@@ -182,7 +179,7 @@ def _candidates(fmt, rows: int, n: int, sms: int) -> tuple:
 
 
 @functools.lru_cache(maxsize=16)
-def _nf4_table(device: torch.device) -> torch.Tensor:
+def nf4_table(device: torch.device) -> torch.Tensor:
     """NF4's 15 thresholds then its 16 levels, float32, on ``device`` (the kernel's lookup)."""
     from .elements import _NF4_THRESHOLDS, NF4_LEVELS
 
@@ -231,7 +228,7 @@ def _run(cand, x2, y2):
     kern, grid, consts, warps, parts = cand
     rows, n = x2.shape
     nf4 = dict(zip(kern.arg_names[7:], consts, strict=True))["KIND"] == NF4
-    table = _nf4_table(x2.device) if nf4 else None
+    table = nf4_table(x2.device) if nf4 else None
     tab = x2 if table is None else table  # (other rules never read it)
     part, amax, iters = x2, None, 0
     if parts:

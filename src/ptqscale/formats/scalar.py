@@ -75,6 +75,9 @@ class BaselineFormat(Format):
     def element_max(self) -> float:
         return torch.finfo(self._dtype).max
 
+    def exact_on(self, dtype: torch.dtype) -> bool:
+        return dtype == self._dtype
+
     def _fit(self, xb, tensor_amax):
         return GroupParams(torch.ones((), device=xb.device))
 

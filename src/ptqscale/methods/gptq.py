@@ -137,7 +137,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format | str, blocksize
         groups.permute(perm)
     Hinv, frac, damp, retries = damped_inverse_factor(H, percdamp, max_retries, W.device)
     del H  # the sweep needs only the factor (one n x n less at the peak)
-    Q, loss = sweep(W, Hinv, groups, blocksize)
+    if fmt.exact_on(W_orig.dtype):
+        # W's own grid (bf16 into bf16): every column rounds to itself, so every error is 0
+        # and no update moves a weight; the sweep would return W and loss 0 bit for bit, after
+        # minutes of a torch loop at 1B (the fused kernel covers no plain cast)
+        Q, loss = W, 0.0
+    else:
+        Q, loss = sweep(W, Hinv, groups, blocksize)
     Q = (Q[:, torch.argsort(perm)] if actorder else Q).to(W_orig.dtype)
     return Q, GPTQInfo(frac, damp, retries, loss, int(dead.sum()))
 

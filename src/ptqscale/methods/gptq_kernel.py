@@ -9,6 +9,11 @@ scale the error by ``Hinv[i, i]`` and apply the OBS update to the columns after 
 algorithm, same operation order; only fused multiply-adds may round differently (tests compare
 with the torch loop). Scale groups that are fitted lazily (not static) are fitted between
 launches, on the up-to-date columns, exactly where the torch loop fits them.
+
+Every rule the format kernels cover runs here: rounding needs only a group's frozen
+parameters, which the kernel reads from two (rows, groups) tables (scale; zero point, or
+NVFP4's tensor scale) and, for NF4, the level table. Per-tensor rules (``fp8_e4m3``,
+``int8_t``) are one group fitted once, as in the torch loop.
 """
 
 from __future__ import annotations
@@ -22,9 +27,8 @@ BLOCK_R = 16
 
 def supports(W: torch.Tensor, fmt, blocksize: int) -> bool:
     """Whether the kernel can run this sweep (CUDA, a covered format, a small lazy block)."""
-    spec = fk.kernel_spec(fmt) if W.is_cuda and fk.available() else None
-    return (W.is_cuda and spec is not None and spec["KIND"] in fk.SCALE_ZERO_KINDS
-            and not spec["TENSOR"] and 1 <= blocksize <= 256)
+    return (W.is_cuda and fk.available() and fk.kernel_spec(fmt) is not None
+            and 1 <= blocksize <= 256)
 
 
 def columnwise_sweep(W: torch.Tensor, Hinv: torch.Tensor, groups, blocksize: int):
@@ -40,6 +44,7 @@ def columnwise_sweep(W: torch.Tensor, Hinv: torch.Tensor, groups, blocksize: int
     gidx = torch.tensor(groups.group_at, dtype=torch.int32, device=W.device)
     spec = fk.kernel_spec(groups.fmt)
     consts = {k: spec[k] for k in ("KIND", "LO", "HI", "FRAC", "MBITS", "EMIN")}
+    table = fk.nf4_table(W.device) if spec["KIND"] == fk.NF4 else S  # (others never read it)
     bs = fk.triton.next_power_of_2(blocksize)
     grid = (fk.triton.cdiv(rows, BLOCK_R),)
     for i1 in range(0, columns, blocksize):
@@ -55,7 +60,7 @@ def columnwise_sweep(W: torch.Tensor, Hinv: torch.Tensor, groups, blocksize: int
             end = pos + 1
             while end < i2 and groups.group_at[end] in groups.fitted:
                 end += 1
-            _block_kernel[grid](W1, Q1, Err1, Hinv1, S, Z, gidx[i1:i2], rows, i2 - i1,
+            _block_kernel[grid](W1, Q1, Err1, Hinv1, S, Z, table, gidx[i1:i2], rows, i2 - i1,
                                 groups.n_groups, pos - i1, end - i1,
                                 BS=bs, BLOCK_R=BLOCK_R, **consts, num_warps=4)
             pos = end
@@ -66,12 +71,14 @@ def columnwise_sweep(W: torch.Tensor, Hinv: torch.Tensor, groups, blocksize: int
 
 
 def _fill(S: torch.Tensor, Z: torch.Tensor, groups, filled: set[int]) -> None:
-    """Copy newly fitted group parameters into the kernel's (rows, groups) tables."""
+    """Copy newly fitted group parameters into the kernel's (rows, groups) tables: the scale,
+    and the zero point or (NVFP4) the tensor scale, where ``kernels_jit._round`` reads them."""
     for k, p in groups.fitted.items():
         if k not in filled:
             S[:, k] = p.scale.reshape(-1).to(torch.float32).expand(S.shape[0])
-            if p.zero is not None:
-                Z[:, k] = p.zero.reshape(-1).to(torch.float32).expand(S.shape[0])
+            second = p.zero if p.zero is not None else p.tensor_scale
+            if second is not None:
+                Z[:, k] = second.reshape(-1).to(torch.float32).expand(S.shape[0])
             filled.add(k)
 
 
@@ -79,7 +86,7 @@ if fk.triton is not None:
     tl = fk.jit.tl
 
     @fk.triton.jit
-    def _block_kernel(W_ptr, Q_ptr, E_ptr, H_ptr, S_ptr, Z_ptr, G_ptr, rows, width,
+    def _block_kernel(W_ptr, Q_ptr, E_ptr, H_ptr, S_ptr, Z_ptr, T_ptr, G_ptr, rows, width,
                       n_groups, a, b, BS: tl.constexpr, BLOCK_R: tl.constexpr,
                       KIND: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
                       FRAC: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr):
@@ -94,7 +101,7 @@ if fk.triton is not None:
             g = tl.load(G_ptr + i)
             s = tl.load(S_ptr + r * n_groups + g, mask=rmask, other=1.0)
             z = tl.load(Z_ptr + r * n_groups + g, mask=rmask, other=0.0)
-            q = fk.jit._round(w, s, z, S_ptr, KIND, LO, HI, FRAC, MBITS, EMIN)  # (S_ptr: unread)
+            q = fk.jit._round(w, s, z, T_ptr, KIND, LO, HI, FRAC, MBITS, EMIN)
             err = tl.math.div_rn(w - q, tl.load(H_ptr + i * width + i))  # Eq. 3, Cholesky form
             h = tl.load(H_ptr + i * width + c, mask=(c >= i) & (c < width), other=0.0)
             Wt = Wt - err[:, None] * h[None, :]  # OBS update of columns i.. of the block

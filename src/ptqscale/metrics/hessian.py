@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ptqscale import console
+from ptqscale.precision import true_float32
 
 Vector = list[torch.Tensor]  # one tensor per probed weight, same shapes
 HVP = Callable[[Vector], Vector]
@@ -84,7 +85,8 @@ def finite_difference_hvp(
 
     The step ``h = eps * ||W|| / ||v||`` makes the perturbation a fixed fraction ``eps`` of
     the weights' global norm, so one ``eps`` suits every model size. ``reference`` holds the
-    unperturbed weights; they are copied back exactly after each gradient.
+    unperturbed weights; they are copied back exactly after each gradient. Gradients run in
+    full float32 whatever the caller set (:func:`ptqscale.precision.true_float32`).
 
     ``one_sided=True``: ``(g(W + h v) - g(W)) / h``, with ``g(W)`` computed once here and
     shared by every product, so a product costs one gradient instead of two. Its error is
@@ -100,8 +102,9 @@ def finite_difference_hvp(
                 w.copy_(r)
                 if v is not None:
                     w.add_(v[i], alpha=h)
-        try:
-            return list(torch.autograd.grad(loss_fn(), list(weights)))
+        try:  # TF32 products would swamp the difference (ptqscale.precision says how much)
+            with true_float32():
+                return list(torch.autograd.grad(loss_fn(), list(weights)))
         finally:
             with torch.no_grad():
                 for w, r in zip(weights, reference):

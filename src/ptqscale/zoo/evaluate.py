@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ptqscale.precision import true_float32
 from ptqscale.zoo.data import gptq_windows, gutenberg_documents, sha256_file, wikitext_documents
 
 
@@ -90,9 +91,7 @@ def report(model, sets: dict[str, dict], batch_size: int = 32) -> dict[str, dict
 
     TF32 is switched off for the duration so the numbers are true float32 on any GPU.
     """
-    prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
+    with true_float32():
         out = {}
         for name, s in sets.items():
             total, count = nll_sum(model, s["windows"], batch_size)
@@ -100,8 +99,6 @@ def report(model, sets: dict[str, dict], batch_size: int = 32) -> dict[str, dict
                          "nll_sum": total, "tokens": count, "windows": len(s["windows"]),
                          "protocol": "gptq", "source": s["source"]}
         return out
-    finally:
-        torch.set_float32_matmul_precision(prev)
 
 
 def write_json(path: str | Path, obj) -> None:

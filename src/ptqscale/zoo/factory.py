@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ptqscale import console
 from ptqscale.errors import ConfigError
+from ptqscale.precision import true_float32
 from ptqscale.zoo.data import (
     EOS,
     _encode_books,
@@ -244,17 +245,13 @@ def save_checkpoint(fam, size, mult, branch: Run, data, params, out: Path, env: 
     saved.save_pretrained(folder)
     del saved
     reloaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device)
-    prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")  # true float32 scores on any GPU
-    try:
+    with true_float32():  # true float32 scores on any GPU
         evals = {}
         for key, windows in data["evals"].items():
             total, count = nll_sum(reloaded, windows, batch_size=fam.batch_seqs)
             evals[key] = {"nll": total / count, "nll_sum": total, "tokens": count,
                           "windows": len(windows), "seqlen": fam.seqlen, "protocol": "gptq-prefix"}
         g_sum, g_count = nll_sum(reloaded, data["evals"]["gutenberg_test"][:GOLDEN_WINDOWS])
-    finally:
-        torch.set_float32_matmul_precision(prev)
     tail = [h[1] for h in branch.history[-2:]]
     return {
         "zoo_format": ZOO_FORMAT, "name": name, "family": fam.family, "size": size,
