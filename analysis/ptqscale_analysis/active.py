@@ -12,6 +12,14 @@ data, method, format). A *question* says what the jobs are for:
   mean and spread, widened by its out-of-bag error), and the sweep stops when no point not
   yet run is expected to improve it by more than ``min_gain``.
 
+With ``screen``, every point comes with a screening value before any job runs:
+``screen_dnll``, the first-order damage ``g . e`` of RTN into the point's format (the metric
+``first_order`` of a cheap RTN job; :func:`screen_table`). The forest then learns what the
+screen misses, ``dNLL - screen_dnll``, and predicts ``screen_dnll`` plus that. Where a model is
+not at a minimum of the text's loss (the zoo on WikiText-2), ``g . e`` is about half the
+damage and signed: the points that beat their own bf16, many of them on the frontier, are
+visible before they run.
+
 Every design starts with a seed that covers each combination of the ``unit_keys`` (model
 and corpus: the predictor's model features are measured per model and corpus) once, with
 the other keys cycled so that every format and method is seen. Baseline points (16-bit
@@ -66,8 +74,12 @@ class DesignConfig:
     pareto point is still a candidate while its expected improvement over the best measured
     NLL at no more bytes, less this tolerance (the resolution wanted), exceeds ``min_gain``
     nats. ``pareto_rank1``: average the forest's dNLL with the grid's own rank-1 law
-    (:func:`~ptqscale_analysis.active_pareto.rank1_dnll`). ``law_*``: see
-    :mod:`ptqscale_analysis.active_law`.
+    (:func:`~ptqscale_analysis.active_pareto.rank1_dnll`); by default on without a screen
+    and off with one (replayed on zoo_cross_x4, the screened design finds 117-118 of the 129
+    frontier points at 30% without it, 110-112 with it: the screen carries the per-model
+    information the law was added for). ``law_*``: see
+    :mod:`ptqscale_analysis.active_law`. ``screen``: the design is given each point's
+    screening value and the forest learns the rest (module docstring).
     """
 
     question: str = "predictor"
@@ -78,15 +90,18 @@ class DesignConfig:
     patience: int = 2
     pareto_tol: float = 0.0
     min_gain: float = 1e-4
-    pareto_rank1: bool = True
+    pareto_rank1: bool | None = None   # None: on without a screen, off with one
     law_tol: float = 0.1         # law: stop when every exponent is known to +- this (relative)
     law_boot: int = 50
     law_min_dnll: float = 0.002
     unit_keys: tuple[str, ...] = ("model", "data")
     n_estimators: int = 100
     strategy: str = "guided"    # or "random": the seed design, then uniform picks (a baseline)
+    screen: bool = False        # learn dNLL - screen_dnll, given a screen (module docstring)
 
     def __post_init__(self):
+        if self.pareto_rank1 is None:   # resolved here, so that the design log says which
+            object.__setattr__(self, "pareto_rank1", not self.screen)
         if self.question not in QUESTIONS:
             raise AnalysisError(f"question must be one of {list(QUESTIONS)}, "
                                 f"got {self.question!r}")
@@ -210,11 +225,44 @@ def grid_table(grid: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
     return t
 
 
-def tree_predictions(frame: pd.DataFrame, table: pd.DataFrame,
-                     cfg: DesignConfig) -> tuple[np.ndarray, tuple[float, float]]:
+# ---- the screen: a value for every point before it runs ------------------------------------
+
+SCREEN_KEYS = ("model.name", "data.name", "format.name")
+
+
+def screen_table(frame: pd.DataFrame) -> pd.Series:
+    """``screen_dnll`` per (model, data, format): the metric ``first_order`` of the RTN
+    records in ``frame``. The sweeper's screening stage runs RTN jobs whose evaluation is cut
+    to the metric's gradient budget (``first_order.MAX_TOKENS``), so cheap; a study's own full
+    RTN jobs give the same values (the gradient reads the same first tokens), which is what a
+    replay uses."""
+    need = ["method.name", "metrics.first_order_dnll", *SCREEN_KEYS]
+    missing = [c for c in need if c not in frame]
+    if missing:
+        raise AnalysisError(f"a screen needs RTN records with the metric first_order; the "
+                            f"records lack {missing} (run the jobs with "
+                            "metrics=[nll,first_order,...])")
+    rtn = frame[(frame["method.name"] == "rtn") & ~frame["is_baseline"].astype(bool)]
+    keys = rtn[list(SCREEN_KEYS)].astype(str)
+    values = pd.to_numeric(rtn["metrics.first_order_dnll"], errors="coerce")
+    return values.groupby([keys[c] for c in SCREEN_KEYS]).mean().dropna()
+
+
+def screen_of(rows: pd.DataFrame, screen: pd.Series) -> np.ndarray:
+    """Each row's screening value (NaN where the screen has none)."""
+    idx = pd.MultiIndex.from_frame(rows[list(SCREEN_KEYS)].astype(str))
+    return screen.reindex(idx).to_numpy(float)
+
+
+def tree_predictions(frame: pd.DataFrame, table: pd.DataFrame, cfg: DesignConfig,
+                     screen: pd.Series | None = None) -> tuple[np.ndarray, tuple[float, float]]:
     """dNLL of every tree (rows) at every grid point (columns), NaN columns where the
     point's features are unknown (a model, format or method no record has shown yet); and
-    the forest's out-of-bag error model (:func:`~ptqscale_analysis.active_pareto.oob_error`; NaN before there is one)."""
+    the forest's out-of-bag error model (:func:`~ptqscale_analysis.active_pareto.oob_error`; NaN before there is one).
+    With a ``screen`` the forest learns ``dNLL - screen_dnll`` (records without a screening
+    value are left out) and each tree's prediction is that plus the point's screen."""
+    if screen is not None:
+        frame = frame.assign(dnll=frame["dnll"] - screen_of(frame, screen))
     out = np.full((cfg.n_estimators, len(table)), np.nan)
     try:
         pred = train_predictor(frame, PredictorConfig(n_estimators=cfg.n_estimators,
@@ -229,6 +277,8 @@ def tree_predictions(frame: pd.DataFrame, table: pd.DataFrame,
     if known.any():
         values = X.loc[known, pred.features].to_numpy(float)
         out[:, known] = np.stack([t.predict(values) for t in pred.forest.estimators_])
+    if screen is not None:
+        out += screen_of(table, screen)[None, :]
     return out, oob
 
 
@@ -246,15 +296,22 @@ class Answer:
     law: pd.DataFrame | None = None   # question law: gamma and its interval per group
 
 
-def answer(grid: pd.DataFrame, frame: pd.DataFrame, cfg: DesignConfig) -> Answer:
-    """Fit on ``frame`` (the records so far) and answer ``cfg.question`` over ``grid``."""
+def answer(grid: pd.DataFrame, frame: pd.DataFrame, cfg: DesignConfig,
+           screen: pd.Series | None = None) -> Answer:
+    """Fit on ``frame`` (the records so far) and answer ``cfg.question`` over ``grid``
+    (``screen``: :func:`screen_table`, required with ``cfg.screen``)."""
+    if cfg.screen and screen is None:
+        raise AnalysisError("screen=true: the design needs a screen (screen_table of the "
+                            "screening records)")
     if frame.empty:   # nothing measured yet: nothing known, every point a candidate
         t = grid.assign(dnll=float("nan"), nll=float("nan"), measured=grid["baseline"])
         return Answer(t, [], pd.Series(np.inf, index=grid.index[~grid["baseline"]]))
     t = grid_table(grid, frame)
+    if cfg.screen:
+        t["screen_dnll"] = screen_of(t, screen)
     rows = match(grid, frame)
     measured = rows.notna().to_numpy()
-    trees, oob = tree_predictions(frame, t, cfg)
+    trees, oob = tree_predictions(frame, t, cfg, screen if cfg.screen else None)
     t["dnll"] = nan_reduce(np.nanmean, trees)
     if measured.any():
         t.loc[measured, "dnll"] = frame.loc[rows[measured], "dnll"].to_numpy(float)
@@ -305,12 +362,16 @@ class History:
 
 
 def run_design(grid: pd.DataFrame, oracle: Oracle, cfg: DesignConfig,
-               log: Callable[[str], None] = lambda s: None) -> History:
+               log: Callable[[str], None] = lambda s: None,
+               screen: pd.Series | None = None) -> History:
     """Seed, then fit, answer and pick batches until the answer stops moving or the budget
     is spent. Points with a record in the store count as run (a resumed sweep re-runs
-    nothing); points tried without a record (failed jobs) are not tried again."""
+    nothing); points tried without a record (failed jobs) are not tried again. With
+    ``cfg.screen``, ``screen`` must hold a value for every runnable point."""
     if grid.empty:
         raise AnalysisError("the grid has no points")
+    if cfg.screen:
+        _check_screen(grid, screen)
     budget = cfg.budget_jobs(len(grid))
     rng = np.random.default_rng(cfg.seed + 1)
     hist, frame, tried = History(cfg, grid), oracle.frame(), set()
@@ -319,7 +380,7 @@ def run_design(grid: pd.DataFrame, oracle: Oracle, cfg: DesignConfig,
         done = set(grid.index[match(grid, frame).notna()]) | tried
         jobs = len(done & set(runnable(grid)))
         seed = [i for i in seed_design(grid, cfg) if i not in done]
-        ans = answer(grid, frame, cfg)
+        ans = answer(grid, frame, cfg, screen)
         moved = _moved(prev, ans, cfg) if not seed else math.nan
         calm = calm + 1 if moved < cfg.tol else 0   # (NaN compares False)
         prev = ans
@@ -339,6 +400,25 @@ def run_design(grid: pd.DataFrame, oracle: Oracle, cfg: DesignConfig,
             return hist
         frame = oracle.run(batch)
         tried |= set(batch)
+
+
+def _check_screen(grid: pd.DataFrame, screen: pd.Series | None) -> None:
+    if screen is None:
+        raise AnalysisError("screen=true: the design needs a screen (screen_table)")
+    run = grid.loc[runnable(grid)].copy()
+    cols = {"model": "model.name", "data": "data.name", "format": "format.name"}
+    for key, col in cols.items():   # a key not swept: the screen's one value of it
+        values = screen.index.get_level_values(col).unique()
+        if key not in run and len(values) != 1:
+            raise AnalysisError(f"screen=true: {key} is not swept and the screen holds "
+                                f"{len(values)} values of it; sweep {key} or screen one")
+        if key not in run:
+            run[key] = values[0]
+    lacking = run[np.isnan(screen_of(run.rename(columns=cols), screen))]
+    if len(lacking):
+        pairs = sorted({tuple(r) for r in lacking[list(cols)].astype(str).to_numpy()})
+        raise AnalysisError(f"screen=true: no screening value for {len(pairs)} (model, data, "
+                            f"format) of the grid, e.g. {pairs[:3]}")
 
 
 def _stop(cfg: DesignConfig, ans: Answer, calm: int, left: int, seed: list, batch) -> str:

@@ -82,8 +82,10 @@ def rank1_dnll(t: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     sensitivity ``s`` here, and ``g`` comes from every model's jobs in that format. Where the
     product law fails (a corpus the calibration did not come from: RTN beats GPTQ there in 9 of
     18 damaged cells of the 200k-1m members of family_scan) the unit's residuals are large and
-    so is its uncertainty."""
+    so is its uncertainty. With a screen (a ``screen_dnll`` column), the product describes
+    what the screen misses, ``dNLL - screen_dnll``, and the screen is added back."""
     n = len(t)
+    offset = t["screen_dnll"].fillna(0.0).to_numpy(float) if "screen_dnll" in t else np.zeros(n)
     unit = pd.factorize(t[[c for c in ("model.name", "data.name") if c in t]]
                         .astype(str).agg("|".join, axis=1))[0]
     cfg = pd.factorize(t[["format.name", "method.name"]].astype(str).agg("|".join, axis=1))[0]
@@ -91,7 +93,7 @@ def rank1_dnll(t: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     pred, var = np.full(n, np.nan), np.full(n, np.nan)
     if obs.sum() < 3:
         return pred, var
-    ou, oc, y = unit[obs], cfg[obs], t["dnll"].to_numpy(float)[obs]
+    ou, oc, y = unit[obs], cfg[obs], (t["dnll"].to_numpy(float) - offset)[obs]
     nu, nc = unit.max() + 1, cfg.max() + 1
     s, g = np.ones(nu), np.zeros(nc)
     for _ in range(RANK1_ITERS):
@@ -101,7 +103,7 @@ def rank1_dnll(t: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     unit_var = (np.bincount(ou, r2, nu) + RANK1_PRIOR * r2.mean()) \
         / (np.bincount(ou, minlength=nu) + RANK1_PRIOR)
     seen = (np.bincount(ou, minlength=nu) > 0)[unit] & (np.bincount(oc, minlength=nc) > 0)[cfg]
-    pred[seen] = (s[unit] * g[cfg])[seen]
+    pred[seen] = (s[unit] * g[cfg] + offset)[seen]
     var[seen] = unit_var[unit][seen]
     return pred, var
 

@@ -42,6 +42,7 @@ from ptqscale_analysis.active import (
     match,
     run_design,
     runnable,
+    screen_table,
 )
 
 
@@ -61,15 +62,23 @@ class ReplayOracle:
         return self.frame()
 
 
+def replay_screen(full: pd.DataFrame, cfg: DesignConfig) -> pd.Series | None:
+    """The screen a sweep with ``cfg.screen`` would have measured first: the first-order
+    values of the study's own RTN records (:func:`~ptqscale_analysis.active.screen_table`)."""
+    return screen_table(full) if cfg.screen else None
+
+
 def cv_mae(full: pd.DataFrame, grid: pd.DataFrame, cfg: DesignConfig, folds: int = 5) -> float:
     """The full grid's predictor MAE: each fold of the runnable points predicted by the
-    forest trained on the other folds, with the features a sweep would know."""
+    forest trained on the other folds, with the features a sweep would know (the screen
+    too, with ``cfg.screen``)."""
     rows = match(grid, full)
     points = np.random.default_rng(cfg.seed).permutation(runnable(grid))
+    screen = replay_screen(full, cfg)
     err = []
     for part in np.array_split(points, folds):
         train = full.loc[rows.drop(part).dropna()]
-        pred = answer(grid, train, cfg).table.loc[part, "dnll"].to_numpy(float)
+        pred = answer(grid, train, cfg, screen).table.loc[part, "dnll"].to_numpy(float)
         err.append(np.abs(pred - full.loc[rows[part], "dnll"].to_numpy(float)))
     return float(np.mean(np.concatenate(err)))
 
@@ -131,16 +140,17 @@ def compare(full: pd.DataFrame, keys: list[str], cfg: DesignConfig,
             random_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> pd.DataFrame:
     """One row per design: the guided sweeper, then random designs with its job count."""
     grid = grid_from_frame(full, keys)
-    truth = answer(grid, full, cfg)
+    screen = replay_screen(full, cfg)
+    truth = answer(grid, full, cfg, screen)
     ref = cv_mae(full, grid, cfg)
     se = point_se(full, grid)
     out = []
-    guided = run_design(grid, ReplayOracle(full, grid), cfg)
+    guided = run_design(grid, ReplayOracle(full, grid), cfg, screen=screen)
     out.append({"design": "guided", "seed": cfg.seed, "jobs": guided.jobs,
                 "stopped": guided.stopped} | score(guided.final, truth, se))
     for seed in random_seeds:
         rcfg = dataclasses.replace(cfg, strategy="random", seed=seed, budget=guided.jobs)
-        h = run_design(grid, ReplayOracle(full, grid), rcfg)
+        h = run_design(grid, ReplayOracle(full, grid), rcfg, screen=screen)
         out.append({"design": "random", "seed": seed, "jobs": h.jobs, "stopped": h.stopped}
                    | score(h.final, truth, se))
     table = pd.DataFrame(out)
@@ -162,8 +172,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget", type=float, default=0.3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--screen", action="store_true",
+                    help="screen every point first (RTN first_order; needs those records)")
     args = ap.parse_args(argv)
-    cfg = DesignConfig(args.question, args.budget, args.batch_size, args.seed)
+    cfg = DesignConfig(args.question, args.budget, args.batch_size, args.seed,
+                       screen=args.screen)
     table = compare(load_study(args.results, args.study), args.keys.split(","), cfg)
     print(table.to_markdown(index=False, floatfmt=".4g"))
 

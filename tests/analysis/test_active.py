@@ -19,6 +19,7 @@ from ptqscale_analysis.active import (
     match,
     run_design,
     runnable,
+    screen_table,
     seed_design,
 )
 from ptqscale_analysis.active_pareto import rank1_dnll
@@ -191,3 +192,47 @@ def test_a_swept_key_the_records_lack_is_named(part):
     grid = grid_from_frame(part, KEYS).assign(landscape="default")
     with pytest.raises(AnalysisError, match=r"swept keys \['landscape'\] are not in the study"):
         match(grid, part)
+
+
+def with_first_order_part(frame: pd.DataFrame, sd: float = 0.02, seed: int = 0) -> pd.DataFrame:
+    """``frame`` with a signed first-order part per (model, format), as on a text the models
+    are not at a minimum of: added to every quantized job's NLL (RTN and GPTQ alike), and
+    recorded as RTN's ``first_order_dnll`` (what a screen measures). No other feature
+    describes it."""
+    rng = np.random.default_rng(seed)
+    f = frame.copy()
+    pair = f["model.name"].astype(str) + "/" + f["format.name"].astype(str)
+    part = pair.map({p: rng.normal(0, sd) for p in sorted(pair.unique())})
+    part = part.where(~f["is_baseline"].astype(bool), 0.0)
+    f["metrics.nll"] = f["metrics.nll"] + part
+    f["dnll"] = f["dnll"] + part
+    f["metrics.first_order_dnll"] = part.where(f["method.name"] == "rtn")
+    return f
+
+
+def test_screen_lets_the_design_see_a_signed_first_order_part(part):
+    """Unscreened, the signed part is noise the forest cannot learn (MAE ~ its size); screened,
+    the design predicts the grid as well as it does the study without that part."""
+    def mae(frame, cfg, screen=None):
+        grid = grid_from_frame(frame, KEYS)
+        h = run_design(grid, ReplayOracle(frame, grid), cfg, screen=screen)
+        return score(h.final, answer(grid, frame, cfg, screen))["mae_unrun"]
+
+    cfg = DesignConfig("predictor", budget=40, seed=0)
+    f = with_first_order_part(part)
+    plain, without = mae(f, cfg), mae(part, cfg)
+    screened = mae(f, dataclasses.replace(cfg, screen=True), screen_table(f))
+    assert plain > 2 * without and screened < 1.3 * without, (plain, screened, without)
+
+
+def test_a_screened_design_needs_a_value_for_every_point(part):
+    f = with_first_order_part(part)
+    grid = grid_from_frame(f, KEYS)
+    cfg = DesignConfig("predictor", budget=10, screen=True)
+    with pytest.raises(AnalysisError, match="needs a screen"):
+        run_design(grid, ReplayOracle(f, grid), cfg)
+    screen = screen_table(f).drop(("gutenberg-llama-1m", "gutenberg", "int4_g128"))
+    with pytest.raises(AnalysisError, match="no screening value for 1 .*gutenberg-llama-1m"):
+        run_design(grid, ReplayOracle(f, grid), cfg, screen=screen)
+    with pytest.raises(AnalysisError, match="metric first_order"):
+        screen_table(part)

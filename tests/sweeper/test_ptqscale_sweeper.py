@@ -98,3 +98,29 @@ def test_sweeper_runs_real_jobs_resumes_and_replays(tmp_path):
     assert replay["jobs"] <= 8 and replay["frontier"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert len(records(results)) == 10
+
+
+@pytest.mark.slow
+def test_screened_sweep_screens_every_point_first_then_designs(tmp_path):
+    """screen=true: before the design, one RTN job per (model, format) into
+    ``<study>_screen`` with the metric first_order and the study's evaluation budget (here
+    2,048 tokens, under first_order's 16,384). An RTN job of the study measuring first_order
+    finds the very value its screen did; a resumed sweep screens nothing again."""
+    results = tmp_path / "results"
+    log, _ = run(results, "hydra.sweeper.screen=true", "hydra.sweeper.question=pareto",
+                 "hydra.sweeper.budget=4", "metrics=[nll,weight_sqnr,model_bytes,first_order]")
+    screens = {r["name"].split("/", 1)[1]: r for r in iter_records(results, "sweeper_e2e_screen")}
+    assert len(screens) == 10   # 2 models x 5 quantized formats; no bf16
+    assert all(r["status"] == "complete" and r["method"]["name"] == "rtn"
+               and r["eval"]["max_tokens"] == 2048
+               and r["metrics"]["first_order_dnll"] is not None for r in screens.values())
+    recs = records(results)
+    assert log["design"]["screen"] is True and log["jobs"] == 4 == len(recs)
+    for name, r in recs.items():
+        assert r["metrics"]["first_order_dnll"] == \
+            screens[name.split("/", 1)[1]]["metrics"]["first_order_dnll"]
+    stamps = {p: p.stat().st_mtime_ns for p in (results / "sweeper_e2e_screen").rglob("*.json")}
+    again, out = run(results, "hydra.sweeper.screen=true", "hydra.sweeper.question=pareto",
+                     "hydra.sweeper.budget=4", "metrics=[nll,weight_sqnr,model_bytes,first_order]")
+    assert "screening 0 of 10" in out.stdout + out.stderr
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and again["jobs"] == 4

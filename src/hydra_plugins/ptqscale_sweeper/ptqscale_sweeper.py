@@ -8,6 +8,10 @@ moving or ``budget`` jobs have run (ptqscale_analysis.active decides; docs/sweep
 The store is its memory: points with a complete record count as run and are never handed
 out again, so a sweep resumes where it stopped. ``replay=true`` runs no job: it replays
 the design on the study's records already in the store ("what would it have done").
+``screen=true`` first runs a screening stage: RTN into each format of the grid for each model
+and corpus, the evaluation cut to the metric ``first_order``'s gradient budget, into the study
+``<study>_screen``; the design then knows every point's first-order damage before it runs
+(ptqscale_analysis.active, "screen").
 
     ptqscale-run +sweep=quickstart hydra/sweeper=ptqscale hydra.sweeper.question=pareto
 """
@@ -46,13 +50,14 @@ class PtqscaleSweeperConf:
     patience: int = 2                  # ... and for how many fits in a row
     pareto_tol: float = 0.0            # pareto: the NLL resolution wanted (nats)
     min_gain: float = 1e-4             # pareto: least expected improvement worth a job
-    pareto_rank1: bool = True          # pareto: the rank-1 opinion beside the forest's
+    pareto_rank1: bool | None = None   # pareto: the rank-1 opinion (None: unless screened)
     law_tol: float = 0.1               # law: every exponent known to +- this (relative)
     law_boot: int = 50                 # law: bootstrap resamples of each fit
     law_min_dnll: float = 0.002        # law: points predicted below this are not worth a job
     unit_keys: list[str] = field(default_factory=lambda: ["model", "data"])
     n_estimators: int = 100
     strategy: str = "guided"           # or random (a baseline design)
+    screen: bool = False               # screen every point first (RTN g.e, <study>_screen)
     replay: bool = False               # answer from the store's records, run nothing
 
 
@@ -136,7 +141,7 @@ class PtqscaleSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         from ptqscale_analysis.active import run_design
-        from ptqscale_analysis.replay import ReplayOracle
+        from ptqscale_analysis.replay import ReplayOracle, replay_screen
 
         assert self.config is not None and self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
@@ -151,25 +156,69 @@ class PtqscaleSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        screen = None
         if self.replay:
             full = store_frame(root, study)
             if full.empty:
                 raise ValueError(f"replay=true needs records of study {study!r} under {root}")
             oracle = ReplayOracle(full, grid)
+            screen = replay_screen(full, self.design)
         else:
             oracle = _LiveOracle(self, root, study)
-        history = run_design(grid, oracle, self.design, log=log.info)
+            if self.design.screen:
+                screen = self.run_screen(root, study)
+        history = run_design(grid, oracle, self.design, log=log.info, screen=screen)
         self._write_log(sweep_dir, history)
         return history
 
     def launch(self, points: list[int]) -> None:
         """Hand the launcher one batch: each point's swept values plus the fixed overrides."""
         keys = [k for k in self.grid.columns if k != "baseline"]
-        batch = [[f"{k}={self.grid.at[i, k]}" for k in keys] + self.fixed for i in points]
+        self._launch([[f"{k}={self.grid.at[i, k]}" for k in keys] + self.fixed for i in points])
+
+    def _launch(self, batch: list[list[str]]) -> None:
         self.validate_batch_is_legal(batch)
         for r in self.launcher.launch(batch, initial_job_idx=self.job_idx):
             _ = r.return_value   # an exception of the task reaches the caller, as Hydra's do
         self.job_idx += len(batch)
+
+    def run_screen(self, root: str, study: str) -> pd.Series:
+        """The screening stage: one RTN job per (model, corpus, format) of the grid's runnable
+        points, into ``<study>_screen``, with the metric ``first_order`` and the evaluation cut
+        to its gradient budget (the study's own ``eval.max_tokens`` where smaller): about that
+        budget's share of a job each, plus one gradient per model and corpus. Those already in
+        the store are not run again. Returns their :func:`screen_table`."""
+        from ptqscale.metrics.first_order import MAX_TOKENS
+        from ptqscale_analysis.active import runnable, screen_table
+
+        screen_study = f"{study}_screen"
+        units = [k for k in ("model", "data", "format") if k in self.grid.columns]
+        if "format" not in units:
+            raise ValueError("hydra.sweeper.screen=true needs format among the swept keys")
+        points = self.grid.loc[runnable(self.grid), units].drop_duplicates()
+        tokens = MAX_TOKENS
+        replaced = ("study", "method", "metrics", "eval.max_tokens")
+        fixed = []
+        for o in self.fixed:
+            key, value = o.split("=", 1)
+            if key == "eval.max_tokens" and value.isdigit():
+                tokens = min(tokens, int(value))
+            if key not in replaced:
+                fixed.append(o)
+        done = store_frame(root, screen_study)
+        have = set()
+        if not done.empty and "metrics.first_order_dnll" in done:
+            done = done[pd.to_numeric(done["metrics.first_order_dnll"], errors="coerce").notna()]
+            have = set(map(tuple, done[[f"{k}.name" for k in units]].astype(str).to_numpy()))
+        batch = [[f"{k}={v}" for k, v in zip(units, row)] + fixed + [
+                     f"study={screen_study}", "method=rtn", "metrics=[nll,first_order]",
+                     f"eval.max_tokens={tokens}"]
+                 for row in points.astype(str).itertuples(index=False) if tuple(row) not in have]
+        log.info("ptqscale sweeper: screening %d of %d (model, data, format) points into %s",
+                 len(batch), len(points), screen_study)
+        if batch:
+            self._launch(batch)
+        return screen_table(store_frame(root, screen_study))
 
     def _write_log(self, sweep_dir: Path, history) -> None:
         keys = [k for k in self.grid.columns if k != "baseline"]
