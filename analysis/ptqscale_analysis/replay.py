@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 
 import numpy as np
 import pandas as pd
@@ -44,6 +45,7 @@ from ptqscale_analysis.active import (
     runnable,
     screen_table,
 )
+from ptqscale_analysis.errors import AnalysisError
 
 
 class ReplayOracle:
@@ -175,9 +177,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--screen", action="store_true",
                     help="screen every point first (RTN first_order; needs those records)")
     args = ap.parse_args(argv)
-    cfg = DesignConfig(args.question, args.budget, args.batch_size, args.seed,
-                       screen=args.screen)
-    table = compare(load_study(args.results, args.study), args.keys.split(","), cfg)
+    try:
+        cfg = DesignConfig(args.question, args.budget, args.batch_size, args.seed,
+                           screen=args.screen)
+        table = compare(load_study(args.results, args.study), args.keys.split(","), cfg)
+    except AnalysisError as e:   # a bad setting or records that cannot answer: say which
+        sys.exit(f"error: {' '.join(str(e).split())}")
     print(table.to_markdown(index=False, floatfmt=".4g"))
 
 

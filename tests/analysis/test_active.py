@@ -236,3 +236,11 @@ def test_a_screened_design_needs_a_value_for_every_point(part):
         run_design(grid, ReplayOracle(f, grid), cfg, screen=screen)
     with pytest.raises(AnalysisError, match="metric first_order"):
         screen_table(part)
+
+
+def test_replay_cli_says_what_a_screen_needs(capsys):
+    from ptqscale_analysis.replay import main
+
+    with pytest.raises(SystemExit, match="error: a screen needs RTN records with the metric "
+                                         "first_order"):
+        main(["--results", str(RESULTS), "--study", "family_scan", "--screen"])
