@@ -206,18 +206,18 @@ class PtqscaleSweeper(Sweeper):
             if key not in replaced:
                 fixed.append(o)
         done = store_frame(root, screen_study)
-        have = set()
-        if not done.empty and "metrics.first_order_dnll" in done:
-            done = done[pd.to_numeric(done["metrics.first_order_dnll"], errors="coerce").notna()]
-            have = set(map(tuple, done[[f"{k}.name" for k in units]].astype(str).to_numpy()))
+        table = screen_table(done) if not done.empty else pd.Series(dtype=float)
+        have = set(table.index.to_frame()[[f"{k}.name" for k in units]].itertuples(
+            index=False, name=None)) if len(table) else set()
         batch = [[f"{k}={v}" for k, v in zip(units, row)] + fixed + [
                      f"study={screen_study}", "method=rtn", "metrics=[nll,first_order]",
                      f"eval.max_tokens={tokens}"]
                  for row in points.astype(str).itertuples(index=False) if tuple(row) not in have]
         log.info("ptqscale sweeper: screening %d of %d (model, data, format) points into %s",
                  len(batch), len(points), screen_study)
-        if batch:
-            self._launch(batch)
+        if not batch:
+            return table
+        self._launch(batch)
         return screen_table(store_frame(root, screen_study))
 
     def _write_log(self, sweep_dir: Path, history) -> None:
