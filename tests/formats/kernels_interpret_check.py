@@ -94,14 +94,20 @@ def check_finite(bad: list) -> None:
                     got = fmt.fake_quantize(x, axis, kernel="triton")
                     if got.dtype != dtype or not same(got, fmt.fake_quantize(x, axis, kernel="torch")):
                         bad.append(f"{name} {dtype} {shape} axis={axis}")
-        # every launch candidate (tile shape, warps) gives the same values
-        x = edge_tensor((16, 512), torch.float32, seed=1)
-        ref = fmt.fake_quantize(x, kernel="torch")
-        for i in range(len(kernels._candidates(fmt, 16, 512, 2))):
-            y = torch.empty_like(x)
-            kernels._launch(x, y, fmt, choice=i)
-            if not same(y, ref):
-                bad.append(f"{name} candidate {i}")
+        # every launch candidate (tile shape, warps) gives the same values; for per-channel
+        # rules also on long rows: held whole in one tile (9000), and looped in chunks with
+        # programs striding over the rows (20000: 5 rows over 2 or 4 programs)
+        shapes = [(16, 512)]
+        if (fmt.scale_group_size(9000) or 9000) >= 9000 and not kernels.kernel_spec(fmt)["TENSOR"]:
+            shapes += [(5, 9000), (5, 20000)]
+        for shape in shapes:
+            x = edge_tensor(shape, torch.float32, seed=1)
+            ref = fmt.fake_quantize(x, kernel="torch")
+            for i in range(len(kernels._candidates(fmt, *shape, 2))):
+                y = torch.empty_like(x)
+                kernels._launch(x, y, fmt, choice=i)
+                if not same(y, ref):
+                    bad.append(f"{name} {shape} candidate {i}")
 
 
 def main(modes: list[str]) -> int:

@@ -3,17 +3,20 @@
 One kernel reads each element once and writes it once: a program loads a tile of whole scale
 groups in the tensor's dtype, reduces each group's min / max, derives the scale exactly as the
 torch reference (:mod:`.scalar`, :mod:`.block`) does and rounds (the Triton code is
-:mod:`.kernels_jit`). Every float32 operation is the reference's, in the same order, so the
-result is bitwise the reference's; tests/formats/test_formats_kernels.py asserts that for every
+:mod:`.kernels_jit`). Every float32 operation gives the reference's result (the same
+operations in the same order; a division by a group's scale as a per-group reciprocal and an
+exact correction), so the result is bitwise the reference's; tests/formats/test_formats_kernels.py asserts that for every
 supported format, on the GPU and on the CPU under ``TRITON_INTERPRET=1``.
 
 Layouts, chosen per call:
 
-- power-of-two groups up to 8192 (``int4_g128``, every MX block, NVFP4's 16, NF4's 64,
-  per-channel rows up to 8192 columns, padded to a power of two by masking): a program takes ``BLOCK_R`` rows x ``CW`` columns and views them
-  as ``(BLOCK_R * CW / g, g)`` groups;
-- anything else (per-channel on odd widths, odd group lengths): a program takes ``BLOCK_R``
-  rows of one group, in chunks of ``CHUNK`` columns (a group longer than a chunk is read twice);
+- power-of-two groups up to 32768 (``int4_g128``, every MX block, NVFP4's 16, NF4's 64,
+  per-channel rows up to 32768 columns, padded to a power of two by masking): a program takes
+  ``BLOCK_R`` rows x ``CW`` columns and views them as ``(BLOCK_R * CW / g, g)`` groups (a row
+  longer than 8192 is one program of 32 warps);
+- anything else (odd group lengths, rows over 32768), and as a rival candidate for groups over
+  8192: a program takes ``BLOCK_R`` rows of one group, in chunks of ``CHUNK`` columns (a group
+  longer than a chunk is read twice, the second time mostly from L2);
 - rules with a per-tensor scale (``fp8_e4m3``, ``int8_t``, NVFP4's second level) take two
   passes: a read-only absmax reduction into a few hundred partial maxima, then the tiled kernel
   in reverse memory order, so its first tiles are the ones pass 1 left in L2. Reading the
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 
 import torch
@@ -52,6 +56,7 @@ except ImportError:  # pragma: no cover - depends on the install
 INT_SYM, INT_ASYM, MX_INT, MX_FP, FP, NVFP4, NF4 = range(7)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _AMAX_BLOCK = 8192  # elements per pass-1 load (two programs per SM keep ~32 KB in flight)
+_TILE_MAX = 16384  # the longest group a tile holds whole (a row of 32 warps' registers)
 _TUNE_MIN = 1 << 20  # smaller tensors take the first candidate: not worth compiling the others
 
 
@@ -143,19 +148,23 @@ def _candidates(fmt, rows: int, n: int, sms: int) -> tuple:
     """Launch configurations (kernel, grid, constexprs in signature order, warps, pass-1 programs)
     of a (rows, n) tensor: all give the same values, they differ only in speed."""
     rule = kernel_spec(fmt)
-    g = min(fmt.scale_group_size(n) or n, n)
-    if g == n and triton.next_power_of_2(n) <= 8192:  # one group per row (per-channel, n < block)
+    group = min(fmt.scale_group_size(n) or n, n)
+    g = group
+    if g == n and triton.next_power_of_2(n) <= _TILE_MAX:  # one group per row (per-channel)
         g = triton.next_power_of_2(n)  # its masked tail loads zeros, which change no scale
     parts = 0
     if rule["TENSOR"]:  # pass 1: two programs per SM, each striding over the tensor
         parts = min(triton.cdiv(rows * n, _AMAX_BLOCK), 2 * sms)
     out = []
-    if rule["TENSOR"] or (g & (g - 1) == 0 and g <= 8192):
+    if rule["TENSOR"] or (g & (g - 1) == 0 and g <= _TILE_MAX):
         cw = min(1024, triton.next_power_of_2(n))
         cw = cw if rule["TENSOR"] and rule["KIND"] != NVFP4 else max(g, cw)  # whole groups
         g = cw if rule["TENSOR"] and rule["KIND"] != NVFP4 else g
+        # (tile elements, warps); a tile of more than 8192 is one long row held in the
+        # registers of 32 warps (at most 32 floats a thread; 16 warps spill)
+        shapes = ((4096, 4), (2048, 4), (4096, 8), (8192, 8)) if cw <= 8192 else ((cw, 16), (cw, 32))
         seen = set()
-        for tile, warps in ((4096, 4), (2048, 4), (4096, 8), (8192, 8)):
+        for tile, warps in shapes:
             block_r = max(1, tile // cw)
             if (block_r, warps) in seen:
                 continue
@@ -163,27 +172,50 @@ def _candidates(fmt, rows: int, n: int, sms: int) -> tuple:
             grid = (triton.cdiv(rows, block_r) * triton.cdiv(n, cw),)
             consts = dict(G=g, CW=cw, BLOCK_R=block_r, PARTS=triton.next_power_of_2(max(parts, 1)))
             out.append((jit.tiled_kernel, grid, consts | rule, warps, parts))
-    else:
-        chunk = min(triton.next_power_of_2(g), 4096)
+    if not out or (group > 8192 and not rule["TENSOR"]):  # odd groups; for long rows, a rival
+        g = group
+        # chunks of 4096 (and of 8192 over 16 or 32 warps, for long rows)
+        shapes = [(min(triton.next_power_of_2(g), 4096), elems, warps)
+                  for elems, warps in ((2048, 8), (4096, 8), (1024, 4))]
+        shapes += [(8192, 8192, 16), (8192, 8192, 32)] if g > 8192 else []
         seen = set()
-        for elems, warps in ((2048, 8), (4096, 8), (1024, 4)):
+        for chunk, elems, warps in shapes:
             block_r = max(1, elems // chunk)
-            if (block_r, warps) in seen:
+            if (chunk, block_r, warps) in seen:
                 continue
-            seen.add((block_r, warps))
-            grid = (triton.cdiv(rows, block_r), triton.cdiv(n, g))
-            consts = dict(G=g, CHUNK=chunk, BLOCK_R=block_r, N_CHUNKS=triton.cdiv(g, chunk))
-            out.append((jit.looped_kernel, grid, consts | rule, warps, parts))
+            seen.add((chunk, block_r, warps))
+            blocks = triton.cdiv(rows, block_r)
+            # every row block its own program; and where a group is read twice, 1, 2 or 4
+            # programs per SM striding over the rows (the same kernel: no compile)
+            waves = (None, 1, 2, 4) if chunk < g else (None,)
+            for programs in sorted({blocks if w is None else min(blocks, w * sms) for w in waves},
+                                   reverse=True):
+                grid = (programs, triton.cdiv(n, g))
+                consts = dict(G=g, CHUNK=chunk, BLOCK_R=block_r, N_CHUNKS=triton.cdiv(g, chunk))
+                out.append((jit.looped_kernel, grid, consts | rule, warps, parts))
     return tuple((k, grid, tuple(c[a] for a in k.arg_names[7:] if a in c), w, p)
                  for k, grid, c, w, p in out)
 
 
 @functools.lru_cache(maxsize=16)
 def nf4_table(device: torch.device) -> torch.Tensor:
-    """NF4's 15 thresholds then its 16 levels, float32, on ``device`` (the kernel's lookup)."""
+    """The kernels' NF4 lookup (``kernels_jit._nf4``), float32 on ``device``: the 16 levels;
+    for each of 32 buckets of width 1/16 over [-1, 1), the threshold inside it (+inf where
+    none); and the number of thresholds below each bucket."""
     from .elements import _NF4_THRESHOLDS, NF4_LEVELS
 
-    return torch.tensor(_NF4_THRESHOLDS + NF4_LEVELS, dtype=torch.float32, device=device)
+    t = torch.tensor(_NF4_THRESHOLDS, dtype=torch.float64)
+    edges = torch.arange(33, dtype=torch.float64) / 16 - 1
+    # A rounded bucket index may be one off for y within ~1e-7 of an edge: harmless only if
+    # no threshold is that close to one (the nearest is 1.7e-3 away).
+    assert (t[:, None] - edges[None, :]).abs().min() > 1e-3
+    bucket = ((t + 1) * 16).floor().long()
+    assert bucket.bincount(minlength=32).max() <= 1  # thresholds are > 1/16 apart
+    inside = torch.full((32,), math.inf, dtype=torch.float64)
+    inside[bucket] = t
+    below = (t[None, :] < edges[:32, None]).sum(1).double()
+    table = torch.cat([torch.tensor(NF4_LEVELS, dtype=torch.float64), inside, below])
+    return table.to(torch.float32).to(device)
 
 
 # Launchers of already-compiled kernels, keyed by everything their specialization saw. Calling

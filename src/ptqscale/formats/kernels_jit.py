@@ -1,7 +1,8 @@
 """The Triton code of the fused fake-quantize kernels (the launch logic is in :mod:`.kernels`).
 
 Every float32 operation is the torch reference's (:mod:`.scalar`, :mod:`.block`), in the same
-order, with IEEE division (``div_rn``; Triton's ``/`` is approximate) and round-half-even
+order, with correctly rounded division (``div_rn``, or ``_div``'s reciprocal and correction
+where a group shares the divisor; Triton's ``/`` is approximate) and round-half-even
 (``_rint``), so that results are bitwise the reference's. Imported only where Triton is.
 
 Non-finite values (docs/formats.md, "Non-finite values"): ``_finite`` is the twin of
@@ -11,6 +12,8 @@ element moves: the reference's ``where(finite, y, x)``.
 """
 
 from __future__ import annotations
+
+import os
 
 import triton
 import triton.language as tl
@@ -44,12 +47,55 @@ def _copysign(q, y):
 
 
 @triton.jit
-def _rint(v):
+def _rint_arith(v):
     """Round half to even (torch.round): adding 2**23 leaves no fraction bits, and the fp32
     add rounds to nearest-even; the sign is put back so that -0.0 stays -0.0."""
     a = tl.abs(v)
     r = tl.where(a < 8388608.0, (a + 8388608.0) - 8388608.0, a)
     return _copysign(r, v)
+
+
+@triton.jit
+def _rint_cvt(v):
+    """Round half to even in one instruction (``cvt.rni``; -0.0 and the sign of a result that
+    rounds to zero are kept, as IEEE roundToIntegralTiesToEven does). Inline PTX rather than
+    libdevice's ``rint``: the same instruction, but with libdevice ptxas spilled a register in
+    the MX kernels (tests/formats/kernels_compile_check.py)."""
+    return tl.inline_asm_elementwise("cvt.rni.f32.f32 $0, $1;", "=r,r", [v], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+# The GPU takes the one-instruction rint (seven fewer float operations per element; the
+# rounding kernels are compute-bound at HBM3e rates); Triton's interpreter cannot run libdevice,
+# so there the arithmetic twin runs. Both are bitwise torch.round: the GPU tests check the first,
+# the interpreter tests the second.
+_rint = _rint_arith if os.environ.get("TRITON_INTERPRET") == "1" else _rint_cvt
+
+
+@triton.jit
+def _div(x, d, WIDE: tl.constexpr):
+    """``div_rn(x, d)`` for a divisor shared by a group (``d`` broadcast over ``x``), bitwise.
+
+    The reciprocal is rounded once per group (an operation on ``d``'s shape); each element
+    then costs a multiply and two FMAs, Markstein's correction: with y = RN(1/d) and
+    q = RN(x y), the residual x - d q is exact and RN(q + (x - d q) y) is RN(x / d), as long
+    as nothing underflows or overflows. IEEE division costs several times that per element.
+    ``WIDE``: d may be anywhere in float32's range (per-tensor and block absmax rules); an
+    exact power of two then moves it into [2**-60, 2**60] (and x with it), where the
+    reciprocal and every residual that can move a rounding are normal numbers. INT scales are
+    fp16 values in [2**-24, 65504] and need no move. A quotient that overflows (only if x is
+    beyond 2**100 times its group's scale) is returned as the infinite RN(x y), like div_rn's.
+    """
+    if WIDE:
+        f = tl.where(d < 2.0**-60, 2.0**100, tl.where(d > 2.0**60, 2.0**-64, 1.0))
+        x = x * f
+        d = d * f
+    y = tl.math.div_rn(1.0, d)
+    q = x * y
+    # The residual negated, so that a zero quotient keeps x's sign: -0 + +0 would round to +0
+    # in x - d q, but q d - x and q - r y add zeros of the same sign.
+    r = tl.math.fma(q, d, -x)
+    return tl.where(tl.abs(q) <= 3.4028234663852886e38, tl.math.fma(-r, y, q), q)
 
 
 @triton.jit
@@ -71,8 +117,12 @@ def _to_fp16(s):
 def _round_minifloat(y, MBITS: tl.constexpr, EMIN: tl.constexpr, HI: tl.constexpr):
     """elements.round_float (saturating): nearest-even on the grid of y's binade, sign kept."""
     a = tl.minimum(tl.abs(y), HI)
-    step = tl.maximum(_floor_log2(a), EMIN) - MBITS
-    return _copysign(_rint(a * _pow2(-step)) * _pow2(step), y)
+    # c = 2**(e + 23 - MBITS) for a's binade e (at least EMIN): in a + c the last bit kept is
+    # a's grid step, so the fp32 add rounds a to its grid, nearest-even, and - c is exact
+    # (the same as rint(a * 2**(MBITS - e)) * 2**(e - MBITS), in three operations fewer)
+    binade = (a.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)  # 2**e
+    c = tl.maximum(binade, 2.0**EMIN) * 2.0**(23 - MBITS)
+    return _copysign((a + c) - c, y)
 
 
 @triton.jit
@@ -117,12 +167,15 @@ def _scale(mn, mx, ta, KIND: tl.constexpr, DIV: tl.constexpr, HI: tl.constexpr,
 
 @triton.jit
 def _nf4(y, tab_ptr):
-    """NF4 level of y (elements.round_nf4 + nf4_values): the upper level from its threshold
-    on (an exact tie stays lower). ``tab_ptr``: 15 thresholds then the 16 levels (float32)."""
-    v = tl.zeros_like(y) + tl.load(tab_ptr + 15)
-    for i in tl.static_range(15):
-        v = tl.where(y >= tl.load(tab_ptr + i), tl.load(tab_ptr + 16 + i), v)
-    return v
+    """NF4 level of y (elements.round_nf4 + nf4_values): the level index is the number of
+    thresholds <= y. ``tab_ptr`` (kernels.nf4_table): the 16 levels, then for each of 32
+    buckets of width 1/16 over [-1, 1) the threshold inside it (+inf where none) and the count
+    of thresholds below it. Three table reads instead of fifteen compare-and-selects; a y
+    misplaced into a neighbouring bucket by rounding still gets its index, because no
+    threshold lies within 1e-3 of a bucket edge (kernels.nf4_table checks)."""
+    b = tl.minimum(tl.maximum((y + 1.0) * 16.0, 0.0), 31.0).to(tl.int32)  # trunc = floor here
+    idx = tl.load(tab_ptr + 48 + b).to(tl.int32) + (y >= tl.load(tab_ptr + 16 + b)).to(tl.int32)
+    return tl.load(tab_ptr + idx)
 
 
 @triton.jit
@@ -130,8 +183,9 @@ def _round(x, s, z, tab_ptr, KIND: tl.constexpr, LO: tl.constexpr, HI: tl.conste
            FRAC: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr):
     """Grid values of float32 ``x`` given its group's (scale, zero) from ``_scale``; NaN and
     +-inf come back unchanged (the formats' non-finite policy; GPTQ's fused loop too)."""
-    xz, ok = _finite(x)
-    return tl.where(ok, _round_finite(xz, s, z, tab_ptr, KIND, LO, HI, FRAC, MBITS, EMIN), x)
+    # (a NaN / inf lane's arithmetic is thrown away by the select: it need not be zeroed first)
+    ok = tl.abs(x) <= 3.4028234663852886e38
+    return tl.where(ok, _round_finite(x, s, z, tab_ptr, KIND, LO, HI, FRAC, MBITS, EMIN), x)
 
 
 @triton.jit
@@ -139,19 +193,19 @@ def _round_finite(x, s, z, tab_ptr, KIND: tl.constexpr, LO: tl.constexpr, HI: tl
                   FRAC: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr):
     """``_round`` of a finite ``x``."""
     if KIND == 0:
-        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, s)), LO), HI)
+        q = tl.minimum(tl.maximum(_rint(_div(x, s, False)), LO), HI)
         return q * s
     if KIND == 1:
-        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, s)) + z, LO), HI)
+        q = tl.minimum(tl.maximum(_rint(_div(x, s, False)) + z, LO), HI)
         return (q - z) * s
     if KIND == 4:
-        return _round_minifloat(tl.math.div_rn(x, s), MBITS, EMIN, HI) * s
+        return _round_minifloat(_div(x, s, True), MBITS, EMIN, HI) * s
     if KIND == 5:  # z is the tensor scale; a zero block scale gives zeros
         d = s * z
-        y = tl.where(d > 0, tl.math.div_rn(x, d), 0.0)
+        y = tl.where(d > 0, _div(x, d, True), 0.0)
         return _round_minifloat(y, MBITS, EMIN, HI) * s * z
     if KIND == 6:
-        return _nf4(tl.math.div_rn(x, s), tab_ptr) * s
+        return _nf4(_div(x, s, True), tab_ptr) * s
     k = s.to(tl.int32)
     y = _mul_pow2(x, -k)  # exact: power-of-two scale
     if KIND == 2:
@@ -222,26 +276,29 @@ def looped_kernel(x_ptr, y_ptr, part_ptr, tab_ptr, rows, n, n_parts, G: tl.const
                   FRAC: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
                   EMAX: tl.constexpr, CEIL: tl.constexpr, TOP: tl.constexpr):
     """BLOCK_R rows of one group of any length G, in chunks of CHUNK columns: min/max pass,
-    then rounding pass (a group of one chunk is read once; longer ones twice, mostly from L2)."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    then rounding pass (a group of one chunk is read once; longer ones twice). A program
+    strides over row blocks: launched with a few programs per SM, the rows in flight fit in L2,
+    so the second read of a long row comes from L2 and not from memory."""
     g0 = tl.program_id(1) * G
-    row_ok = r[:, None] < rows
-    base = r[:, None].to(tl.int64) * n
-    mn = tl.zeros((BLOCK_R, 1), tl.float32)  # zeros: as the reference's padding would
-    mx = tl.zeros((BLOCK_R, 1), tl.float32)
-    for i in tl.static_range(N_CHUNKS):
-        c = g0 + i * CHUNK + tl.arange(0, CHUNK)
-        mask = row_ok & (c[None, :] < n) & (c[None, :] < g0 + G)
-        x = tl.load(x_ptr + base + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        xz = _finite(x)[0]  # a NaN / inf fits as 0 (x itself is rounded below: kept as it is)
-        mn = tl.minimum(mn, tl.min(xz, axis=1)[:, None])
-        mx = tl.maximum(mx, tl.max(xz, axis=1)[:, None])
-    s, z = _scale(mn, mx, 0.0, KIND, DIV, HI, EMAX, CEIL, TOP)
-    for i in tl.static_range(N_CHUNKS):
-        c = g0 + i * CHUNK + tl.arange(0, CHUNK)
-        mask = row_ok & (c[None, :] < n) & (c[None, :] < g0 + G)
-        if N_CHUNKS > 1:
+    for rb in range(tl.program_id(0), tl.cdiv(rows, BLOCK_R), tl.num_programs(0)):
+        r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = r[:, None] < rows
+        base = r[:, None].to(tl.int64) * n
+        mn = tl.zeros((BLOCK_R, 1), tl.float32)  # zeros: as the reference's padding would
+        mx = tl.zeros((BLOCK_R, 1), tl.float32)
+        for i in tl.static_range(N_CHUNKS):
+            c = g0 + i * CHUNK + tl.arange(0, CHUNK)
+            mask = row_ok & (c[None, :] < n) & (c[None, :] < g0 + G)
             x = tl.load(x_ptr + base + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = _round(x, s, z, tab_ptr, KIND, LO, HI, FRAC, MBITS, EMIN)
-        tl.store(y_ptr + base + c[None, :],
-                 y.to(y_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+            xz = _finite(x)[0]  # a NaN / inf fits as 0 (x itself is rounded below: kept as is)
+            mn = tl.minimum(mn, tl.min(xz, axis=1)[:, None])
+            mx = tl.maximum(mx, tl.max(xz, axis=1)[:, None])
+        s, z = _scale(mn, mx, 0.0, KIND, DIV, HI, EMAX, CEIL, TOP)
+        for i in tl.static_range(N_CHUNKS):
+            c = g0 + i * CHUNK + tl.arange(0, CHUNK)
+            mask = row_ok & (c[None, :] < n) & (c[None, :] < g0 + G)
+            if N_CHUNKS > 1:
+                x = tl.load(x_ptr + base + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = _round(x, s, z, tab_ptr, KIND, LO, HI, FRAC, MBITS, EMIN)
+            tl.store(y_ptr + base + c[None, :],
+                     y.to(y_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
