@@ -72,7 +72,7 @@ def test_every_launch_candidate_and_the_tuned_one_are_the_reference(name):
     fmt = get_format(name)
     shapes = [(64, 4096)]
     if fmt.scale_group_size(28672) is None and not kernels.kernel_spec(fmt)["TENSOR"]:
-        shapes += [(64, 14336), (300, 28672)]  # rows whole in a tile; looped, programs striding
+        shapes += [(64, 14336), (64, 28672)]  # rows whole in a tile or looped; looped only
     for shape in shapes:
         x = edge_tensor(shape, torch.bfloat16, seed=4).cuda()
         ref = fmt.fake_quantize(x, kernel="torch")

@@ -5,18 +5,18 @@ groups in the tensor's dtype, reduces each group's min / max, derives the scale 
 torch reference (:mod:`.scalar`, :mod:`.block`) does and rounds (the Triton code is
 :mod:`.kernels_jit`). Every float32 operation gives the reference's result (the same
 operations in the same order; a division by a group's scale as a per-group reciprocal and an
-exact correction), so the result is bitwise the reference's; tests/formats/test_formats_kernels.py asserts that for every
-supported format, on the GPU and on the CPU under ``TRITON_INTERPRET=1``.
+exact correction), so the result is bitwise the reference's;
+tests/formats/test_formats_kernels.py asserts that for every supported format, on the GPU and on the CPU under ``TRITON_INTERPRET=1``.
 
 Layouts, chosen per call:
 
-- power-of-two groups up to 32768 (``int4_g128``, every MX block, NVFP4's 16, NF4's 64,
-  per-channel rows up to 32768 columns, padded to a power of two by masking): a program takes
+- power-of-two groups up to 16384 (``int4_g128``, every MX block, NVFP4's 16, NF4's 64,
+  per-channel rows up to 16384 columns, padded to a power of two by masking): a program takes
   ``BLOCK_R`` rows x ``CW`` columns and views them as ``(BLOCK_R * CW / g, g)`` groups (a row
-  longer than 8192 is one program of 32 warps);
-- anything else (odd group lengths, rows over 32768), and as a rival candidate for groups over
+  longer than 8192 is one program of 16 or 32 warps);
+- anything else (odd group lengths, rows over 16384), and as a rival candidate for groups over
   8192: a program takes ``BLOCK_R`` rows of one group, in chunks of ``CHUNK`` columns (a group
-  longer than a chunk is read twice, the second time mostly from L2);
+  longer than a chunk is read twice);
 - rules with a per-tensor scale (``fp8_e4m3``, ``int8_t``, NVFP4's second level) take two
   passes: a read-only absmax reduction into a few hundred partial maxima, then the tiled kernel
   in reverse memory order, so its first tiles are the ones pass 1 left in L2. Reading the
@@ -56,7 +56,7 @@ except ImportError:  # pragma: no cover - depends on the install
 INT_SYM, INT_ASYM, MX_INT, MX_FP, FP, NVFP4, NF4 = range(7)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _AMAX_BLOCK = 8192  # elements per pass-1 load (two programs per SM keep ~32 KB in flight)
-_TILE_MAX = 16384  # the longest group a tile holds whole (a row of 32 warps' registers)
+_TILE_MAX = 16384  # the longest group a tile holds whole (in 16 or 32 warps' registers)
 _TUNE_MIN = 1 << 20  # smaller tensors take the first candidate: not worth compiling the others
 
 
@@ -161,8 +161,9 @@ def _candidates(fmt, rows: int, n: int, sms: int) -> tuple:
         cw = cw if rule["TENSOR"] and rule["KIND"] != NVFP4 else max(g, cw)  # whole groups
         g = cw if rule["TENSOR"] and rule["KIND"] != NVFP4 else g
         # (tile elements, warps); a tile of more than 8192 is one long row held in the
-        # registers of 32 warps (at most 32 floats a thread; 16 warps spill)
-        shapes = ((4096, 4), (2048, 4), (4096, 8), (8192, 8)) if cw <= 8192 else ((cw, 16), (cw, 32))
+        # registers of 16 or 32 warps (32 or 16 floats a thread; a row of 32768 would spill)
+        shapes = ((4096, 4), (2048, 4), (4096, 8), (8192, 8)) if cw <= 8192 else \
+            ((cw, 16), (cw, 32))
         seen = set()
         for tile, warps in shapes:
             block_r = max(1, tile // cw)
@@ -174,25 +175,16 @@ def _candidates(fmt, rows: int, n: int, sms: int) -> tuple:
             out.append((jit.tiled_kernel, grid, consts | rule, warps, parts))
     if not out or (group > 8192 and not rule["TENSOR"]):  # odd groups; for long rows, a rival
         g = group
-        # chunks of 4096 (and of 8192 over 16 or 32 warps, for long rows)
-        shapes = [(min(triton.next_power_of_2(g), 4096), elems, warps)
-                  for elems, warps in ((2048, 8), (4096, 8), (1024, 4))]
-        shapes += [(8192, 8192, 16), (8192, 8192, 32)] if g > 8192 else []
+        chunk = min(triton.next_power_of_2(g), 4096)
         seen = set()
-        for chunk, elems, warps in shapes:
+        for elems, warps in ((2048, 8), (4096, 8), (1024, 4)):
             block_r = max(1, elems // chunk)
-            if (chunk, block_r, warps) in seen:
+            if (block_r, warps) in seen:
                 continue
-            seen.add((chunk, block_r, warps))
-            blocks = triton.cdiv(rows, block_r)
-            # every row block its own program; and where a group is read twice, 1, 2 or 4
-            # programs per SM striding over the rows (the same kernel: no compile)
-            waves = (None, 1, 2, 4) if chunk < g else (None,)
-            for programs in sorted({blocks if w is None else min(blocks, w * sms) for w in waves},
-                                   reverse=True):
-                grid = (programs, triton.cdiv(n, g))
-                consts = dict(G=g, CHUNK=chunk, BLOCK_R=block_r, N_CHUNKS=triton.cdiv(g, chunk))
-                out.append((jit.looped_kernel, grid, consts | rule, warps, parts))
+            seen.add((block_r, warps))
+            grid = (triton.cdiv(rows, block_r), triton.cdiv(n, g))
+            consts = dict(G=g, CHUNK=chunk, BLOCK_R=block_r, N_CHUNKS=triton.cdiv(g, chunk))
+            out.append((jit.looped_kernel, grid, consts | rule, warps, parts))
     return tuple((k, grid, tuple(c[a] for a in k.arg_names[7:] if a in c), w, p)
                  for k, grid, c, w, p in out)
 

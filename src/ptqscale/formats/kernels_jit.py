@@ -66,7 +66,7 @@ def _rint_cvt(v):
 
 
 # The GPU takes the one-instruction rint (seven fewer float operations per element; the
-# rounding kernels are compute-bound at HBM3e rates); Triton's interpreter cannot run libdevice,
+# rounding kernels are compute-bound at HBM3e rates); Triton's interpreter cannot run PTX,
 # so there the arithmetic twin runs. Both are bitwise torch.round: the GPU tests check the first,
 # the interpreter tests the second.
 _rint = _rint_arith if os.environ.get("TRITON_INTERPRET") == "1" else _rint_cvt
@@ -84,7 +84,8 @@ def _div(x, d, WIDE: tl.constexpr):
     exact power of two then moves it into [2**-60, 2**60] (and x with it), where the
     reciprocal and every residual that can move a rounding are normal numbers. INT scales are
     fp16 values in [2**-24, 65504] and need no move. A quotient that overflows (only if x is
-    beyond 2**100 times its group's scale) is returned as the infinite RN(x y), like div_rn's.
+    beyond 2**100 times its group's scale) is returned as the infinite RN(x y), like div_rn's,
+    and a zero one as RN(x y), signed like x.
     """
     if WIDE:
         f = tl.where(d < 2.0**-60, 2.0**100, tl.where(d > 2.0**60, 2.0**-64, 1.0))
@@ -92,10 +93,9 @@ def _div(x, d, WIDE: tl.constexpr):
         d = d * f
     y = tl.math.div_rn(1.0, d)
     q = x * y
-    # The residual negated, so that a zero quotient keeps x's sign: -0 + +0 would round to +0
-    # in x - d q, but q d - x and q - r y add zeros of the same sign.
-    r = tl.math.fma(q, d, -x)
-    return tl.where(tl.abs(q) <= 3.4028234663852886e38, tl.math.fma(-r, y, q), q)
+    q1 = tl.math.fma(tl.math.fma(-q, d, x), y, q)
+    # a zero quotient keeps x's sign (the correction would add +0 to -0), an overflow stays inf
+    return tl.where((q != 0) & (tl.abs(q) <= 3.4028234663852886e38), q1, q)
 
 
 @triton.jit
@@ -117,12 +117,8 @@ def _to_fp16(s):
 def _round_minifloat(y, MBITS: tl.constexpr, EMIN: tl.constexpr, HI: tl.constexpr):
     """elements.round_float (saturating): nearest-even on the grid of y's binade, sign kept."""
     a = tl.minimum(tl.abs(y), HI)
-    # c = 2**(e + 23 - MBITS) for a's binade e (at least EMIN): in a + c the last bit kept is
-    # a's grid step, so the fp32 add rounds a to its grid, nearest-even, and - c is exact
-    # (the same as rint(a * 2**(MBITS - e)) * 2**(e - MBITS), in three operations fewer)
-    binade = (a.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)  # 2**e
-    c = tl.maximum(binade, 2.0**EMIN) * 2.0**(23 - MBITS)
-    return _copysign((a + c) - c, y)
+    step = tl.maximum(_floor_log2(a), EMIN) - MBITS
+    return _copysign(_rint(a * _pow2(-step)) * _pow2(step), y)
 
 
 @triton.jit
@@ -183,9 +179,8 @@ def _round(x, s, z, tab_ptr, KIND: tl.constexpr, LO: tl.constexpr, HI: tl.conste
            FRAC: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr):
     """Grid values of float32 ``x`` given its group's (scale, zero) from ``_scale``; NaN and
     +-inf come back unchanged (the formats' non-finite policy; GPTQ's fused loop too)."""
-    # (a NaN / inf lane's arithmetic is thrown away by the select: it need not be zeroed first)
-    ok = tl.abs(x) <= 3.4028234663852886e38
-    return tl.where(ok, _round_finite(x, s, z, tab_ptr, KIND, LO, HI, FRAC, MBITS, EMIN), x)
+    xz, ok = _finite(x)
+    return tl.where(ok, _round_finite(xz, s, z, tab_ptr, KIND, LO, HI, FRAC, MBITS, EMIN), x)
 
 
 @triton.jit
@@ -276,29 +271,26 @@ def looped_kernel(x_ptr, y_ptr, part_ptr, tab_ptr, rows, n, n_parts, G: tl.const
                   FRAC: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
                   EMAX: tl.constexpr, CEIL: tl.constexpr, TOP: tl.constexpr):
     """BLOCK_R rows of one group of any length G, in chunks of CHUNK columns: min/max pass,
-    then rounding pass (a group of one chunk is read once; longer ones twice). A program
-    strides over row blocks: launched with a few programs per SM, the rows in flight fit in L2,
-    so the second read of a long row comes from L2 and not from memory."""
+    then rounding pass (a group of one chunk is read once; longer ones twice, mostly from L2)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     g0 = tl.program_id(1) * G
-    for rb in range(tl.program_id(0), tl.cdiv(rows, BLOCK_R), tl.num_programs(0)):
-        r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = r[:, None] < rows
-        base = r[:, None].to(tl.int64) * n
-        mn = tl.zeros((BLOCK_R, 1), tl.float32)  # zeros: as the reference's padding would
-        mx = tl.zeros((BLOCK_R, 1), tl.float32)
-        for i in tl.static_range(N_CHUNKS):
-            c = g0 + i * CHUNK + tl.arange(0, CHUNK)
-            mask = row_ok & (c[None, :] < n) & (c[None, :] < g0 + G)
+    row_ok = r[:, None] < rows
+    base = r[:, None].to(tl.int64) * n
+    mn = tl.zeros((BLOCK_R, 1), tl.float32)  # zeros: as the reference's padding would
+    mx = tl.zeros((BLOCK_R, 1), tl.float32)
+    for i in tl.static_range(N_CHUNKS):
+        c = g0 + i * CHUNK + tl.arange(0, CHUNK)
+        mask = row_ok & (c[None, :] < n) & (c[None, :] < g0 + G)
+        x = tl.load(x_ptr + base + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        xz = _finite(x)[0]  # a NaN / inf fits as 0 (x itself is rounded below: kept as it is)
+        mn = tl.minimum(mn, tl.min(xz, axis=1)[:, None])
+        mx = tl.maximum(mx, tl.max(xz, axis=1)[:, None])
+    s, z = _scale(mn, mx, 0.0, KIND, DIV, HI, EMAX, CEIL, TOP)
+    for i in tl.static_range(N_CHUNKS):
+        c = g0 + i * CHUNK + tl.arange(0, CHUNK)
+        mask = row_ok & (c[None, :] < n) & (c[None, :] < g0 + G)
+        if N_CHUNKS > 1:
             x = tl.load(x_ptr + base + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            xz = _finite(x)[0]  # a NaN / inf fits as 0 (x itself is rounded below: kept as is)
-            mn = tl.minimum(mn, tl.min(xz, axis=1)[:, None])
-            mx = tl.maximum(mx, tl.max(xz, axis=1)[:, None])
-        s, z = _scale(mn, mx, 0.0, KIND, DIV, HI, EMAX, CEIL, TOP)
-        for i in tl.static_range(N_CHUNKS):
-            c = g0 + i * CHUNK + tl.arange(0, CHUNK)
-            mask = row_ok & (c[None, :] < n) & (c[None, :] < g0 + G)
-            if N_CHUNKS > 1:
-                x = tl.load(x_ptr + base + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            y = _round(x, s, z, tab_ptr, KIND, LO, HI, FRAC, MBITS, EMIN)
-            tl.store(y_ptr + base + c[None, :],
-                     y.to(y_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+        y = _round(x, s, z, tab_ptr, KIND, LO, HI, FRAC, MBITS, EMIN)
+        tl.store(y_ptr + base + c[None, :],
+                 y.to(y_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
