@@ -160,9 +160,10 @@ def _candidates(fmt, rows: int, n: int, sms: int) -> tuple:
         cw = min(1024, triton.next_power_of_2(n))
         cw = cw if rule["TENSOR"] and rule["KIND"] != NVFP4 else max(g, cw)  # whole groups
         g = cw if rule["TENSOR"] and rule["KIND"] != NVFP4 else g
-        # (tile elements, warps); a tile of more than 8192 is one long row held in the
-        # registers of 16 or 32 warps (32 or 16 floats a thread; a row of 32768 would spill)
-        shapes = ((4096, 4), (2048, 4), (4096, 8), (8192, 8)) if cw <= 8192 else \
+        # (tile elements, warps); the first, taken untuned, holds 16 floats a thread: at 32,
+        # Triton 3.7's ptxas spills a register in mxfp4's kernel. A tile of more than 8192 is
+        # one long row held in the registers of 16 or 32 warps (a row of 32768 would spill).
+        shapes = ((2048, 4), (4096, 4), (4096, 8), (8192, 8)) if cw <= 8192 else \
             ((cw, 16), (cw, 32))
         seen = set()
         for tile, warps in shapes:
