@@ -6,7 +6,8 @@ torch reference (:mod:`.scalar`, :mod:`.block`) does and rounds (the Triton code
 :mod:`.kernels_jit`). Every float32 operation gives the reference's result (the same
 operations in the same order; a division by a group's scale as a per-group reciprocal and an
 exact correction), so the result is bitwise the reference's;
-tests/formats/test_formats_kernels.py asserts that for every supported format, on the GPU and on the CPU under ``TRITON_INTERPRET=1``.
+tests/formats/test_formats_kernels.py asserts that for every supported format, on the GPU and
+on the CPU under ``TRITON_INTERPRET=1``.
 
 Layouts, chosen per call:
 
@@ -41,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 
 import torch
 
@@ -111,7 +111,7 @@ def fake_quantize_triton(fmt, x: torch.Tensor, axis: int) -> torch.Tensor | None
         return None
     if x.requires_grad and torch.is_grad_enabled():  # autograd: the reference's graph
         return None
-    if not (x.is_cuda or _interpreting()):
+    if not (x.is_cuda or jit.INTERPRETING):
         return None
     xm = x if axis == x.ndim - 1 else x.movedim(axis, -1)
     # (rows, n): a copy only when the axis was not already last and contiguous (a weight, 2-D
@@ -130,10 +130,6 @@ def fake_quantize_triton(fmt, x: torch.Tensor, axis: int) -> torch.Tensor | None
     y = y2.to(x2.dtype) if cast else y2
     y = y if xm.ndim == 2 else y.view(xm.shape)
     return y if axis == x.ndim - 1 else y.movedim(-1, axis)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=16)

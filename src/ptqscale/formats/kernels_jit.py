@@ -65,11 +65,14 @@ def _rint_cvt(v):
                                      is_pure=True, pack=1)
 
 
+# Triton's interpreter (on the CPU) is chosen when the kernels are decorated, i.e. at import.
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
 # The GPU takes the one-instruction rint (seven fewer float operations per element; the
 # rounding kernels are compute-bound at HBM3e rates); Triton's interpreter cannot run PTX,
 # so there the arithmetic twin runs. Both are bitwise torch.round: the GPU tests check the first,
 # the interpreter tests the second.
-_rint = _rint_arith if os.environ.get("TRITON_INTERPRET") == "1" else _rint_cvt
+_rint = _rint_arith if INTERPRETING else _rint_cvt
 
 
 @triton.jit
